@@ -1,0 +1,282 @@
+"""Wiring and lifecycle: build the AE, bind handlers, serve, shut down cleanly.
+
+``serve`` runs ``acceptor_processes`` copies of the association server on one
+listening socket. One Python process is limited by the GIL and by pynetdicom's
+polling loops; several processes sharing the socket (created here, inherited by
+forked children) let parallel senders use every core. Each child has its own
+database connection; SQLite's WAL and ``BEGIN IMMEDIATE`` serialise the short
+index transactions. The parent only supervises: it forwards SIGTERM/SIGINT,
+restarts a child that died, and reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+from pynetdicom import AE, _config as pynetdicom_config, evt
+from pynetdicom.events import EventHandlerType
+
+from node.config import Settings
+from node.contexts import scp_contexts
+from node.handlers import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    AssociationLog,
+    StoreService,
+    handle_echo,
+)
+from node.server import NodeServer, PeerPolicy
+from storage import Archive
+
+__all__ = ["Node", "configure_pynetdicom", "serve", "open_listen_socket"]
+
+logger = logging.getLogger(__name__)
+
+
+def configure_pynetdicom() -> None:
+    """Process-wide pynetdicom switches; called once by the entry points.
+
+    The per-PDU debug handlers cost time on every fragment even when their log
+    records are dropped, so they are not bound. File sending streams the stored
+    bytes without decoding them.
+    """
+    pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def open_listen_socket(host: str, port: int, backlog: int = 128) -> socket.socket:
+    """Bind and listen; non-blocking so that processes sharing it never hang in accept()."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+class Node:
+    """One acceptor: an AE serving C-ECHO and C-STORE into an archive.
+
+    Parameters
+    ----------
+    settings
+        The whole configuration.
+    archive
+        The archive to store into (opened by the caller).
+    listen_socket
+        A listening socket to serve on; ``None`` binds the configured host and port.
+    share
+        How many acceptor processes share the association limit.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        archive: Archive,
+        listen_socket: socket.socket | None = None,
+        share: int = 1,
+    ) -> None:
+        self.settings = settings
+        self.archive = archive
+        self._listen_socket = listen_socket
+        self.assoc_log = AssociationLog()
+        self.store_service = StoreService(archive=archive, settings=settings.node, assoc_log=self.assoc_log)
+        self.ae = self._build_ae(share)
+        self.server: NodeServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def _build_ae(self, share: int) -> AE:
+        node = self.settings.node
+        ae = AE(ae_title=node.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        ae.maximum_associations = max(1, math.ceil(node.max_associations / share))
+        ae.maximum_pdu_size = node.max_pdu
+        ae.acse_timeout = node.timeouts.acse
+        ae.dimse_timeout = node.timeouts.dimse
+        ae.network_timeout = node.timeouts.network
+        ae.require_called_aet = self.settings.policy.require_called_ae_title
+        for cx in scp_contexts():
+            ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax)
+        return ae
+
+    def _handlers(self) -> list[EventHandlerType]:
+        log = self.assoc_log
+        return [
+            (evt.EVT_CONN_OPEN, log.on_open),
+            (evt.EVT_ESTABLISHED, log.on_established),
+            (evt.EVT_REJECTED, log.on_rejected),
+            (evt.EVT_ABORTED, log.on_aborted),
+            (evt.EVT_CONN_CLOSE, log.on_close),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, self.store_service.handle_store),
+        ]
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self.server is None:
+            raise RuntimeError("the node is not started")
+        host, port = self.server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> tuple[str, int]:
+        """Start accepting associations in a background thread; return (host, port)."""
+        node = self.settings.node
+        server = self.ae.make_server(
+            (node.host, node.port),
+            evt_handlers=self._handlers(),
+            server_class=NodeServer,
+            listen_socket=self._listen_socket,
+            policy=PeerPolicy(self.settings.policy),
+        )
+        self.ae._servers.append(server)
+        self.server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="pacsnode-acceptor", daemon=True)
+        self._thread.start()
+        logger.info(
+            "accepting associations as %r on %s:%d (pid %d)",
+            node.ae_title, *self.address, os.getpid(),
+        )
+        return self.address
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let in-flight associations finish within ``grace`` seconds, then abort the rest."""
+        grace = self.settings.node.timeouts.shutdown_grace if grace is None else grace
+        if self.server is not None:
+            self.server.shutdown()  # stops serve_forever, closes the listening socket
+            self.server = None
+        deadline = time.monotonic() + grace
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        remaining = self.ae.active_associations
+        if remaining:
+            logger.warning("aborting %d association(s) still open after %.0f s", len(remaining), grace)
+            for assoc in remaining:
+                assoc.abort()
+        self.archive.close()
+
+
+# -- the serve process ---------------------------------------------------------------------------
+
+class _Stop:
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signum = 0
+
+    def __call__(self, signum: int, _frame: FrameType | None) -> None:
+        self.signum = signum
+        self.event.set()
+
+
+def _run_acceptor(settings: Settings, listen_socket: socket.socket, share: int) -> int:
+    """Body of one acceptor (in the serve process itself or in a forked child)."""
+    stop = _Stop()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    archive = Archive(settings.storage)
+    node = Node(settings, archive=archive, listen_socket=listen_socket, share=share)
+    node.start()
+    stop.event.wait()
+    logger.info("signal %d: shutting down acceptor (pid %d)", stop.signum, os.getpid())
+    node.stop()
+    return 0
+
+
+def serve(settings: Settings) -> int:
+    """Run the node until SIGTERM/SIGINT. Returns the process exit status."""
+    configure_pynetdicom()
+    archive = Archive.open(settings.storage)  # migrate + sweep before anyone accepts
+    archive.close()
+    node = settings.node
+    listen_socket = open_listen_socket(node.host, node.port)
+    count = node.acceptor_processes
+    logger.info(
+        "pacsnode serving %r on %s:%d with %d acceptor process(es); store %s; index %s",
+        node.ae_title, node.host, node.port, count, settings.storage.root.resolve(),
+        _safe_url(settings.storage.database_url),
+    )
+    if count == 1:
+        return _run_acceptor(settings, listen_socket, 1)
+    return _supervise(settings, listen_socket, count)
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _spawn(settings: Settings, listen_socket: socket.socket, share: int) -> int:
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            code = _run_acceptor(settings, listen_socket, share)
+        except BaseException:
+            logger.exception("acceptor process failed")
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    return pid
+
+
+def _supervise(settings: Settings, listen_socket: socket.socket, count: int) -> int:
+    stop = _Stop()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    children = {_spawn(settings, listen_socket, count) for _ in range(count)}
+    while not stop.event.is_set():
+        try:
+            pid, wait_status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            stop.event.wait(0.2)
+            continue
+        children.discard(pid)
+        logger.error("acceptor process %d exited (%s); starting another", pid, _describe(wait_status))
+        time.sleep(0.5)
+        children.add(_spawn(settings, listen_socket, count))
+    logger.info("signal %d: stopping %d acceptor process(es)", stop.signum, len(children))
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + settings.node.timeouts.shutdown_grace + 10
+    code = 0
+    while children and time.monotonic() < deadline:
+        try:
+            pid, wait_status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            time.sleep(0.05)
+            continue
+        children.discard(pid)
+        if os.waitstatus_to_exitcode(wait_status) != 0:
+            code = 1
+    for pid in children:  # did not stop in time
+        logger.error("acceptor process %d did not stop; killing it", pid)
+        os.kill(pid, signal.SIGKILL)
+        code = 1
+    listen_socket.close()
+    logger.info("pacsnode stopped")
+    return code
+
+
+def _describe(wait_status: int) -> str:
+    code = os.waitstatus_to_exitcode(wait_status)
+    return f"signal {-code}" if code < 0 else f"status {code}"
+
+

@@ -1,0 +1,157 @@
+"""The ``pacsnode`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from node.config import Settings, load
+from node.errors import ConfigError, UnknownNodeError
+from node.logs import setup_logging
+
+__all__ = ["main"]
+
+logger = logging.getLogger("pacsnode")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+
+def _version() -> str:
+    try:
+        return version("pacsnode")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "unknown"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pacsnode",
+        description="DICOM node: receives, stores and indexes studies.",
+    )
+    parser.add_argument("--version", action="version", version=f"pacsnode {_version()}")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="config file (default: $PACSNODE_CONFIG, else config/pacsnode.yaml)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("serve", help="run the node until SIGTERM/SIGINT")
+    sub.add_parser("check-config", help="validate the config file and print the effective settings")
+    p = sub.add_parser("echo", help="C-ECHO a remote node")
+    p.add_argument("node", help="a name from remote_nodes, or AET@HOST:PORT")
+    p = sub.add_parser("send", help="C-STORE files and folders to a remote node")
+    p.add_argument("node", help="a name from remote_nodes, or AET@HOST:PORT")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    p = sub.add_parser("studies", help="list the studies in the index")
+    p.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load(args.config)
+    except ConfigError as exc:
+        print(f"pacsnode: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(settings.logging.level, settings.logging.format)
+    command = args.command.replace("-", "_")
+    handler = globals()[f"_cmd_{command}"]
+    try:
+        return int(handler(settings, args))
+    except UnknownNodeError as exc:
+        print(f"pacsnode: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from node.app import serve
+    from storage import StorageError
+
+    try:
+        return serve(settings)
+    except StorageError as exc:
+        logger.error("cannot open the archive: %s", exc)
+        return EXIT_FAILED
+    except OSError as exc:
+        logger.error("cannot listen on %s:%d: %s", settings.node.host, settings.node.port, exc)
+        return EXIT_FAILED
+
+
+def _cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
+    print(f"{settings.source}: OK")
+    print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    return EXIT_OK
+
+
+def _cmd_echo(settings: Settings, args: argparse.Namespace) -> int:
+    from node.app import configure_pynetdicom
+    from node.export import echo, resolve_node
+
+    configure_pynetdicom()
+    ok, message = echo(settings, resolve_node(settings, args.node))
+    print(message)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _cmd_send(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from node.app import configure_pynetdicom
+    from node.export import collect_files, send_files, resolve_node
+
+    configure_pynetdicom()
+    remote = resolve_node(settings, args.node)
+    missing = [p for p in args.paths if not p.exists()]
+    if missing:
+        print(f"pacsnode: no such file or folder: {', '.join(map(str, missing))}", file=sys.stderr)
+        return EXIT_FAILED
+    files = collect_files(args.paths)
+    bar = tqdm(total=len(files), unit="file", disable=not sys.stderr.isatty(), file=sys.stderr)
+    try:
+        outcomes = send_files(settings, remote, files, progress=lambda _o: bar.update(1))
+    finally:
+        bar.close()
+    failed = [o for o in outcomes if not o.ok]
+    print(f"sent {len(outcomes) - len(failed)} of {len(outcomes)} file(s) to {remote.ae_title}@{remote.host}:{remote.port}")
+    for o in failed:
+        code = f"0x{o.status:04X}" if o.status is not None else "not sent"
+        print(f"  FAILED {o.path}: {code}{': ' + o.error if o.error else ''}")
+    return EXIT_OK if not failed else EXIT_FAILED
+
+
+def _cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
+    from storage import Archive, StorageError
+    from storage.db import migrate
+
+    archive = Archive(settings.storage)
+    try:
+        migrate(archive.engine)
+        studies = archive.studies()
+    except StorageError as exc:
+        print(f"pacsnode: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        archive.close()
+    if args.json:
+        print(json.dumps([asdict(s) for s in studies], indent=2))
+        return EXIT_OK
+    header = ("PATIENT", "NAME", "DATE", "DESCRIPTION", "MODALITIES", "SERIES", "INSTANCES", "STUDY UID")
+    rows = [
+        (s.patient_id, s.patient_name or "", s.study_date or "", s.study_description or "",
+         (s.modalities_in_study or "").replace("\\", ","), str(s.num_series), str(s.num_instances),
+         s.study_instance_uid)
+        for s in studies
+    ]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    for line in (header, *rows):
+        print("  ".join(col.ljust(w) for col, w in zip(line, widths)).rstrip())
+    print(f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'}")
+    return EXIT_OK

@@ -1,0 +1,159 @@
+"""Load the admin's YAML file into typed, validated settings.
+
+Each package owns the settings of its part (:class:`storage.StorageSettings`);
+this module composes them. Every key has a default, so an empty file is a valid
+configuration; an unknown key is an error (a typo must not be ignored).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from node.errors import ConfigError
+from storage.settings import StorageSettings
+
+__all__ = [
+    "Settings",
+    "NodeSettings",
+    "PolicySettings",
+    "RemoteNode",
+    "AllowedPeer",
+    "LoggingSettings",
+    "Timeouts",
+    "load",
+    "resolve_path",
+    "DEFAULT_CONFIG",
+]
+
+DEFAULT_CONFIG = Path("config/pacsnode.yaml")
+ENV_VAR = "PACSNODE_CONFIG"
+
+
+def _check_ae_title(value: str) -> str:
+    if not value.strip():
+        raise ValueError("an AE title cannot be empty or only spaces")
+    if len(value) > 16:
+        raise ValueError(f"an AE title has at most 16 characters, {value!r} has {len(value)}")
+    if "\\" in value or any(ord(c) < 32 or ord(c) > 126 for c in value):
+        raise ValueError(f"an AE title is printable ASCII without backslash; {value!r} is not")
+    return value.strip()
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeouts(_Strict):
+    acse: Seconds = 30.0
+    dimse: Seconds = 60.0
+    network: Seconds = 60.0
+    shutdown_grace: Seconds = 30.0
+
+
+class NodeSettings(_Strict):
+    ae_title: AETitle = "PACSNODE"
+    host: str = "127.0.0.1"
+    port: Port = 11112
+    max_associations: Annotated[int, Field(ge=1, le=1024)] = 16
+    max_pdu: Annotated[int, Field(ge=0, le=1 << 30)] = 4 << 20
+    acceptor_processes: Annotated[int, Field(ge=1, le=64)] = 2
+    max_instance_bytes: Annotated[int, Field(ge=1024)] = 2 << 30
+    timeouts: Timeouts = Timeouts()
+
+
+class AllowedPeer(_Strict):
+    ae_title: AETitle
+    host: str | None = None
+
+
+class PolicySettings(_Strict):
+    require_called_ae_title: bool = True
+    allowed_peers: list[AllowedPeer] = []
+
+
+class RemoteNode(_Strict):
+    ae_title: AETitle
+    host: str
+    port: Port
+
+
+class LoggingSettings(_Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Settings(_Strict):
+    node: NodeSettings = NodeSettings()
+    policy: PolicySettings = PolicySettings()
+    remote_nodes: dict[str, RemoteNode] = {}
+    storage: StorageSettings = StorageSettings()
+    logging: LoggingSettings = LoggingSettings()
+    source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _names(self) -> Settings:
+        for name in self.remote_nodes:
+            if not name or "@" in name:
+                raise ValueError(f"remote node name {name!r} must be non-empty and without '@'")
+        return self
+
+
+def resolve_path(explicit: str | os.PathLike[str] | None) -> Path:
+    """The config file to read: ``--config``, else ``$PACSNODE_CONFIG``, else ``config/pacsnode.yaml``."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-"))]
+    return ".".join(parts) or "(top level)"
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read and validate a config file.
+
+    Raises
+    ------
+    ConfigError
+        With one message naming the file, the key path and what is wrong.
+    """
+    file = resolve_path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read the config file: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{file}:{where}: not valid YAML: {problem}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: (top level): expected a mapping of sections, got {type(data).__name__}")
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = len(exc.errors()) - 1
+        suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        value = first.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        raise ConfigError(f"{file}: {_key_path(first['loc'])}: {first['msg']}{shown}{suffix}") from exc
+    return settings.model_copy(update={"source": file})

@@ -1,0 +1,37 @@
+"""Presentation contexts pacsnode accepts: every storage SOP class pynetdicom knows,
+in every transfer syntax pydicom knows, plus Verification.
+
+Instances are stored as received, never decoded, so any transfer syntax can be
+accepted. pynetdicom picks the first of *our* syntaxes that the requestor
+proposes, so compressed syntaxes come first: a sender that offers its original
+JPEG and a fallback gets to send the original bytes.
+"""
+
+from __future__ import annotations
+
+from pydicom import uid
+from pynetdicom import build_context
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
+
+__all__ = ["TRANSFER_SYNTAXES", "STORAGE_SOP_CLASSES", "scp_contexts"]
+
+_UNCOMPRESSED_ORDER = [
+    uid.ExplicitVRLittleEndian,
+    uid.ImplicitVRLittleEndian,
+    uid.DeflatedExplicitVRLittleEndian,
+    uid.ExplicitVRBigEndian,
+]
+
+TRANSFER_SYNTAXES: list[str] = [
+    ts for ts in uid.AllTransferSyntaxes if ts not in _UNCOMPRESSED_ORDER
+] + _UNCOMPRESSED_ORDER
+
+STORAGE_SOP_CLASSES: dict[str, str] = {name: str(value) for name, value in _STORAGE_CLASSES.items()}
+
+
+def scp_contexts() -> list[PresentationContext]:
+    """The supported contexts of the SCP: storage classes and Verification."""
+    contexts = [build_context(sop_class, TRANSFER_SYNTAXES) for sop_class in STORAGE_SOP_CLASSES.values()]
+    contexts.append(build_context(Verification, _UNCOMPRESSED_ORDER))
+    return contexts

@@ -1,0 +1,131 @@
+"""The association server: socket options and association policy on top of pynetdicom.
+
+* accepted sockets get ``TCP_NODELAY`` (see :func:`node.handlers.set_nodelay`);
+* a listening socket can be handed in, so several acceptor processes share one port;
+* the calling-AE allow list may also name the host each AE must come from; a peer
+  that does not match gets A-ASSOCIATE-RJ "calling AE title not recognised"
+  (rejected-permanent, service-user, reason 3), as pynetdicom's own AE-only check does.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+from pynetdicom.acse import ACSE
+from pynetdicom.events import EVT_REJECTED, trigger
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from node.config import PolicySettings
+
+__all__ = ["NodeServer", "PeerPolicy"]
+
+logger = logging.getLogger(__name__)
+
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): result, source, reason
+_RJ_PERMANENT = 0x01
+_RJ_SOURCE_SERVICE_USER = 0x01
+_RJ_CALLING_AE_NOT_RECOGNISED = 0x03
+
+
+class PeerPolicy:
+    """Which calling AE titles, from which hosts, may associate."""
+
+    def __init__(self, settings: PolicySettings) -> None:
+        self.rules = [(peer.ae_title, peer.host) for peer in settings.allowed_peers]
+
+    @property
+    def restricts(self) -> bool:
+        return bool(self.rules)
+
+    def allows(self, calling_ae_title: str, host: str) -> bool:
+        if not self.rules:
+            return True
+        calling = calling_ae_title.strip()
+        return any(ae == calling and (allowed_host is None or allowed_host == host) for ae, allowed_host in self.rules)
+
+
+class _PolicyACSE(ACSE):
+    def __init__(self, assoc: Any, policy: PeerPolicy) -> None:
+        super().__init__(assoc)
+        self._policy = policy
+
+    def _negotiate_as_acceptor(self) -> None:
+        if self._policy.restricts:
+            request = self.requestor.primitive
+            calling = str(request.calling_ae_title)
+            host = str(self.assoc.requestor.address)
+            if not self._policy.allows(calling, host):
+                self.requestor.ae_title = calling
+                logger.warning(
+                    "rejected association from %s: calling AE title %r is not allowed from this host",
+                    host, calling,
+                )
+                self.send_reject(_RJ_PERMANENT, _RJ_SOURCE_SERVICE_USER, _RJ_CALLING_AE_NOT_RECOGNISED)
+                trigger(self.assoc, EVT_REJECTED, {})
+                self.assoc.kill()
+                return
+        super()._negotiate_as_acceptor()
+
+
+class _NodeRequestHandler(RequestHandler):
+    server: NodeServer
+
+    def _create_association(self) -> Any:
+        assoc = super()._create_association()
+        assoc.acse = _PolicyACSE(assoc, self.server.policy)
+        return assoc
+
+
+class NodeServer(ThreadedAssociationServer):
+    """A threaded association server with our request handler and socket handling.
+
+    Parameters
+    ----------
+    listen_socket
+        An already bound and listening socket to serve on (shared between acceptor
+        processes); ``None`` binds ``address`` here.
+    policy
+        The peer allow list.
+    """
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        ae: Any,
+        address: tuple[str, int],
+        ae_title: str,
+        contexts: Any,
+        ssl_context: Any = None,
+        evt_handlers: Any = None,
+        *,
+        listen_socket: socket.socket | None = None,
+        policy: PeerPolicy,
+    ) -> None:
+        self._listen_socket = listen_socket
+        self.policy = policy
+        super().__init__(
+            ae, address, ae_title, contexts, ssl_context, evt_handlers, request_handler=_NodeRequestHandler
+        )
+
+    def server_bind(self) -> None:
+        if self._listen_socket is None:
+            super().server_bind()
+            return
+        self.socket.close()
+        self.socket = self._listen_socket
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self._listen_socket is None:
+            super().server_activate()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        client, address = super().get_request()
+        try:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # pragma: no cover
+            pass
+        return client, address

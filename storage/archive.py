@@ -1,0 +1,178 @@
+"""The archive: file store and index together, with the ordering that makes a store durable.
+
+The order for every instance is fixed: the bytes are fsynced in ``tmp/``, moved
+into ``objects/`` (rename + directory fsync), and only then is the index row
+committed. A crash before the commit leaves at most a file no row points to;
+a crash never leaves a row without its complete file.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from storage import index
+from storage.db import make_engine, migrate
+from storage.errors import DuplicateInstanceError, StorageError
+from storage.files import InstanceStore, StagedFile
+from storage.index import InstanceMeta, StudySummary
+from storage.settings import DuplicatePolicy, StorageSettings
+
+__all__ = ["Archive", "AddOutcome"]
+
+logger = logging.getLogger(__name__)
+
+_ATTEMPTS = 5
+
+
+class AddOutcome(enum.Enum):
+    """How an instance ended up in the archive."""
+
+    STORED = "stored"
+    IDENTICAL_DUPLICATE = "identical duplicate, not stored again"
+    KEPT_FIRST = "different duplicate, first copy kept"
+    OVERWRITTEN = "different duplicate, overwrote the first copy"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AddResult:
+    outcome: AddOutcome
+    file_path: str
+
+
+class Archive:
+    """Durable storage of instances: call :meth:`stage`, then :meth:`add`.
+
+    Parameters
+    ----------
+    settings
+        Storage settings (store root, database URL, duplicate policy).
+    engine
+        An engine to reuse; by default one is created from ``settings.database_url``.
+    """
+
+    def __init__(self, settings: StorageSettings, *, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.store = InstanceStore(settings)
+        self.engine = engine if engine is not None else make_engine(settings.database_url)
+
+    @classmethod
+    def open(cls, settings: StorageSettings) -> Archive:
+        """Open the archive for serving: migrate the schema and sweep crash debris."""
+        archive = cls(settings)
+        migrate(archive.engine)
+        archive.store.sweep_tmp()
+        return archive
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- ingest ------------------------------------------------------------------------------
+    def check_space(self, incoming_bytes: int) -> None:
+        self.store.check_space(incoming_bytes)
+
+    def stage(self, chunks: Iterable[bytes | memoryview]) -> StagedFile:
+        return self.store.stage(chunks)
+
+    def discard(self, staged: StagedFile) -> None:
+        self.store.discard(staged.path)
+
+    def add(self, staged: StagedFile, meta: InstanceMeta, *, calling_ae_title: str | None) -> AddResult:
+        """Make a staged instance durable and indexed, applying the duplicate policy.
+
+        Returns only after the file is in place and the index transaction has
+        committed; any failure raises :class:`StorageError` and leaves no row.
+        """
+        relative = self.store.relative_path_for(meta.sop_instance_uid, staged.sha256)
+        self.store.commit(staged, relative)
+        try:
+            result = self._index(meta, relative, staged, calling_ae_title)
+        except BaseException:
+            self._forget(relative, meta)
+            raise
+        if result.file_path != relative:
+            # Not ours to keep (a duplicate); never delete the path the index points at.
+            self.store.remove(relative)
+        return result
+
+    def _forget(self, relative: str, meta: InstanceMeta) -> None:
+        """Remove a committed file whose index transaction failed, unless a row now points at it."""
+        try:
+            with self.engine.connect() as conn:
+                row = index.find_instance(conn, meta.sop_instance_uid)
+        except Exception:  # the database is the problem; leave the file, it is only unindexed
+            return
+        if row is None or row.file_path != relative:
+            self.store.remove(relative)
+
+    def _index(self, meta: InstanceMeta, relative: str, staged: StagedFile, calling_ae_title: str | None) -> AddResult:
+        last_exc: Exception | None = None
+        for attempt in range(_ATTEMPTS):
+            try:
+                return self._index_once(meta, relative, staged, calling_ae_title)
+            except IntegrityError as exc:
+                # Another association indexed the same patient/study/series/instance
+                # between our read and our insert: read again and re-decide.
+                last_exc = exc
+                logger.debug("index race on %s (attempt %d): %s", meta.sop_instance_uid, attempt + 1, exc)
+            except OperationalError as exc:
+                raise StorageError(f"index database error: {exc.orig}") from exc
+        raise StorageError(f"index kept conflicting after {_ATTEMPTS} attempts: {last_exc}")
+
+    def _index_once(
+        self, meta: InstanceMeta, relative: str, staged: StagedFile, calling_ae_title: str | None
+    ) -> AddResult:
+        old_file: str | None = None
+        with self.engine.begin() as conn:
+            existing = index.find_instance(conn, meta.sop_instance_uid)
+            if existing is not None:
+                if existing.sha256 == staged.sha256:
+                    return AddResult(outcome=AddOutcome.IDENTICAL_DUPLICATE, file_path=existing.file_path)
+                policy = self.settings.duplicate_policy
+                if policy is DuplicatePolicy.REJECT:
+                    logger.warning(
+                        "rejected instance %s: already stored with other content (policy reject)",
+                        meta.sop_instance_uid,
+                    )
+                    raise DuplicateInstanceError(
+                        f"SOP Instance {meta.sop_instance_uid} is already stored with different content"
+                    )
+                if policy is DuplicatePolicy.KEEP_FIRST:
+                    logger.warning(
+                        "ignored instance %s from %s: already stored with other content (policy keep_first)",
+                        meta.sop_instance_uid, calling_ae_title,
+                    )
+                    return AddResult(outcome=AddOutcome.KEPT_FIRST, file_path=existing.file_path)
+                index.remove_instance(conn, existing)
+                old_file = existing.file_path
+            index.add_instance(
+                conn,
+                meta,
+                file_path=relative,
+                file_size=staged.size,
+                sha256=staged.sha256,
+                calling_ae_title=calling_ae_title,
+            )
+        if old_file is not None:
+            logger.warning(
+                "overwrote instance %s with other content from %s (policy overwrite)",
+                meta.sop_instance_uid, calling_ae_title,
+            )
+            if old_file != relative:
+                self.store.remove(old_file)
+            return AddResult(outcome=AddOutcome.OVERWRITTEN, file_path=relative)
+        return AddResult(outcome=AddOutcome.STORED, file_path=relative)
+
+    # -- reading -----------------------------------------------------------------------------
+    def studies(self) -> list[StudySummary]:
+        with self.engine.connect() as conn:
+            return index.list_studies(conn)
+
+    def instance_path(self, relative: str) -> Path:
+        return self.store.absolute(relative)

@@ -1,0 +1,201 @@
+"""The durable file store: bytes on disk, written atomically, named by hashes.
+
+Layout under the store root::
+
+    tmp/                      files being written; anything here at start-up is debris
+    objects/ab/<h>-<c>.dcm    h = sha256(SOP Instance UID), ab its first two hex digits,
+                              c = the first 16 hex digits of the content's sha256
+
+The 256 fan-out directories are made once, when the store is opened, so that
+storing an instance never creates a directory on the hot path.
+
+No path component is ever built from UID text, so a hostile UID cannot name a
+location outside the store.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from storage.errors import OutOfSpaceError, StorageError
+from storage.settings import StorageSettings
+
+__all__ = ["InstanceStore", "StagedFile", "uid_digest"]
+
+logger = logging.getLogger(__name__)
+
+_TMP = "tmp"
+_OBJECTS = "objects"
+
+
+def uid_digest(uid: str) -> str:
+    """Return the hex sha256 of a UID: the only form in which a UID reaches a path."""
+    return hashlib.sha256(uid.encode("ascii", "backslashreplace")).hexdigest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class StagedFile:
+    """A complete file in the store's ``tmp/``: written, not yet durable or visible."""
+
+    path: Path
+    size: int
+    sha256: str
+
+
+class InstanceStore:
+    """Stores encoded instances under one root directory.
+
+    Parameters
+    ----------
+    settings
+        The storage settings; ``settings.root`` is created if missing.
+    """
+
+    def __init__(self, settings: StorageSettings) -> None:
+        self.root = settings.root.resolve()
+        self.min_free_bytes = settings.min_free_bytes
+        self.fsync = settings.fsync
+        self.tmp_dir = self.root / _TMP
+        self.objects_dir = self.root / _OBJECTS
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.objects_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(256):
+            (self.objects_dir / f"{i:02x}").mkdir(exist_ok=True)
+
+    # -- space -------------------------------------------------------------------------------
+    def check_space(self, incoming_bytes: int) -> None:
+        """Raise :class:`OutOfSpaceError` if writing ``incoming_bytes`` would cross the floor."""
+        free = shutil.disk_usage(self.root).free
+        if free - incoming_bytes < self.min_free_bytes:
+            raise OutOfSpaceError(
+                f"store has {free} bytes free; {incoming_bytes} incoming would cross "
+                f"the floor of {self.min_free_bytes} bytes"
+            )
+
+    # -- writing -----------------------------------------------------------------------------
+    def stage(self, chunks: Iterable[bytes | memoryview]) -> StagedFile:
+        """Write ``chunks`` to a new file in ``tmp/`` and return it with its size and sha256.
+
+        The file is not yet fsynced: :meth:`commit` does that. On any error the
+        partial file is removed and a :class:`StorageError` raised.
+        """
+        path = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            raise self._os_error("cannot create a file in the store", exc) from exc
+        try:
+            with os.fdopen(fd, "wb", buffering=0) as fh:
+                for chunk in chunks:
+                    digest.update(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        written = fh.write(view)
+                        view = view[written:]
+                    size += len(chunk)
+                if self.fsync:
+                    os.fsync(fh.fileno())
+        except OSError as exc:
+            self.discard(path)
+            raise self._os_error("cannot write to the store", exc) from exc
+        except BaseException:
+            self.discard(path)
+            raise
+        return StagedFile(path=path, size=size, sha256=digest.hexdigest())
+
+    def relative_path_for(self, sop_instance_uid: str, sha256: str) -> str:
+        """Return the store-relative path of an instance's content (POSIX separators)."""
+        h = uid_digest(sop_instance_uid)
+        return f"{_OBJECTS}/{h[0:2]}/{h}-{sha256[:16]}.dcm"
+
+    def commit(self, staged: StagedFile, relative_path: str) -> Path:
+        """Move a staged file to ``relative_path`` atomically and make the move durable."""
+        final = self.root / relative_path
+        try:
+            self._make_dirs(final.parent)
+            os.replace(staged.path, final)
+            if self.fsync:
+                self._fsync_dir(final.parent)
+        except OSError as exc:
+            self.discard(staged.path)
+            raise self._os_error("cannot move the file into place", exc) from exc
+        return final
+
+    # -- reading and removal -----------------------------------------------------------------
+    def absolute(self, relative_path: str) -> Path:
+        """Return the absolute path of a store-relative path, refusing anything outside the root."""
+        path = (self.root / relative_path).resolve()
+        if not path.is_relative_to(self.root):
+            raise StorageError(f"path {relative_path!r} is outside the store")
+        return path
+
+    def remove(self, relative_path: str) -> None:
+        """Delete a committed file (after its index row stopped pointing at it)."""
+        try:
+            os.unlink(self.absolute(relative_path))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("could not remove %s: %s", relative_path, exc)
+
+    @staticmethod
+    def discard(path: Path) -> None:
+        """Delete a staged file, ignoring one that is already gone."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # pragma: no cover - nothing more to do than say so
+            logger.warning("could not remove temporary file %s: %s", path, exc)
+
+    def sweep_tmp(self) -> int:
+        """Remove files left in ``tmp/`` by a crash; return how many. Call before serving."""
+        removed = 0
+        for entry in self.tmp_dir.iterdir():
+            if entry.is_file():
+                self.discard(entry)
+                removed += 1
+        if removed:
+            logger.warning("removed %d unfinished file(s) from %s", removed, self.tmp_dir)
+        return removed
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _make_dirs(self, directory: Path) -> None:
+        if directory.is_dir():
+            return
+        missing = []
+        d = directory
+        while not d.is_dir():
+            missing.append(d)
+            d = d.parent
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except FileExistsError:
+                continue
+            if self.fsync:
+                self._fsync_dir(d.parent)
+
+    @staticmethod
+    def _fsync_dir(directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _os_error(what: str, exc: OSError) -> StorageError:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return OutOfSpaceError(f"{what}: disk full ({exc.strerror})")
+        return StorageError(f"{what}: {exc}")
