@@ -232,7 +232,7 @@ class StoreService:
         if size == 0:
             return status.CANNOT_UNDERSTAND, "empty dataset"
         if size > self.max_instance_bytes:
-            return status.OUT_OF_RESOURCES, f"instance of {size} bytes exceeds the limit of {self.max_instance_bytes}"
+            return status.OUT_OF_RESOURCES, f"instance exceeds the limit: {size} > {self.max_instance_bytes} bytes"
         header = _file_header(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
         try:
             self.archive.check_space(size + len(header))

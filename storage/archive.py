@@ -141,7 +141,7 @@ class Archive:
                         meta.sop_instance_uid,
                     )
                     raise DuplicateInstanceError(
-                        f"SOP Instance {meta.sop_instance_uid} is already stored with different content"
+                        f"already stored with different content: {meta.sop_instance_uid}"
                     )
                 if policy is DuplicatePolicy.KEEP_FIRST:
                     logger.warning(

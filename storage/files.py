@@ -76,8 +76,8 @@ class InstanceStore:
         free = shutil.disk_usage(self.root).free
         if free - incoming_bytes < self.min_free_bytes:
             raise OutOfSpaceError(
-                f"store has {free} bytes free; {incoming_bytes} incoming would cross "
-                f"the floor of {self.min_free_bytes} bytes"
+                f"free-space floor reached: {free} bytes free, {incoming_bytes} incoming, "
+                f"floor {self.min_free_bytes}"
             )
 
     # -- writing -----------------------------------------------------------------------------
@@ -197,5 +197,5 @@ class InstanceStore:
     @staticmethod
     def _os_error(what: str, exc: OSError) -> StorageError:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return OutOfSpaceError(f"{what}: disk full ({exc.strerror})")
+            return OutOfSpaceError(f"disk full: {what} ({exc.strerror})")
         return StorageError(f"{what}: {exc}")

@@ -171,22 +171,25 @@ def read_header(
     except Exception as exc:  # pydicom raises a wide range on hostile bytes
         raise UnreadableInstanceError(f"cannot parse the dataset: {type(exc).__name__}: {exc}") from exc
 
-    for name in ("sop_class_uid", "sop_instance_uid", "study_instance_uid", "series_instance_uid"):
+    identity = ("sop_class_uid", "sop_instance_uid", "study_instance_uid", "series_instance_uid")
+    if not any(values[name] for name in identity):
+        raise UnreadableInstanceError("no identifying attribute could be parsed: not a DICOM dataset")
+    for name in identity:
         value = values[name]
         keyword = _keyword_of(name)
         if not value:
-            raise InvalidInstanceError(f"{keyword} is missing or empty")
+            raise InvalidInstanceError(f"{keyword} missing or empty")
         if not is_valid_uid(str(value)):
-            raise InvalidInstanceError(f"{keyword} {str(value)[:80]!r} is not a valid UID")
+            raise InvalidInstanceError(f"{keyword} not a valid UID: {str(value)[:80]!r}")
     if values["sop_class_uid"] != expected_sop_class_uid:
         raise InvalidInstanceError(
-            f"SOPClassUID {values['sop_class_uid']} in the dataset differs from the "
-            f"request's Affected SOP Class UID {expected_sop_class_uid}"
+            f"SOPClassUID differs from the request: dataset {values['sop_class_uid']}, "
+            f"Affected SOP Class UID {expected_sop_class_uid}"
         )
     if values["sop_instance_uid"] != expected_sop_instance_uid:
         raise InvalidInstanceError(
-            f"SOPInstanceUID {values['sop_instance_uid']} in the dataset differs from the "
-            f"request's Affected SOP Instance UID {expected_sop_instance_uid}"
+            f"SOPInstanceUID differs from the request: dataset {values['sop_instance_uid']}, "
+            f"Affected SOP Instance UID {expected_sop_instance_uid}"
         )
     return InstanceMeta(transfer_syntax_uid=transfer_syntax_uid, **values)  # type: ignore[arg-type]
 

@@ -1,0 +1,124 @@
+"""Shared test helpers: ports, settings, sample files, a pynetdicom SCU."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+
+from node.config import Settings
+from node.handlers import set_nodelay
+
+REPO = Path(__file__).resolve().parent.parent
+PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def pydicom_data_files() -> Path:
+    """The folder of real images shipped by the pydicom-data package (never fetched)."""
+    import data_store
+
+    return Path(data_store.__file__).parent / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_settings(tmp_path: Path, **sections: dict[str, Any]) -> Settings:
+    data: dict[str, Any] = {
+        "node": {"port": free_port(), "acceptor_processes": 1, "timeouts": {"shutdown_grace": 5}},
+        "storage": {
+            "root": str(tmp_path / "store"),
+            "database_url": f"sqlite:///{tmp_path / 'index.db'}",
+            "min_free_bytes": 0,
+        },
+    }
+    for key, value in sections.items():
+        data.setdefault(key, {})
+        if isinstance(value, dict):
+            merged = dict(data[key])
+            for k, v in value.items():
+                if isinstance(v, dict) and isinstance(merged.get(k), dict):
+                    merged[k] = {**merged[k], **v}
+                else:
+                    merged[k] = v
+            data[key] = merged
+        else:
+            data[key] = value
+    return Settings.model_validate(data)
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def store_datasets(
+    port: int,
+    items: list[Dataset | Path],
+    *,
+    called: str = "PACSNODE",
+    calling: str = "TESTSCU",
+    transfer_syntaxes: list[str] | None = None,
+) -> list[int | None]:
+    """C-STORE each dataset or file with pynetdicom; return each status (None: not sent)."""
+    ae = AE(ae_title=calling)
+    datasets = [pydicom.dcmread(i) if isinstance(i, Path) else i for i in items]
+    for ds in datasets:
+        ts = transfer_syntaxes or [str(ds.file_meta.TransferSyntaxUID)]
+        ae.add_requested_context(ds.SOPClassUID, ts)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    assert assoc.is_established, "association was not established"
+    out: list[int | None] = []
+    try:
+        for ds in datasets:
+            rsp = assoc.send_c_store(ds)
+            out.append(int(rsp.Status) if "Status" in rsp else None)
+    finally:
+        assoc.release()
+    return out
+
+
+def echo_status(port: int, *, called: str = "PACSNODE", calling: str = "TESTSCU") -> int | str:
+    """C-ECHO; the status, or 'rejected'/'aborted'/'failed' when no association."""
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if assoc.is_rejected:
+        return "rejected"
+    if assoc.is_aborted:
+        return "aborted"
+    if not assoc.is_established:
+        return "failed"
+    try:
+        rsp = assoc.send_c_echo()
+        return int(rsp.Status)
+    finally:
+        assoc.release()
+
+
+def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[Any] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
+
+
+def pacsnode_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "node", *args]
