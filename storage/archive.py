@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from storage import index
-from storage.db import make_engine, migrate
+from storage.db import WriteGate, make_engine, migrate
 from storage.errors import DuplicateInstanceError, StorageError
 from storage.files import InstanceStore, StagedFile
 from storage.index import InstanceMeta, StudySummary
@@ -61,6 +61,7 @@ class Archive:
         self.settings = settings
         self.store = InstanceStore(settings)
         self.engine = engine if engine is not None else make_engine(settings.database_url)
+        self._write_gate = WriteGate(self.engine)
 
     @classmethod
     def open(cls, settings: StorageSettings) -> Archive:
@@ -129,7 +130,7 @@ class Archive:
         self, meta: InstanceMeta, relative: str, staged: StagedFile, calling_ae_title: str | None
     ) -> AddResult:
         old_file: str | None = None
-        with self.engine.begin() as conn:
+        with self._write_gate(), self.engine.begin() as conn:
             existing = index.find_instance(conn, meta.sop_instance_uid)
             if existing is not None:
                 if existing.sha256 == staged.sha256:
