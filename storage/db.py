@@ -15,11 +15,10 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session, sessionmaker
 
 from storage.errors import StorageError
 
-__all__ = ["make_engine", "migrate", "session_scope", "make_sessionmaker", "WriteGate"]
+__all__ = ["make_engine", "migrate", "WriteGate"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,16 +80,6 @@ def migrate(engine: Engine) -> None:
     except Exception as exc:
         raise StorageError(f"cannot migrate the index database: {exc}") from exc
 
-
-def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
-
-
-@contextmanager
-def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
-    """A session whose transaction commits on success and rolls back on error."""
-    with factory() as session, session.begin():
-        yield session
 
 
 class WriteGate:

@@ -10,7 +10,7 @@ Core statements: one C-STORE costs a handful of indexed lookups and inserts.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -199,9 +199,6 @@ def _keyword_of(name: str) -> str:
         if field == name:
             return keyword
     return name
-
-
-_META_FIELDS = {f.name for f in fields(InstanceMeta)}
 
 
 def _now() -> datetime:

@@ -73,17 +73,16 @@ def test_store_keeps_the_received_bytes_and_transfer_syntax(node: RunningNode, p
     assert statuses == [status.SUCCESS]
 
     rows = _rows(node)
-    if True:
-        original = pydicom.dcmread(path, stop_before_pixels=True)
-        row = rows[str(original.SOPInstanceUID)]
-        stored = node.archive.instance_path(row.file_path)
-        assert row.transfer_syntax_uid == str(original.file_meta.TransferSyntaxUID), path.name
-        assert _dataset_bytes(stored) == _dataset_bytes(path), path.name
-        assert sha256_file(stored) == row.sha256
-        assert row.file_size == stored.stat().st_size
-        assert row.calling_ae_title == "TESTSCU"
-        reread = pydicom.dcmread(stored)
-        assert reread.file_meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID
+    original = pydicom.dcmread(path, stop_before_pixels=True)
+    row = rows[str(original.SOPInstanceUID)]
+    stored = node.archive.instance_path(row.file_path)
+    assert row.transfer_syntax_uid == str(original.file_meta.TransferSyntaxUID), path.name
+    assert _dataset_bytes(stored) == _dataset_bytes(path), path.name
+    assert sha256_file(stored) == row.sha256
+    assert row.file_size == stored.stat().st_size
+    assert row.calling_ae_title == "TESTSCU"
+    reread = pydicom.dcmread(stored)
+    assert reread.file_meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID
 
 
 def _store_one(port: int, ds: Dataset, **kw: str) -> tuple[int, str]:
