@@ -127,6 +127,20 @@ def test_bad_identifiers_are_refused_with_a_precise_status(
     assert echo_status(node.port) == status.SUCCESS
 
 
+def _send_raw(assoc, req):  # type: ignore[no-untyped-def]
+    """Send a hand-built request and wait for its response, with the reactor paused
+    (as pynetdicom's own send_* methods do) so it cannot take the response first."""
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    try:
+        assoc.dimse.send_msg(req, assoc.accepted_contexts[0].context_id)
+        _, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    return rsp
+
+
 def test_sop_class_mismatch_is_refused(node: RunningNode) -> None:
     ds = _ct()
     ae = AE(ae_title="TESTSCU")
@@ -145,9 +159,7 @@ def test_sop_class_mismatch_is_refused(node: RunningNode) -> None:
     enc.is_little_endian, enc.is_implicit_VR = True, False
     pydicom.filewriter.write_dataset(enc, ds)
     req.DataSet = BytesIO(enc.getvalue())
-    cx = assoc.accepted_contexts[0]
-    assoc.dimse.send_msg(req, cx.context_id)
-    _, rsp = assoc.dimse.get_msg(block=True)
+    rsp = _send_raw(assoc, req)
     assoc.release()
     assert rsp.Status == status.DATASET_DOES_NOT_MATCH_SOP_CLASS
     assert "SOPClassUID differs from the request" in rsp.ErrorComment
@@ -164,8 +176,7 @@ def test_garbage_dataset_is_cannot_understand(node: RunningNode) -> None:
     req.AffectedSOPInstanceUID = generate_uid(UID_PREFIX)
     req.Priority = 2
     req.DataSet = BytesIO(b"\xff" * 300)
-    assoc.dimse.send_msg(req, assoc.accepted_contexts[0].context_id)
-    _, rsp = assoc.dimse.get_msg(block=True)
+    rsp = _send_raw(assoc, req)
     assoc.release()
     assert (rsp.Status & 0xF000) == status.CANNOT_UNDERSTAND
     assert _rows(node) == {}
