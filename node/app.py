@@ -25,7 +25,7 @@ from pynetdicom import AE, _config as pynetdicom_config, evt
 from pynetdicom.events import EventHandlerType
 
 from node.config import Settings
-from node.contexts import scp_contexts
+from node.contexts import qr_contexts, scp_contexts
 from node.handlers import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
@@ -33,6 +33,7 @@ from node.handlers import (
     StoreService,
     handle_echo,
 )
+from node.qr import QueryRetrieveService, handle_sop_extended
 from node.server import NodeServer, PeerPolicy
 from storage import Archive
 
@@ -64,7 +65,7 @@ def open_listen_socket(host: str, port: int, backlog: int = 128) -> socket.socke
 
 
 class Node:
-    """One acceptor: an AE serving C-ECHO and C-STORE into an archive.
+    """One acceptor: an AE serving C-ECHO, C-STORE and Query/Retrieve over an archive.
 
     Parameters
     ----------
@@ -91,6 +92,7 @@ class Node:
         self._listen_socket = listen_socket
         self.assoc_log = AssociationLog()
         self.store_service = StoreService(archive=archive, settings=settings.node, assoc_log=self.assoc_log)
+        self.qr_service = QueryRetrieveService(settings=settings, archive=archive)
         self.ae = self._build_ae(share)
         self.server: NodeServer | None = None
         self._thread: threading.Thread | None = None
@@ -107,6 +109,9 @@ class Node:
         ae.network_timeout = node.timeouts.network
         ae.require_called_aet = self.settings.policy.require_called_ae_title
         for cx in scp_contexts():
+            # Both roles: a C-GET requestor proposes the SCP role for the storage classes it takes.
+            ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax, scu_role=True, scp_role=True)
+        for cx in qr_contexts():
             ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax)
         return ae
 
@@ -120,6 +125,10 @@ class Node:
             (evt.EVT_CONN_CLOSE, log.on_close),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, self.store_service.handle_store),
+            (evt.EVT_C_FIND, self.qr_service.handle_find),
+            (evt.EVT_C_MOVE, self.qr_service.handle_move),
+            (evt.EVT_C_GET, self.qr_service.handle_get),
+            (evt.EVT_SOP_EXTENDED, handle_sop_extended),
         ]
 
     @property

@@ -87,6 +87,11 @@ class RemoteNode(_Strict):
     port: Port
 
 
+class QuerySettings(_Strict):
+    max_matches: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
+    case_insensitive_names: bool = True
+
+
 class LoggingSettings(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -96,6 +101,7 @@ class Settings(_Strict):
     node: NodeSettings = NodeSettings()
     policy: PolicySettings = PolicySettings()
     remote_nodes: dict[str, RemoteNode] = {}
+    query: QuerySettings = QuerySettings()
     storage: StorageSettings = StorageSettings()
     logging: LoggingSettings = LoggingSettings()
     source: Path | None = Field(default=None, exclude=True)

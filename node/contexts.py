@@ -12,9 +12,18 @@ from __future__ import annotations
 from pydicom import uid
 from pynetdicom import build_context
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import _STORAGE_CLASSES, Verification
+from pynetdicom.sop_class import (
+    _STORAGE_CLASSES,
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 
-__all__ = ["TRANSFER_SYNTAXES", "STORAGE_SOP_CLASSES", "scp_contexts"]
+__all__ = ["TRANSFER_SYNTAXES", "STORAGE_SOP_CLASSES", "QR_SOP_CLASSES", "scp_contexts", "qr_contexts"]
 
 _UNCOMPRESSED_ORDER = [
     uid.ExplicitVRLittleEndian,
@@ -35,3 +44,18 @@ def scp_contexts() -> list[PresentationContext]:
     contexts = [build_context(sop_class, TRANSFER_SYNTAXES) for sop_class in STORAGE_SOP_CLASSES.values()]
     contexts.append(build_context(Verification, _UNCOMPRESSED_ORDER))
     return contexts
+
+
+QR_SOP_CLASSES: tuple[str, ...] = (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+
+
+def qr_contexts() -> list[PresentationContext]:
+    """Query/Retrieve (Patient Root and Study Root: FIND, MOVE, GET); identifiers are small, so uncompressed."""
+    return [build_context(sop_class, _UNCOMPRESSED_ORDER) for sop_class in QR_SOP_CLASSES]

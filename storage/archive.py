@@ -13,12 +13,13 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from storage import index
-from storage.db import WriteGate, make_engine, migrate
+from storage import index, query
+from storage.db import WriteGate, make_engine, migrate, read_connection
 from storage.errors import DuplicateInstanceError, StorageError
 from storage.files import InstanceStore, StagedFile
 from storage.index import InstanceMeta, StudySummary
@@ -172,8 +173,24 @@ class Archive:
 
     # -- reading -----------------------------------------------------------------------------
     def studies(self) -> list[StudySummary]:
-        with self.engine.connect() as conn:
+        with read_connection(self.engine) as conn:
             return index.list_studies(conn)
+
+    def find(self, parsed: query.FindQuery, *, limit: int | None) -> list[dict[str, Any]]:
+        """Answer a parsed C-FIND from the index (see :mod:`storage.query`)."""
+        try:
+            with read_connection(self.engine) as conn:
+                return query.find(conn, parsed, limit=limit)
+        except OperationalError as exc:
+            raise StorageError(f"index database error: {exc.orig}") from exc
+
+    def locate(self, parsed: query.FindQuery, *, limit: int | None = None) -> list[query.InstanceLocation]:
+        """The stored instances a C-MOVE / C-GET identifier selects."""
+        try:
+            with read_connection(self.engine) as conn:
+                return query.locate(conn, parsed, limit=limit)
+        except OperationalError as exc:
+            raise StorageError(f"index database error: {exc.orig}") from exc
 
     def instance_path(self, relative: str) -> Path:
         return self.store.absolute(relative)

@@ -13,14 +13,17 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 from storage.errors import StorageError
 
-__all__ = ["make_engine", "migrate", "WriteGate"]
+__all__ = ["READ_ONLY", "make_engine", "migrate", "read_connection", "WriteGate"]
 
 logger = logging.getLogger(__name__)
+
+READ_ONLY = "pacsnode_read_only"
+"""Execution option marking a connection that only reads."""
 
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -63,7 +66,16 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Readers (C-FIND, retrieves) take a deferred snapshot and never queue behind writers.
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
+
+
+@contextmanager
+def read_connection(engine: Engine) -> Iterator[Connection]:
+    """A connection for reading: on SQLite a plain (deferred) transaction, a consistent WAL snapshot."""
+    with engine.connect() as conn:
+        conn.execution_options(**{READ_ONLY: True})
+        yield conn
 
 
 def _alembic_config(engine: Engine) -> AlembicConfig:

@@ -23,6 +23,7 @@ from sqlalchemy import Connection, Row, func, select, update
 
 from storage.errors import InvalidInstanceError, UnreadableInstanceError
 from storage.models import Instance, Patient, Series, Study
+from storage.query import pn_search_key
 
 __all__ = [
     "InstanceMeta",
@@ -247,6 +248,7 @@ def add_instance(
             _patients.insert().values(
                 patient_id=patient_key,
                 patient_name=meta.patient_name,
+                patient_name_key=pn_search_key(meta.patient_name),
                 patient_birth_date=meta.patient_birth_date,
                 patient_sex=meta.patient_sex,
                 specific_character_set=meta.specific_character_set,
@@ -271,6 +273,7 @@ def add_instance(
                 study_id=meta.study_id,
                 study_description=meta.study_description,
                 referring_physician_name=meta.referring_physician_name,
+                referring_physician_name_key=pn_search_key(meta.referring_physician_name),
                 specific_character_set=meta.specific_character_set,
                 num_series=0,
                 num_instances=0,

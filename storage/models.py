@@ -31,6 +31,8 @@ class Patient(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_id: Mapped[str] = mapped_column(String(_LO), unique=True)
     patient_name: Mapped[str | None] = mapped_column(String(_PN))
+    # Folded form for case-insensitive Person Name matching (storage.query.pn_search_key).
+    patient_name_key: Mapped[str | None] = mapped_column(String(_PN))
     patient_birth_date: Mapped[str | None] = mapped_column(String(8))
     patient_sex: Mapped[str | None] = mapped_column(String(_CS))
     specific_character_set: Mapped[str | None] = mapped_column(String(160))
@@ -38,7 +40,10 @@ class Patient(Base):
 
     studies: Mapped[list[Study]] = relationship(back_populates="patient")
 
-    __table_args__ = (Index("ix_patients_patient_name", "patient_name"),)
+    __table_args__ = (
+        Index("ix_patients_patient_name", "patient_name"),
+        Index("ix_patients_patient_name_key", "patient_name_key"),
+    )
 
 
 class Study(Base):
@@ -53,6 +58,7 @@ class Study(Base):
     study_id: Mapped[str | None] = mapped_column(String(_SH))
     study_description: Mapped[str | None] = mapped_column(String(_LO))
     referring_physician_name: Mapped[str | None] = mapped_column(String(_PN))
+    referring_physician_name_key: Mapped[str | None] = mapped_column(String(_PN))
     specific_character_set: Mapped[str | None] = mapped_column(String(160))
     modalities_in_study: Mapped[str | None] = mapped_column(String(160))
     num_series: Mapped[int] = mapped_column(Integer, default=0)

@@ -1,0 +1,398 @@
+"""Query/Retrieve SCP: C-FIND, C-MOVE and C-GET answered from the index.
+
+The handlers parse the identifier (:mod:`storage.query`), let the database do
+the matching, and turn every failure into the PS3.4 C.4 status with an Error
+Comment: 0xA900 for an identifier that does not fit the model, 0xC000 for a
+value that cannot be matched, 0xA700 when the match cap is exceeded, 0xA801
+for an unknown move destination. Pending responses carry exactly the keys the
+peer asked for.
+
+Retrieves send what is stored. When the peer did not accept the stored
+transfer syntax, the instance is decompressed to an uncompressed syntax the
+peer did accept (the pylibjpeg plugins decode); if that is not possible the
+instance is reported failed, never sent in a syntax the peer refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import build_context, evt
+from pynetdicom.events import Event
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from node import status
+from node.config import Settings
+from node.handlers import set_nodelay
+from storage import Archive, StorageError
+from storage.query import (
+    IdentifierError,
+    InstanceLocation,
+    Model,
+    QueryValueError,
+    TooManyMatchesError,
+    parse_find,
+    parse_retrieve,
+)
+
+__all__ = [
+    "FIND_MODELS",
+    "GET_MODELS",
+    "MOVE_MODELS",
+    "QueryRetrieveService",
+    "handle_sop_extended",
+]
+
+logger = logging.getLogger(__name__)
+
+FIND_MODELS: dict[str, Model] = {
+    PatientRootQueryRetrieveInformationModelFind: Model.PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelFind: Model.STUDY_ROOT,
+}
+MOVE_MODELS: dict[str, Model] = {
+    PatientRootQueryRetrieveInformationModelMove: Model.PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelMove: Model.STUDY_ROOT,
+}
+GET_MODELS: dict[str, Model] = {
+    PatientRootQueryRetrieveInformationModelGet: Model.PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelGet: Model.STUDY_ROOT,
+}
+
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_MAX_CONTEXTS = 128
+_MAX_SUBOPERATIONS = 65535  # the sub-operation counters are US
+_COMMENT_MAX = 64
+
+
+def handle_sop_extended(event: Event) -> dict[str, bytes]:
+    """EVT_SOP_EXTENDED: agree to relational queries and retrieves and combined date-time matching.
+
+    Byte 0 (relational) and byte 1 (combined date and time range matching,
+    C-FIND only) are accepted as proposed; fuzzy semantic PN matching and
+    timezone adjustment are not offered.
+    """
+    answer: dict[str, bytes] = {}
+    for sop_class, info in (event.app_info or {}).items():
+        info = bytes(info or b"")
+        if sop_class in FIND_MODELS and info:
+            answer[sop_class] = bytes([info[0] & 1, (info[1] & 1) if len(info) > 1 else 0])[: min(len(info), 2)]
+        elif (sop_class in MOVE_MODELS or sop_class in GET_MODELS) and info:
+            answer[sop_class] = bytes([info[0] & 1])
+    return answer
+
+
+def _negotiated(event: Event) -> tuple[bool, bool]:
+    """(relational, combined date-time) as agreed for this context's SOP class."""
+    info = event.assoc.requestor.sop_class_extended.get(event.context.abstract_syntax, b"")
+    return bool(info and info[0] & 1), bool(len(info) > 1 and info[1] & 1)
+
+
+def _failure(code: int, comment: str) -> Dataset:
+    rsp = Dataset()
+    rsp.Status = code
+    rsp.ErrorComment = comment[:_COMMENT_MAX]
+    return rsp
+
+
+def _charset_for(texts: list[str], requested: str) -> str | None:
+    """The Specific Character Set a response needs: None for plain ASCII.
+
+    A peer that queried in Latin-1 gets Latin-1 back when the values fit it;
+    anything else non-ASCII is answered in UTF-8.
+    """
+    if all(text.isascii() for text in texts):
+        return None
+    if requested == "ISO_IR 100":
+        try:
+            for text in texts:
+                text.encode("latin-1")
+            return "ISO_IR 100"
+        except UnicodeEncodeError:
+            pass
+    return "ISO_IR 192"
+
+
+class QueryRetrieveService:
+    """C-FIND, C-MOVE and C-GET over one archive.
+
+    Parameters
+    ----------
+    settings
+        The whole configuration: query limits, known remote nodes, this node's AE title.
+    archive
+        The archive answering the queries and holding the files.
+    """
+
+    def __init__(self, *, settings: Settings, archive: Archive) -> None:
+        self.settings = settings
+        self.archive = archive
+
+    # -- C-FIND --------------------------------------------------------------------------------
+    def handle_find(self, event: Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+        """EVT_C_FIND: one pending response per matching entity, then success."""
+        model = FIND_MODELS[event.context.abstract_syntax]
+        peer = event.assoc.requestor.ae_title
+        try:
+            identifier = event.identifier
+        except Exception as exc:
+            logger.warning("C-FIND from %r: identifier cannot be decoded: %s", peer, exc)
+            yield _failure(status.CANNOT_UNDERSTAND, f"identifier cannot be decoded: {exc}"), None
+            return
+        relational, combined = _negotiated(event)
+        query_settings = self.settings.query
+        try:
+            parsed = parse_find(
+                identifier,
+                model,
+                relational=relational,
+                combined_datetime=combined,
+                case_insensitive_names=query_settings.case_insensitive_names,
+            )
+            rows = self.archive.find(parsed, limit=query_settings.max_matches)
+        except IdentifierError as exc:
+            yield self._refuse("C-FIND", peer, status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
+            return
+        except QueryValueError as exc:
+            yield self._refuse("C-FIND", peer, status.UNABLE_TO_PROCESS, str(exc)), None
+            return
+        except TooManyMatchesError as exc:
+            yield self._refuse("C-FIND", peer, status.OUT_OF_RESOURCES, str(exc)), None
+            return
+        except StorageError as exc:
+            yield self._refuse("C-FIND", peer, status.UNABLE_TO_PROCESS, str(exc)), None
+            return
+        pending = status.PENDING_WARNING if parsed.unsupported else status.PENDING
+        logger.info(
+            "C-FIND from %r: %s level, %s root, %d match(es)%s",
+            peer, parsed.level.value, model.value, len(rows),
+            f"; keys not supported: {', '.join(parsed.unsupported)}" if parsed.unsupported else "",
+            extra={"action": "c-find", "level": parsed.level.value, "matches": len(rows)},
+        )
+        for row in rows:
+            if event.is_cancelled:
+                logger.info("C-FIND from %r cancelled", peer)
+                yield status.CANCEL, None
+                return
+            yield pending, self._response(identifier, parsed.level.value, row)
+
+    def _refuse(self, service: str, peer: str, code: int, comment: str) -> Dataset:
+        logger.warning(
+            "%s from %r refused with 0x%04X: %s", service, peer, code, comment,
+            extra={"action": service.lower(), "status": code},
+        )
+        return _failure(code, comment)
+
+    def _response(self, identifier: Dataset, level: str, row: dict[str, Any]) -> Dataset:
+        rsp = Dataset()
+        texts: list[str] = []
+        for element in identifier:
+            keyword = element.keyword
+            if element.tag.element == 0 or keyword == "SpecificCharacterSet":
+                continue
+            if keyword == "QueryRetrieveLevel":
+                rsp.QueryRetrieveLevel = level
+            elif keyword == "RetrieveAETitle":
+                rsp.RetrieveAETitle = self.settings.node.ae_title
+            elif keyword == "InstanceAvailability":
+                rsp.InstanceAvailability = "ONLINE"
+            elif keyword in row:
+                value = row[keyword]
+                if value is None:
+                    rsp.add_new(element.tag, element.VR, None)
+                else:
+                    rsp.add_new(element.tag, element.VR, value)
+                    if isinstance(value, str):
+                        texts.append(value)
+                    elif isinstance(value, list):
+                        texts.extend(str(v) for v in value)
+            elif element.VR == "SQ":
+                rsp.add_new(element.tag, "SQ", [])
+            else:
+                rsp.add_new(element.tag, element.VR, None)
+        if "QueryRetrieveLevel" not in rsp:
+            rsp.QueryRetrieveLevel = level
+        requested = identifier.get("SpecificCharacterSet", "") or ""
+        if not isinstance(requested, str):
+            requested = "\\".join(str(v) for v in requested)
+        charset = _charset_for(texts, requested)
+        if charset is not None:
+            rsp.SpecificCharacterSet = charset
+        elif requested and "SpecificCharacterSet" in identifier:
+            rsp.SpecificCharacterSet = identifier.SpecificCharacterSet
+        return rsp
+
+    # -- retrieves -----------------------------------------------------------------------------
+    def _locate(self, event: Event, models: dict[str, Model], service: str) -> list[InstanceLocation] | Dataset:
+        peer = event.assoc.requestor.ae_title
+        try:
+            identifier = event.identifier
+            parsed = parse_retrieve(identifier, models[event.context.abstract_syntax])
+            return self.archive.locate(parsed, limit=_MAX_SUBOPERATIONS)
+        except IdentifierError as exc:
+            return self._refuse(service, peer, status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+        except QueryValueError as exc:
+            return self._refuse(service, peer, status.UNABLE_TO_PROCESS, str(exc))
+        except TooManyMatchesError as exc:
+            return self._refuse(service, peer, status.OUT_OF_RESOURCES_MATCHES, str(exc))
+        except StorageError as exc:
+            return self._refuse(service, peer, status.UNABLE_TO_PROCESS, str(exc))
+        except Exception as exc:  # an identifier pydicom cannot decode
+            return self._refuse(service, peer, status.UNABLE_TO_PROCESS, f"identifier cannot be decoded: {exc}")
+
+    def handle_move(self, event: Event) -> Iterator[Any]:
+        """EVT_C_MOVE: resolve the destination, then one store association with the needed contexts."""
+        peer = event.assoc.requestor.ae_title
+        destination_ae = (event.move_destination or "").strip()
+        remote = next(
+            (node for node in self.settings.remote_nodes.values() if node.ae_title == destination_ae), None
+        )
+        if remote is None:
+            logger.warning(
+                "C-MOVE from %r refused with 0xA801: move destination %r is not a known remote node",
+                peer, destination_ae, extra={"action": "c-move", "status": status.MOVE_DESTINATION_UNKNOWN},
+            )
+            yield None, None
+            return
+        located = self._locate(event, MOVE_MODELS, "C-MOVE")
+        store_assoc: list[Any] = []
+
+        def _established(store_event: Event) -> None:
+            store_assoc.append(store_event.assoc)
+
+        contexts = _store_contexts(located) if isinstance(located, list) else [build_context(_VERIFICATION)]
+        yield remote.host, remote.port, {
+            "contexts": contexts,
+            "evt_handlers": [(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_ESTABLISHED, _established)],
+        }
+        if isinstance(located, Dataset):
+            yield 1  # pynetdicom sends failures only once the sub-association exists
+            yield located, None
+            return
+        logger.info(
+            "C-MOVE from %r: %d instance(s) to %r at %s:%d",
+            peer, len(located), destination_ae, remote.host, remote.port,
+            extra={"action": "c-move", "instances": len(located), "destination": destination_ae},
+        )
+        yield len(located)
+        yield from self._send(event, located, lambda: _accepted(store_assoc[0] if store_assoc else None))
+
+    def handle_get(self, event: Event) -> Iterator[Any]:
+        """EVT_C_GET: the same instances, sent back over the requesting association."""
+        peer = event.assoc.requestor.ae_title
+        located = self._locate(event, GET_MODELS, "C-GET")
+        if isinstance(located, Dataset):
+            yield 1
+            yield located, None
+            return
+        logger.info(
+            "C-GET from %r: %d instance(s)", peer, len(located),
+            extra={"action": "c-get", "instances": len(located)},
+        )
+        yield len(located)
+        yield from self._send(event, located, lambda: _accepted(event.assoc))
+
+    def _send(self, event: Event, located: list[InstanceLocation], accepted: Any) -> Iterator[Any]:
+        for location in located:
+            if event.is_cancelled:
+                logger.info("retrieve for %r cancelled", event.assoc.requestor.ae_title)
+                yield status.CANCEL, None
+                return
+            yield status.PENDING, self._dataset_for_peer(location, accepted())
+
+    def _dataset_for_peer(self, location: InstanceLocation, accepted: dict[str, set[str]]) -> Dataset:
+        """The stored instance in a transfer syntax the peer accepted, or an unsendable stub.
+
+        A stub (no SOP Class UID) makes the sub-operation fail before anything
+        is sent, and its SOP Instance UID lands in the Failed SOP Instance UID List.
+        """
+        stored = location.transfer_syntax_uid
+        syntaxes = accepted.get(location.sop_class_uid, set())
+        try:
+            ds = dcmread(self.archive.instance_path(location.file_path))
+        except Exception as exc:
+            logger.error("cannot read stored instance %s: %s", location.sop_instance_uid, exc)
+            return _unsendable(location.sop_instance_uid)
+        if stored in syntaxes:
+            return ds
+        if not syntaxes:
+            logger.warning(
+                "instance %s not sent: the peer accepted no context for SOP class %s",
+                location.sop_instance_uid, location.sop_class_uid,
+            )
+            return _unsendable(location.sop_instance_uid)
+        uncompressed = [ts for ts in _UNCOMPRESSED if ts in syntaxes]
+        if not uncompressed:
+            logger.warning(
+                "instance %s not sent: stored as %s, the peer accepted only %s",
+                location.sop_instance_uid, stored, ", ".join(sorted(syntaxes)),
+            )
+            return _unsendable(location.sop_instance_uid)
+        ts = UID(stored)
+        if ts.is_compressed:
+            try:
+                ds.decompress(generate_instance_uid=False)
+            except Exception as exc:
+                logger.warning("instance %s not sent: cannot decompress %s: %s", location.sop_instance_uid, ts.name, exc)
+                return _unsendable(location.sop_instance_uid)
+            logger.info("instance %s decompressed from %s for the peer", location.sop_instance_uid, ts.name)
+        elif not ts.is_little_endian:
+            logger.warning("instance %s not sent: big endian cannot be converted", location.sop_instance_uid)
+            return _unsendable(location.sop_instance_uid)
+        elif ts.is_deflated:
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        return ds  # explicit <-> implicit little endian: pynetdicom re-encodes for the accepted context
+
+
+_VERIFICATION = "1.2.840.10008.1.1"
+
+
+def _unsendable(sop_instance_uid: str) -> Dataset:
+    stub = Dataset()
+    stub.SOPInstanceUID = sop_instance_uid
+    return stub
+
+
+def _accepted(assoc: Any) -> dict[str, set[str]]:
+    """SOP class -> transfer syntaxes in which we may send C-STORE on ``assoc``."""
+    out: dict[str, set[str]] = {}
+    if assoc is None:
+        return out
+    for cx in assoc.accepted_contexts:
+        if cx.as_scu:
+            out.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
+    return out
+
+
+def _store_contexts(located: list[InstanceLocation]) -> list[PresentationContext]:
+    """The contexts a move needs: each (SOP class, stored syntax), plus an uncompressed fallback.
+
+    The fallbacks (for peers that refuse a compressed syntax) are dropped first
+    when the 128-context limit is reached.
+    """
+    exact: dict[tuple[str, str], None] = {}
+    fallback: dict[str, None] = {}
+    for location in located:
+        exact[(location.sop_class_uid, location.transfer_syntax_uid)] = None
+        if location.transfer_syntax_uid not in _UNCOMPRESSED:
+            fallback[location.sop_class_uid] = None
+    contexts = [build_context(sop_class, [ts]) for sop_class, ts in exact]
+    for sop_class in fallback:
+        if len(contexts) >= _MAX_CONTEXTS:
+            break
+        contexts.append(build_context(sop_class, list(_UNCOMPRESSED)))
+    if len(contexts) > _MAX_CONTEXTS:
+        logger.warning("a retrieve needs %d presentation contexts; proposing the first %d", len(contexts), _MAX_CONTEXTS)
+    return contexts[:_MAX_CONTEXTS] or [build_context(_VERIFICATION)]
