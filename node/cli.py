@@ -49,6 +49,21 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("send", help="C-STORE files and folders to a remote node")
     p.add_argument("node", help="a name from remote_nodes, or AET@HOST:PORT")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    p = sub.add_parser("find", help="C-FIND a remote node")
+    p.add_argument("node", help="a name from remote_nodes, or AET@HOST:PORT")
+    p.add_argument("--level", default="STUDY", type=str.upper, choices=["PATIENT", "STUDY", "SERIES", "IMAGE"])
+    p.add_argument("--patient-root", action="store_true", help="use the Patient Root model (default: Study Root)")
+    p.add_argument("-k", "--key", action="append", default=[], metavar="KEYWORD[=VALUE]",
+                   help="a matching key (KEYWORD=VALUE) or return key (KEYWORD); repeatable")
+    p.add_argument("--json", action="store_true", help="one JSON array of answers")
+    p = sub.add_parser("retrieve", help="pull a study (or series) from a remote node into this node")
+    p.add_argument("node", help="a name from remote_nodes, or AET@HOST:PORT")
+    p.add_argument("--study", required=True, metavar="UID", help="StudyInstanceUID")
+    p.add_argument("--series", metavar="UID", help="only this SeriesInstanceUID")
+    p.add_argument("--method", choices=["get", "move"], default="get",
+                   help="get: C-GET, stored here directly (default); move: C-MOVE to --destination")
+    p.add_argument("--destination", metavar="AET",
+                   help="C-MOVE destination AE title (default: this node's, which must be serving)")
     p = sub.add_parser("studies", help="list the studies in the index")
     p.add_argument("--json", action="store_true", help="one JSON array instead of a table")
     return parser
@@ -125,6 +140,113 @@ def _cmd_send(settings: Settings, args: argparse.Namespace) -> int:
         code = f"0x{o.status:04X}" if o.status is not None else "not sent"
         print(f"  FAILED {o.path}: {code}{': ' + o.error if o.error else ''}")
     return EXIT_OK if not failed else EXIT_FAILED
+
+
+def _parse_keys(items: list[str]) -> dict[str, str]:
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    keys: dict[str, str] = {}
+    for item in items:
+        keyword, _, value = item.partition("=")
+        keyword = keyword.strip()
+        tag = tag_for_keyword(keyword)
+        if tag is None:
+            raise ValueError(f"unknown DICOM keyword {keyword!r} in -k {item!r}")
+        keys[keyword] = value if dictionary_VR(tag) != "SQ" else ""
+    return keys
+
+
+def _cmd_find(settings: Settings, args: argparse.Namespace) -> int:
+    from node.app import configure_pynetdicom
+    from node.export import resolve_node
+    from node.retrieve import DEFAULT_RETURN_KEYS, find
+
+    configure_pynetdicom()
+    remote = resolve_node(settings, args.node)
+    try:
+        keys = _parse_keys(args.key)
+    except ValueError as exc:
+        print(f"pacsnode: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    keys = {**{k: "" for k in DEFAULT_RETURN_KEYS[args.level]}, **keys}
+    try:
+        result = find(settings, remote, args.level, keys, patient_root=args.patient_root)
+    except ConnectionError as exc:
+        print(f"pacsnode: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    rows = [{k: _text(answer.get(k)) for k in keys} for answer in result.matches]
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        _print_table(list(keys), [[row[k] for k in keys] for row in rows])
+    if result.status != 0:
+        status = "no final status" if result.status is None else f"0x{result.status:04X}"
+        print(f"pacsnode: C-FIND ended with {status}{': ' + result.error_comment if result.error_comment else ''}",
+              file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{len(rows)} match(es)", file=sys.stderr)
+    return EXIT_OK
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)  # type: ignore[union-attr]
+    return str(value)
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    for line in (header, *rows):
+        print("  ".join(col.ljust(w) for col, w in zip(line, widths)).rstrip())
+
+
+def _cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from node.app import configure_pynetdicom
+    from node.export import resolve_node
+    from node.retrieve import retrieve
+    from storage import Archive, StorageError
+
+    configure_pynetdicom()
+    remote = resolve_node(settings, args.node)
+    archive = None
+    if args.method == "get":
+        try:
+            archive = Archive.open(settings.storage)
+        except StorageError as exc:
+            print(f"pacsnode: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    bar = tqdm(unit="instance", disable=not sys.stderr.isatty(), file=sys.stderr)
+
+    def _progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        result = retrieve(
+            settings, remote, args.study, series_uid=args.series, method=args.method,
+            destination=args.destination, archive=archive, progress=_progress,
+        )
+    except ConnectionError as exc:
+        print(f"pacsnode: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        bar.close()
+        if archive is not None:
+            archive.close()
+    status = "no final status" if result.status is None else f"0x{result.status:04X}"
+    where = "stored here" if args.method == "get" else f"moved to {args.destination or settings.node.ae_title}"
+    print(f"retrieve from {remote.ae_title}: {status}; {result.completed} completed, {result.failed} failed, "
+          f"{result.warning} warning ({where}{': ' + str(result.stored_here) if args.method == 'get' else ''})")
+    if result.error_comment:
+        print(f"  {result.error_comment}")
+    for uid in result.failed_uids:
+        print(f"  FAILED {uid}")
+    return EXIT_OK if result.ok else EXIT_FAILED
 
 
 def _cmd_studies(settings: Settings, args: argparse.Namespace) -> int:

@@ -211,3 +211,68 @@ def test_orthanc_queries_and_retrieves_from_pacsnode(
     orthanc.retrieve_answers(query_id, "ORTHANC")
     expected = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files.values()}
     assert orthanc.sop_instance_uids() == expected
+
+
+def _write_config(tmp_path: Path, settings: Any) -> Path:
+    import yaml
+
+    path = tmp_path / "pacsnode.yaml"
+    path.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    return path
+
+
+def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    from tests.helpers import pacsnode_cmd
+
+    return subprocess.run(pacsnode_cmd("--config", str(config), *args), capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_cli_find_and_retrieve_from_orthanc(
+    start_node: Any, orthanc_factory: Callable[..., OrthancPeer], tmp_path: Path
+) -> None:
+    import json
+
+    port = make_settings(tmp_path).node.port
+    orthanc = orthanc_factory(ae_title="ORTHANC", modalities={"pacsnode": ("PACSNODE", "127.0.0.1", port)})
+    files = _files()
+    orthanc.upload(files.values())
+    settings = make_settings(
+        tmp_path, node={"port": port},
+        remote_nodes={"orthanc": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}},
+    )
+    config = _write_config(tmp_path, settings)
+
+    found = _cli(config, "find", "orthanc", "--json", "-k", "PatientName=*", "-k", "StudyInstanceUID")
+    assert found.returncode == 0, found.stderr
+    answers = json.loads(found.stdout)
+    assert {a["StudyInstanceUID"] for a in answers} == {_study(p) for p in files.values()}
+
+    bad = _cli(config, "find", "orthanc", "-k", "NoSuchKeyword=1")
+    assert bad.returncode == 2 and "NoSuchKeyword" in bad.stderr
+
+    # C-GET: lands in the archive without a serving node
+    jpeg = _study(files["jpeg_lossless"])
+    got = _cli(config, "retrieve", "orthanc", "--study", jpeg)
+    assert got.returncode == 0, got.stdout + got.stderr
+    assert "1 completed, 0 failed" in got.stdout
+    listed = json.loads(_cli(config, "studies", "--json").stdout)
+    assert [s["study_instance_uid"] for s in listed] == [jpeg]
+
+    # C-MOVE to this node while it serves
+    node = start_node(settings)
+    ct = _study(files["explicit"])
+    moved = _cli(config, "retrieve", "orthanc", "--study", ct, "--method", "move")
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert {s.study_instance_uid for s in node.archive.studies()} == {jpeg, ct}
+    stored = pydicom.dcmread(files["jpeg_lossless"])
+    with node.archive.engine.connect() as conn:
+        from storage.index import find_instance
+
+        row = find_instance(conn, str(stored.SOPInstanceUID))
+    assert row is not None
+    # The C-GET SCP picks the transfer syntax of each sub-operation (Orthanc sends this one
+    # uncompressed); what arrived is stored as it arrived, with the same pixels.
+    arrived = pydicom.dcmread(node.archive.instance_path(row.file_path))
+    assert arrived.file_meta.TransferSyntaxUID == row.transfer_syntax_uid
+    assert np.array_equal(arrived.pixel_array, stored.pixel_array)
