@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +10,7 @@ from node.app import Node, configure_pynetdicom
 from node.config import Settings
 from storage import Archive
 from tests.helpers import make_settings
+from tests.peers import Modality, OrthancPeer, StorescpPeer, require_private_netns
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -57,3 +58,55 @@ def require(tool: str) -> str:
     if path is None:
         pytest.fail(f"{tool} is not installed: run the README's test command, which installs it")
     return path
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., OrthancPeer]]:
+    """Start Orthanc peers: ``orthanc_factory(modalities={"NODE": (aet, host, port)}, ae_title=...)``.
+
+    Each gets its own folder under ``tmp_path``; all are stopped (by PID) after the test.
+    Fails unless pytest runs in a private network namespace (``bash .ci/test``).
+    """
+    require_private_netns()
+    started: list[OrthancPeer] = []
+
+    def _start(
+        *, ae_title: str = "ORTHANC", modalities: dict[str, Modality] | None = None, **config: object
+    ) -> OrthancPeer:
+        peer = OrthancPeer(
+            tmp_path / f"orthanc-{len(started)}", ae_title=ae_title, modalities=modalities, config=config
+        )
+        started.append(peer)
+        return peer.start()
+
+    yield _start
+    for peer in started:
+        peer.stop()
+
+
+@pytest.fixture
+def orthanc(orthanc_factory: Callable[..., OrthancPeer]) -> OrthancPeer:
+    """One started Orthanc with no remote modalities."""
+    return orthanc_factory()
+
+
+@pytest.fixture
+def storescp_factory(tmp_path: Path) -> Iterator[Callable[..., StorescpPeer]]:
+    """Start DCMTK storescp peers: ``storescp_factory(ae_title="STORESCP")``; stopped after the test."""
+    require_private_netns()
+    started: list[StorescpPeer] = []
+
+    def _start(*, ae_title: str = "STORESCP") -> StorescpPeer:
+        peer = StorescpPeer(tmp_path / f"storescp-{len(started)}", ae_title=ae_title)
+        started.append(peer)
+        return peer.start()
+
+    yield _start
+    for peer in started:
+        peer.stop()
+
+
+@pytest.fixture
+def storescp(storescp_factory: Callable[..., StorescpPeer]) -> StorescpPeer:
+    """One started storescp."""
+    return storescp_factory()
