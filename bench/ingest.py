@@ -30,23 +30,12 @@ from pathlib import Path
 import yaml
 
 from bench.corpus import write_series
+from bench.netns import enter_private_netns, wait_port
 
 REPO = Path(__file__).resolve().parent.parent
-_NS_FLAG = "PACSNODE_BENCH_IN_NETNS"
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
-def _wait_port(port: int, timeout: float = 60) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"port {port} not listening")
 
 
 class Receiver:
@@ -81,7 +70,7 @@ class Pacsnode(Receiver):
             "logging": {"level": "WARNING"},
         }))
         self.proc = subprocess.Popen([sys.executable, "-m", "node", "--config", str(config), "serve"], cwd=REPO, env=ENV)
-        _wait_port(self.port)
+        wait_port(self.port)
 
 
 class Storescp(Receiver):
@@ -94,7 +83,7 @@ class Storescp(Receiver):
             ["storescp", "--fork", "-aet", self.aet, "-od", str(out), "+xa", str(self.port)],
             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        _wait_port(self.port)
+        wait_port(self.port)
 
 
 class Orthanc(Receiver):
@@ -109,7 +98,7 @@ class Orthanc(Receiver):
             "AuthenticationEnabled": False,
         }))
         self.proc = subprocess.Popen(["Orthanc", str(cfg)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port(self.port)
+        wait_port(self.port)
 
 
 def _push(receiver: Receiver, files: list[Path], senders: int) -> float:
@@ -129,7 +118,6 @@ def _push(receiver: Receiver, files: list[Path], senders: int) -> float:
 
 
 def _run(args: argparse.Namespace) -> None:
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     base = Path(tempfile.mkdtemp(prefix="pacsnode-bench-", dir=args.workdir))
     corpora = {
         "small 64x64": write_series(base / "corpus-small", args.count, rows=64, columns=64),
@@ -184,12 +172,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2, help="pacsnode acceptor processes")
     parser.add_argument("--workdir", default=None, help="where corpora and stores go (default: system temp)")
     args = parser.parse_args()
-    if os.environ.get(_NS_FLAG) != "1":
-        for tool in ("storescu", "storescp", "Orthanc", "unshare", "ip"):
-            if shutil.which(tool) is None:
-                sys.exit(f"{tool} is missing: run 'bash .ci/install --peers' first")
-        os.execvpe("unshare", ["unshare", "-n", sys.executable, "-m", "bench.ingest", *sys.argv[1:]],
-                   {**os.environ, _NS_FLAG: "1"})
+    enter_private_netns("bench.ingest", ("storescu", "storescp", "Orthanc"))
     _run(args)
 
 

@@ -90,12 +90,12 @@ from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from bench.corpus import UID_PREFIX, make_dataset
+from bench.netns import enter_private_netns, wait_port
 from node.handlers import set_nodelay
 from storage.db import make_engine, migrate
 from storage.index import InstanceMeta, add_instance
 
 REPO = Path(__file__).resolve().parent.parent
-_NS_FLAG = "PACSNODE_BENCH_IN_NETNS"
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 _UID_ROOT = f"{UID_PREFIX}7."
 _TARGET_MS = 50.0
@@ -397,15 +397,6 @@ def _identifier(level: str, keywords: Sequence[str]) -> Dataset:
 # -------------------------------------------------------------------------------------------- servers
 
 
-def _wait_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"port {port} not listening")
 
 
 class Server:
@@ -461,7 +452,7 @@ class Pacsnode(Server):
         with open(self.work / "pacsnode.log", "wb") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen([sys.executable, "-m", "node", "--config", str(config), "serve"],
                                          cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT)
-        _wait_port(self.port)
+        wait_port(self.port)
 
 
 class Orthanc(Server):
@@ -481,7 +472,7 @@ class Orthanc(Server):
         }))
         with open(self.work / "orthanc.log", "wb") as log:
             self.proc = subprocess.Popen(["Orthanc", str(cfg)], env=ENV, stdout=log, stderr=subprocess.STDOUT)
-        _wait_port(self.port)
+        wait_port(self.port)
 
 
 def push(server: Server, files: Sequence[Path], senders: int) -> float:
@@ -802,7 +793,6 @@ def print_table(title: str, queries: Sequence[Query], times: dict[tuple[str, str
 
 
 def _run(args: argparse.Namespace) -> None:
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     pynetdicom_config.LOG_HANDLER_LEVEL = "none"
     workdir = Path(args.workdir).resolve()
     base = workdir / f"run-{os.getpid()}"
@@ -891,12 +881,7 @@ def main() -> None:
     if args.quick:
         args.patients, args.studies, args.instances, args.real_files = 100, 250, 5000, 500
         args.repeat = min(args.repeat, 10)
-    if os.environ.get(_NS_FLAG) != "1":
-        for tool in ("storescu", "Orthanc", "unshare", "ip"):
-            if shutil.which(tool) is None:
-                sys.exit(f"{tool} is missing: run 'bash .ci/install --peers' first")
-        os.execvpe("unshare", ["unshare", "-n", sys.executable, "-m", "bench.query", *sys.argv[1:]],
-                   {**os.environ, _NS_FLAG: "1"})
+    enter_private_netns("bench.query", ("storescu", "Orthanc"))
     _run(args)
 
 

@@ -19,7 +19,6 @@ import socket
 import threading
 import time
 from types import FrameType
-from typing import Any
 
 from pynetdicom import AE, _config as pynetdicom_config, evt
 from pynetdicom.events import EventHandlerType

@@ -1,5 +1,5 @@
 """Presentation contexts pacsnode accepts: every storage SOP class pynetdicom knows,
-in every transfer syntax pydicom knows, plus Verification.
+in every transfer syntax pydicom knows, Verification, and Query/Retrieve.
 
 Instances are stored as received, never decoded, so any transfer syntax can be
 accepted. pynetdicom picks the first of *our* syntaxes that the requestor
@@ -23,7 +23,17 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-__all__ = ["TRANSFER_SYNTAXES", "STORAGE_SOP_CLASSES", "QR_SOP_CLASSES", "scp_contexts", "qr_contexts"]
+from storage.query import Model
+
+__all__ = [
+    "FIND_MODELS",
+    "GET_MODELS",
+    "MOVE_MODELS",
+    "STORAGE_SOP_CLASSES",
+    "TRANSFER_SYNTAXES",
+    "qr_contexts",
+    "scp_contexts",
+]
 
 _UNCOMPRESSED_ORDER = [
     uid.ExplicitVRLittleEndian,
@@ -46,16 +56,21 @@ def scp_contexts() -> list[PresentationContext]:
     return contexts
 
 
-QR_SOP_CLASSES: tuple[str, ...] = (
-    PatientRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelMove,
-    PatientRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelGet,
-)
+# Query/Retrieve SOP classes by service, with the information model each one queries.
+FIND_MODELS: dict[str, Model] = {
+    PatientRootQueryRetrieveInformationModelFind: Model.PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelFind: Model.STUDY_ROOT,
+}
+MOVE_MODELS: dict[str, Model] = {
+    PatientRootQueryRetrieveInformationModelMove: Model.PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelMove: Model.STUDY_ROOT,
+}
+GET_MODELS: dict[str, Model] = {
+    PatientRootQueryRetrieveInformationModelGet: Model.PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelGet: Model.STUDY_ROOT,
+}
 
 
 def qr_contexts() -> list[PresentationContext]:
     """Query/Retrieve (Patient Root and Study Root: FIND, MOVE, GET); identifiers are small, so uncompressed."""
-    return [build_context(sop_class, _UNCOMPRESSED_ORDER) for sop_class in QR_SOP_CLASSES]
+    return [build_context(sop_class, _UNCOMPRESSED_ORDER) for sop_class in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS)]

@@ -23,7 +23,7 @@ from node.config import RemoteNode, Settings
 from node.errors import UnknownNodeError
 from node.handlers import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, set_nodelay
 
-__all__ = ["ExportOutcome", "resolve_node", "echo", "collect_files", "send_files"]
+__all__ = ["ExportOutcome", "resolve_node", "echo", "collect_files", "send_files", "make_ae", "why_not_established"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ def resolve_node(settings: Settings, name: str) -> RemoteNode:
     raise UnknownNodeError(f"unknown node {name!r} (known: {known}; or write AET@HOST:PORT)")
 
 
-def _make_ae(settings: Settings) -> AE:
+def make_ae(settings: Settings) -> AE:
+    """An AE for requesting associations: our AE title, implementation UID, timeouts and PDU size."""
     ae = AE(ae_title=settings.node.ae_title)
     ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
     ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
@@ -71,11 +72,11 @@ def _make_ae(settings: Settings) -> AE:
 
 def echo(settings: Settings, remote: RemoteNode) -> tuple[bool, str]:
     """C-ECHO the remote; return (ok, message)."""
-    ae = _make_ae(settings)
+    ae = make_ae(settings)
     ae.add_requested_context(Verification)
     assoc = ae.associate(remote.host, remote.port, ae_title=remote.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
     if not assoc.is_established:
-        return False, _why_not_established(assoc, remote)
+        return False, why_not_established(assoc, remote)
     try:
         rsp = assoc.send_c_echo()
     finally:
@@ -86,7 +87,7 @@ def echo(settings: Settings, remote: RemoteNode) -> tuple[bool, str]:
     return code == status.SUCCESS, f"C-ECHO status 0x{code:04X} from {remote.ae_title}@{remote.host}:{remote.port}"
 
 
-def _why_not_established(assoc: object, remote: RemoteNode) -> str:
+def why_not_established(assoc: object, remote: RemoteNode) -> str:
     where = f"{remote.ae_title}@{remote.host}:{remote.port}"
     if getattr(assoc, "is_rejected", False):
         return f"association rejected by {where} (check the AE titles and the peer's allow list)"
@@ -166,14 +167,14 @@ def send_files(
             identities.append(ident)
 
     for batch in _batches(identities):
-        ae = _make_ae(settings)
+        ae = make_ae(settings)
         for sop_class, ts in dict.fromkeys((i.sop_class_uid, i.transfer_syntax_uid) for i in batch):
             ae.add_requested_context(sop_class, ts)
         assoc = ae.associate(
             remote.host, remote.port, ae_title=remote.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)]
         )
         if not assoc.is_established:
-            reason = _why_not_established(assoc, remote)
+            reason = why_not_established(assoc, remote)
             for item in batch:
                 done(ExportOutcome(path=item.path, sop_instance_uid=item.sop_instance_uid, status=None, error=reason))
             continue

@@ -38,6 +38,7 @@ __all__ = [
     "IMPLEMENTATION_VERSION_NAME",
     "AssociationLog",
     "StoreService",
+    "failure_status",
     "handle_echo",
     "set_nodelay",
 ]
@@ -70,7 +71,8 @@ def handle_echo(event: Event) -> int:
     return status.SUCCESS
 
 
-def _failure(code: int, comment: str) -> Dataset:
+def failure_status(code: int, comment: str) -> Dataset:
+    """A status dataset with an Error Comment (LO: cut to 64 characters)."""
     rsp = Dataset()
     rsp.Status = code
     rsp.ErrorComment = comment[:_COMMENT_MAX]
@@ -216,7 +218,7 @@ class StoreService:
             sop_instance_uid, calling, code, comment,
             extra={"action": "c-store", "status": code, "sop_instance_uid": sop_instance_uid[:80]},
         )
-        return _failure(code, comment)
+        return failure_status(code, comment)
 
     def _store(
         self,

@@ -24,19 +24,12 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-)
-
 from node import status
 from node.config import Settings
-from node.handlers import set_nodelay
+from node.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
+from node.handlers import failure_status, set_nodelay
 from storage import Archive, StorageError
 from storage.query import (
     IdentifierError,
@@ -49,32 +42,22 @@ from storage.query import (
 )
 
 __all__ = [
-    "FIND_MODELS",
-    "GET_MODELS",
-    "MOVE_MODELS",
     "QueryRetrieveService",
     "handle_sop_extended",
 ]
 
 logger = logging.getLogger(__name__)
 
-FIND_MODELS: dict[str, Model] = {
-    PatientRootQueryRetrieveInformationModelFind: Model.PATIENT_ROOT,
-    StudyRootQueryRetrieveInformationModelFind: Model.STUDY_ROOT,
-}
-MOVE_MODELS: dict[str, Model] = {
-    PatientRootQueryRetrieveInformationModelMove: Model.PATIENT_ROOT,
-    StudyRootQueryRetrieveInformationModelMove: Model.STUDY_ROOT,
-}
-GET_MODELS: dict[str, Model] = {
-    PatientRootQueryRetrieveInformationModelGet: Model.PATIENT_ROOT,
-    StudyRootQueryRetrieveInformationModelGet: Model.STUDY_ROOT,
-}
-
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _MAX_CONTEXTS = 128
 _MAX_SUBOPERATIONS = 65535  # the sub-operation counters are US
-_COMMENT_MAX = 64
+
+# How each refusal from storage.query reads as a DIMSE status; any other storage error is 0xC000.
+_FAILURE_STATUS: dict[type[Exception], int] = {
+    IdentifierError: status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+    QueryValueError: status.UNABLE_TO_PROCESS,
+    TooManyMatchesError: status.OUT_OF_RESOURCES,
+}
 
 
 def handle_sop_extended(event: Event) -> dict[str, bytes]:
@@ -98,13 +81,6 @@ def _negotiated(event: Event) -> tuple[bool, bool]:
     """(relational, combined date-time) as agreed for this context's SOP class."""
     info = event.assoc.requestor.sop_class_extended.get(event.context.abstract_syntax, b"")
     return bool(info and info[0] & 1), bool(len(info) > 1 and info[1] & 1)
-
-
-def _failure(code: int, comment: str) -> Dataset:
-    rsp = Dataset()
-    rsp.Status = code
-    rsp.ErrorComment = comment[:_COMMENT_MAX]
-    return rsp
 
 
 def _charset_for(texts: list[str], requested: str) -> str | None:
@@ -149,7 +125,7 @@ class QueryRetrieveService:
             identifier = event.identifier
         except Exception as exc:
             logger.warning("C-FIND from %r: identifier cannot be decoded: %s", peer, exc)
-            yield _failure(status.CANNOT_UNDERSTAND, f"identifier cannot be decoded: {exc}"), None
+            yield failure_status(status.CANNOT_UNDERSTAND, f"identifier cannot be decoded: {exc}"), None
             return
         relational, combined = _negotiated(event)
         query_settings = self.settings.query
@@ -162,17 +138,8 @@ class QueryRetrieveService:
                 case_insensitive_names=query_settings.case_insensitive_names,
             )
             rows = self.archive.find(parsed, limit=query_settings.max_matches)
-        except IdentifierError as exc:
-            yield self._refuse("C-FIND", peer, status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
-            return
-        except QueryValueError as exc:
-            yield self._refuse("C-FIND", peer, status.UNABLE_TO_PROCESS, str(exc)), None
-            return
-        except TooManyMatchesError as exc:
-            yield self._refuse("C-FIND", peer, status.OUT_OF_RESOURCES, str(exc)), None
-            return
         except StorageError as exc:
-            yield self._refuse("C-FIND", peer, status.UNABLE_TO_PROCESS, str(exc)), None
+            yield self._refuse("C-FIND", peer, exc), None
             return
         pending = status.PENDING_WARNING if parsed.unsupported else status.PENDING
         logger.info(
@@ -188,12 +155,17 @@ class QueryRetrieveService:
                 return
             yield pending, self._response(identifier, parsed.level.value, row)
 
-    def _refuse(self, service: str, peer: str, code: int, comment: str) -> Dataset:
+    def _refuse(self, service: str, peer: str, exc: Exception) -> Dataset:
+        """Log a refused request and build its failure status from the storage error."""
+        code = _FAILURE_STATUS.get(type(exc), status.UNABLE_TO_PROCESS)
+        if service != "C-FIND" and code == status.OUT_OF_RESOURCES:
+            code = status.OUT_OF_RESOURCES_MATCHES  # C-MOVE / C-GET: unable to calculate the number of matches
+        comment = str(exc)
         logger.warning(
             "%s from %r refused with 0x%04X: %s", service, peer, code, comment,
             extra={"action": service.lower(), "status": code},
         )
-        return _failure(code, comment)
+        return failure_status(code, comment)
 
     def _response(self, identifier: Dataset, level: str, row: dict[str, Any]) -> Dataset:
         rsp = Dataset()
@@ -210,14 +182,11 @@ class QueryRetrieveService:
                 rsp.InstanceAvailability = "ONLINE"
             elif keyword in row:
                 value = row[keyword]
-                if value is None:
-                    rsp.add_new(element.tag, element.VR, None)
-                else:
-                    rsp.add_new(element.tag, element.VR, value)
-                    if isinstance(value, str):
-                        texts.append(value)
-                    elif isinstance(value, list):
-                        texts.extend(str(v) for v in value)
+                rsp.add_new(element.tag, element.VR, value)
+                if isinstance(value, str):
+                    texts.append(value)
+                elif isinstance(value, list):
+                    texts.extend(str(v) for v in value)
             elif element.VR == "SQ":
                 rsp.add_new(element.tag, "SQ", [])
             else:
@@ -241,16 +210,10 @@ class QueryRetrieveService:
             identifier = event.identifier
             parsed = parse_retrieve(identifier, models[event.context.abstract_syntax])
             return self.archive.locate(parsed, limit=_MAX_SUBOPERATIONS)
-        except IdentifierError as exc:
-            return self._refuse(service, peer, status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc))
-        except QueryValueError as exc:
-            return self._refuse(service, peer, status.UNABLE_TO_PROCESS, str(exc))
-        except TooManyMatchesError as exc:
-            return self._refuse(service, peer, status.OUT_OF_RESOURCES_MATCHES, str(exc))
         except StorageError as exc:
-            return self._refuse(service, peer, status.UNABLE_TO_PROCESS, str(exc))
+            return self._refuse(service, peer, exc)
         except Exception as exc:  # an identifier pydicom cannot decode
-            return self._refuse(service, peer, status.UNABLE_TO_PROCESS, f"identifier cannot be decoded: {exc}")
+            return self._refuse(service, peer, ValueError(f"identifier cannot be decoded: {exc}"))
 
     def handle_move(self, event: Event) -> Iterator[Any]:
         """EVT_C_MOVE: resolve the destination, then one store association with the needed contexts."""
@@ -272,7 +235,7 @@ class QueryRetrieveService:
         def _established(store_event: Event) -> None:
             store_assoc.append(store_event.assoc)
 
-        contexts = _store_contexts(located) if isinstance(located, list) else [build_context(_VERIFICATION)]
+        contexts = _store_contexts(located) if isinstance(located, list) else [build_context(Verification)]
         yield remote.host, remote.port, {
             "contexts": contexts,
             "evt_handlers": [(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_ESTABLISHED, _established)],
@@ -356,9 +319,6 @@ class QueryRetrieveService:
         return ds  # explicit <-> implicit little endian: pynetdicom re-encodes for the accepted context
 
 
-_VERIFICATION = "1.2.840.10008.1.1"
-
-
 def _unsendable(sop_instance_uid: str) -> Dataset:
     stub = Dataset()
     stub.SOPInstanceUID = sop_instance_uid
@@ -395,4 +355,4 @@ def _store_contexts(located: list[InstanceLocation]) -> list[PresentationContext
         contexts.append(build_context(sop_class, list(_UNCOMPRESSED)))
     if len(contexts) > _MAX_CONTEXTS:
         logger.warning("a retrieve needs %d presentation contexts; proposing the first %d", len(contexts), _MAX_CONTEXTS)
-    return contexts[:_MAX_CONTEXTS] or [build_context(_VERIFICATION)]
+    return contexts[:_MAX_CONTEXTS] or [build_context(Verification)]

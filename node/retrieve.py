@@ -25,6 +25,7 @@ from pynetdicom.sop_class import (
 
 from node.config import RemoteNode, Settings
 from node.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from node.export import make_ae, why_not_established
 from node.handlers import AssociationLog, StoreService, set_nodelay
 from storage import Archive
 
@@ -83,23 +84,17 @@ class RetrieveResult:
         return self.status == 0x0000 and self.failed == 0
 
 
-def _associate(settings: Settings, remote: RemoteNode, ae: AE, **kwargs: Any) -> Any:
+def _associate(remote: RemoteNode, ae: AE, **kwargs: Any) -> Any:
     handlers = [(evt.EVT_CONN_OPEN, set_nodelay), *kwargs.pop("evt_handlers", [])]
     assoc = ae.associate(remote.host, remote.port, ae_title=remote.ae_title, evt_handlers=handlers, **kwargs)
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-        raise ConnectionError(f"association with {remote.ae_title}@{remote.host}:{remote.port} {why}")
+        raise ConnectionError(why_not_established(assoc, remote))
     return assoc
 
 
-def _ae(settings: Settings) -> AE:
-    node = settings.node
-    ae = AE(ae_title=node.ae_title)
-    ae.acse_timeout = node.timeouts.acse
-    ae.dimse_timeout = node.timeouts.dimse
-    ae.network_timeout = node.timeouts.network
-    ae.maximum_pdu_size = node.max_pdu
-    return ae
+def _final(result: FindResult | RetrieveResult, rsp: Dataset) -> None:
+    result.status = int(rsp.Status)
+    result.error_comment = str(rsp.get("ErrorComment", "") or "")
 
 
 def find(
@@ -113,20 +108,18 @@ def find(
         setattr(identifier, keyword, value)
     if any(not str(v).isascii() for v in keys.values()):
         identifier.SpecificCharacterSet = "ISO_IR 192"
-    ae = _ae(settings)
+    ae = make_ae(settings)
     ae.add_requested_context(model)
-    assoc = _associate(settings, remote, ae)
+    assoc = _associate(remote, ae)
     result = FindResult(status=None)
     try:
         for rsp, answer in assoc.send_c_find(identifier, model):
             if "Status" not in rsp:
                 break
-            code = int(rsp.Status)
-            if code in (0xFF00, 0xFF01) and answer is not None:
+            if int(rsp.Status) in (0xFF00, 0xFF01) and answer is not None:
                 result.matches.append(answer)
             else:
-                result.status = code
-                result.error_comment = str(rsp.get("ErrorComment", "") or "")
+                _final(result, rsp)
     finally:
         assoc.release()
     return result
@@ -166,12 +159,12 @@ def retrieve(
     ``progress(done, total)`` is called on each pending response.
     """
     identifier = _identifier(study_uid, series_uid)
-    ae = _ae(settings)
+    ae = make_ae(settings)
     result = RetrieveResult(status=None)
     if method == "move":
         model = StudyRootQueryRetrieveInformationModelMove
         ae.add_requested_context(model)
-        assoc = _associate(settings, remote, ae)
+        assoc = _associate(remote, ae)
         responses = assoc.send_c_move(identifier, destination or settings.node.ae_title, model)
     else:
         if archive is None:
@@ -191,22 +184,20 @@ def retrieve(
                 result.stored_here += 1
             return code
 
-        assoc = _associate(settings, remote, ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, _on_store)])
+        assoc = _associate(remote, ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, _on_store)])
         responses = assoc.send_c_get(identifier, model)
     try:
         for rsp, answer in responses:
             if "Status" not in rsp:
                 break
-            code = int(rsp.Status)
             _collect(result, rsp, answer)
-            if code in (0xFF00, 0xFF01):
+            if int(rsp.Status) in (0xFF00, 0xFF01):
                 remaining = int(rsp.get("NumberOfRemainingSuboperations", 0) or 0)
                 done = result.completed + result.failed + result.warning
                 if progress is not None:
                     progress(done, done + remaining)
             else:
-                result.status = code
-                result.error_comment = str(rsp.get("ErrorComment", "") or "")
+                _final(result, rsp)
     finally:
         assoc.release()
     return result

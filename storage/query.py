@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -193,6 +193,14 @@ def _level_of(keyword: str, model: Model) -> Level | None:
 
 # -- values -------------------------------------------------------------------------------------
 
+def _pn_alphabetic(value: str) -> str:
+    """The alphabetic component group, without padding and empty trailing components."""
+    components = [part.strip() for part in value.split("=", 1)[0].split("^")]
+    while components and not components[-1]:
+        components.pop()
+    return "^".join(components)
+
+
 def pn_search_key(value: str | None) -> str | None:
     """The folded form of a Person Name that case-insensitive matching compares.
 
@@ -202,20 +210,7 @@ def pn_search_key(value: str | None) -> str | None:
     """
     if value is None:
         return None
-    alphabetic = value.split("=", 1)[0]
-    components = [part.strip() for part in alphabetic.split("^")]
-    while components and not components[-1]:
-        components.pop()
-    folded = "^".join(components).casefold()
-    return folded or None
-
-
-def _pn_exact(value: str) -> str:
-    alphabetic = value.split("=", 1)[0]
-    components = [part.strip() for part in alphabetic.split("^")]
-    while components and not components[-1]:
-        components.pop()
-    return "^".join(components)
+    return _pn_alphabetic(value).casefold() or None
 
 
 def _values(raw: Any) -> list[str]:
@@ -227,8 +222,7 @@ def _values(raw: Any) -> list[str]:
     else:
         text = str(raw)
         items = text.split("\\") if "\\" in text else [text]
-    items = [item.strip() for item in items]
-    return [item for item in items if item] if any(items) else []
+    return [item.strip() for item in items if item.strip()]
 
 
 def _has_wildcard(value: str) -> bool:
@@ -296,7 +290,6 @@ class FindQuery:
     unsupported: tuple[str, ...] = ()
     combined_datetime: bool = False
     case_insensitive_names: bool = True
-    uid_filters: tuple[_Condition, ...] = field(default=())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -467,7 +460,7 @@ def _pn_condition(attribute: _Attribute, values: Sequence[str], query: FindQuery
             key = pn_search_key(value) or ""
             column = attribute.search_column
         else:
-            key = _pn_exact(value)
+            key = _pn_alphabetic(value)
             column = attribute.column
         if _has_wildcard(key):
             parts.append(_wildcard_condition(column, key, dialect))
@@ -560,14 +553,9 @@ def find(conn: Connection, query: FindQuery, *, limit: int | None) -> list[dict[
     dialect = conn.dialect.name
     table = _TABLES[query.level]
     keys = list(dict.fromkeys([*query.return_keys, _UNIQUE_KEY[query.level]]))
-    keys = [k for k in keys if _level_of(k, query.model) is not None]
-    if query.level is Level.PATIENT:
-        from_clause: FromClause = _patients
-    else:
-        from_clause = _from_clause(query.level)
     statement = (
         select(*(_select_column(k) for k in keys))
-        .select_from(from_clause)
+        .select_from(_from_clause(query.level))
         .where(*_conditions(query, dialect))
         .order_by(table.c.id)
     )
@@ -610,9 +598,3 @@ def locate(conn: Connection, query: FindQuery, *, limit: int | None = None) -> l
         )
         for row in rows
     ]
-
-
-def supported_keywords() -> Iterable[str]:
-    """Every keyword the index can match or return."""
-    return _ATTRIBUTES.keys()
-

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -53,13 +52,6 @@ def node(start_node, settings: Settings) -> RunningNode:  # type: ignore[no-unty
     return start_node(settings)
 
 
-def require(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        pytest.fail(f"{tool} is not installed: run the README's test command, which installs it")
-    return path
-
-
 @pytest.fixture
 def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., OrthancPeer]]:
     """Start Orthanc peers: ``orthanc_factory(modalities={"NODE": (aet, host, port)}, ae_title=...)``.
@@ -85,12 +77,6 @@ def orthanc_factory(tmp_path: Path) -> Iterator[Callable[..., OrthancPeer]]:
 
 
 @pytest.fixture
-def orthanc(orthanc_factory: Callable[..., OrthancPeer]) -> OrthancPeer:
-    """One started Orthanc with no remote modalities."""
-    return orthanc_factory()
-
-
-@pytest.fixture
 def storescp_factory(tmp_path: Path) -> Iterator[Callable[..., StorescpPeer]]:
     """Start DCMTK storescp peers: ``storescp_factory(ae_title="STORESCP")``; stopped after the test."""
     require_private_netns()
@@ -105,8 +91,3 @@ def storescp_factory(tmp_path: Path) -> Iterator[Callable[..., StorescpPeer]]:
     for peer in started:
         peer.stop()
 
-
-@pytest.fixture
-def storescp(storescp_factory: Callable[..., StorescpPeer]) -> StorescpPeer:
-    """One started storescp."""
-    return storescp_factory()

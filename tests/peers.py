@@ -83,10 +83,7 @@ def require_private_netns() -> None:
 
 
 def require(tool: str) -> str:
-    """The path of ``tool``; fail the test when it is not installed.
-
-    The same as ``tests.conftest.require``, which this module cannot import (conftest imports it).
-    """
+    """The path of ``tool``; fail the test when it is not installed."""
     path = shutil.which(tool)
     if path is None:
         pytest.fail(f"{tool} is not installed: run the README's test command, which installs it")

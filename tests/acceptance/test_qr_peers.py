@@ -19,7 +19,8 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from node.handlers import set_nodelay
-from tests.conftest import RunningNode, require
+from tests.conftest import RunningNode
+from tests.peers import require
 from tests.helpers import PYDICOM_FILES, make_settings, pydicom_data_files, store_datasets
 from tests.peers import OrthancPeer, StorescpPeer
 

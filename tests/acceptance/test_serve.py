@@ -21,7 +21,7 @@ from sqlalchemy import create_engine, select
 
 from bench.corpus import UID_PREFIX, make_dataset, write_series
 from storage.models import Instance
-from tests.conftest import require
+from tests.peers import require
 from tests.helpers import (
     PYDICOM_FILES,
     REPO,

@@ -299,7 +299,7 @@ def test_cancel_stops_the_responses(start_node, tmp_path) -> None:  # type: igno
     """
     import subprocess
 
-    from tests.conftest import require
+    from tests.peers import require
 
     node = start_node(make_settings(tmp_path, query={"max_matches": 5000}))
     _fill(node, extra_studies=2000)

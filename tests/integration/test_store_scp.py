@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.sop_class import CTImageStorage, Verification
