@@ -16,6 +16,8 @@ instance is reported failed, never sent in a syntax the peer refused.
 from __future__ import annotations
 
 import logging
+import select
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -149,6 +151,7 @@ class QueryRetrieveService:
             extra={"action": "c-find", "level": parsed.level.value, "matches": len(rows)},
         )
         for row in rows:
+            _let_reactor_catch_up(event.assoc)
             if event.is_cancelled:
                 logger.info("C-FIND from %r cancelled", peer)
                 yield status.CANCEL, None
@@ -356,3 +359,33 @@ def _store_contexts(located: list[InstanceLocation]) -> list[PresentationContext
     if len(contexts) > _MAX_CONTEXTS:
         logger.warning("a retrieve needs %d presentation contexts; proposing the first %d", len(contexts), _MAX_CONTEXTS)
     return contexts[:_MAX_CONTEXTS] or [build_context(Verification)]
+
+
+def _let_reactor_catch_up(assoc: Any, max_queued: int = 64, limit_s: float = 0.05) -> None:
+    """Hold the next response while the peer has sent something the reactor has not read.
+
+    pynetdicom's reactor sends before it reads: while responses are queued it
+    never looks at the socket, so a C-CANCEL that the peer sent after the first
+    answer would be read only after the last one. When the socket has data (or
+    the outgoing queue is long), wait until the reactor has drained the queue
+    and read it, so the cancel lands mid-stream (PS3.4 C.4.1.2.3) and a long
+    stream does not pile up in memory. In the usual case, one select() call.
+    """
+    dul = assoc.dul
+    sock = getattr(dul.socket, "socket", None)
+    if sock is None:
+        return
+    deadline: float | None = None
+    while True:
+        try:
+            readable = bool(select.select([sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return
+        queued = dul.to_provider_queue.qsize()
+        if not readable and queued <= max_queued and dul.event_queue.qsize() == 0:
+            return
+        if deadline is None:
+            deadline = time.monotonic() + limit_s
+        elif time.monotonic() > deadline:
+            return
+        time.sleep(0.0002)

@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -83,8 +84,16 @@ def require_private_netns() -> None:
 
 
 def require(tool: str) -> str:
-    """The path of ``tool``; fail the test when it is not installed."""
-    path = shutil.which(tool)
+    """The path of the system's ``tool``; fail the test when it is not installed.
+
+    The virtual environment's bin directory is skipped: Python packages ship
+    scripts with DCMTK's names (findscu, storescu) that are not DCMTK.
+    """
+    venv_bin = os.path.realpath(os.path.join(sys.prefix, "bin"))
+    search = os.pathsep.join(
+        d for d in os.environ.get("PATH", os.defpath).split(os.pathsep) if d and os.path.realpath(d) != venv_bin
+    )
+    path = shutil.which(tool, path=search)
     if path is None:
         pytest.fail(f"{tool} is not installed: run the README's test command, which installs it")
     return path
