@@ -18,6 +18,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 from pynetdicom import AE, _config as pynetdicom_config, evt
@@ -201,21 +202,38 @@ def _run_acceptor(settings: Settings, listen_socket: socket.socket, share: int) 
 
 
 def serve(settings: Settings) -> int:
-    """Run the node until SIGTERM/SIGINT. Returns the process exit status."""
+    """Run the node until SIGTERM/SIGINT. Returns the process exit status.
+
+    Starts ``node.acceptor_processes`` acceptors and ``analysis.workers``
+    worker processes (jobs, exports, scheduling), and restarts any that dies.
+    """
     configure_pynetdicom()
     archive = Archive.open(settings.storage)  # migrate + sweep before anyone accepts
     archive.close()
     node = settings.node
     listen_socket = open_listen_socket(node.host, node.port)
     count = node.acceptor_processes
+    workers = settings.analysis.workers
     logger.info(
-        "pacsnode serving %r on %s:%d with %d acceptor process(es); store %s; index %s",
-        node.ae_title, node.host, node.port, count, settings.storage.root.resolve(),
+        "pacsnode serving %r on %s:%d with %d acceptor process(es) and %d worker process(es); store %s; index %s",
+        node.ae_title, node.host, node.port, count, workers, settings.storage.root.resolve(),
         _safe_url(settings.storage.database_url),
     )
-    if count == 1:
+    if not settings.analysis.rules and workers:
+        logger.info("no analysis rules configured: workers only export what is queued")
+    if count == 1 and workers == 0:
         return _run_acceptor(settings, listen_socket, 1)
-    return _supervise(settings, listen_socket, count)
+    return _supervise(settings, listen_socket, count, workers)
+
+
+def run_workers(settings: Settings, count: int) -> int:
+    """``pacsnode worker``: run ``count`` worker processes against the configured database."""
+    archive = Archive.open(settings.storage)
+    archive.close()
+    logger.info(
+        "pacsnode worker: %d process(es) on index %s", count, _safe_url(settings.storage.database_url)
+    )
+    return _supervise(settings, None, 0, count)
 
 
 def _safe_url(url: str) -> str:
@@ -224,25 +242,38 @@ def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def _spawn(settings: Settings, listen_socket: socket.socket, share: int) -> int:
+def _fork(body: Callable[[], int], what: str) -> int:
     pid = os.fork()
     if pid == 0:  # child
         code = 1
         try:
-            code = _run_acceptor(settings, listen_socket, share)
+            code = body()
         except BaseException:
-            logger.exception("acceptor process failed")
+            logger.exception("%s process failed", what)
         finally:
             logging.shutdown()
             os._exit(code)
     return pid
 
 
-def _supervise(settings: Settings, listen_socket: socket.socket, count: int) -> int:
+def _spawn(settings: Settings, listen_socket: socket.socket | None, share: int, role: str) -> int:
+    if role == "acceptor":
+        assert listen_socket is not None
+        return _fork(lambda: _run_acceptor(settings, listen_socket, share), "acceptor")
+    from node.worker import run_worker_process
+
+    return _fork(lambda: run_worker_process(settings), "worker")
+
+
+def _supervise(settings: Settings, listen_socket: socket.socket | None, count: int, workers: int) -> int:
     stop = _Stop()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    children = {_spawn(settings, listen_socket, count) for _ in range(count)}
+    children: dict[int, str] = {}
+    for _ in range(count):
+        children[_spawn(settings, listen_socket, count, "acceptor")] = "acceptor"
+    for _ in range(workers):
+        children[_spawn(settings, listen_socket, count, "worker")] = "worker"
     while not stop.event.is_set():
         try:
             pid, wait_status = os.waitpid(-1, os.WNOHANG)
@@ -251,11 +282,16 @@ def _supervise(settings: Settings, listen_socket: socket.socket, count: int) -> 
         if pid == 0:
             stop.event.wait(0.2)
             continue
-        children.discard(pid)
-        logger.error("acceptor process %d exited (%s); starting another", pid, _describe(wait_status))
+        role = children.pop(pid, "unknown")
+        if role == "unknown":
+            continue
+        if role == "worker" and os.waitstatus_to_exitcode(wait_status) == _timeout_exit():
+            logger.warning("worker process %d ended a job past its timeout; starting another", pid)
+        else:
+            logger.error("%s process %d exited (%s); starting another", role, pid, _describe(wait_status))
         time.sleep(0.5)
-        children.add(_spawn(settings, listen_socket, count))
-    logger.info("signal %d: stopping %d acceptor process(es)", stop.signum, len(children))
+        children[_spawn(settings, listen_socket, count, role)] = role
+    logger.info("signal %d: stopping %d process(es)", stop.signum, len(children))
     for pid in children:
         try:
             os.kill(pid, signal.SIGTERM)
@@ -271,16 +307,23 @@ def _supervise(settings: Settings, listen_socket: socket.socket, count: int) -> 
         if pid == 0:
             time.sleep(0.05)
             continue
-        children.discard(pid)
+        children.pop(pid, None)
         if os.waitstatus_to_exitcode(wait_status) != 0:
             code = 1
-    for pid in children:  # did not stop in time
-        logger.error("acceptor process %d did not stop; killing it", pid)
+    for pid, role in children.items():  # did not stop in time
+        logger.error("%s process %d did not stop; killing it", role, pid)
         os.kill(pid, signal.SIGKILL)
         code = 1
-    listen_socket.close()
+    if listen_socket is not None:
+        listen_socket.close()
     logger.info("pacsnode stopped")
     return code
+
+
+def _timeout_exit() -> int:
+    from node.worker import TIMEOUT_EXIT
+
+    return TIMEOUT_EXIT
 
 
 def _describe(wait_status: int) -> str:

@@ -66,6 +66,27 @@ def _parser() -> argparse.ArgumentParser:
                    help="C-MOVE destination AE title (default: this node's, which must be serving)")
     p = sub.add_parser("studies", help="list the studies in the index")
     p.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    p = sub.add_parser("worker", help="run analysis worker processes (jobs, exports, scheduling) until SIGTERM")
+    p.add_argument("--count", type=int, metavar="N", help="worker processes (default: analysis.workers, at least 1)")
+    p = sub.add_parser("jobs", help="list analysis jobs")
+    p.add_argument("--state", choices=["pending", "running", "done", "failed"])
+    p.add_argument("--study", metavar="UID", help="only jobs of this StudyInstanceUID")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    p = sub.add_parser("analyze", help="queue analysis of a stored study now (no quiet time)")
+    p.add_argument("study", metavar="STUDY_UID")
+    p.add_argument("--pipeline", metavar="NAME",
+                   help="a rule name or pipeline name (default: every enabled rule that matches the study)")
+    p.add_argument("--series", metavar="UID", help="only this SeriesInstanceUID")
+    p = sub.add_parser("retry", help="queue a failed job again")
+    p.add_argument("job_id", type=int, metavar="JOB_ID")
+    p = sub.add_parser("exports", help="list result exports; re-queue dead ones")
+    p.add_argument("--failed", action="store_true", help="only dead exports and those waiting after a failure")
+    p.add_argument("--state", choices=["pending", "sending", "done", "dead"])
+    p.add_argument("--retry", type=int, metavar="EXPORT_ID", help="queue this dead export again")
+    p.add_argument("--retry-dead", action="store_true", help="queue every dead export again")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true", help="one JSON array instead of a table")
     return parser
 
 
@@ -276,4 +297,158 @@ def _cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
     for line in (header, *rows):
         print("  ".join(col.ljust(w) for col, w in zip(line, widths)).rstrip())
     print(f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'}")
+    return EXIT_OK
+
+
+def _open_archive(settings: Settings):  # type: ignore[no-untyped-def]
+    from storage import Archive
+    from storage.db import migrate
+
+    archive = Archive(settings.storage)
+    migrate(archive.engine)
+    return archive
+
+
+def _cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from node.app import configure_pynetdicom, run_workers
+    from storage import StorageError
+
+    count = args.count if args.count is not None else max(1, settings.analysis.workers)
+    if count < 1:
+        print("pacsnode: --count must be at least 1", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_pynetdicom()
+    try:
+        return run_workers(settings, count)
+    except StorageError as exc:
+        logger.error("cannot open the archive: %s", exc)
+        return EXIT_FAILED
+
+
+def _cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
+    from storage.queue import JobQueue
+
+    archive = _open_archive(settings)
+    try:
+        jobs = JobQueue(archive.engine).list(state=args.state, study_instance_uid=args.study, limit=args.limit)
+    finally:
+        archive.close()
+    if args.json:
+        print(json.dumps([j.as_dict() for j in jobs], indent=2))
+        return EXIT_OK
+    rows = []
+    for j in jobs:
+        took = ""
+        if j.started_at and j.finished_at:
+            took = f"{(j.finished_at - j.started_at).total_seconds():.1f}s"
+        rows.append([
+            str(j.id), j.state, j.pipeline, j.rule, f"{j.attempts}/{j.max_attempts}",
+            j.created_at.strftime("%Y-%m-%d %H:%M:%S"), took, j.study_instance_uid,
+            (j.last_error or "")[:80],
+        ])
+    _print_table(["ID", "STATE", "PIPELINE", "RULE", "TRIES", "QUEUED (UTC)", "TOOK", "STUDY", "LAST ERROR"], rows)
+    print(f"{len(jobs)} job(s)")
+    return EXIT_OK
+
+
+def _cmd_analyze(settings: Settings, args: argparse.Namespace) -> int:
+    from analysis.pipelines import PipelineError, resolve_pipeline
+    from analysis.routing import series_matches
+    from storage.activity import series_of_study
+    from storage.db import read_connection
+    from storage.queue import JobQueue
+
+    archive = _open_archive(settings)
+    try:
+        with read_connection(archive.engine) as conn:
+            series = series_of_study(conn, args.study, args.series or "")
+        if not series:
+            print(f"pacsnode: no received series for study {args.study}"
+                  + (f" series {args.series}" if args.series else ""), file=sys.stderr)
+            return EXIT_FAILED
+        analysis = settings.analysis
+        rules = [r for r in analysis.rules if r.enabled]
+        if args.pipeline:
+            rules = [r for r in analysis.rules if args.pipeline in (r.name, r.pipeline)]
+        queue = JobQueue(archive.engine)
+        queued: list[tuple[int, bool, str]] = []
+        if args.pipeline and not rules:
+            try:
+                resolve_pipeline(args.pipeline)
+            except PipelineError as exc:
+                print(f"pacsnode: {exc}", file=sys.stderr)
+                return EXIT_CONFIG
+            job_id, created = queue.enqueue(
+                rule="cli", pipeline=args.pipeline, study_instance_uid=args.study,
+                series_instance_uid=args.series or "", max_attempts=analysis.max_attempts,
+                timeout_s=analysis.job_timeout_seconds,
+            )
+            queued.append((job_id, created, f"pipeline {args.pipeline} (no rule: results are not exported)"))
+        for rule in rules:
+            matching = [s for s in series if series_matches(rule, s)] if not args.pipeline else series
+            if not matching:
+                continue
+            targets = [""] if rule.scope == "study" else [s.series_instance_uid for s in matching]
+            for series_uid in targets:
+                job_id, created = queue.enqueue(
+                    rule=rule.name, pipeline=rule.pipeline, study_instance_uid=args.study,
+                    series_instance_uid=series_uid, params=rule.params, destinations=rule.destinations,
+                    max_attempts=analysis.max_attempts,
+                    timeout_s=rule.timeout_seconds or analysis.job_timeout_seconds,
+                )
+                queued.append((job_id, created, f"rule {rule.name} ({rule.pipeline})"))
+    finally:
+        archive.close()
+    if not queued:
+        print(f"pacsnode: no enabled rule matches study {args.study}; name one with --pipeline", file=sys.stderr)
+        return EXIT_FAILED
+    for job_id, created, what in queued:
+        print(f"job {job_id}: {what}" + ("" if created else " (already pending)"))
+    return EXIT_OK
+
+
+def _cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
+    from storage.queue import JobQueue
+
+    archive = _open_archive(settings)
+    try:
+        job = JobQueue(archive.engine).retry(args.job_id)
+    except LookupError as exc:
+        print(f"pacsnode: {exc.args[0]}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        archive.close()
+    print(f"job {job.id} queued again ({job.pipeline}, study {job.study_instance_uid})")
+    return EXIT_OK
+
+
+def _cmd_exports(settings: Settings, args: argparse.Namespace) -> int:
+    from storage.queue import ExportQueue
+
+    archive = _open_archive(settings)
+    try:
+        queue = ExportQueue(archive.engine)
+        if args.retry is not None or args.retry_dead:
+            count = queue.retry(export_id=args.retry)
+            if args.retry is not None and count == 0:
+                print(f"pacsnode: export {args.retry} is not dead (or does not exist)", file=sys.stderr)
+                return EXIT_FAILED
+            print(f"{count} export(s) queued again")
+            return EXIT_OK
+        exports = queue.list(state=args.state, limit=args.limit)
+        if args.failed:
+            exports = [e for e in exports if e.state == "dead" or (e.state == "pending" and e.last_error)]
+    finally:
+        archive.close()
+    if args.json:
+        print(json.dumps([e.as_dict() for e in exports], indent=2))
+        return EXIT_OK
+    rows = [
+        [str(e.id), e.state, e.destination, f"{e.attempts}/{e.max_attempts}",
+         e.not_before.strftime("%H:%M:%S") if e.state == "pending" else "",
+         e.sop_instance_uid, str(e.job_id or ""), (e.last_error or "")[:80]]
+        for e in exports
+    ]
+    _print_table(["ID", "STATE", "DESTINATION", "TRIES", "NEXT (UTC)", "SOP INSTANCE", "JOB", "LAST ERROR"], rows)
+    print(f"{len(exports)} export(s)")
     return EXIT_OK

@@ -15,6 +15,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from node.errors import ConfigError
+from analysis.settings import AnalysisSettings
 from storage.settings import StorageSettings
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "RemoteNode",
     "AllowedPeer",
     "LoggingSettings",
+    "ExportSettings",
     "Timeouts",
     "load",
     "resolve_path",
@@ -92,6 +94,17 @@ class QuerySettings(_Strict):
     case_insensitive_names: bool = True
 
 
+class ExportSettings(_Strict):
+    """The durable export queue: how results are sent to remote nodes, and retried."""
+
+    max_attempts: Annotated[int, Field(ge=1, le=1000)] = 30
+    backoff_seconds: Seconds = 10.0
+    backoff_max_seconds: Seconds = 300.0
+    lease_seconds: Annotated[float, Field(ge=1)] = 120.0
+    batch: Annotated[int, Field(ge=1, le=10000)] = 100
+    poll_seconds: Seconds = 1.0
+
+
 class LoggingSettings(_Strict):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -103,6 +116,8 @@ class Settings(_Strict):
     remote_nodes: dict[str, RemoteNode] = {}
     query: QuerySettings = QuerySettings()
     storage: StorageSettings = StorageSettings()
+    analysis: AnalysisSettings = AnalysisSettings()
+    export: ExportSettings = ExportSettings()
     logging: LoggingSettings = LoggingSettings()
     source: Path | None = Field(default=None, exclude=True)
 
@@ -111,6 +126,14 @@ class Settings(_Strict):
         for name in self.remote_nodes:
             if not name or "@" in name:
                 raise ValueError(f"remote node name {name!r} must be non-empty and without '@'")
+        for rule in self.analysis.rules:
+            for destination in rule.destinations:
+                if destination not in self.remote_nodes:
+                    known = ", ".join(sorted(self.remote_nodes)) or "none defined"
+                    raise ValueError(
+                        f"analysis.rules: rule {rule.name!r} sends results to {destination!r}, "
+                        f"which is not in remote_nodes ({known})"
+                    )
         return self
 
 

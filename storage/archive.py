@@ -9,12 +9,14 @@ a crash never leaves a row without its complete file.
 from __future__ import annotations
 
 import enum
+import io
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydicom.dataset import Dataset
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -85,16 +87,26 @@ class Archive:
     def discard(self, staged: StagedFile) -> None:
         self.store.discard(staged.path)
 
-    def add(self, staged: StagedFile, meta: InstanceMeta, *, calling_ae_title: str | None) -> AddResult:
+    def add(
+        self,
+        staged: StagedFile,
+        meta: InstanceMeta,
+        *,
+        calling_ae_title: str | None,
+        is_result: bool = False,
+        policy: DuplicatePolicy | None = None,
+    ) -> AddResult:
         """Make a staged instance durable and indexed, applying the duplicate policy.
 
         Returns only after the file is in place and the index transaction has
         committed; any failure raises :class:`StorageError` and leaves no row.
+        ``is_result`` marks pacsnode's own results; ``policy`` overrides the
+        configured duplicate policy (results always overwrite their previous run).
         """
         relative = self.store.relative_path_for(meta.sop_instance_uid, staged.sha256)
         self.store.commit(staged, relative)
         try:
-            result = self._index(meta, relative, staged, calling_ae_title)
+            result = self._index(meta, relative, staged, calling_ae_title, is_result, policy)
         except BaseException:
             self._forget(relative, meta)
             raise
@@ -113,11 +125,42 @@ class Archive:
         if row is None or row.file_path != relative:
             self.store.remove(relative)
 
-    def _index(self, meta: InstanceMeta, relative: str, staged: StagedFile, calling_ae_title: str | None) -> AddResult:
+    def add_dataset(self, ds: Dataset, *, calling_ae_title: str | None = None) -> AddResult:
+        """Store and index a dataset pacsnode made (an analysis result), replacing an earlier run's copy.
+
+        The dataset needs its ``file_meta`` (transfer syntax); it is written in
+        the DICOM File Format through the same durable path as a received instance.
+        """
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        staged = self.stage([buffer.getvalue()])
+        try:
+            meta = index.read_header(
+                staged.path,
+                expected_sop_class_uid=str(ds.SOPClassUID),
+                expected_sop_instance_uid=str(ds.SOPInstanceUID),
+                transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+            )
+        except BaseException:
+            self.discard(staged)
+            raise
+        return self.add(
+            staged, meta, calling_ae_title=calling_ae_title, is_result=True, policy=DuplicatePolicy.OVERWRITE
+        )
+
+    def _index(
+        self,
+        meta: InstanceMeta,
+        relative: str,
+        staged: StagedFile,
+        calling_ae_title: str | None,
+        is_result: bool = False,
+        policy: DuplicatePolicy | None = None,
+    ) -> AddResult:
         last_exc: Exception | None = None
         for attempt in range(_ATTEMPTS):
             try:
-                return self._index_once(meta, relative, staged, calling_ae_title)
+                return self._index_once(meta, relative, staged, calling_ae_title, is_result, policy)
             except IntegrityError as exc:
                 # Another association indexed the same patient/study/series/instance
                 # between our read and our insert: read again and re-decide.
@@ -128,7 +171,13 @@ class Archive:
         raise StorageError(f"index kept conflicting after {_ATTEMPTS} attempts: {last_exc}")
 
     def _index_once(
-        self, meta: InstanceMeta, relative: str, staged: StagedFile, calling_ae_title: str | None
+        self,
+        meta: InstanceMeta,
+        relative: str,
+        staged: StagedFile,
+        calling_ae_title: str | None,
+        is_result: bool,
+        policy: DuplicatePolicy | None,
     ) -> AddResult:
         old_file: str | None = None
         with self._write_gate(), self.engine.begin() as conn:
@@ -136,7 +185,7 @@ class Archive:
             if existing is not None:
                 if existing.sha256 == staged.sha256:
                     return AddResult(outcome=AddOutcome.IDENTICAL_DUPLICATE, file_path=existing.file_path)
-                policy = self.settings.duplicate_policy
+                policy = policy or self.settings.duplicate_policy
                 if policy is DuplicatePolicy.REJECT:
                     logger.warning(
                         "rejected instance %s: already stored with other content (policy reject)",
@@ -160,6 +209,7 @@ class Archive:
                 file_size=staged.size,
                 sha256=staged.sha256,
                 calling_ae_title=calling_ae_title,
+                is_result=is_result,
             )
         if old_file is not None:
             logger.warning(

@@ -232,12 +232,15 @@ def add_instance(
     file_size: int,
     sha256: str,
     calling_ae_title: str | None,
+    is_result: bool = False,
 ) -> None:
     """Insert one instance and its patient/study/series in the caller's transaction.
 
     The caller has checked that no row for this SOP Instance UID exists. Counts
     and ModalitiesInStudy are updated in the same transaction. Attribute
     conflicts with rows already indexed are logged and the indexed value kept.
+    ``is_result`` marks pacsnode's own analysis results: their series is
+    flagged and the study's quiet-time clock (``last_received_at``) is left alone.
     """
     now = _now()
     patient_key = meta.patient_id or ""
@@ -311,6 +314,7 @@ def add_instance(
                 body_part_examined=meta.body_part_examined,
                 num_instances=1,
                 last_received_at=now,
+                is_result=is_result,
             )
         ).inserted_primary_key[0]
         modalities = conn.execute(
@@ -319,16 +323,14 @@ def add_instance(
             .distinct()
             .order_by(_series.c.modality)
         ).scalars().all()
-        conn.execute(
-            update(_studies)
-            .where(_studies.c.id == study_fk)
-            .values(
-                num_series=_studies.c.num_series + 1,
-                num_instances=_studies.c.num_instances + 1,
-                modalities_in_study="\\".join(modalities) or None,
-                last_received_at=now,
-            )
-        )
+        study_values: dict[str, Any] = {
+            "num_series": _studies.c.num_series + 1,
+            "num_instances": _studies.c.num_instances + 1,
+            "modalities_in_study": "\\".join(modalities) or None,
+        }
+        if not is_result:
+            study_values["last_received_at"] = now
+        conn.execute(update(_studies).where(_studies.c.id == study_fk).values(**study_values))
     else:
         series_fk = series.id
         conn.execute(
@@ -336,11 +338,10 @@ def add_instance(
             .where(_series.c.id == series_fk)
             .values(num_instances=_series.c.num_instances + 1, last_received_at=now)
         )
-        conn.execute(
-            update(_studies)
-            .where(_studies.c.id == study_fk)
-            .values(num_instances=_studies.c.num_instances + 1, last_received_at=now)
-        )
+        more: dict[str, Any] = {"num_instances": _studies.c.num_instances + 1}
+        if not is_result:
+            more["last_received_at"] = now
+        conn.execute(update(_studies).where(_studies.c.id == study_fk).values(**more))
 
     conn.execute(
         _instances.insert().values(

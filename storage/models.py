@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String
+from sqlalchemy import BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-__all__ = ["Base", "Patient", "Study", "Series", "Instance"]
+__all__ = ["Base", "Patient", "Study", "Series", "Instance", "Job", "Export"]
 
 # Lengths follow the VR maxima (PS3.5 6.2): UI 64, LO 64, SH 16, PN 64 per group x 3 groups.
 _UI = 64
@@ -64,7 +64,10 @@ class Study(Base):
     num_series: Mapped[int] = mapped_column(Integer, default=0)
     num_instances: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime)
+    # Received instances only (results do not count): the quiet-time clock of the study.
     last_received_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+    # The last_received_at that the scheduler last turned into jobs; behind it = new instances since.
+    scheduled_at: Mapped[datetime | None] = mapped_column(DateTime)
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study")
@@ -87,6 +90,9 @@ class Series(Base):
     body_part_examined: Mapped[str | None] = mapped_column(String(_CS))
     num_instances: Mapped[int] = mapped_column(Integer, default=0)
     last_received_at: Mapped[datetime] = mapped_column(DateTime)
+    scheduled_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # True for series that pacsnode's pipelines wrote: never analysed, never a quiet-time trigger.
+    is_result: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -109,3 +115,82 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime)
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    """One analysis run of a pipeline over a study or series: the durable job queue.
+
+    ``state`` is pending -> running -> done | failed (pending again after a
+    retryable failure, with ``not_before`` pushed back). A running job holds a
+    lease (``lease_owner`` until ``lease_expires_at``) that its worker renews;
+    an expired lease makes the job claimable again. At most one pending job per
+    (pipeline, study, series) -- ``series_instance_uid`` is ``""`` for study scope.
+    """
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rule: Mapped[str] = mapped_column(String(64))
+    pipeline: Mapped[str] = mapped_column(String(200))
+    study_instance_uid: Mapped[str] = mapped_column(String(_UI))
+    series_instance_uid: Mapped[str] = mapped_column(String(_UI), default="")
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    timeout_s: Mapped[float] = mapped_column(Float)
+    params: Mapped[str] = mapped_column(Text, default="{}")  # JSON
+    destinations: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of remote node names
+    last_error: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[str | None] = mapped_column(Text)  # JSON summary written by the pipeline
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    not_before: Mapped[datetime] = mapped_column(DateTime)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    __table_args__ = (
+        Index("ix_jobs_state_not_before", "state", "not_before"),
+        Index("ix_jobs_study", "study_instance_uid"),
+        Index(
+            "ux_jobs_one_pending",
+            "pipeline", "study_instance_uid", "series_instance_uid",
+            unique=True,
+            sqlite_where=text("state = 'pending'"),
+            postgresql_where=text("state = 'pending'"),
+        ),
+    )
+
+
+class Export(Base):
+    """One instance to send to one remote node: the durable export queue.
+
+    ``state`` is pending -> sending -> done, or dead after ``max_attempts``
+    failures (re-triable from the CLI). ``generation`` grows each time the row
+    is queued again (a re-analysis replaced the instance), so a send that was
+    in flight with the old content does not mark the new one done.
+    """
+
+    __tablename__ = "exports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(_UI))
+    destination: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    not_before: Mapped[datetime] = mapped_column(DateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    __table_args__ = (
+        Index("ux_exports_instance_destination", "sop_instance_uid", "destination", unique=True),
+        Index("ix_exports_state_not_before", "state", "not_before"),
+    )

@@ -1,0 +1,78 @@
+"""CT lung analysis, classical (no trained weights): lung volumes, density, LAA-950.
+
+Decode -> HU volume (:mod:`analysis.volume`) -> lung segmentation and
+measurements (:mod:`analysis.lung`) -> SEG + TID 1500 SR + SC key images
+(:mod:`analysis.writers`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from analysis.pipelines import Pipeline, PipelineInput, PipelineOutput
+from analysis.types import InputError
+
+__all__ = ["CtLungPipeline", "CtLungParams"]
+
+logger = logging.getLogger(__name__)
+
+
+class CtLungParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_slices: Annotated[int, Field(ge=2)] = 10
+    air_threshold_hu: Annotated[int, Field(ge=-1000, le=0)] = -400
+    key_slices: Annotated[int, Field(ge=1, le=20)] = 3
+    series_number_base: Annotated[int, Field(ge=1, le=99999)] = 9000
+
+
+class CtLungPipeline(Pipeline):
+    """Lung volumes (right, left, total, mL), mean lung density (HU) and LAA-950 (%)."""
+
+    name = "ct-lung"
+    version = "1.0.0"
+    Params = CtLungParams
+
+    def run(self, inputs: PipelineInput, params: BaseModel) -> PipelineOutput:
+        from analysis.lung import segment_lungs
+        from analysis.volume import load_series
+        from analysis.writers import write_lung_results
+
+        assert isinstance(params, CtLungParams)
+        if not inputs.series:
+            raise InputError("no CT series to analyse")
+        # Several matching series (e.g. lung and mediastinal kernels): the one with the most slices.
+        series = max(inputs.series, key=lambda s: len(s.paths))
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        volume = load_series(series.paths, min_slices=params.min_slices)
+        timings["decode_hu_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result = segment_lungs(volume, air_threshold_hu=params.air_threshold_hu)
+        timings["segment_measure_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        datasets = write_lung_results(
+            volume,
+            result,
+            pipeline_name=self.name,
+            pipeline_version=self.version,
+            uid_root=inputs.uid_root,
+            series_number_base=params.series_number_base,
+            key_slices=params.key_slices,
+        )
+        timings["write_s"] = time.perf_counter() - t0
+        summary = {
+            "series_instance_uid": series.series_instance_uid,
+            "slices": int(volume.hu.shape[0]),
+            "right_lung_volume_ml": round(result.right_volume_ml, 1),
+            "left_lung_volume_ml": round(result.left_volume_ml, 1),
+            "total_lung_volume_ml": round(result.total_volume_ml, 1),
+            "mean_lung_density_hu": round(result.mean_density_hu, 1),
+            "laa950_percent": round(result.laa950_percent, 2),
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+        }
+        return PipelineOutput(datasets=datasets, summary=summary)

@@ -1,0 +1,105 @@
+"""Pipelines: what a job runs, and how a name in a rule finds one.
+
+A pipeline is a class with a ``name``, a ``version``, a pydantic ``Params``
+model (the rule's ``params`` are validated against it when the config loads)
+and ``run(inputs, params) -> PipelineOutput``. Built-in pipelines are named
+(``ct-lung``); a site's own is named by import path, ``package.module:Class``.
+Heavy imports (scipy, highdicom, torch) happen inside ``run``, so loading the
+config stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+from pydicom.dataset import Dataset
+
+from analysis.types import AnalysisError
+
+__all__ = [
+    "BUILTIN_PIPELINES",
+    "Pipeline",
+    "PipelineError",
+    "PipelineInput",
+    "PipelineOutput",
+    "SeriesInput",
+    "resolve_pipeline",
+]
+
+BUILTIN_PIPELINES: dict[str, str] = {
+    "ct-lung": "analysis.ct_lung:CtLungPipeline",
+}
+
+
+class PipelineError(AnalysisError):
+    """A pipeline name that does not resolve, or a class that is not a pipeline."""
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SeriesInput:
+    series_instance_uid: str
+    modality: str | None
+    series_description: str | None
+    paths: tuple[Path, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineInput:
+    """What a job hands its pipeline: the study, the series the rule selected, where UIDs come from."""
+
+    job_id: int
+    study_instance_uid: str
+    series: tuple[SeriesInput, ...]
+    uid_root: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineOutput:
+    """Result objects to store and export, and a JSON-able summary kept on the job."""
+
+    datasets: list[Dataset]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Base class of pipelines."""
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = ""
+    Params: ClassVar[type[BaseModel]] = NoParams
+
+    def run(self, inputs: PipelineInput, params: BaseModel) -> PipelineOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def resolve_pipeline(name: str) -> type[Pipeline]:
+    """The pipeline class for a rule's ``pipeline`` value.
+
+    Raises
+    ------
+    PipelineError
+        Unknown built-in name, module or class not importable, or not a Pipeline.
+    """
+    target = BUILTIN_PIPELINES.get(name, name)
+    if ":" not in target:
+        known = ", ".join(sorted(BUILTIN_PIPELINES))
+        raise PipelineError(f"unknown pipeline {name!r}: built-in pipelines are {known}, or give module:Class")
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise PipelineError(f"pipeline {name!r}: cannot import module {module_name!r}: {exc}") from exc
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Pipeline)):
+        raise PipelineError(f"pipeline {name!r}: {target} is not a pacsnode Pipeline class")
+    if not cls.name or not cls.version:
+        raise PipelineError(f"pipeline {name!r}: {target} has no name or version")
+    return cls

@@ -1,0 +1,142 @@
+"""Typed settings owned by the analysis package: workers, job policy, routing rules."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = ["AnalysisSettings", "Rule", "RuleMatch", "ReadyWhen"]
+
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RuleMatch(_Strict):
+    """Conditions on a series; all given ones must hold (an empty list or null = any)."""
+
+    modality: list[str] = []
+    body_part: list[str] = []  # BodyPartExamined, case-insensitive
+    sop_class: list[str] = []  # UIDs or keywords such as CTImageStorage
+    series_description: str | None = None  # regular expression, searched case-insensitively
+    calling_ae: list[str] = []  # the AE title that sent the series
+    min_instances: Annotated[int, Field(ge=1)] = 1
+    max_instances: Annotated[int, Field(ge=1)] | None = None
+    min_rows: Annotated[int, Field(ge=1)] | None = None
+    min_columns: Annotated[int, Field(ge=1)] | None = None
+    max_rows: Annotated[int, Field(ge=1)] | None = None
+    max_columns: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("series_description")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
+
+    @field_validator("sop_class")
+    @classmethod
+    def _sop_classes(cls, values: list[str]) -> list[str]:
+        from pydicom.uid import UID
+
+        out = []
+        for value in values:
+            if value and value[0].isdigit():
+                out.append(value)
+                continue
+            from pynetdicom import sop_class
+
+            uid = getattr(sop_class, value, None)
+            if not isinstance(uid, UID):
+                raise ValueError(f"unknown SOP class {value!r}: give a UID or a keyword such as CTImageStorage")
+            out.append(str(uid))
+        return out
+
+    @property
+    def needs_image_size(self) -> bool:
+        return any(v is not None for v in (self.min_rows, self.min_columns, self.max_rows, self.max_columns))
+
+
+class ReadyWhen(_Strict):
+    """Start before the quiet time is over when these hold (optional)."""
+
+    instances: Annotated[int, Field(ge=1)] | None = None  # the series (or study) has this many instances
+    series: list[str] = []  # study scope: a series whose description matches each regex is present
+
+    @field_validator("series")
+    @classmethod
+    def _regexes(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from exc
+        return values
+
+
+class Rule(_Strict):
+    """Which received series a pipeline analyses, with what parameters, and where its results go."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    pipeline: Annotated[str, Field(min_length=1, max_length=200)]
+    enabled: bool = True
+    scope: Literal["series", "study"] = "series"
+    match: RuleMatch = RuleMatch()
+    ready_when: ReadyWhen = ReadyWhen()
+    quiet_seconds: Seconds | None = None  # default: analysis.quiet_seconds
+    reanalyze: bool = True  # instances arriving after the analysis start it again (results replaced)
+    params: dict[str, Any] = {}
+    destinations: list[str] = []  # names in remote_nodes
+    timeout_seconds: Seconds | None = None  # default: analysis.job_timeout_seconds
+
+    @model_validator(mode="after")
+    def _pipeline(self) -> Rule:
+        from analysis.pipelines import PipelineError, resolve_pipeline
+
+        try:
+            pipeline = resolve_pipeline(self.pipeline)
+        except PipelineError as exc:
+            raise ValueError(str(exc)) from exc
+        try:
+            pipeline.Params.model_validate(self.params)
+        except Exception as exc:
+            raise ValueError(f"params of pipeline {self.pipeline!r}: {exc}") from exc
+        return self
+
+
+class AnalysisSettings(_Strict):
+    """Workers, job policy and routing rules."""
+
+    workers: Annotated[int, Field(ge=0, le=64)] = 1
+    quiet_seconds: Seconds = 60.0
+    scan_interval_seconds: Seconds = 2.0
+    job_timeout_seconds: Seconds = 1800.0
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    retry_backoff_seconds: Seconds = 30.0
+    retry_backoff_max_seconds: Seconds = 900.0
+    lease_seconds: Annotated[float, Field(ge=1)] = 30.0
+    uid_root: str = "2.25"
+    rules: list[Rule] = []
+
+    @field_validator("uid_root")
+    @classmethod
+    def _root(cls, value: str) -> str:
+        value = value.rstrip(".")
+        if not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*", value) or len(value) > 40:
+            raise ValueError(f"{value!r} is not a UID root (digits and dots, at most 40 characters)")
+        return value
+
+    @model_validator(mode="after")
+    def _unique(self) -> AnalysisSettings:
+        names = [rule.name for rule in self.rules]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"rule name {name!r} is used more than once")
+        return self

@@ -1,0 +1,302 @@
+"""Worker processes: run analysis jobs, store their results, export them.
+
+A worker process has three loops:
+
+- the job loop (main thread) claims a job, runs its pipeline, stores the
+  result objects through the archive (durable, indexed, like received
+  instances) and, in one transaction, marks the job done and queues its
+  exports;
+- the exporter (a thread) claims due exports for one destination at a time
+  and sends them over one association, with retries and a dead-letter state;
+- the scheduler (a thread) turns quiet studies into jobs.
+
+While a job runs, a heartbeat thread renews its lease. When the job passes its
+timeout the heartbeat thread records the failure (retried with backoff while
+attempts remain) and ends the process: a hung pipeline cannot be interrupted
+from inside, so the supervisor starts a fresh worker instead. A worker killed
+outright stops renewing; its lease expires and another worker takes the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from analysis.pipelines import PipelineInput, SeriesInput, resolve_pipeline
+from analysis.routing import series_matches
+from analysis.types import AnalysisError
+from node.config import Settings
+from node.export import send_files
+from storage import Archive
+from storage.activity import series_of_study
+from storage.db import read_connection
+from storage.index import find_instance
+from storage.queue import ExportQueue, ExportRecord, JobQueue, JobRecord, RetryPolicy
+
+__all__ = ["Worker", "run_worker_process", "TIMEOUT_EXIT"]
+
+logger = logging.getLogger(__name__)
+
+TIMEOUT_EXIT = 75
+"""Exit status of a worker process that ended a job past its timeout (the supervisor restarts it)."""
+
+
+def _owner(role: str) -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{role}"
+
+
+class Worker:
+    """The loops of one worker process, over one archive.
+
+    Parameters
+    ----------
+    settings
+        The node's settings.
+    archive
+        The archive results are stored in (and the queues live in).
+    exit_process
+        Called when a job passes its timeout, after the failure is recorded
+        (default: end the process with :data:`TIMEOUT_EXIT`).
+    """
+
+    def __init__(
+        self, settings: Settings, archive: Archive, *, exit_process: Callable[[int], Any] = os._exit
+    ) -> None:
+        self.settings = settings
+        self.archive = archive
+        self.jobs = JobQueue(archive.engine)
+        self.exports = ExportQueue(archive.engine)
+        self._exit_process = exit_process
+        analysis = settings.analysis
+        self.job_retry = RetryPolicy(
+            max_attempts=analysis.max_attempts,
+            base_s=analysis.retry_backoff_seconds,
+            cap_s=analysis.retry_backoff_max_seconds,
+        )
+        export = settings.export
+        self.export_retry = RetryPolicy(
+            max_attempts=export.max_attempts, base_s=export.backoff_seconds, cap_s=export.backoff_max_seconds
+        )
+        self._pipelines: dict[str, Any] = {}  # loaded once per process, kept warm
+
+    # -- jobs ------------------------------------------------------------------------------------
+    def run_jobs(self, stop: threading.Event, *, poll_s: float = 1.0) -> None:
+        owner = _owner("jobs")
+        while not stop.is_set():
+            try:
+                job = self.jobs.claim(owner, lease_s=self.settings.analysis.lease_seconds)
+            except Exception:
+                logger.exception("cannot claim a job; trying again")
+                stop.wait(poll_s)
+                continue
+            if job is None:
+                stop.wait(poll_s)
+                continue
+            self.run_job(job, owner)
+
+    def run_job(self, job: JobRecord, owner: str) -> str | None:
+        """Run one claimed job to its outcome; returns the job's new state."""
+        lease_s = self.settings.analysis.lease_seconds
+        finished = threading.Event()
+        lost = threading.Event()
+        started = time.monotonic()
+        extra = {"action": "job", "job_id": job.id, "pipeline": job.pipeline}
+
+        def heartbeat() -> None:
+            while not finished.wait(min(lease_s / 3, 5.0)):
+                if time.monotonic() - started > job.timeout_s:
+                    error = f"timed out after {job.timeout_s:.0f} s (attempt {job.attempts} of {job.max_attempts})"
+                    state = self.jobs.fail(job.id, owner, error, retry=True, policy=self.job_retry)
+                    logger.error("job %d %s; now %s; restarting this worker", job.id, error, state, extra=extra)
+                    logging.shutdown()
+                    self._exit_process(TIMEOUT_EXIT)
+                    return
+                try:
+                    if not self.jobs.heartbeat(job.id, owner, lease_s=lease_s):
+                        logger.error("job %d: lease lost to another worker; its result will be discarded", job.id)
+                        lost.set()
+                        return
+                except Exception as exc:  # database briefly unavailable: the lease is long enough to retry
+                    logger.warning("job %d: heartbeat failed: %s", job.id, exc)
+
+        beat = threading.Thread(target=heartbeat, name=f"job-{job.id}-heartbeat", daemon=True)
+        beat.start()
+        logger.info(
+            "job %d started: %s for study %s (attempt %d of %d)",
+            job.id, job.pipeline, job.study_instance_uid, job.attempts, job.max_attempts, extra=extra,
+        )
+        try:
+            summary, stored = self._execute(job)
+        except AnalysisError as exc:  # the input cannot be analysed: retrying would not help
+            finished.set()
+            state = self.jobs.fail(job.id, owner, str(exc), retry=False, policy=self.job_retry)
+            logger.error("job %d failed: %s", job.id, exc, extra=extra)
+            return state
+        except Exception as exc:
+            finished.set()
+            error = f"{type(exc).__name__}: {exc}"
+            state = self.jobs.fail(job.id, owner, error, retry=True, policy=self.job_retry)
+            logger.log(
+                logging.ERROR if state == "failed" else logging.WARNING,
+                "job %d attempt %d failed (%s): %s", job.id, job.attempts, state, error, exc_info=True, extra=extra,
+            )
+            return state
+        finished.set()
+        if lost.is_set():
+            return None
+        summary["elapsed_s"] = round(time.monotonic() - started, 3)
+        with self.jobs._write() as conn:
+            done = self.jobs.complete(job.id, owner, summary, conn=conn)
+            if done and job.destinations and stored:
+                self.exports.enqueue(
+                    stored, job.destinations, max_attempts=self.settings.export.max_attempts, job_id=job.id, conn=conn
+                )
+        if not done:
+            logger.error("job %d finished but its lease was lost; result not recorded", job.id, extra=extra)
+            return None
+        logger.info(
+            "job %d done in %.1f s: %d result object(s)%s",
+            job.id, summary["elapsed_s"], len(stored),
+            f", queued for {', '.join(job.destinations)}" if job.destinations else "", extra=extra,
+        )
+        return "done"
+
+    def _execute(self, job: JobRecord) -> tuple[dict[str, Any], list[str]]:
+        pipeline_cls = resolve_pipeline(job.pipeline)
+        pipeline = self._pipelines.get(job.pipeline)
+        if pipeline is None:
+            pipeline = self._pipelines[job.pipeline] = pipeline_cls()
+        params = pipeline_cls.Params.model_validate(job.params)
+        with read_connection(self.archive.engine) as conn:
+            series = series_of_study(conn, job.study_instance_uid, job.series_instance_uid)
+        rule = next((r for r in self.settings.analysis.rules if r.name == job.rule), None)
+        if rule is not None and not job.series_instance_uid:
+            series = [s for s in series if series_matches(rule, s)] or series
+        if not series:
+            raise AnalysisError(
+                f"study {job.study_instance_uid} has no received series"
+                + (f" {job.series_instance_uid}" if job.series_instance_uid else "")
+            )
+        inputs = PipelineInput(
+            job_id=job.id,
+            study_instance_uid=job.study_instance_uid,
+            uid_root=self.settings.analysis.uid_root,
+            series=tuple(
+                SeriesInput(
+                    series_instance_uid=s.series_instance_uid,
+                    modality=s.modality,
+                    series_description=s.series_description,
+                    paths=tuple(self.archive.instance_path(f) for f in s.files),
+                )
+                for s in series
+            ),
+        )
+        output = pipeline.run(inputs, params)
+        t0 = time.perf_counter()
+        stored: list[str] = []
+        for ds in output.datasets:
+            self.archive.add_dataset(ds, calling_ae_title=self.settings.node.ae_title)
+            stored.append(str(ds.SOPInstanceUID))
+        summary = dict(output.summary)
+        summary.setdefault("timings", {})["store_s"] = round(time.perf_counter() - t0, 3)
+        summary["pipeline_version"] = pipeline_cls.version
+        summary["results"] = stored
+        return summary, stored
+
+    # -- exports ---------------------------------------------------------------------------------
+    def run_exports(self, stop: threading.Event) -> None:
+        owner = _owner("exports")
+        poll = self.settings.export.poll_seconds
+        while not stop.is_set():
+            try:
+                sent = self.export_once(owner)
+            except Exception:
+                logger.exception("export pass failed; trying again")
+                sent = 0
+            if not sent:
+                stop.wait(poll)
+
+    def export_once(self, owner: str) -> int:
+        """Claim and send one batch; returns how many were claimed."""
+        export = self.settings.export
+        batch = self.exports.claim(owner, lease_s=export.lease_seconds, limit=export.batch)
+        if not batch:
+            return 0
+        destination = batch[0].destination
+        remote = self.settings.remote_nodes.get(destination)
+        if remote is None:
+            for item in batch:
+                self._export_failed(item, owner, f"destination {destination!r} is not in remote_nodes")
+            return len(batch)
+        files: list[Path] = []
+        by_path: dict[Path, ExportRecord] = {}
+        with read_connection(self.archive.engine) as conn:
+            for item in batch:
+                row = find_instance(conn, item.sop_instance_uid)
+                if row is None:
+                    self._export_failed(item, owner, "the instance is no longer stored")
+                    continue
+                path = self.archive.instance_path(row.file_path)
+                files.append(path)
+                by_path[path] = item
+        for outcome in send_files(self.settings, remote, files):
+            item = by_path[outcome.path]
+            if outcome.ok:
+                self.exports.mark_sent(item, owner)
+                logger.info(
+                    "exported %s to %s (%s:%d)", item.sop_instance_uid, destination, remote.host, remote.port,
+                    extra={"action": "export", "destination": destination},
+                )
+            else:
+                detail = outcome.error or ""
+                if outcome.status is not None:
+                    detail = f"status 0x{outcome.status:04X} {detail}".strip()
+                self._export_failed(item, owner, detail)
+        return len(batch)
+
+    def _export_failed(self, item: ExportRecord, owner: str, error: str) -> None:
+        state = self.exports.mark_failed(item, owner, error, policy=self.export_retry)
+        level = logging.ERROR if state == "dead" else logging.WARNING
+        logger.log(
+            level, "export of %s to %s failed (attempt %d of %d, now %s): %s",
+            item.sop_instance_uid, item.destination, item.attempts, item.max_attempts, state, error,
+            extra={"action": "export-failed", "destination": item.destination},
+        )
+
+
+def run_worker_process(settings: Settings, *, scheduler: bool = True, exporter: bool = True) -> int:
+    """Body of one worker process: job loop, exporter and scheduler threads, until SIGTERM/SIGINT."""
+    from node.scheduler import Scheduler
+
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    archive = Archive(settings.storage)
+    worker = Worker(settings, archive)
+    threads = []
+    if exporter:
+        threads.append(threading.Thread(target=worker.run_exports, args=(stop,), name="exporter", daemon=True))
+    if scheduler:
+        threads.append(
+            threading.Thread(target=Scheduler(settings, archive).run, args=(stop,), name="scheduler", daemon=True)
+        )
+    for thread in threads:
+        thread.start()
+    logger.info("worker process %d running", os.getpid())
+    worker.run_jobs(stop)
+    for thread in threads:
+        thread.join(timeout=settings.node.timeouts.shutdown_grace)
+    archive.close()
+    logger.info("worker process %d stopped", os.getpid())
+    return 0

@@ -1,0 +1,164 @@
+"""Study stability: which series and studies have gone quiet since they were last scheduled.
+
+Every received instance moves its series' and study's ``last_received_at``
+(results written by pacsnode do not). The scheduler asks for the units whose
+clock is older than the quiet time and newer than ``scheduled_at`` -- the
+``last_received_at`` it last turned into jobs -- and marks them with that same
+value once its jobs are queued. An instance that arrives in between moves the
+clock past the mark, so the unit comes back after another quiet period: nothing
+is judged complete early and nothing is forgotten across a restart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Connection, or_, select, update
+
+from storage.models import Instance, Patient, Series, Study
+
+__all__ = ["SeriesFacts", "UnitFacts", "unscheduled_series", "unscheduled_studies", "mark_scheduled", "series_of_study"]
+
+_series = Series.__table__
+_studies = Study.__table__
+_instances = Instance.__table__
+_patients = Patient.__table__
+
+
+@dataclass(frozen=True, kw_only=True)
+class SeriesFacts:
+    """What routing rules can match on, for one received series."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str
+    modality: str | None
+    body_part_examined: str | None
+    series_description: str | None
+    num_instances: int
+    sop_class_uids: frozenset[str]
+    calling_ae_titles: frozenset[str]
+    last_received_at: datetime
+    sample_file: str  # relative path of one instance, for rules that look at the image size
+    files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnitFacts:
+    """A study or series waiting to be scheduled: the clock value to mark it with, and its series."""
+
+    study_instance_uid: str
+    series_instance_uid: str  # "" for a study
+    last_received_at: datetime
+    series: tuple[SeriesFacts, ...]
+
+
+def _facts(conn: Connection, series_rows: list[object], with_files: bool = False) -> list[SeriesFacts]:
+    out: list[SeriesFacts] = []
+    for row in series_rows:
+        inst = conn.execute(
+            select(_instances.c.sop_class_uid, _instances.c.calling_ae_title, _instances.c.file_path)
+            .where(_instances.c.series_fk == row.id)  # type: ignore[attr-defined]
+            .order_by(_instances.c.instance_number, _instances.c.id)
+        ).all()
+        if not inst:
+            continue
+        out.append(
+            SeriesFacts(
+                study_instance_uid=row.study_instance_uid,  # type: ignore[attr-defined]
+                series_instance_uid=row.series_instance_uid,  # type: ignore[attr-defined]
+                patient_id=row.patient_id,  # type: ignore[attr-defined]
+                modality=row.modality,  # type: ignore[attr-defined]
+                body_part_examined=row.body_part_examined,  # type: ignore[attr-defined]
+                series_description=row.series_description,  # type: ignore[attr-defined]
+                num_instances=len(inst),
+                sop_class_uids=frozenset(i.sop_class_uid for i in inst),
+                calling_ae_titles=frozenset(i.calling_ae_title for i in inst if i.calling_ae_title),
+                last_received_at=row.last_received_at,  # type: ignore[attr-defined]
+                sample_file=inst[len(inst) // 2].file_path,
+                files=tuple(i.file_path for i in inst) if with_files else (),
+            )
+        )
+    return out
+
+
+def _series_query() -> object:
+    return (
+        select(
+            _series.c.id, _series.c.series_instance_uid, _series.c.modality, _series.c.body_part_examined,
+            _series.c.series_description, _series.c.last_received_at, _series.c.scheduled_at,
+            _studies.c.study_instance_uid, _patients.c.patient_id,
+        )
+        .join(_studies, _studies.c.id == _series.c.study_fk)
+        .join(_patients, _patients.c.id == _studies.c.patient_fk)
+        .where(_series.c.is_result.is_(False))
+    )
+
+
+def unscheduled_series(conn: Connection, *, limit: int = 200) -> list[UnitFacts]:
+    """Received series with instances newer than their scheduling mark (oldest first)."""
+    stmt = (
+        _series_query()
+        .where(or_(_series.c.scheduled_at.is_(None), _series.c.scheduled_at < _series.c.last_received_at))  # type: ignore[attr-defined]
+        .order_by(_series.c.last_received_at)
+        .limit(limit)
+    )
+    units = []
+    for facts in _facts(conn, list(conn.execute(stmt))):  # type: ignore[arg-type]
+        units.append(
+            UnitFacts(
+                study_instance_uid=facts.study_instance_uid,
+                series_instance_uid=facts.series_instance_uid,
+                last_received_at=facts.last_received_at,
+                series=(facts,),
+            )
+        )
+    return units
+
+
+def unscheduled_studies(conn: Connection, *, limit: int = 200) -> list[UnitFacts]:
+    """Studies with received instances newer than their scheduling mark (oldest first)."""
+    rows = conn.execute(
+        select(_studies.c.id, _studies.c.study_instance_uid, _studies.c.last_received_at)
+        .where(or_(_studies.c.scheduled_at.is_(None), _studies.c.scheduled_at < _studies.c.last_received_at))
+        .order_by(_studies.c.last_received_at)
+        .limit(limit)
+    ).all()
+    units = []
+    for study in rows:
+        series_rows = list(conn.execute(_series_query().where(_series.c.study_fk == study.id)))  # type: ignore[attr-defined]
+        facts = tuple(_facts(conn, series_rows))
+        if facts:
+            units.append(
+                UnitFacts(
+                    study_instance_uid=study.study_instance_uid,
+                    series_instance_uid="",
+                    last_received_at=study.last_received_at,
+                    series=facts,
+                )
+            )
+    return units
+
+
+def mark_scheduled(conn: Connection, unit: UnitFacts) -> bool:
+    """Mark a unit scheduled up to the clock value it was read with; False if it moved meanwhile."""
+    if unit.series_instance_uid:
+        stmt = update(_series).where(
+            _series.c.series_instance_uid == unit.series_instance_uid,
+            _series.c.last_received_at == unit.last_received_at,
+        )
+    else:
+        stmt = update(_studies).where(
+            _studies.c.study_instance_uid == unit.study_instance_uid,
+            _studies.c.last_received_at == unit.last_received_at,
+        )
+    return conn.execute(stmt.values(scheduled_at=unit.last_received_at)).rowcount == 1
+
+
+def series_of_study(conn: Connection, study_instance_uid: str, series_instance_uid: str = "") -> list[SeriesFacts]:
+    """The received series of a study (or the one named), with their instance files, for a job to read."""
+    stmt = _series_query().where(_studies.c.study_instance_uid == study_instance_uid)  # type: ignore[attr-defined]
+    if series_instance_uid:
+        stmt = stmt.where(_series.c.series_instance_uid == series_instance_uid)
+    return _facts(conn, list(conn.execute(stmt)), with_files=True)

@@ -1,0 +1,46 @@
+"""Pipelines used by the tests, named in rules as ``tests.pipelines:Class``.
+
+They exercise the job machinery (exactly-once, retries, timeouts, crashes)
+without image computation: each run appends one line to a log file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from analysis.pipelines import Pipeline, PipelineInput, PipelineOutput
+from analysis.types import InputError
+
+
+class RecordParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    log: str = ""  # file that gets one line per run: "<job id> <pid>"
+    seconds: float = 0.0  # sleep this long before finishing
+    fail: str = ""  # "input": an AnalysisError (not retried); "crash": a RuntimeError (retried)
+
+
+class Record(Pipeline):
+    name = "record"
+    version = "1"
+    Params = RecordParams
+
+    def run(self, inputs: PipelineInput, params: BaseModel) -> PipelineOutput:
+        assert isinstance(params, RecordParams)
+        if params.seconds:
+            time.sleep(params.seconds)
+        if params.fail == "input":
+            raise InputError("the test input cannot be analysed")
+        if params.fail == "crash":
+            raise RuntimeError("the test pipeline crashed")
+        if params.log:
+            with Path(params.log).open("a") as fh:
+                fh.write(f"{inputs.job_id} {os.getpid()} {inputs.study_instance_uid}\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        files = sum(len(s.paths) for s in inputs.series)
+        return PipelineOutput(datasets=[], summary={"files": files})
