@@ -112,7 +112,7 @@ class Worker:
         def heartbeat() -> None:
             while not finished.wait(min(lease_s / 3, 5.0)):
                 if time.monotonic() - started > job.timeout_s:
-                    error = f"timed out after {job.timeout_s:.0f} s (attempt {job.attempts} of {job.max_attempts})"
+                    error = f"timed out after {job.timeout_s:g} s (attempt {job.attempts} of {job.max_attempts})"
                     state = self.jobs.fail(job.id, owner, error, retry=True, policy=self.job_retry)
                     logger.error("job %d %s; now %s; restarting this worker", job.id, error, state, extra=extra)
                     logging.shutdown()

@@ -262,8 +262,10 @@ def add_instance(
         patient_fk = patient.id
         _log_conflicts("patient", patient_key, patient, meta, ("patient_name", "patient_birth_date", "patient_sex"))
 
+    # FOR UPDATE: another writer adding a series to this study waits, so ModalitiesInStudy and the
+    # counts below see its series (PostgreSQL; SQLite writers are serialised already).
     study = conn.execute(
-        select(_studies).where(_studies.c.study_instance_uid == meta.study_instance_uid)
+        select(_studies).where(_studies.c.study_instance_uid == meta.study_instance_uid).with_for_update()
     ).first()
     if study is None:
         study_fk = conn.execute(
@@ -367,6 +369,7 @@ def remove_instance(conn: Connection, row: Row[Any]) -> None:
     """
     conn.execute(_instances.delete().where(_instances.c.id == row.id))
     series = conn.execute(select(_series).where(_series.c.id == row.series_fk)).one()
+    conn.execute(select(_studies.c.id).where(_studies.c.id == series.study_fk).with_for_update())
     if series.num_instances <= 1:
         conn.execute(_series.delete().where(_series.c.id == series.id))
         modalities = conn.execute(

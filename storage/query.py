@@ -238,6 +238,9 @@ def _wildcard_condition(column: Any, pattern: str, dialect: str) -> ColumnElemen
         # GLOB is case-sensitive and uses the column's index for a literal prefix.
         glob = pattern.replace("[", "[[]")
         return column.op("GLOB")(glob)
+    if dialect == "postgresql":
+        # Byte order for the prefix range: under ICU or national collations 'doe^john' < 'doe_' is false.
+        column = column.collate("C")
     escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     like = escaped.replace("*", "%").replace("?", "_")
     condition: ColumnElement[bool] = column.like(like, escape="\\")
@@ -263,14 +266,6 @@ def _check_time(keyword: str, value: str) -> str:
     if not _TIME.match(value):
         raise QueryValueError(f"{keyword}: {value!r} is not a time (HHMMSS.FFFFFF) or a time range")
     return value
-
-
-def _time_upper(value: str) -> str:
-    """An inclusive upper time bound as text: ``1015`` also covers 10:15:30 and 10:15:59.5.
-
-    Stored times are digits and a dot, all below ``~`` in every collation we use.
-    """
-    return value + "~"
 
 
 @dataclass(frozen=True)
@@ -478,7 +473,8 @@ def _range_condition(column: Any, value: str, *, is_time: bool) -> ColumnElement
     if low:
         parts.append(column >= low)
     if high:
-        parts.append(column <= (_time_upper(high) if is_time else high))
+        # An inclusive upper time bound: 1015 also covers 10:15:30 (compare the same number of digits).
+        parts.append(func.substr(column, 1, len(high)) <= high if is_time else column <= high)
     return and_(*parts)
 
 
@@ -493,7 +489,7 @@ def _combined_datetime_condition(date_value: str, time_value: str) -> ColumnElem
     if date_low:
         parts.append(or_(date > date_low, and_(date == date_low, time >= (time_low or ""))))
     if date_high:
-        high_time = time <= _time_upper(time_high) if time_high else true()
+        high_time = func.substr(time, 1, len(time_high)) <= time_high if time_high else true()
         parts.append(or_(date < date_high, and_(date == date_high, high_time)))
     return and_(*parts)
 

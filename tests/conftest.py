@@ -91,3 +91,40 @@ def storescp_factory(tmp_path: Path) -> Iterator[Callable[..., StorescpPeer]]:
     for peer in started:
         peer.stop()
 
+
+# -- PostgreSQL: a real server started by the tests (tests/pg.py) --------------------------------
+
+import itertools  # noqa: E402  (this block is self-contained)
+import re  # noqa: E402
+
+from tests.pg import PostgresNotInstalledError, PostgresServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL cluster for the whole run (initdb in a temporary folder, 127.0.0.1, trust auth).
+
+    Fails, never skips, when PostgreSQL is not installed. Stopped by its PID after the run.
+    """
+    try:
+        server = PostgresServer()
+    except PostgresNotInstalledError as exc:
+        pytest.fail(f"{exc}: run the README's test command (`bash .ci/test`), which installs it")
+    with server:
+        yield server
+
+
+_pg_databases = itertools.count()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, empty database for this test: its SQLAlchemy URL (``postgresql+psycopg://...``).
+
+    Dropped after the test (sessions still connected to it are ended).
+    """
+    stem = re.sub(r"[^a-z0-9_]+", "_", request.node.name.lower())
+    name = f"t{next(_pg_databases)}_{stem}"[:63]
+    url = postgres_server.create_database(name)
+    yield url
+    postgres_server.drop_database(name)

@@ -354,7 +354,7 @@ class StorescpPeer:
         env = {**os.environ, "TCP_NODELAY": "1"}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [binary, "-aet", self.ae_title, "-od", str(self.received_dir), "+xa", str(self.port)],
+                [binary, "-v", "-aet", self.ae_title, "-od", str(self.received_dir), "+xa", str(self.port)],
                 stdout=log, stderr=subprocess.STDOUT, env=env,
             )
         try:
@@ -363,6 +363,12 @@ class StorescpPeer:
             self.stop()
             raise PeerError(f"storescp did not start: {exc}\n{_log_tail(self.log_path)}") from None
         return self
+
+    def store_requests(self) -> int:
+        """How many C-STORE requests storescp has logged (each delivery counts, files or not)."""
+        if not self.log_path.exists():
+            return 0
+        return self.log_path.read_text(errors="replace").count("Received Store Request")
 
     def received(self) -> list[Path]:
         """The files received so far, sorted by name."""

@@ -34,7 +34,9 @@ from tests.helpers import (
 
 
 class Served:
-    def __init__(self, tmp_path: Path, processes: int = 1, **node: object) -> None:
+    def __init__(
+        self, tmp_path: Path, processes: int = 1, sections: dict[str, object] | None = None, **node: object
+    ) -> None:
         self.port = free_port()
         self.root = tmp_path / "store"
         self.db = tmp_path / "index.db"
@@ -43,7 +45,13 @@ class Served:
             "node": {"port": self.port, "acceptor_processes": processes, "timeouts": {"shutdown_grace": 5}, **node},
             "storage": {"root": str(self.root), "database_url": f"sqlite:///{self.db}", "min_free_bytes": 0},
             "remote_nodes": {"SELF": {"ae_title": "PACSNODE", "host": "127.0.0.1", "port": self.port}},
+            "analysis": {"workers": 0},
         }
+        for key, value in (sections or {}).items():
+            if isinstance(value, dict) and isinstance(config.get(key), dict):
+                config[key] = {**config[key], **value}  # type: ignore[dict-item]
+            else:
+                config[key] = value
         self.config.write_text(yaml.safe_dump(config))
         self.log = tmp_path / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None

@@ -1,0 +1,753 @@
+"""A synthetic chest CT phantom, in memory or written as real CT Image Storage files.
+
+The phantom is built in patient coordinates (DICOM LPS, millimetres) so its
+anatomy does not depend on the grid: a body ellipse of soft tissue with a
+subcutaneous fat layer, a vertebral body, a hollow patient table below the
+body (dense shell around a foam core, separated from the body by an air gap),
+two lung ellipsoids of different sizes (the patient's right one larger), vessels
+(tubes and spheres of soft tissue) and emphysema pockets (spheres of air)
+inside the lungs, a trachea above the lungs and bowel gas below them (small
+air pockets a lung segmentation must drop). Gaussian noise and an optional
+in-plane blur are added last.
+
+The truth (volumes, mean density, LAA-950) is computed from the exact voxel
+masks of the lungs, vessels included, and the noise-free image (after the
+blur, if any), so it is what a correct segmentation should find.
+
+Tests and benchmarks use :func:`write_chest_ct` (files on disk, for the loader)
+and :func:`make_chest_phantom` (in memory; ``ChestPhantom.to_volume`` gives a
+:class:`~analysis.types.Volume` without touching the disk).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import get_encoder
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
+
+from analysis.types import Volume
+
+__all__ = [
+    "ChestPhantom",
+    "ChestTruth",
+    "make_chest_phantom",
+    "make_benchmark_volume",
+    "write_chest_ct",
+]
+
+logger = logging.getLogger(__name__)
+
+# Hounsfield units of the phantom's materials.
+AIR_HU = -1000
+FAT_HU = -100
+SOFT_TISSUE_HU = 40
+BONE_HU = 600
+TABLE_SHELL_HU = 300
+TABLE_CORE_HU = -950
+LUNG_HU = -860  # mean parenchyma; a gravity gradient of +-40 HU runs anterior -> posterior
+LUNG_GRADIENT_HU = 40
+VESSEL_HU = 40
+EMPHYSEMA_HU = -1000
+
+RESCALE_INTERCEPT = -1024
+_HU_MIN = RESCALE_INTERCEPT
+_HU_MAX = RESCALE_INTERCEPT + 4095  # 12-bit stored range, valid for BitsStored 12 and 16
+
+DEFAULT_FIELD_OF_VIEW_MM = 400.0
+
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_LOSSLESS = (RLELossless, JPEGLSLossless, JPEG2000Lossless, JPEGLosslessSV1, JPEGLossless, HTJ2KLossless)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Ellipsoid:
+    centre: tuple[float, float, float]  # patient x, y, z (mm)
+    semi_axes: tuple[float, float, float]  # mm
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChestTruth:
+    """What a correct lung segmentation of a written phantom should report.
+
+    ``paths[i]`` is the file of slice ``i``, slices in ascending patient z
+    (the order :func:`analysis.volume.load_series` sorts them into); the file
+    names themselves are shuffled unless ``shuffle_files=False``.
+    Volumes in mL, densities in HU, LAA-950 in percent of lung voxels.
+    """
+
+    paths: list[Path]
+    study_instance_uid: str
+    series_instance_uid: str
+    frame_of_reference_uid: str
+    sop_instance_uids: list[str]
+    transfer_syntax_uid: str
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    right_volume_ml: float
+    left_volume_ml: float
+    total_volume_ml: float
+    laa950_percent: float
+    mean_density_hu: float
+    right_laa950_percent: float
+    left_laa950_percent: float
+    right_mean_density_hu: float
+    left_mean_density_hu: float
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ChestPhantom:
+    """An in-memory phantom: the noisy HU volume, the truth labels and measurements.
+
+    ``hu`` is int16 (slices, rows, columns), slices ascending along the slice
+    normal; ``labels`` is the truth, uint8, 1 right lung, 2 left lung, vessels
+    and emphysema inside the lungs included. Geometry as in
+    :class:`~analysis.types.Volume`.
+    """
+
+    hu: np.ndarray
+    labels: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    row_direction: tuple[float, float, float]
+    column_direction: tuple[float, float, float]
+    right_volume_ml: float
+    left_volume_ml: float
+    total_volume_ml: float
+    laa950_percent: float
+    mean_density_hu: float
+    right_laa950_percent: float
+    left_laa950_percent: float
+    right_mean_density_hu: float
+    left_mean_density_hu: float
+    slice_thickness_mm: float
+    _datasets: list[Dataset] = field(default_factory=list, repr=False)
+
+    def slice_position(self, index: int) -> tuple[float, float, float]:
+        """ImagePositionPatient of slice ``index``."""
+        normal = np.cross(self.row_direction, self.column_direction)
+        position = np.asarray(self.origin) + index * self.spacing[0] * normal
+        return (float(position[0]), float(position[1]), float(position[2]))
+
+    def to_volume(self) -> Volume:
+        """The phantom as a :class:`~analysis.types.Volume`, with minimal CT headers.
+
+        Returns
+        -------
+        Volume
+            Shares ``hu`` with the phantom (no copy).
+        """
+        datasets = []
+        for index in range(self.hu.shape[0]):
+            ds = Dataset()
+            ds.Modality = "CT"
+            ds.Rows, ds.Columns = self.hu.shape[1], self.hu.shape[2]
+            ds.ImagePositionPatient = list(self.slice_position(index))
+            ds.ImageOrientationPatient = [*self.row_direction, *self.column_direction]
+            ds.PixelSpacing = [self.spacing[1], self.spacing[2]]
+            ds.SliceThickness = self.slice_thickness_mm
+            ds.InstanceNumber = index + 1
+            datasets.append(ds)
+        return Volume(
+            hu=self.hu,
+            spacing=self.spacing,
+            origin=self.origin,
+            row_direction=self.row_direction,
+            column_direction=self.column_direction,
+            datasets=tuple(datasets),
+        )
+
+
+def make_chest_phantom(
+    *,
+    slices: int = 80,
+    size: int = 128,
+    pixel_spacing_mm: float | None = None,
+    slice_thickness_mm: float = 3.0,
+    seed: int = 0,
+    noise_hu: float = 15.0,
+    blur_sigma_mm: float = 0.0,
+    emphysema_pockets: int = 5,
+    vessels: int = 10,
+    join_lungs: bool = False,
+    mirror_columns: bool = False,
+) -> ChestPhantom:
+    """Build the chest phantom in memory, vectorised (a 300x512x512 volume takes a few seconds).
+
+    Parameters
+    ----------
+    slices, size
+        Number of axial slices, and rows = columns of each.
+    pixel_spacing_mm
+        In-plane spacing; default: a 400 mm field of view, ``400 / size``.
+    slice_thickness_mm
+        Slice thickness, also the spacing between slices.
+    seed
+        Seed of the :class:`numpy.random.Generator` that places the vessels and
+        emphysema pockets and draws the noise.
+    noise_hu
+        Standard deviation of the Gaussian noise, HU.
+    blur_sigma_mm
+        Standard deviation of an in-plane Gaussian blur applied before the
+        noise; 0 for none. The truth is computed after the blur.
+    emphysema_pockets
+        Spheres of air (-1000 HU, radius 6 to 14 mm) per lung.
+    vessels
+        Vessels per lung, tubes and spheres of soft tissue (radius 2 to 4 mm).
+    join_lungs
+        Join the two lungs with a bridge of parenchyma across the midline
+        (like an anterior junction) so that they form a single air component;
+        the truth assigns the bridge to each side of the plane x = 0.
+    mirror_columns
+        Store the columns in reverse order (ImageOrientationPatient
+        ``-1\\0\\0\\0\\1\\0``): the same patient, the right lung now on the
+        right of the image.
+
+    Returns
+    -------
+    ChestPhantom
+
+    Raises
+    ------
+    ValueError
+        For sizes or spacings that cannot hold the phantom.
+    """
+    if slices < 1 or size < 16:
+        raise ValueError(f"the phantom needs at least 1 slice of 16x16 pixels, got {slices} of {size}x{size}")
+    if pixel_spacing_mm is None:
+        pixel_spacing_mm = DEFAULT_FIELD_OF_VIEW_MM / size
+    if pixel_spacing_mm <= 0 or slice_thickness_mm <= 0:
+        raise ValueError("pixel_spacing_mm and slice_thickness_mm must be positive")
+    rng = np.random.default_rng(seed)
+    ps = float(pixel_spacing_mm)
+    dz = float(slice_thickness_mm)
+
+    # Patient coordinates of the voxel centres: x along columns, y along rows, z along slices.
+    xs = (np.arange(size) - (size - 1) / 2.0) * ps
+    ys = (np.arange(size) - (size - 1) / 2.0) * ps
+    z_centre = -150.0  # anatomy in mm about this z: lungs from -82 to +102 mm, slabs shorter than that cut them
+    zs = z_centre + (np.arange(slices) - (slices - 1) / 2.0) * dz
+
+    hu = np.empty((slices, size, size), dtype=np.float32)
+    hu[:] = _body_and_table(xs, ys)
+    labels = np.zeros((slices, size, size), dtype=np.uint8)
+
+    lungs = (
+        _Ellipsoid(centre=(-78.0, -5.0, z_centre + 10.0), semi_axes=(60.0, 78.0, 92.0)),
+        _Ellipsoid(centre=(74.0, -5.0, z_centre + 14.0), semi_axes=(54.0, 74.0, 88.0)),
+    )
+    for label, lung in enumerate(lungs, start=1):
+        _paint_lung(hu, labels, label, lung, xs, ys, zs)
+    if join_lungs:
+        _paint_bridge(hu, labels, lungs, xs, ys, zs)
+
+    # Emphysema first, vessels after, so that a vessel crossing a pocket stays a vessel.
+    for label, lung in enumerate(lungs, start=1):
+        for _ in range(emphysema_pockets):
+            centre = _point_inside(rng, lung, 0.6)
+            radius = float(rng.uniform(6.0, 14.0))
+            _paint_capsule(hu, labels, label, centre, centre, radius, EMPHYSEMA_HU, xs, ys, zs)
+        for n in range(vessels):
+            radius = float(rng.uniform(2.0, 4.0))
+            if n % 4 == 3:  # a juxtapleural nodule-like sphere: a notch in the lung's outline
+                start = end = _point_on_surface(rng, lung, 1.0 - radius / min(lung.semi_axes[:2]))
+            else:
+                start = _point_inside(rng, lung, 0.55)
+                end = start if n % 4 == 2 else _point_inside(rng, lung, 0.55)
+            _paint_capsule(hu, labels, label, start, end, radius, VESSEL_HU, xs, ys, zs)
+
+    # Air that is not lung: the trachea above the lungs, bowel gas below them.
+    trachea_start = (0.0, -30.0, z_centre + 60.0)
+    trachea_end = (0.0, -30.0, max(float(zs[-1]), z_centre + 60.0) + dz)
+    _paint_capsule(hu, labels, 0, trachea_start, trachea_end, 8.0, AIR_HU, xs, ys, zs)
+    for gx, gy in ((35.0, -45.0), (-45.0, 10.0)):
+        _paint_capsule(hu, labels, 0, (gx, gy, z_centre - 104.0), None, 12.0, AIR_HU, xs, ys, zs)
+
+    if blur_sigma_mm > 0:
+        sigma_px = blur_sigma_mm / ps
+        for k in range(slices):
+            cv2.GaussianBlur(hu[k], (0, 0), sigmaX=sigma_px, dst=hu[k], borderType=cv2.BORDER_REPLICATE)
+
+    truth = _measure(hu, labels, voxel_ml=ps * ps * dz / 1000.0)
+
+    out = np.empty((slices, size, size), dtype=np.int16)
+    chunk = max(1, (1 << 22) // (size * size))
+    for k0 in range(0, slices, chunk):
+        block = hu[k0 : k0 + chunk]
+        if noise_hu > 0:
+            block += rng.normal(0.0, noise_hu, size=block.shape).astype(np.float32)
+        np.clip(np.rint(block), _HU_MIN, _HU_MAX, out=block)
+        out[k0 : k0 + chunk] = block
+    del hu
+
+    row_direction = (1.0, 0.0, 0.0)
+    origin_x = float(xs[0])
+    if mirror_columns:
+        out = np.ascontiguousarray(out[:, :, ::-1])
+        labels = np.ascontiguousarray(labels[:, :, ::-1])
+        row_direction = (-1.0, 0.0, 0.0)
+        origin_x = float(xs[-1])
+    return ChestPhantom(
+        hu=out,
+        labels=labels,
+        spacing=(dz, ps, ps),
+        origin=(origin_x, float(ys[0]), float(zs[0])),
+        row_direction=row_direction,
+        column_direction=(0.0, 1.0, 0.0),
+        slice_thickness_mm=dz,
+        **truth,
+    )
+
+
+def make_benchmark_volume(
+    *, slices: int = 300, size: int = 512, slice_thickness_mm: float = 1.0, seed: int = 0
+) -> tuple[Volume, ChestPhantom]:
+    """A realistic-size phantom (default 300x512x512, 0.78 mm pixels, 1 mm slices) as a Volume.
+
+    Parameters
+    ----------
+    slices, size, slice_thickness_mm, seed
+        As for :func:`make_chest_phantom`.
+
+    Returns
+    -------
+    tuple
+        The :class:`~analysis.types.Volume` and the :class:`ChestPhantom` with the truth.
+    """
+    phantom = make_chest_phantom(
+        slices=slices,
+        size=size,
+        slice_thickness_mm=slice_thickness_mm,
+        seed=seed,
+        blur_sigma_mm=0.5,
+        vessels=25,
+        emphysema_pockets=6,
+    )
+    return phantom.to_volume(), phantom
+
+
+def write_chest_ct(
+    out_dir: Path,
+    *,
+    slices: int = 80,
+    size: int = 128,
+    pixel_spacing_mm: float | None = None,
+    slice_thickness_mm: float = 3.0,
+    seed: int = 0,
+    study_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+    patient_id: str = "PHANTOM-0001",
+    patient_name: str = "Phantom^Chest",
+    transfer_syntax_uid: str = ExplicitVRLittleEndian,
+    noise_hu: float = 15.0,
+    blur_sigma_mm: float = 0.0,
+    shuffle_files: bool = True,
+    bits_stored: int = 12,
+    emphysema_pockets: int = 5,
+    vessels: int = 10,
+    join_lungs: bool = False,
+    mirror_columns: bool = False,
+    series_number: int = 1,
+) -> ChestTruth:
+    """Write the chest phantom as one CT Image Storage file per slice.
+
+    The files carry every Type 1 and Type 2 attribute of the CT Image IOD
+    (dciodvfy reports no errors), stored values unsigned with
+    RescaleIntercept -1024 and RescaleSlope 1.
+
+    Parameters
+    ----------
+    out_dir
+        Folder to write into (created if needed).
+    slices, size, pixel_spacing_mm, slice_thickness_mm, seed, noise_hu, blur_sigma_mm, emphysema_pockets, vessels, join_lungs, mirror_columns
+        The phantom, see :func:`make_chest_phantom`.
+    study_instance_uid, series_instance_uid
+        UIDs to use; new ones by default.
+    patient_id, patient_name
+        Patient module values.
+    transfer_syntax_uid
+        Explicit or Implicit VR Little Endian, or a lossless compressed syntax
+        that has an encoder installed (RLE Lossless, JPEG-LS Lossless,
+        JPEG 2000 Lossless).
+    shuffle_files
+        Name the files (and write them) in a random order, not slice order.
+    bits_stored
+        12 or 16.
+    series_number
+        SeriesNumber.
+
+    Returns
+    -------
+    ChestTruth
+
+    Raises
+    ------
+    ValueError
+        For a transfer syntax that cannot be written or a bad ``bits_stored``.
+    """
+    tsuid = UID(transfer_syntax_uid)
+    if tsuid not in _UNCOMPRESSED:
+        if tsuid not in _LOSSLESS:
+            raise ValueError(f"cannot write the phantom as {tsuid.name}: only uncompressed or lossless syntaxes")
+        try:
+            encoder = get_encoder(tsuid)
+        except NotImplementedError as exc:
+            raise ValueError(f"no encoder exists for {tsuid.name}") from exc
+        if not encoder.is_available:
+            raise ValueError(f"no encoder available for {tsuid.name}: {encoder.missing_dependencies}")
+    if bits_stored not in (12, 16):
+        raise ValueError(f"bits_stored must be 12 or 16, not {bits_stored}")
+
+    phantom = make_chest_phantom(
+        slices=slices,
+        size=size,
+        pixel_spacing_mm=pixel_spacing_mm,
+        slice_thickness_mm=slice_thickness_mm,
+        seed=seed,
+        noise_hu=noise_hu,
+        blur_sigma_mm=blur_sigma_mm,
+        emphysema_pockets=emphysema_pockets,
+        vessels=vessels,
+        join_lungs=join_lungs,
+        mirror_columns=mirror_columns,
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study_uid = study_instance_uid or generate_uid()
+    series_uid = series_instance_uid or generate_uid()
+    frame_uid = generate_uid()
+    now = datetime.datetime.now()
+    common = _common_header(
+        study_uid=study_uid,
+        series_uid=series_uid,
+        frame_uid=frame_uid,
+        patient_id=patient_id,
+        patient_name=patient_name,
+        series_number=series_number,
+        phantom=phantom,
+        bits_stored=bits_stored,
+        when=now,
+    )
+
+    order = np.random.default_rng(seed + 1).permutation(slices) if shuffle_files else np.arange(slices)
+    names = [f"IM{int(n):05d}.dcm" for n in order]  # names[k]: the file of slice k
+    paths = [out_dir / name for name in names]
+    sop_uids = [generate_uid() for _ in range(slices)]
+    for k in np.argsort(order) if shuffle_files else range(slices):
+        ds = _slice_dataset(common, phantom, int(k), sop_uids[k], tsuid, now)
+        stored = (phantom.hu[k].astype(np.int32) - RESCALE_INTERCEPT).astype(np.uint16)
+        if tsuid in _UNCOMPRESSED:
+            ds.PixelData = stored.tobytes()
+        else:
+            ds.compress(tsuid, stored, generate_instance_uid=False)
+            ds.LossyImageCompression = "00"
+        ds.save_as(paths[k], enforce_file_format=True)
+    logger.debug("wrote a %dx%dx%d chest phantom to %s as %s", slices, size, size, out_dir, tsuid.name)
+    return ChestTruth(
+        paths=paths,
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        frame_of_reference_uid=frame_uid,
+        sop_instance_uids=sop_uids,
+        transfer_syntax_uid=str(tsuid),
+        shape=(slices, size, size),
+        spacing=phantom.spacing,
+        right_volume_ml=phantom.right_volume_ml,
+        left_volume_ml=phantom.left_volume_ml,
+        total_volume_ml=phantom.total_volume_ml,
+        laa950_percent=phantom.laa950_percent,
+        mean_density_hu=phantom.mean_density_hu,
+        right_laa950_percent=phantom.right_laa950_percent,
+        left_laa950_percent=phantom.left_laa950_percent,
+        right_mean_density_hu=phantom.right_mean_density_hu,
+        left_mean_density_hu=phantom.left_mean_density_hu,
+    )
+
+
+# ----------------------------------------------------------------- geometry
+
+
+def _body_and_table(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """One axial slice of everything that does not change along z: body, fat, spine, table."""
+    x = xs[None, :]
+    y = ys[:, None]
+    body_y = -10.0
+
+    def ellipse(cx: float, cy: float, a: float, b: float) -> np.ndarray:
+        result: np.ndarray = ((x - cx) / a) ** 2 + ((y - cy) / b) ** 2 <= 1.0
+        return result
+
+    slice_ = np.full((ys.size, xs.size), AIR_HU, dtype=np.float32)
+    slice_[ellipse(0.0, body_y, 170.0, 120.0)] = FAT_HU
+    slice_[ellipse(0.0, body_y, 158.0, 108.0)] = SOFT_TISSUE_HU
+    slice_[ellipse(0.0, 60.0, 18.0, 16.0)] = BONE_HU
+    # Hollow table: 4 mm shell around a foam core, 15 mm below the body.
+    table_top = body_y + 120.0 + 15.0
+    shell = (np.abs(x) <= 185.0) & (y >= table_top) & (y <= table_top + 30.0)
+    core = (np.abs(x) <= 181.0) & (y >= table_top + 4.0) & (y <= table_top + 26.0)
+    slice_[shell] = TABLE_SHELL_HU
+    slice_[core] = TABLE_CORE_HU
+    return slice_
+
+
+def _index_range(coords: np.ndarray, low: float, high: float) -> slice:
+    """Indices of the ascending ``coords`` within [low, high]."""
+    start = int(np.searchsorted(coords, low, side="left"))
+    stop = int(np.searchsorted(coords, high, side="right"))
+    return slice(start, stop)
+
+
+def _paint_lung(
+    hu: np.ndarray,
+    labels: np.ndarray,
+    label: int,
+    lung: _Ellipsoid,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    zs: np.ndarray,
+) -> None:
+    (cx, cy, cz), (a, b, c) = lung.centre, lung.semi_axes
+    sk, sr, sc = _index_range(zs, cz - c, cz + c), _index_range(ys, cy - b, cy + b), _index_range(xs, cx - a, cx + a)
+    u = (((xs[sc] - cx) / a) ** 2).astype(np.float32)
+    v = (((ys[sr] - cy) / b) ** 2).astype(np.float32)
+    w = (((zs[sk] - cz) / c) ** 2).astype(np.float32)
+    inside = (w[:, None, None] + v[None, :, None] + u[None, None, :]) <= 1.0
+    # Dependent (posterior, +y) lung is denser.
+    gradient = (LUNG_HU + LUNG_GRADIENT_HU * (ys[sr] - cy) / b).astype(np.float32)
+    values = np.broadcast_to(gradient[None, :, None], inside.shape)
+    hu[sk, sr, sc][inside] = values[inside]
+    labels[sk, sr, sc][inside] = label
+
+
+def _paint_bridge(
+    hu: np.ndarray,
+    labels: np.ndarray,
+    lungs: tuple[_Ellipsoid, _Ellipsoid],
+    xs: np.ndarray,
+    ys: np.ndarray,
+    zs: np.ndarray,
+) -> None:
+    """A 12 mm x 12 mm parenchyma bar across the anterior mediastinum, over the middle third of the lungs."""
+    right, left = lungs
+    cz = (right.centre[2] + left.centre[2]) / 2.0
+    half_z = min(right.semi_axes[2], left.semi_axes[2]) / 3.0
+    x0, x1 = right.centre[0], left.centre[0]
+    y0 = right.centre[1] - 0.55 * right.semi_axes[1]
+    sk, sr, sc = _index_range(zs, cz - half_z, cz + half_z), _index_range(ys, y0 - 6.0, y0 + 6.0), _index_range(xs, x0, x1)
+    block_labels = labels[sk, sr, sc]
+    empty = block_labels == 0
+    side = np.where(xs[sc] < 0.0, 1, 2).astype(np.uint8)
+    block_labels[empty] = np.broadcast_to(side[None, None, :], empty.shape)[empty]
+    hu[sk, sr, sc][empty] = LUNG_HU
+
+
+def _point_inside(rng: np.random.Generator, lung: _Ellipsoid, scale: float) -> tuple[float, float, float]:
+    """A uniform random point inside the lung ellipsoid shrunk by ``scale``."""
+    while True:
+        p = rng.uniform(-1.0, 1.0, size=3)
+        if float(p @ p) <= 1.0:
+            break
+    point = np.asarray(lung.centre) + scale * p * np.asarray(lung.semi_axes)
+    return (float(point[0]), float(point[1]), float(point[2]))
+
+
+def _point_on_surface(rng: np.random.Generator, lung: _Ellipsoid, scale: float) -> tuple[float, float, float]:
+    """A random point on the lung's surface shrunk by ``scale``, away from the apex and base."""
+    while True:
+        p = rng.normal(size=3)
+        p /= np.linalg.norm(p)
+        if abs(p[2]) < 0.6:
+            break
+    point = np.asarray(lung.centre) + scale * p * np.asarray(lung.semi_axes)
+    return (float(point[0]), float(point[1]), float(point[2]))
+
+
+def _paint_capsule(
+    hu: np.ndarray,
+    labels: np.ndarray,
+    label: int,
+    start: tuple[float, float, float],
+    end: tuple[float, float, float] | None,
+    radius: float,
+    value: float,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    zs: np.ndarray,
+) -> None:
+    """Paint the voxels within ``radius`` of the segment start-end (a sphere if end is None or start)."""
+    a = np.asarray(start, dtype=np.float64)
+    b = a if end is None else np.asarray(end, dtype=np.float64)
+    low, high = np.minimum(a, b) - radius, np.maximum(a, b) + radius
+    sk, sr, sc = _index_range(zs, low[2], high[2]), _index_range(ys, low[1], high[1]), _index_range(xs, low[0], high[0])
+    px = (xs[sc] - a[0])[None, None, :]
+    py = (ys[sr] - a[1])[None, :, None]
+    pz = (zs[sk] - a[2])[:, None, None]
+    d = b - a
+    length2 = float(d @ d)
+    if length2 > 0:
+        t = np.clip((px * d[0] + py * d[1] + pz * d[2]) / length2, 0.0, 1.0)
+        dist2 = (px - t * d[0]) ** 2 + (py - t * d[1]) ** 2 + (pz - t * d[2]) ** 2
+    else:
+        dist2 = px**2 + py**2 + pz**2
+    inside = dist2 <= radius * radius
+    if label:
+        inside &= labels[sk, sr, sc] == label  # stay inside this lung
+    hu[sk, sr, sc][inside] = value
+
+
+def _measure(hu: np.ndarray, labels: np.ndarray, *, voxel_ml: float) -> dict[str, float]:
+    """Volumes, mean density and LAA-950 of the truth labels on the noise-free image."""
+    result: dict[str, float] = {}
+    total_count = 0
+    total_sum = 0.0
+    total_low = 0
+    for name, label in (("right", 1), ("left", 2)):
+        mask = labels == label
+        values = hu[mask].astype(np.float64)
+        count = int(values.size)
+        low = int(np.count_nonzero(values < -950))
+        result[f"{name}_volume_ml"] = count * voxel_ml
+        result[f"{name}_mean_density_hu"] = float(values.mean()) if count else float("nan")
+        result[f"{name}_laa950_percent"] = 100.0 * low / count if count else float("nan")
+        total_count += count
+        total_sum += float(values.sum())
+        total_low += low
+    result["total_volume_ml"] = total_count * voxel_ml
+    result["mean_density_hu"] = total_sum / total_count if total_count else float("nan")
+    result["laa950_percent"] = 100.0 * total_low / total_count if total_count else float("nan")
+    return result
+
+
+# ----------------------------------------------------------------- DICOM
+
+
+def _common_header(
+    *,
+    study_uid: str,
+    series_uid: str,
+    frame_uid: str,
+    patient_id: str,
+    patient_name: str,
+    series_number: int,
+    phantom: ChestPhantom,
+    bits_stored: int,
+    when: datetime.datetime,
+) -> Dataset:
+    """The attributes shared by every slice of the series."""
+    date = when.strftime("%Y%m%d")
+    time = when.strftime("%H%M%S")
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SOPClassUID = CTImageStorage
+    # Patient
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "O"
+    # General Study
+    ds.StudyInstanceUID = study_uid
+    ds.StudyDate = date
+    ds.StudyTime = time
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.AccessionNumber = ""
+    ds.StudyDescription = "Synthetic chest CT phantom"
+    # General Series
+    ds.Modality = "CT"
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = series_number
+    ds.SeriesDate = date
+    ds.SeriesTime = time
+    ds.SeriesDescription = "Chest phantom"
+    ds.BodyPartExamined = "CHEST"
+    ds.PatientPosition = "HFS"
+    # Frame of Reference
+    ds.FrameOfReferenceUID = frame_uid
+    ds.PositionReferenceIndicator = ""
+    # General Equipment
+    ds.Manufacturer = "pacsnode"
+    ds.ManufacturerModelName = "analysis.synthetic"
+    ds.SoftwareVersions = "1"
+    # General Acquisition / General Image
+    ds.AcquisitionNumber = 1
+    ds.AcquisitionDate = date
+    ds.AcquisitionTime = time
+    ds.ContentDate = date
+    ds.ContentTime = time
+    ds.BurnedInAnnotation = "NO"
+    # Image Plane
+    ds.ImageOrientationPatient = [*phantom.row_direction, *phantom.column_direction]
+    ds.PixelSpacing = [_ds_number(phantom.spacing[1]), _ds_number(phantom.spacing[2])]
+    ds.SliceThickness = _ds_number(phantom.slice_thickness_mm)
+    # Image Pixel
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = phantom.hu.shape[1]
+    ds.Columns = phantom.hu.shape[2]
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    # CT Image
+    ds.RescaleIntercept = RESCALE_INTERCEPT
+    ds.RescaleSlope = 1
+    ds.RescaleType = "HU"
+    ds.KVP = 120
+    ds.ConvolutionKernel = "STANDARD"
+    # VOI LUT: a lung window
+    ds.WindowCenter = -600
+    ds.WindowWidth = 1500
+    return ds
+
+
+def _ds_number(value: float) -> str:
+    """A decimal string of at most 16 characters."""
+    text = f"{value:.6f}".rstrip("0").rstrip(".")
+    return text[:16]
+
+
+def _slice_dataset(
+    common: Dataset,
+    phantom: ChestPhantom,
+    index: int,
+    sop_uid: str,
+    tsuid: UID,
+    when: datetime.datetime,
+) -> Dataset:
+    ds = copy.deepcopy(common)
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceNumber = index + 1
+    position = phantom.slice_position(index)
+    ds.ImagePositionPatient = [_ds_number(v) for v in position]
+    ds.SliceLocation = _ds_number(position[2])
+    ds.InstanceCreationDate = when.strftime("%Y%m%d")
+    ds.InstanceCreationTime = when.strftime("%H%M%S")
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = tsuid if tsuid in _UNCOMPRESSED else ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta = meta
+    return ds

@@ -1,0 +1,431 @@
+"""Tests of analysis.writers: SEG, SR and key images built from a small synthetic CT."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import CTImageStorage, generate_uid
+
+from analysis.types import AnalysisError, LungResult, Volume
+from analysis.writers import CODES, LUNG_WINDOW, NOT_FOR_DIAGNOSTIC_USE, result_uid, write_lung_results
+
+VALIDATOR = Path("/work/shared/tools/validate/validate_dicom.sh")
+PIPELINE_NAME = "lung-threshold"
+SLICES, ROWS, COLUMNS = 12, 64, 64
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SR_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+SC_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+UID_PATTERN = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+
+
+def make_ct_headers(
+    n: int = SLICES, rows: int = ROWS, columns: int = COLUMNS, *, series_uid: str | None = None
+) -> tuple[Dataset, ...]:
+    """Headers of an axial CT series (CT Image IOD, no Pixel Data), ascending z."""
+    study_uid, frame_uid = generate_uid(), generate_uid()
+    series_uid = series_uid or generate_uid()
+    headers = []
+    for i in range(n):
+        ds = Dataset()
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.PatientName = "Lung^Test"
+        ds.PatientID = "PID-0001"
+        ds.PatientBirthDate = "19600102"
+        ds.PatientSex = "F"
+        ds.StudyInstanceUID = study_uid
+        ds.StudyDate = "20240305"
+        ds.StudyTime = "101500"
+        ds.ReferringPhysicianName = "Ref^Doctor"
+        ds.StudyID = "S1"
+        ds.AccessionNumber = "ACC123"
+        ds.StudyDescription = "CT CHEST"
+        ds.Modality = "CT"
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesNumber = 3
+        ds.BodyPartExamined = "CHEST"
+        ds.PatientPosition = "HFS"
+        ds.FrameOfReferenceUID = frame_uid
+        ds.PositionReferenceIndicator = ""
+        ds.Manufacturer = "Scanner Co"
+        ds.InstanceNumber = i + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.AcquisitionNumber = 1
+        ds.ContentDate = "20240305"
+        ds.ContentTime = "101600"
+        ds.PixelSpacing = [0.7, 0.7]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-22.4, -22.4, -100.0 + 2.5 * i]
+        ds.SliceThickness = 2.5
+        ds.SliceLocation = -100.0 + 2.5 * i
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = rows
+        ds.Columns = columns
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        ds.RescaleIntercept = 0
+        ds.RescaleSlope = 1
+        ds.RescaleType = "HU"
+        ds.KVP = 120
+        headers.append(ds)
+    return tuple(headers)
+
+
+def make_volume(
+    n: int = SLICES, rows: int = ROWS, columns: int = COLUMNS, *, series_uid: str | None = None
+) -> Volume:
+    headers = make_ct_headers(n, rows, columns, series_uid=series_uid)
+    rng = np.random.default_rng(7)
+    hu = rng.integers(-60, 60, size=(n, rows, columns), dtype=np.int16)
+    return Volume(
+        hu=hu,
+        spacing=(2.5, 0.7, 0.7),
+        origin=(-22.4, -22.4, -100.0),
+        row_direction=(1.0, 0.0, 0.0),
+        column_direction=(0.0, 1.0, 0.0),
+        datasets=headers,
+    )
+
+
+def make_result(volume: Volume) -> LungResult:
+    """Two elliptic blobs (patient's right lung on the image's left) on the middle slices.
+
+    The measurements are made-up numbers: the writers report them, they do not recompute them.
+    """
+    n, rows, columns = volume.hu.shape
+    labels = np.zeros((n, rows, columns), dtype=np.uint8)
+    yy, xx = np.mgrid[:rows, :columns]
+    for k in range(2, n - 2):
+        right = ((yy - rows / 2) / (rows / 4)) ** 2 + ((xx - columns * 0.3) / (columns / 8)) ** 2 <= 1
+        left = ((yy - rows / 2) / (rows / 4)) ** 2 + ((xx - columns * 0.7) / (columns / 8)) ** 2 <= 1
+        labels[k][right] = 1
+        labels[k][left] = 2
+    return LungResult(
+        labels=labels,
+        right_volume_ml=2512.25,
+        left_volume_ml=2230.5,
+        total_volume_ml=4742.75,
+        mean_density_hu=-861.4,
+        laa950_percent=12.5,
+        right_mean_density_hu=-858.2,
+        left_mean_density_hu=-865.0,
+        right_laa950_percent=11.75,
+        left_laa950_percent=13.375,
+    )
+
+
+@pytest.fixture(scope="module")
+def volume() -> Volume:
+    return make_volume()
+
+
+@pytest.fixture(scope="module")
+def result(volume: Volume) -> LungResult:
+    return make_result(volume)
+
+
+@pytest.fixture(scope="module")
+def outputs(volume: Volume, result: LungResult) -> list[Dataset]:
+    return write(volume, result)
+
+
+@pytest.fixture(scope="module")
+def written(outputs: list[Dataset], tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    """The outputs saved as files, grouped by kind."""
+    folder = tmp_path_factory.mktemp("results")
+    files: dict[str, list[Path]] = {"SEG": [], "SR": [], "SC": []}
+    kinds = {SEG_SOP_CLASS: "SEG", SR_SOP_CLASS: "SR", SC_SOP_CLASS: "SC"}
+    for i, ds in enumerate(outputs):
+        kind = kinds[ds.SOPClassUID]
+        path = folder / f"{i:02d}_{kind}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files[kind].append(path)
+    return files
+
+
+def write(volume: Volume, result: LungResult, *, version: str = "1.2.0", **options: Any) -> list[Dataset]:
+    return write_lung_results(volume, result, pipeline_name=PIPELINE_NAME, pipeline_version=version, **options)
+
+
+def uids_of(outputs: list[Dataset]) -> list[tuple[str, str]]:
+    return [(ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in outputs]
+
+
+# --- result_uid ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "root", ["2.25", "1.2.826.0.1.3680043.10.999", "1.2.3.4.5.6.7.8.9.10.11.12.13.14.15.16.17.18.19.20.21"]
+)
+def test_result_uid_is_valid_deterministic_and_under_root(root: str) -> None:
+    parts = ("1.2.840.99.1", "lung-threshold", "1.2.0", "SEG", "1")
+    uid = result_uid(root, *parts)
+    assert uid == result_uid(root, *parts)
+    assert len(uid) <= 64
+    assert UID_PATTERN.match(uid), uid
+    assert uid.startswith(root + ".")
+    assert len(uid.split(".")) == len(root.split(".")) + 1
+    assert result_uid(root, *parts[:-1], "2") != uid
+    if root != "2.25":
+        assert len(uid) == 64  # uses all the room the root leaves
+
+
+def test_result_uid_2_25_is_uuid_form() -> None:
+    uid = result_uid("2.25", "a", "b")
+    value = int(uid.split(".")[2])
+    assert 0 < value < 2**128
+    assert str(value) == uid.split(".")[2]  # no leading zero
+
+
+def test_result_uid_parts_are_not_just_concatenated() -> None:
+    assert result_uid("2.25", "ab", "c") != result_uid("2.25", "a", "bc")
+    assert result_uid("1.2.3", "ab", "c") != result_uid("1.2.3", "a", "bc")
+
+
+@pytest.mark.parametrize("root", ["", "1.02.3", "1..2", "abc", "1.2." + "1" * 60])
+def test_result_uid_rejects_bad_roots(root: str) -> None:
+    with pytest.raises(ValueError):
+        result_uid(root, "x")
+
+
+# --- write_lung_results -------------------------------------------------------------------------
+
+
+def test_three_kinds_each_in_own_new_series(outputs: list[Dataset], volume: Volume) -> None:
+    assert [ds.SOPClassUID for ds in outputs] == [SEG_SOP_CLASS, SR_SOP_CLASS] + [SC_SOP_CLASS] * 3
+    assert isinstance(outputs[0], hd.seg.Segmentation)
+    assert isinstance(outputs[1], hd.sr.Comprehensive3DSR)
+    assert all(isinstance(ds, hd.sc.SCImage) for ds in outputs[2:])
+    series = {ds.SOPClassUID: ds.SeriesInstanceUID for ds in outputs}
+    assert len(set(series.values())) == 3
+    assert volume.datasets[0].SeriesInstanceUID not in series.values()
+    assert len({ds.SOPInstanceUID for ds in outputs}) == len(outputs)
+    assert [ds.SeriesNumber for ds in outputs] == [9001, 9002, 9003, 9003, 9003]
+    assert [ds.InstanceNumber for ds in outputs[2:]] == [1, 2, 3]
+    for ds in outputs:
+        assert NOT_FOR_DIAGNOSTIC_USE in ds.SeriesDescription
+        assert len(ds.SeriesDescription) <= 64
+        assert ds.Manufacturer == "pacsnode"
+        assert ds.ManufacturerModelName == PIPELINE_NAME
+
+
+def test_patient_and_study_copied(outputs: list[Dataset], volume: Volume) -> None:
+    source = volume.datasets[0]
+    for ds in outputs:
+        for keyword in (
+            "StudyInstanceUID",
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "PatientSex",
+            "StudyDate",
+            "StudyTime",
+            "StudyID",
+            "AccessionNumber",
+            "ReferringPhysicianName",
+        ):
+            assert str(ds[keyword].value) == str(source[keyword].value), (ds.Modality, keyword)
+
+
+def test_rerun_gives_same_uids_even_with_more_source_slices(volume: Volume, result: LungResult) -> None:
+    first = write(volume, result)
+    again = write(volume, result)
+    assert uids_of(first) == uids_of(again)
+    # More instances arrived: one more slice, same series.
+    extra = make_ct_headers(1, series_uid=volume.datasets[0].SeriesInstanceUID)[0]
+    for keyword in ("StudyInstanceUID", "FrameOfReferenceUID"):
+        setattr(extra, keyword, volume.datasets[0][keyword].value)
+    extra.ImagePositionPatient = [-22.4, -22.4, -100.0 + 2.5 * SLICES]
+    grown = replace(
+        volume,
+        hu=np.concatenate([volume.hu, volume.hu[-1:]]),
+        datasets=(*volume.datasets, extra),
+    )
+    grown_result = replace(result, labels=np.concatenate([result.labels, result.labels[-1:]]))
+    assert uids_of(write(grown, grown_result)) == uids_of(first)
+
+
+def test_other_series_or_version_gives_other_uids(volume: Volume, result: LungResult) -> None:
+    first = {uid for pair in uids_of(write(volume, result)) for uid in pair}
+    other_volume = make_volume()
+    other_series = {
+        uid for pair in uids_of(write(other_volume, result)) for uid in pair
+    }
+    other_version = {
+        uid
+        for pair in uids_of(write(volume, result, version="2"))
+        for uid in pair
+    }
+    assert not first & other_series
+    assert not first & other_version
+
+
+def test_uid_root_is_used(volume: Volume, result: LungResult) -> None:
+    root = "1.2.826.0.1.3680043.10.999"
+    for ds in write(volume, result, uid_root=root, key_slices=1):
+        assert ds.SeriesInstanceUID.startswith(root + ".")
+        assert ds.SOPInstanceUID.startswith(root + ".")
+
+
+def test_empty_labels_are_an_analysis_error(volume: Volume, result: LungResult) -> None:
+    empty = replace(result, labels=np.zeros_like(result.labels))
+    with pytest.raises(AnalysisError, match="no lung"):
+        write(volume, empty)
+
+
+def test_missing_lung_keeps_valid_objects(volume: Volume, result: LungResult, tmp_path: Path) -> None:
+    """A single lung (say after pneumonectomy): the empty segment stays described, NaNs are left out."""
+    labels = np.where(result.labels == 2, 0, result.labels).astype(np.uint8)
+    one_lung = replace(
+        result, labels=labels, left_volume_ml=0.0, left_mean_density_hu=float("nan"), left_laa950_percent=float("nan")
+    )
+    seg, sr, *_ = write(volume, one_lung, key_slices=1)
+    assert len(seg.SegmentSequence) == 2
+    seg.save_as(tmp_path / "seg.dcm", enforce_file_format=True)
+    back = hd.seg.segread(tmp_path / "seg.dcm")
+    pixels = back.get_pixels_by_source_instance(
+        source_sop_instance_uids=[ds.SOPInstanceUID for ds in volume.datasets],
+        combine_segments=True,
+        assert_missing_frames_are_empty=True,
+    )
+    np.testing.assert_array_equal(pixels, labels)
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    report = hd.sr.srread(tmp_path / "sr.dcm").content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    numbers = {}
+    for group in report.get_volumetric_roi_measurement_groups():
+        assert group.referenced_segment is not None and group.referenced_segment.referenced_segment_numbers
+        numbers[group.referenced_segment.referenced_segment_numbers[0]] = _numbers(group)
+    assert numbers[2] == {CODES.volume.value: 0.0}
+    assert len(numbers[1]) == 3
+
+
+def test_seg_round_trip(written: dict[str, list[Path]], volume: Volume, result: LungResult) -> None:
+    seg = hd.seg.segread(written["SEG"][0])
+    assert seg.SegmentationType == "BINARY"
+    assert [int(s.SegmentNumber) for s in seg.SegmentSequence] == [1, 2]
+    labels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[ds.SOPInstanceUID for ds in volume.datasets],
+        combine_segments=True,
+        assert_missing_frames_are_empty=True,
+    )
+    np.testing.assert_array_equal(labels, result.labels)
+    for item, side in zip(seg.SegmentSequence, (CODES.right, CODES.left), strict=True):
+        assert item.SegmentAlgorithmType == "AUTOMATIC"
+        prop = item.SegmentedPropertyTypeCodeSequence[0]
+        assert (prop.CodeValue, prop.CodingSchemeDesignator) == (CODES.lung.value, "SCT")
+        modifier = prop.SegmentedPropertyTypeModifierCodeSequence[0]
+        assert modifier.CodeValue == side.value
+        assert item.SegmentedPropertyCategoryCodeSequence[0].CodeValue == CODES.anatomical_structure.value
+        assert item.SegmentAlgorithmName == PIPELINE_NAME
+    assert seg.StudyInstanceUID == volume.datasets[0].StudyInstanceUID
+    assert seg.FrameOfReferenceUID == volume.datasets[0].FrameOfReferenceUID
+
+
+def _numbers(
+    group: hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations,
+) -> dict[str, float]:
+    return {measurement.name.value: measurement.value for measurement in group.get_measurements()}
+
+
+def test_sr_holds_the_measurements(written: dict[str, list[Path]], outputs: list[Dataset], result: LungResult) -> None:
+    sr = hd.sr.srread(written["SR"][0])
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+    report = sr.content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    groups = report.get_volumetric_roi_measurement_groups()
+    assert len(groups) == 2
+    seg = outputs[0]
+    expected = {
+        1: (result.right_volume_ml, result.right_mean_density_hu, result.right_laa950_percent),
+        2: (result.left_volume_ml, result.left_mean_density_hu, result.left_laa950_percent),
+    }
+    for group in groups:
+        segment = group.referenced_segment
+        assert segment is not None
+        assert segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+        assert segment.referenced_segment_numbers is not None
+        number = segment.referenced_segment_numbers[0]
+        values = _numbers(group)
+        assert values == pytest.approx(
+            {CODES.volume.value: expected[number][0], CODES.attenuation.value: expected[number][1],
+             CODES.laa950.value: expected[number][2]}
+        )  # fmt: skip
+        assert group.get_measurements(name=CODES.volume)[0].unit == CODES.milliliter
+        assert group.get_measurements(name=CODES.laa950)[0].unit == CODES.percent
+        assert group.get_measurements(name=CODES.attenuation)[0].unit == CODES.hounsfield_unit
+    totals = report.get_image_measurement_groups()
+    assert len(totals) == 1
+    assert _numbers(totals[0]) == pytest.approx(
+        {CODES.volume.value: result.total_volume_ml, CODES.attenuation.value: result.mean_density_hu,
+         CODES.laa950.value: result.laa950_percent}
+    )  # fmt: skip
+    for any_group in [*groups, *totals]:
+        evaluations = any_group.get_qualitative_evaluations(name=CODES.intended_use)
+        assert [e.value for e in evaluations] == [CODES.not_for_diagnostic_use]
+        assert CODES.not_for_diagnostic_use.meaning.upper() == NOT_FOR_DIAGNOSTIC_USE
+    algorithm = report.get_observer_contexts()[0]
+    assert algorithm.observer_type == hd.sr.CodedConcept.from_code(codes.DCM.Device)
+    referenced = {item.ReferencedSOPInstanceUID for ev in sr.CurrentRequestedProcedureEvidenceSequence
+                  for series in ev.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}  # fmt: skip
+    assert seg.SOPInstanceUID in referenced
+
+
+def test_key_images_have_banner_contours_and_burned_in_flag(
+    written: dict[str, list[Path]], volume: Volume, result: LungResult
+) -> None:
+    width, level = LUNG_WINDOW
+    for path in written["SC"]:
+        sc = pydicom.dcmread(path)
+        assert sc.BurnedInAnnotation == "YES"
+        assert sc.PhotometricInterpretation == "RGB"
+        pixels = sc.pixel_array
+        source_uid = sc.SourceImageSequence[0].ReferencedSOPInstanceUID
+        index = [ds.SOPInstanceUID for ds in volume.datasets].index(source_uid)
+        assert result.labels[index].any()
+        banner_rows = pixels.shape[0] - ROWS
+        assert banner_rows > 0
+        plain = np.clip((volume.hu[index].astype(float) - (level - width / 2)) * 255 / width, 0, 255).astype(np.uint8)
+        image = pixels[banner_rows:]
+        grey = (image[..., 0] == image[..., 1]) & (image[..., 1] == image[..., 2])
+        # Outside the contours the CT is unchanged; the contours are coloured.
+        np.testing.assert_array_equal(image[..., 0][grey], plain[grey])
+        assert (~grey).sum() > 20
+        banner = pixels[:banner_rows]
+        assert banner.std() > 10  # text, not a plain band
+        assert (banner[..., 0] != banner[..., 2]).any()  # yellow warning text
+
+
+def test_key_slices_spread_over_lung(outputs: list[Dataset], volume: Volume) -> None:
+    uids = [ds.SOPInstanceUID for ds in volume.datasets]
+    indices = [uids.index(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) for ds in outputs[2:]]
+    assert indices == sorted(set(indices))
+    assert indices[0] >= 2 and indices[-1] <= SLICES - 3
+
+
+def test_all_files_pass_the_validator(written: dict[str, list[Path]]) -> None:
+    if shutil.which("dciodvfy") is None or shutil.which("dsrdump") is None:
+        pytest.fail(
+            "dciodvfy/dsrdump not found: install them as "
+            f"{VALIDATOR.parent / 'README.md'} says (apt-get install -y dicom3tools dcmtk), "
+            f"then check with: {VALIDATOR} --self-test"
+        )
+    files = [str(path) for paths in written.values() for path in paths]
+    run = subprocess.run([str(VALIDATOR), *files], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "0 failed" in run.stdout, run.stdout
