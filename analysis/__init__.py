@@ -1,8 +1,37 @@
-"""Preprocessing, models, inference and result writers.
+"""Analysis: routing rules, pipelines, volumes, segmentation and result writers.
 
-Not built yet: the analysis path (stable study -> job -> pipeline -> SEG/SR/SC)
-is the next stage of pacsnode. This package exists so the layout is in place;
-nothing imports it at run time today.
+No pynetdicom and no index access here: a pipeline gets file paths and
+returns datasets (:class:`analysis.pipelines.PipelineOutput`); the node's
+workers store and export them. Heavy modules (scipy, highdicom) are imported
+by the pipelines when they run, not by this package.
 """
 
-__all__: list[str] = []
+from analysis.pipelines import (
+    BUILTIN_PIPELINES,
+    Pipeline,
+    PipelineError,
+    PipelineInput,
+    PipelineOutput,
+    SeriesInput,
+    resolve_pipeline,
+)
+from analysis.settings import AnalysisSettings, ReadyWhen, Rule, RuleMatch
+from analysis.types import AnalysisError, InputError, LungResult, Volume
+
+__all__ = [
+    "AnalysisError",
+    "AnalysisSettings",
+    "BUILTIN_PIPELINES",
+    "InputError",
+    "LungResult",
+    "Pipeline",
+    "PipelineError",
+    "PipelineInput",
+    "PipelineOutput",
+    "ReadyWhen",
+    "Rule",
+    "RuleMatch",
+    "SeriesInput",
+    "Volume",
+    "resolve_pipeline",
+]

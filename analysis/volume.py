@@ -137,7 +137,7 @@ def load_series(paths: Sequence[Path | str], *, min_slices: int = 10) -> Volume:
     return Volume(
         hu=hu,
         spacing=(slice_spacing, first.pixel_spacing[0], first.pixel_spacing[1]),
-        origin=first.position,
+        origin=headers[0].position,
         row_direction=(float(row_direction[0]), float(row_direction[1]), float(row_direction[2])),
         column_direction=(float(column_direction[0]), float(column_direction[1]), float(column_direction[2])),
         datasets=tuple(h.ds for h in headers),
