@@ -36,7 +36,7 @@ from scipy import ndimage
 
 from analysis.types import InputError, LungResult, Volume
 
-__all__ = ["segment_lungs", "LAA_THRESHOLD_HU"]
+__all__ = ["LAA_THRESHOLD_HU", "segment_lungs"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +121,8 @@ def segment_lungs(
     sizes = np.bincount(labelled.ravel(), minlength=count + 1)
     sizes[0] = 0
     min_voxels = min_lung_ml / volume.voxel_ml
-    order = np.argsort(sizes)[::-1]
-    kept = [int(i) for i in order if sizes[i] >= min_voxels and sizes[i] > 0]
+    large = np.flatnonzero(sizes >= max(min_voxels, 1.0))
+    kept = [int(i) for i in large[np.argsort(sizes[large], kind="stable")[::-1]]]
     if not kept:
         largest = float(sizes.max()) * volume.voxel_ml
         raise InputError(
@@ -130,10 +130,7 @@ def segment_lungs(
             f"less than {min_lung_ml:g} mL (air threshold {air_threshold_hu} HU)"
         )
     boxes = ndimage.find_objects(labelled)
-    regions = [
-        _region(labelled, index, int(sizes[index]), boxes[index - 1], offset, geometry)
-        for index in kept
-    ]
+    regions = [_region(labelled, index, int(sizes[index]), boxes[index - 1], offset, geometry) for index in kept]
     midline_x = geometry.x_of(*body_centroid)
 
     first = regions[0]
@@ -256,7 +253,7 @@ def _air_inside_body(hu: np.ndarray, air_threshold_hu: int) -> tuple[np.ndarray,
         if stats[largest, cv2.CC_STAT_AREA] < min_body_px:
             continue
         outside_body = (label != largest).view(np.uint8)
-        m, holes, hole_stats, _ = cv2.connectedComponentsWithStats(outside_body, connectivity=4, ltype=cv2.CV_32S)
+        _, holes, hole_stats, _ = cv2.connectedComponentsWithStats(outside_body, connectivity=4, ltype=cv2.CV_32S)
         left = hole_stats[:, cv2.CC_STAT_LEFT]
         top = hole_stats[:, cv2.CC_STAT_TOP]
         touches_border = (
@@ -380,8 +377,8 @@ def _refine(
     max_hole_px: float,
 ) -> None:
     """Close and fill the holes of lung ``value``, slice by slice, adding only unlabelled voxels."""
-    slices, rows, columns = labels.shape
-    pad_r, pad_c = int(round(radius_px[0])), int(round(radius_px[1]))
+    _, rows, columns = labels.shape
+    pad_r, pad_c = round(radius_px[0]), round(radius_px[1])
     kernel = None
     if pad_r > 0 or pad_c > 0:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * pad_c + 1, 2 * pad_r + 1))
@@ -395,7 +392,7 @@ def _refine(
         if kernel is not None:
             lung = cv2.morphologyEx(lung, cv2.MORPH_CLOSE, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
         background = (lung == 0).view(np.uint8)
-        n, holes, stats, _ = cv2.connectedComponentsWithStats(background, connectivity=4, ltype=cv2.CV_32S)
+        _, holes, stats, _ = cv2.connectedComponentsWithStats(background, connectivity=4, ltype=cv2.CV_32S)
         height, width = lung.shape
         left, top = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
         fill = (

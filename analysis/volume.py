@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
-from pydicom.uid import UID, JPEG2000, JPEG2000Lossless, JPEGLSLossless, JPEGLSNearLossless
+from pydicom.uid import JPEG2000, UID, JPEG2000Lossless, JPEGLSLossless, JPEGLSNearLossless
 
 from analysis.types import InputError, Volume
 
@@ -100,8 +99,7 @@ def load_series(paths: Sequence[Path | str], *, min_slices: int = 10) -> Volume:
         _check_image_type(path, ds)
     if len(files) < min_slices:
         raise InputError(
-            f"not enough slices: the series has {_count(len(files), 'image')}, "
-            f"the pipeline needs at least {min_slices}"
+            f"not enough slices: the series has {_count(len(files), 'image')}, the pipeline needs at least {min_slices}"
         )
     _check_single_series(files, datasets)
     headers = [_geometry(path, ds) for path, ds in zip(files, datasets, strict=True)]
@@ -150,7 +148,7 @@ def load_series(paths: Sequence[Path | str], *, min_slices: int = 10) -> Volume:
 def _read_header(path: Path) -> Dataset:
     try:
         return dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+    except Exception as exc:  # InvalidDicomError, OSError, and whatever a corrupt file makes pydicom raise
         raise InputError(f"cannot read {path} as DICOM: {exc}") from exc
 
 
@@ -184,7 +182,9 @@ def _check_single_series(files: list[Path], datasets: list[Dataset]) -> None:
     series = Counter(str(ds.get("SeriesInstanceUID", "")) for ds in datasets)
     if len(series) > 1:
         (main, _), *others = series.most_common()
-        odd = next(path for path, ds in zip(files, datasets, strict=True) if str(ds.get("SeriesInstanceUID", "")) != main)
+        odd = next(
+            path for path, ds in zip(files, datasets, strict=True) if str(ds.get("SeriesInstanceUID", "")) != main
+        )
         raise InputError(
             f"the files belong to {len(series)} series: {_count(series[main], 'image')} of series {main or '(none)'}, "
             f"{sum(n for _, n in others)} of others (e.g. {odd})"
@@ -211,7 +211,11 @@ def _geometry(path: Path, ds: Dataset) -> _Header:
             f"ImageOrientationPatient 6 (has {len(orientation)}), PixelSpacing 2 (has {len(spacing)})"
         )
     if not all(np.isfinite(position + orientation + spacing)) or min(spacing) <= 0:
-        raise InputError(f"invalid image plane attributes in {path}: PixelSpacing {_fmt(spacing)}")
+        raise InputError(
+            f"invalid image plane attributes in {path}: ImagePositionPatient {_fmt(position)}, "
+            f"ImageOrientationPatient {_fmt(orientation)}, PixelSpacing {_fmt(spacing)} (needs finite values, "
+            "spacing above 0)"
+        )
     return _Header(
         path=path,
         ds=ds,
@@ -243,7 +247,9 @@ def _check_consistent(headers: list[_Header]) -> None:
         )
     reference_spacing = np.asarray(first.pixel_spacing)
     odd = [
-        h for h in headers if np.max(np.abs(np.asarray(h.pixel_spacing) - reference_spacing)) > _PIXEL_SPACING_TOLERANCE_MM
+        h
+        for h in headers
+        if np.max(np.abs(np.asarray(h.pixel_spacing) - reference_spacing)) > _PIXEL_SPACING_TOLERANCE_MM
     ]
     if odd:
         raise InputError(
@@ -317,18 +323,22 @@ def _decode(path: Path, syntax: UID | None) -> np.ndarray:
     if plugin:
         try:
             return pixel_array(path, decoding_plugin=plugin)
-        except Exception:  # noqa: BLE001 - try every other plugin before giving up
+        except Exception:  # try every other plugin before giving up
             logger.debug("the %s plugin failed on %s, trying the others", plugin, path, exc_info=True)
     return pixel_array(path)
 
 
 @lru_cache(maxsize=32)
 def _preferred_plugin(syntax: UID | None) -> str:
-    """Per slice of 512x512 on one core: CharLS (pyjpegls) decodes JPEG-LS in about 6 ms,
-    libjpeg in 20 to 35 ms; OpenJPEG (pylibjpeg) decodes JPEG 2000 in 35 ms, Pillow in 50 ms."""
+    """The decoding plugin to try first for ``syntax``; "" lets pydicom choose.
+
+    Per 512x512 slice on one core: CharLS (pyjpegls) decodes JPEG-LS in about
+    6 ms, libjpeg (pylibjpeg) in 20 to 35 ms; OpenJPEG (pylibjpeg) decodes
+    JPEG 2000 in 35 ms, Pillow in 50 ms.
+    """
     if syntax is None or not syntax.is_compressed:
         return ""
-    preferred = _PREFERRED_PLUGINS.get(str(syntax))
+    preferred = _PREFERRED_PLUGINS.get(syntax)
     if preferred is None:
         return ""
     try:

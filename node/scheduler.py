@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -41,10 +42,15 @@ class Scheduler:
         The node's settings (``analysis`` section: rules, quiet time, job policy).
     archive
         The archive whose index holds the units and the job queue.
+    on_queued
+        Called after a pass that queued jobs (wakes this process's job loop).
     """
 
-    def __init__(self, settings: Settings, archive: Archive) -> None:
+    def __init__(
+        self, settings: Settings, archive: Archive, *, on_queued: Callable[[], object] | None = None
+    ) -> None:
         self.settings = settings
+        self._on_queued = on_queued
         self.archive = archive
         self.jobs = JobQueue(archive.engine)
         self.rules = [rule for rule in settings.analysis.rules if rule.enabled]
@@ -75,6 +81,8 @@ class Scheduler:
                 units += unscheduled_studies(conn)
             for unit in units:
                 queued += self._schedule(conn, unit, now)
+        if queued and self._on_queued is not None:
+            self._on_queued()  # after the commit: the jobs are visible to the workers
         return queued
 
     def _schedule(self, conn: object, unit: UnitFacts, now: datetime) -> list[int]:

@@ -85,6 +85,8 @@ class Worker:
             max_attempts=export.max_attempts, base_s=export.backoff_seconds, cap_s=export.backoff_max_seconds
         )
         self._pipelines: dict[str, Any] = {}  # loaded once per process, kept warm
+        self.wake = threading.Event()  # set by the scheduler in this process when it queues a job
+        self.export_wake = threading.Event()  # set when a job of this process queued exports
 
     # -- jobs ------------------------------------------------------------------------------------
     def run_jobs(self, stop: threading.Event, *, poll_s: float = 1.0) -> None:
@@ -97,7 +99,8 @@ class Worker:
                 stop.wait(poll_s)
                 continue
             if job is None:
-                stop.wait(poll_s)
+                self.wake.wait(poll_s)  # jobs queued by another process are seen within poll_s
+                self.wake.clear()
                 continue
             self.run_job(job, owner)
 
@@ -161,6 +164,8 @@ class Worker:
         if not done:
             logger.error("job %d finished but its lease was lost; result not recorded", job.id, extra=extra)
             return None
+        if job.destinations and stored:
+            self.export_wake.set()
         logger.info(
             "job %d done in %.1f s: %d result object(s)%s",
             job.id, summary["elapsed_s"], len(stored),
@@ -221,7 +226,8 @@ class Worker:
                 logger.exception("export pass failed; trying again")
                 sent = 0
             if not sent:
-                stop.wait(poll)
+                self.export_wake.wait(poll)
+                self.export_wake.clear()
 
     def export_once(self, owner: str) -> int:
         """Claim and send one batch; returns how many were claimed."""
@@ -277,24 +283,30 @@ def run_worker_process(settings: Settings, *, scheduler: bool = True, exporter: 
 
     stop = threading.Event()
 
+    archive = Archive(settings.storage)
+    worker = Worker(settings, archive)
+
     def _on_signal(signum: int, _frame: object) -> None:
         stop.set()
+        worker.wake.set()
+        worker.export_wake.set()
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    archive = Archive(settings.storage)
-    worker = Worker(settings, archive)
     threads = []
     if exporter:
         threads.append(threading.Thread(target=worker.run_exports, args=(stop,), name="exporter", daemon=True))
     if scheduler:
         threads.append(
-            threading.Thread(target=Scheduler(settings, archive).run, args=(stop,), name="scheduler", daemon=True)
+            threading.Thread(
+                target=Scheduler(settings, archive, on_queued=worker.wake.set).run, args=(stop,),
+                name="scheduler", daemon=True,
+            )
         )
     for thread in threads:
         thread.start()
     logger.info("worker process %d running", os.getpid())
-    worker.run_jobs(stop)
+    worker.run_jobs(stop, poll_s=settings.analysis.scan_interval_seconds)
     for thread in threads:
         thread.join(timeout=settings.node.timeouts.shutdown_grace)
     archive.close()

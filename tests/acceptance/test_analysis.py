@@ -229,4 +229,18 @@ def test_single_real_ct_slice_fails_the_job_with_not_enough_slices(tmp_path: Pat
     assert "not enough slices" in job["last_error"], job["last_error"]
     out = served.cli("jobs", "--state", "failed").stdout
     assert "not enough slices" in out
+
+    # The operator's commands: retry the failed job, and queue an analysis by hand.
+    retried = served.cli("retry", str(job["id"]))
+    assert f"job {job['id']} queued again" in retried.stdout
+    _wait("the retried job to fail again",
+          lambda: (lambda j: j if j["state"] == "failed" and j["finished_at"] != job["finished_at"] else None)(
+              _jobs(served)[0]), 60, served)
+    assert served.cli("retry", "999", check=False).returncode == 1
+    study = str(pydicom.dcmread(pydicom_data_files() / "693_UNCI.dcm", stop_before_pixels=True).StudyInstanceUID)
+    queued = served.cli("analyze", study, "--pipeline", "ct-lung")
+    assert "rule lung (ct-lung)" in queued.stdout, queued.stdout
+    assert len(_jobs_in(served, {"failed"}, count=2)) == 2
+    missing = served.cli("analyze", "1.2.3.4.5", check=False)
+    assert missing.returncode == 1 and "no received series" in missing.stderr
     assert served.stop() == 0

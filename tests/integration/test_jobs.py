@@ -193,3 +193,31 @@ def test_export_queue_requeue_bumps_generation_and_dead_letters(archive: Archive
     assert exports.retry() == 1
     (item,) = exports.claim("e", lease_s=30, limit=10)
     assert item.attempts == 1 and item.state == "sending"
+
+
+def test_exports_cli_lists_dead_exports_and_queues_them_again(
+    tmp_path: Path, archive: Archive, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    import yaml
+
+    from node.cli import main
+
+    config = tmp_path / "pacsnode.yaml"
+    config.write_text(yaml.safe_dump({"storage": {
+        "root": str(tmp_path / "store"), "database_url": str(archive.engine.url), "min_free_bytes": 0,
+    }}))
+    exports = ExportQueue(archive.engine)
+    exports.enqueue(["1.9.1", "1.9.2"], ["PACS"], max_attempts=1)
+    for item in exports.claim("e", lease_s=30, limit=1):
+        exports.mark_failed(item, "e", "association rejected", policy=POLICY)
+    assert main(["--config", str(config), "exports", "--failed", "--json"]) == 0
+    (dead,) = json.loads(capsys.readouterr().out)
+    assert dead["state"] == "dead" and dead["last_error"] == "association rejected"
+    assert main(["--config", str(config), "exports", "--retry", "99"]) == 1
+    assert main(["--config", str(config), "exports", "--retry-dead"]) == 0
+    assert "1 export(s) queued again" in capsys.readouterr().out
+    assert {e.state for e in exports.list()} == {"pending"}
+    assert main(["--config", str(config), "exports"]) == 0
+    assert "2 export(s)" in capsys.readouterr().out
