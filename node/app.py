@@ -245,6 +245,9 @@ def _safe_url(url: str) -> str:
 def _fork(body: Callable[[], int], what: str) -> int:
     pid = os.fork()
     if pid == 0:  # child
+        # Not the supervisor's handlers: a SIGTERM before the child installs its own must stop it.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         code = 1
         try:
             code = body()

@@ -55,6 +55,7 @@ class Scheduler:
         self.jobs = JobQueue(archive.engine)
         self.rules = [rule for rule in settings.analysis.rules if rule.enabled]
         self._sizes: dict[str, tuple[int, int] | None] = {}
+        self._unreadable = False
 
     def run(self, stop: threading.Event) -> None:
         """Scan every ``scan_interval_seconds`` until ``stop`` is set."""
@@ -87,6 +88,7 @@ class Scheduler:
 
     def _schedule(self, conn: object, unit: UnitFacts, now: datetime) -> list[int]:
         scope = "series" if unit.series_instance_uid else "study"
+        self._unreadable = False
         applicable: list[tuple[Rule, list[SeriesFacts]]] = []
         for rule in self.rules:
             if rule.scope != scope:
@@ -94,8 +96,13 @@ class Scheduler:
             chosen = selected_series(rule, unit, self._image_size)
             if chosen:
                 applicable.append((rule, chosen))
+        if self._unreadable:
+            return []  # an image size could not be read: decide on a later pass, do not mark
         if not all(is_ready(rule, unit, self.settings.analysis, now) for rule, _ in applicable):
             return []  # wait for the slowest rule's quiet time
+        # Claim the unit first: a second scheduler (another worker process) that read it too gets 0 rows.
+        if not mark_scheduled(conn, unit):  # type: ignore[arg-type]
+            return []
         queued: list[int] = []
         analysis = self.settings.analysis
         for rule, _chosen in applicable:
@@ -118,7 +125,6 @@ class Scheduler:
             )
             if created:
                 queued.append(job_id)
-        mark_scheduled(conn, unit)  # type: ignore[arg-type]
         return queued
 
     def _analysed_before(self, rule: Rule, unit: UnitFacts) -> bool:
@@ -135,7 +141,10 @@ class Scheduler:
             try:
                 ds = dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
                 self._sizes[facts.series_instance_uid] = (int(ds.Rows), int(ds.Columns))
-            except Exception as exc:
+            except Exception as exc:  # not cached: tried again on the next pass
+                self._unreadable = True
                 logger.warning("series %s: cannot read the image size from %s: %s", facts.series_instance_uid, path, exc)
-                self._sizes[facts.series_instance_uid] = None
+                return None
+            if len(self._sizes) > 10_000:
+                self._sizes.clear()
         return self._sizes[facts.series_instance_uid]

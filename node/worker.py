@@ -33,7 +33,7 @@ from analysis.pipelines import PipelineInput, SeriesInput, resolve_pipeline
 from analysis.routing import series_matches
 from analysis.types import AnalysisError
 from node.config import Settings
-from node.export import send_files
+from node.export import ExportOutcome, send_files
 from storage import Archive
 from storage.activity import series_of_study
 from storage.db import read_connection
@@ -102,7 +102,11 @@ class Worker:
                 self.wake.wait(poll_s)  # jobs queued by another process are seen within poll_s
                 self.wake.clear()
                 continue
-            self.run_job(job, owner)
+            try:
+                self.run_job(job, owner)
+            except Exception:  # bookkeeping failed (database away): the lease expires, the job runs again
+                logger.exception("job %d: cannot record its outcome", job.id)
+                stop.wait(poll_s)
 
     def run_job(self, job: JobRecord, owner: str) -> str | None:
         """Run one claimed job to its outcome; returns the job's new state."""
@@ -116,10 +120,14 @@ class Worker:
             while not finished.wait(min(lease_s / 3, 5.0)):
                 if time.monotonic() - started > job.timeout_s:
                     error = f"timed out after {job.timeout_s:g} s (attempt {job.attempts} of {job.max_attempts})"
-                    state = self.jobs.fail(job.id, owner, error, retry=True, policy=self.job_retry)
-                    logger.error("job %d %s; now %s; restarting this worker", job.id, error, state, extra=extra)
-                    logging.shutdown()
-                    self._exit_process(TIMEOUT_EXIT)
+                    try:
+                        state = self.jobs.fail(job.id, owner, error, retry=True, policy=self.job_retry)
+                        logger.error("job %d %s; now %s; restarting this worker", job.id, error, state, extra=extra)
+                    except Exception:  # the lease will expire and another worker takes the job
+                        logger.exception("job %d %s; cannot record it; restarting this worker", job.id, error)
+                    finally:
+                        logging.shutdown()
+                        self._exit_process(TIMEOUT_EXIT)
                     return
                 try:
                     if not self.jobs.heartbeat(job.id, owner, lease_s=lease_s):
@@ -136,7 +144,8 @@ class Worker:
             job.id, job.pipeline, job.study_instance_uid, job.attempts, job.max_attempts, extra=extra,
         )
         try:
-            summary, stored = self._execute(job)
+            summary, stored = self._execute(job, still_ours=lambda: not lost.is_set()
+                                            and self.jobs.heartbeat(job.id, owner, lease_s=lease_s))
         except AnalysisError as exc:  # the input cannot be analysed: retrying would not help
             finished.set()
             state = self.jobs.fail(job.id, owner, str(exc), retry=False, policy=self.job_retry)
@@ -152,7 +161,8 @@ class Worker:
             )
             return state
         finished.set()
-        if lost.is_set():
+        if lost.is_set() or summary.get("discarded"):
+            logger.error("job %d: lease lost to another worker; result discarded", job.id, extra=extra)
             return None
         summary["elapsed_s"] = round(time.monotonic() - started, 3)
         with self.jobs._write() as conn:
@@ -173,7 +183,7 @@ class Worker:
         )
         return "done"
 
-    def _execute(self, job: JobRecord) -> tuple[dict[str, Any], list[str]]:
+    def _execute(self, job: JobRecord, still_ours: Callable[[], bool]) -> tuple[dict[str, Any], list[str]]:
         pipeline_cls = resolve_pipeline(job.pipeline)
         pipeline = self._pipelines.get(job.pipeline)
         if pipeline is None:
@@ -204,6 +214,8 @@ class Worker:
             ),
         )
         output = pipeline.run(inputs, params)
+        if not still_ours():  # another worker took the job over: its results, not these, are kept
+            return {"discarded": True}, []
         t0 = time.perf_counter()
         stored: list[str] = []
         for ds in output.datasets:
@@ -252,20 +264,36 @@ class Worker:
                 path = self.archive.instance_path(row.file_path)
                 files.append(path)
                 by_path[path] = item
-        for outcome in send_files(self.settings, remote, files):
+        pending = {item.id for item in by_path.values()}
+        renewed = time.monotonic()
+
+        def record(outcome: ExportOutcome) -> None:
+            nonlocal renewed
             item = by_path[outcome.path]
-            if outcome.ok:
-                self.exports.mark_sent(item, owner)
-                logger.info(
-                    "exported %s to %s (%s:%d)", item.sop_instance_uid, destination, remote.host, remote.port,
-                    extra={"action": "export", "destination": destination},
-                )
-            else:
-                detail = outcome.error or ""
-                if outcome.status is not None:
-                    detail = f"status 0x{outcome.status:04X} {detail}".strip()
-                self._export_failed(item, owner, detail)
+            pending.discard(item.id)
+            self._record_export(item, outcome, owner, destination, remote)
+            if time.monotonic() - renewed > export.lease_seconds / 3:  # a slow peer: keep the rest ours
+                self.exports.renew(sorted(pending), owner, lease_s=export.lease_seconds)
+                renewed = time.monotonic()
+
+        send_files(self.settings, remote, files, progress=record)
         return len(batch)
+
+    def _record_export(
+        self, item: ExportRecord, outcome: ExportOutcome, owner: str, destination: str, remote: Any
+    ) -> None:
+        """Mark one send as it completes, so a crash mid-batch resends only what was not acknowledged."""
+        if outcome.ok:
+            self.exports.mark_sent(item, owner)
+            logger.info(
+                "exported %s to %s (%s:%d)", item.sop_instance_uid, destination, remote.host, remote.port,
+                extra={"action": "export", "destination": destination},
+            )
+            return
+        detail = outcome.error or ""
+        if outcome.status is not None:
+            detail = f"status 0x{outcome.status:04X} {detail}".strip()
+        self._export_failed(item, owner, detail)
 
     def _export_failed(self, item: ExportRecord, owner: str, error: str) -> None:
         state = self.exports.mark_failed(item, owner, error, policy=self.export_retry)

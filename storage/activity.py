@@ -128,21 +128,26 @@ def unscheduled_studies(conn: Connection, *, limit: int = 200) -> list[UnitFacts
     units = []
     for study in rows:
         series_rows = list(conn.execute(_series_query().where(_series.c.study_fk == study.id)))  # type: ignore[attr-defined]
-        facts = tuple(_facts(conn, series_rows))
-        if facts:
-            units.append(
-                UnitFacts(
-                    study_instance_uid=study.study_instance_uid,
-                    series_instance_uid="",
-                    last_received_at=study.last_received_at,
-                    series=facts,
-                )
+        # A study of results only has no facts; it is returned all the same, so that it gets
+        # marked and does not stay at the front of the queue.
+        units.append(
+            UnitFacts(
+                study_instance_uid=study.study_instance_uid,
+                series_instance_uid="",
+                last_received_at=study.last_received_at,
+                series=tuple(_facts(conn, series_rows)),
             )
+        )
     return units
 
 
 def mark_scheduled(conn: Connection, unit: UnitFacts) -> bool:
-    """Mark a unit scheduled up to the clock value it was read with; False if it moved meanwhile."""
+    """Mark a unit scheduled up to the clock value it was read with.
+
+    False when another scheduler marked it first or an instance moved its clock
+    meanwhile: the caller must then not queue jobs for it. On PostgreSQL the
+    row lock makes a second scheduler wait for the first and then see 0 rows.
+    """
     if unit.series_instance_uid:
         stmt = update(_series).where(
             _series.c.series_instance_uid == unit.series_instance_uid,
@@ -153,6 +158,8 @@ def mark_scheduled(conn: Connection, unit: UnitFacts) -> bool:
             _studies.c.study_instance_uid == unit.study_instance_uid,
             _studies.c.last_received_at == unit.last_received_at,
         )
+    table = _series if unit.series_instance_uid else _studies
+    stmt = stmt.where(or_(table.c.scheduled_at.is_(None), table.c.scheduled_at < unit.last_received_at))
     return conn.execute(stmt.values(scheduled_at=unit.last_received_at)).rowcount == 1
 
 

@@ -262,8 +262,22 @@ class JobQueue(_Queue):
         while True:
             now = utcnow()
             with self._write() as conn:
+                # A pending job waits while a job for the same pipeline, study and series runs under a
+                # live lease: the newer job must finish last, or older results would replace its own.
+                running = _jobs.alias("running")
+                busy = (
+                    select(running.c.id)
+                    .where(
+                        running.c.state == JobState.RUNNING.value,
+                        running.c.lease_expires_at >= now,
+                        running.c.pipeline == _jobs.c.pipeline,
+                        running.c.study_instance_uid == _jobs.c.study_instance_uid,
+                        running.c.series_instance_uid == _jobs.c.series_instance_uid,
+                    )
+                    .exists()
+                )
                 claimable = or_(
-                    and_(_jobs.c.state == JobState.PENDING.value, _jobs.c.not_before <= now),
+                    and_(_jobs.c.state == JobState.PENDING.value, _jobs.c.not_before <= now, ~busy),
                     and_(_jobs.c.state == JobState.RUNNING.value, _jobs.c.lease_expires_at < now),
                 )
                 stmt = select(_jobs).where(claimable).order_by(_jobs.c.not_before, _jobs.c.id).limit(1)
@@ -375,7 +389,12 @@ class JobQueue(_Queue):
                 )
             else:
                 values.update(state=JobState.FAILED.value, finished_at=now)
-            conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(**values))
+            try:
+                with conn.begin_nested():
+                    conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(**values))
+            except IntegrityError:  # a scheduler queued a pending job for the same key meanwhile: it will run
+                values.update(state=JobState.FAILED.value, finished_at=now)
+                conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(**values))
         return str(values["state"])
 
     def retry(self, job_id: int) -> JobRecord:
@@ -510,6 +529,15 @@ class ExportQueue(_Queue):
             rows = conn.execute(stmt).all()
             claimed: list[ExportRecord] = []
             for row in rows:
+                if row.state == ExportState.SENDING.value and row.attempts >= row.max_attempts:
+                    # Its sender died on the last attempt (crash or hang while sending): dead, not again.
+                    conn.execute(
+                        update(_exports).where(_exports.c.id == row.id, _exports.c.state == row.state).values(
+                            state=ExportState.DEAD.value, updated_at=now, lease_owner=None, lease_expires_at=None,
+                            last_error=f"sender {row.lease_owner} stopped responding on the last attempt",
+                        )
+                    )
+                    continue
                 done = conn.execute(
                     update(_exports)
                     .where(_exports.c.id == row.id, _exports.c.state == row.state, _exports.c.attempts == row.attempts)
@@ -523,6 +551,18 @@ class ExportQueue(_Queue):
                         ExportRecord.from_row(conn.execute(select(_exports).where(_exports.c.id == row.id)).one())
                     )
         return claimed
+
+    def renew(self, export_ids: Sequence[int], owner: str, *, lease_s: float) -> None:
+        """Extend the lease of exports this sender is still working on."""
+        if not export_ids:
+            return
+        with self._write() as conn:
+            conn.execute(
+                update(_exports)
+                .where(_exports.c.id.in_(list(export_ids)), _exports.c.lease_owner == owner,
+                       _exports.c.state == ExportState.SENDING.value)
+                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+            )
 
     def mark_sent(self, export: ExportRecord, owner: str) -> bool:
         """Done -- unless the instance was queued again while it was being sent (then pending again)."""

@@ -61,6 +61,13 @@ def test_one_pending_job_per_pipeline_study_and_series(archive: Archive) -> None
     assert claimed is not None and claimed.id == first and claimed.state == "running" and claimed.attempts == 1
     third, created_third = queue.enqueue(rule="r", pipeline="p", study_instance_uid="1.2", max_attempts=3, timeout_s=60)
     assert created_third and third not in (first, other)
+    # ... but it waits until the running one is finished, so the newest results are written last.
+    second = queue.claim("w2", lease_s=30)
+    assert second is not None and second.id == other
+    assert queue.claim("w3", lease_s=30) is None
+    assert queue.complete(first, "w1", {})
+    latest = queue.claim("w3", lease_s=30)
+    assert latest is not None and latest.id == third
 
 
 def test_claim_complete_and_lease_checks(archive: Archive) -> None:
@@ -125,6 +132,12 @@ def test_scheduler_waits_for_quiet_then_queues_once_and_again_after_new_instance
     queued = scheduler.scan_once(later)
     assert len(queued) == 1
     assert scheduler.scan_once(later + timedelta(seconds=60)) == []  # marked: not again
+    from storage.activity import mark_scheduled, unscheduled_series
+
+    _add(archive, "1.2.3", "1.2.3.9", 1, modality="OT")
+    with archive.engine.begin() as conn:  # a second scheduler that read the unit before the mark loses
+        (unit,) = [u for u in unscheduled_series(conn) if u.series_instance_uid == "1.2.3.9"]
+        assert mark_scheduled(conn, unit) and not mark_scheduled(conn, unit)
     job = JobQueue(archive.engine).get(queued[0])
     assert job is not None and job.series_instance_uid == "1.2.3.1" and job.rule == "rec"
     # A late instance: the series is due again after another quiet period; the pending job is reused.
