@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from bench.corpus import write_series
-from bench.netns import enter_private_netns, wait_port
+from bench.netns import enter_private_netns, require_tool, stop_process, wait_port
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -46,13 +45,7 @@ class Receiver:
     def start(self, work: Path) -> None: ...
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 class Pacsnode(Receiver):
@@ -80,7 +73,7 @@ class Storescp(Receiver):
         out = work / "storescp"
         out.mkdir()
         self.proc = subprocess.Popen(
-            ["storescp", "--fork", "-aet", self.aet, "-od", str(out), "+xa", str(self.port)],
+            [require_tool("storescp"), "--fork", "-aet", self.aet, "-od", str(out), "+xa", str(self.port)],
             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_port(self.port)
@@ -105,7 +98,7 @@ def _push(receiver: Receiver, files: list[Path], senders: int) -> float:
     chunks = [files[i::senders] for i in range(senders)]
     start = time.perf_counter()
     procs = [
-        subprocess.Popen(["storescu", "-aec", receiver.aet, "127.0.0.1", str(receiver.port), *map(str, chunk)],
+        subprocess.Popen([require_tool("storescu"), "-aec", receiver.aet, "127.0.0.1", str(receiver.port), *map(str, chunk)],
                          env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         for chunk in chunks
     ]

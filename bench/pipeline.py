@@ -69,7 +69,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import statistics
 import subprocess
@@ -90,7 +89,7 @@ import pydicom  # noqa: E402
 import yaml  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
-from bench.netns import enter_private_netns, wait_port  # noqa: E402
+from bench.netns import enter_private_netns, require_tool, stop_process, wait_port  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 NODE_AET, NODE_PORT = "PACSNODE", 11112
@@ -100,18 +99,6 @@ EXPECTED = Counter({"SEG": 1, "SR": 1, "SC": 3})
 _CLASS_NAMES = {SEG: "SEG", SR: "SR", SC: "SC"}
 _STACK_MM = 300.0  # slice spacing = this / slices
 _RUN_TIMEOUT_S = 600.0
-
-
-def _dcmtk(tool: str) -> str:
-    """DCMTK's ``tool``, skipping the virtual environment's bin (pynetdicom ships scripts with the same names)."""
-    venv_bin = os.path.realpath(os.path.join(sys.prefix, "bin"))
-    search = os.pathsep.join(
-        d for d in os.environ.get("PATH", os.defpath).split(os.pathsep) if d and os.path.realpath(d) != venv_bin
-    )
-    path = shutil.which(tool, path=search)
-    if path is None:
-        sys.exit(f"{tool} (DCMTK) is missing: run 'bash .ci/install --peers' first")
-    return path
 
 
 # ------------------------------------------------------------------ processes
@@ -146,26 +133,14 @@ class Proc:
             return "(no log)"
 
     def stop(self, timeout: float = 30) -> None:
-        """SIGTERM the process, SIGKILL its process group (its session, which we created) after ``timeout``."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-                return
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # children left behind (acceptors, workers) too
-        except ProcessLookupError:
-            pass
-        if self.proc.poll() is None:
-            self.proc.wait(timeout=timeout)
+        """SIGTERM the process, SIGKILL its session (which we created) after ``timeout``."""
+        stop_process(self.proc, timeout, group=True)
 
 
 def _start_storescp(work: Path) -> tuple[Proc, Path]:
     received = work / "dest"
     received.mkdir()
-    proc = Proc("storescp", [_dcmtk("storescp"), "-v", "-aet", DEST_AET, "-od", str(received), "+xa", str(DEST_PORT)],
+    proc = Proc("storescp", [require_tool("storescp"), "-v", "-aet", DEST_AET, "-od", str(received), "+xa", str(DEST_PORT)],
                 work / "storescp.log")
     proc.wait_listening(DEST_PORT)
     return proc, received
@@ -230,7 +205,7 @@ def _relabel(source: Study, out: Path) -> Study:
 def _push(study: Study) -> float:
     start = time.perf_counter()
     result = subprocess.run(
-        [_dcmtk("storescu"), "-aec", NODE_AET, "-aet", "BENCH", "127.0.0.1", str(NODE_PORT), *map(str, study.paths)],
+        [require_tool("storescu"), "-aec", NODE_AET, "-aet", "BENCH", "127.0.0.1", str(NODE_PORT), *map(str, study.paths)],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=_RUN_TIMEOUT_S, check=False,
     )
     if result.returncode != 0:

@@ -65,7 +65,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import statistics
 import struct
@@ -90,7 +89,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from bench.corpus import UID_PREFIX, make_dataset
-from bench.netns import enter_private_netns, wait_port
+from bench.netns import enter_private_netns, require_tool, stop_process, wait_port
 from node.handlers import set_nodelay
 from storage.db import make_engine, migrate
 from storage.index import InstanceMeta, add_instance
@@ -406,13 +405,8 @@ class Server:
     proc: subprocess.Popen[bytes] | None = None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
 
 
 class Pacsnode(Server):
@@ -481,7 +475,7 @@ def push(server: Server, files: Sequence[Path], senders: int) -> float:
     chunks = [files[i:i + size] for i in range(0, len(files), size)]
 
     def send(chunk: Sequence[Path]) -> None:
-        p = subprocess.run(["storescu", "-aec", server.aet, "127.0.0.1", str(server.port), *map(str, chunk)],
+        p = subprocess.run([require_tool("storescu"), "-aec", server.aet, "127.0.0.1", str(server.port), *map(str, chunk)],
                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
         if p.returncode != 0:
             raise RuntimeError(f"storescu to {server.name} failed: {p.stderr.decode()[-500:]}")

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from bench.netns import system_tool
 from tests.helpers import free_port, wait_for_port
 
 __all__ = [
@@ -84,16 +83,8 @@ def require_private_netns() -> None:
 
 
 def require(tool: str) -> str:
-    """The path of the system's ``tool``; fail the test when it is not installed.
-
-    The virtual environment's bin directory is skipped: Python packages ship
-    scripts with DCMTK's names (findscu, storescu) that are not DCMTK.
-    """
-    venv_bin = os.path.realpath(os.path.join(sys.prefix, "bin"))
-    search = os.pathsep.join(
-        d for d in os.environ.get("PATH", os.defpath).split(os.pathsep) if d and os.path.realpath(d) != venv_bin
-    )
-    path = shutil.which(tool, path=search)
+    """The path of the system's ``tool`` (not a same-named venv script); fail the test when it is not installed."""
+    path = system_tool(tool)
     if path is None:
         pytest.fail(f"{tool} is not installed: run the README's test command, which installs it")
     return path
