@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import datetime
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import cv2
@@ -51,6 +51,7 @@ from analysis.types import Volume
 __all__ = [
     "ChestPhantom",
     "ChestTruth",
+    "LungTruth",
     "make_benchmark_volume",
     "make_chest_phantom",
     "write_chest_ct",
@@ -86,8 +87,23 @@ class _Ellipsoid:
     semi_axes: tuple[float, float, float]  # mm
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
+class LungTruth:
+    """The true lung measurements of a phantom: volumes in mL, densities in HU, LAA-950 in percent."""
+
+    right_volume_ml: float
+    left_volume_ml: float
+    total_volume_ml: float
+    laa950_percent: float
+    mean_density_hu: float
+    right_laa950_percent: float
+    left_laa950_percent: float
+    right_mean_density_hu: float
+    left_mean_density_hu: float
+
+
 @dataclass(frozen=True, kw_only=True)
-class ChestTruth:
+class ChestTruth(LungTruth):
     """What a correct lung segmentation of a written phantom should report.
 
     ``paths[i]`` is the file of slice ``i``, slices in ascending patient z
@@ -104,19 +120,10 @@ class ChestTruth:
     transfer_syntax_uid: str
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
-    right_volume_ml: float
-    left_volume_ml: float
-    total_volume_ml: float
-    laa950_percent: float
-    mean_density_hu: float
-    right_laa950_percent: float
-    left_laa950_percent: float
-    right_mean_density_hu: float
-    left_mean_density_hu: float
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
-class ChestPhantom:
+class ChestPhantom(LungTruth):
     """An in-memory phantom: the noisy HU volume, the truth labels and measurements.
 
     ``hu`` is int16 (slices, rows, columns), slices ascending along the slice
@@ -131,15 +138,6 @@ class ChestPhantom:
     origin: tuple[float, float, float]
     row_direction: tuple[float, float, float]
     column_direction: tuple[float, float, float]
-    right_volume_ml: float
-    left_volume_ml: float
-    total_volume_ml: float
-    laa950_percent: float
-    mean_density_hu: float
-    right_laa950_percent: float
-    left_laa950_percent: float
-    right_mean_density_hu: float
-    left_mean_density_hu: float
     slice_thickness_mm: float
 
     def slice_position(self, index: int) -> tuple[float, float, float]:
@@ -478,15 +476,7 @@ def write_chest_ct(
         transfer_syntax_uid=str(tsuid),
         shape=(slices, size, size),
         spacing=phantom.spacing,
-        right_volume_ml=phantom.right_volume_ml,
-        left_volume_ml=phantom.left_volume_ml,
-        total_volume_ml=phantom.total_volume_ml,
-        laa950_percent=phantom.laa950_percent,
-        mean_density_hu=phantom.mean_density_hu,
-        right_laa950_percent=phantom.right_laa950_percent,
-        left_laa950_percent=phantom.left_laa950_percent,
-        right_mean_density_hu=phantom.right_mean_density_hu,
-        left_mean_density_hu=phantom.left_mean_density_hu,
+        **{f.name: getattr(phantom, f.name) for f in fields(LungTruth)},
     )
 
 
@@ -625,20 +615,7 @@ def _paint_capsule(
     hu[sk, sr, sc][inside] = value
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Measurements:
-    right_volume_ml: float
-    left_volume_ml: float
-    total_volume_ml: float
-    laa950_percent: float
-    mean_density_hu: float
-    right_laa950_percent: float
-    left_laa950_percent: float
-    right_mean_density_hu: float
-    left_mean_density_hu: float
-
-
-def _measure(hu: np.ndarray, labels: np.ndarray, *, voxel_ml: float) -> _Measurements:
+def _measure(hu: np.ndarray, labels: np.ndarray, *, voxel_ml: float) -> LungTruth:
     """Volumes, mean density and LAA-950 of the truth labels on the noise-free image."""
     counts, sums, lows = [], [], []
     for label in (1, 2):
@@ -651,7 +628,7 @@ def _measure(hu: np.ndarray, labels: np.ndarray, *, voxel_ml: float) -> _Measure
         return numerator / denominator if denominator else float("nan")
 
     total = counts[0] + counts[1]
-    return _Measurements(
+    return LungTruth(
         right_volume_ml=counts[0] * voxel_ml,
         left_volume_ml=counts[1] * voxel_ml,
         total_volume_ml=total * voxel_ml,

@@ -20,13 +20,14 @@ from datetime import datetime
 from pathlib import Path
 
 from pydicom import dcmread
+from sqlalchemy import Connection
 
 from analysis.routing import is_ready, selected_series
 from analysis.settings import Rule
 from node.config import Settings
 from storage import Archive
 from storage.activity import SeriesFacts, UnitFacts, mark_scheduled, unscheduled_series, unscheduled_studies
-from storage.queue import JobQueue, JobState, utcnow
+from storage.queue import JobQueue, utcnow
 
 __all__ = ["Scheduler"]
 
@@ -74,7 +75,7 @@ class Scheduler:
         now = now or utcnow()
         queued: list[int] = []
         scopes = {rule.scope for rule in self.rules}
-        with self.jobs._write() as conn:  # one transaction: jobs and marks together
+        with self.jobs.transaction() as conn:  # one transaction: jobs and marks together
             units: list[UnitFacts] = []
             if "series" in scopes:
                 units += unscheduled_series(conn)
@@ -86,7 +87,7 @@ class Scheduler:
             self._on_queued()  # after the commit: the jobs are visible to the workers
         return queued
 
-    def _schedule(self, conn: object, unit: UnitFacts, now: datetime) -> list[int]:
+    def _schedule(self, conn: Connection, unit: UnitFacts, now: datetime) -> list[int]:
         scope = "series" if unit.series_instance_uid else "study"
         self._unreadable = False
         applicable: list[tuple[Rule, list[SeriesFacts]]] = []
@@ -101,12 +102,17 @@ class Scheduler:
         if not all(is_ready(rule, unit, self.settings.analysis, now) for rule, _ in applicable):
             return []  # wait for the slowest rule's quiet time
         # Claim the unit first: a second scheduler (another worker process) that read it too gets 0 rows.
-        if not mark_scheduled(conn, unit):  # type: ignore[arg-type]
+        if not mark_scheduled(conn, unit):
             return []
         queued: list[int] = []
         analysis = self.settings.analysis
         for rule, _chosen in applicable:
-            if not rule.reanalyze and self._analysed_before(rule, unit):
+            if not rule.reanalyze and self.jobs.ran_before(
+                conn,
+                rule=rule.name,
+                study_instance_uid=unit.study_instance_uid,
+                series_instance_uid=unit.series_instance_uid,
+            ):
                 logger.info(
                     "rule %s: %s %s changed after its analysis; not analysed again (reanalyze: false)",
                     rule.name, scope, unit.series_instance_uid or unit.study_instance_uid,
@@ -121,18 +127,11 @@ class Scheduler:
                 destinations=rule.destinations,
                 max_attempts=analysis.max_attempts,
                 timeout_s=rule.timeout_seconds or analysis.job_timeout_seconds,
-                conn=conn,  # type: ignore[arg-type]
+                conn=conn,
             )
             if created:
                 queued.append(job_id)
         return queued
-
-    def _analysed_before(self, rule: Rule, unit: UnitFacts) -> bool:
-        return any(
-            job.rule == rule.name and job.series_instance_uid == unit.series_instance_uid
-            for job in self.jobs.list(study_instance_uid=unit.study_instance_uid)
-            if job.state in (JobState.DONE.value, JobState.RUNNING.value)
-        )
 
     def _image_size(self, facts: SeriesFacts) -> tuple[int, int] | None:
         """Rows and Columns of one image of the series, read from its header (cached)."""

@@ -48,6 +48,10 @@ TIMEOUT_EXIT = 75
 """Exit status of a worker process that ended a job past its timeout (the supervisor restarts it)."""
 
 
+class _LeaseLost(Exception):
+    """Another worker took the job over while this one ran it."""
+
+
 def _owner(role: str) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{role}"
 
@@ -146,6 +150,10 @@ class Worker:
         try:
             summary, stored = self._execute(job, still_ours=lambda: not lost.is_set()
                                             and self.jobs.heartbeat(job.id, owner, lease_s=lease_s))
+        except _LeaseLost:
+            finished.set()
+            logger.error("job %d: lease lost to another worker; result discarded", job.id, extra=extra)
+            return None
         except AnalysisError as exc:  # the input cannot be analysed: retrying would not help
             finished.set()
             state = self.jobs.fail(job.id, owner, str(exc), retry=False, policy=self.job_retry)
@@ -161,11 +169,8 @@ class Worker:
             )
             return state
         finished.set()
-        if lost.is_set() or summary.get("discarded"):
-            logger.error("job %d: lease lost to another worker; result discarded", job.id, extra=extra)
-            return None
         summary["elapsed_s"] = round(time.monotonic() - started, 3)
-        with self.jobs._write() as conn:
+        with self.jobs.transaction() as conn:
             done = self.jobs.complete(job.id, owner, summary, conn=conn)
             if done and job.destinations and stored:
                 self.exports.enqueue(
@@ -215,7 +220,7 @@ class Worker:
         )
         output = pipeline.run(inputs, params)
         if not still_ours():  # another worker took the job over: its results, not these, are kept
-            return {"discarded": True}, []
+            raise _LeaseLost
         t0 = time.perf_counter()
         stored: list[str] = []
         for ds in output.datasets:

@@ -11,10 +11,12 @@ is judged complete early and nothing is forgotten across a restart.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Connection, or_, select, update
+from sqlalchemy import Connection, Row, Select, or_, select, update
 
 from storage.models import Instance, Patient, Series, Study
 
@@ -54,41 +56,56 @@ class UnitFacts:
     series: tuple[SeriesFacts, ...]
 
 
-def _facts(conn: Connection, series_rows: list[object], with_files: bool = False) -> list[SeriesFacts]:
+def _facts(conn: Connection, series_rows: Sequence[Row[Any]], with_files: bool = False) -> list[SeriesFacts]:
+    """Facts per series from the series row and two small queries (distinct values, one sample file).
+
+    The scheduler calls this for every unscheduled unit on every pass, while
+    series are still arriving, so it never reads all instance rows unless the
+    files are asked for (a job about to run).
+    """
     out: list[SeriesFacts] = []
     for row in series_rows:
-        inst = conn.execute(
-            select(_instances.c.sop_class_uid, _instances.c.calling_ae_title, _instances.c.file_path)
-            .where(_instances.c.series_fk == row.id)  # type: ignore[attr-defined]
-            .order_by(_instances.c.instance_number, _instances.c.id)
+        of_series = _instances.c.series_fk == row.id
+        order = (_instances.c.instance_number, _instances.c.id)
+        kinds = conn.execute(
+            select(_instances.c.sop_class_uid, _instances.c.calling_ae_title).where(of_series).distinct()
         ).all()
-        if not inst:
+        if not kinds:
             continue
+        if with_files:
+            files = tuple(conn.execute(select(_instances.c.file_path).where(of_series).order_by(*order)).scalars())
+            sample = files[len(files) // 2]
+        else:
+            files = ()
+            sample = conn.execute(
+                select(_instances.c.file_path).where(of_series).order_by(*order)
+                .offset(row.num_instances // 2).limit(1)
+            ).scalar() or ""
         out.append(
             SeriesFacts(
-                study_instance_uid=row.study_instance_uid,  # type: ignore[attr-defined]
-                series_instance_uid=row.series_instance_uid,  # type: ignore[attr-defined]
-                patient_id=row.patient_id,  # type: ignore[attr-defined]
-                modality=row.modality,  # type: ignore[attr-defined]
-                body_part_examined=row.body_part_examined,  # type: ignore[attr-defined]
-                series_description=row.series_description,  # type: ignore[attr-defined]
-                num_instances=len(inst),
-                sop_class_uids=frozenset(i.sop_class_uid for i in inst),
-                calling_ae_titles=frozenset(i.calling_ae_title for i in inst if i.calling_ae_title),
-                last_received_at=row.last_received_at,  # type: ignore[attr-defined]
-                sample_file=inst[len(inst) // 2].file_path,
-                files=tuple(i.file_path for i in inst) if with_files else (),
+                study_instance_uid=row.study_instance_uid,
+                series_instance_uid=row.series_instance_uid,
+                patient_id=row.patient_id,
+                modality=row.modality,
+                body_part_examined=row.body_part_examined,
+                series_description=row.series_description,
+                num_instances=row.num_instances,
+                sop_class_uids=frozenset(k.sop_class_uid for k in kinds),
+                calling_ae_titles=frozenset(k.calling_ae_title for k in kinds if k.calling_ae_title),
+                last_received_at=row.last_received_at,
+                sample_file=sample,
+                files=files,
             )
         )
     return out
 
 
-def _series_query() -> object:
+def _series_query() -> Select[Any]:
     return (
         select(
             _series.c.id, _series.c.series_instance_uid, _series.c.modality, _series.c.body_part_examined,
-            _series.c.series_description, _series.c.last_received_at, _series.c.scheduled_at,
-            _studies.c.study_instance_uid, _patients.c.patient_id,
+            _series.c.series_description, _series.c.num_instances, _series.c.last_received_at,
+            _series.c.scheduled_at, _studies.c.study_instance_uid, _patients.c.patient_id,
         )
         .join(_studies, _studies.c.id == _series.c.study_fk)
         .join(_patients, _patients.c.id == _studies.c.patient_fk)
@@ -100,12 +117,12 @@ def unscheduled_series(conn: Connection, *, limit: int = 200) -> list[UnitFacts]
     """Received series with instances newer than their scheduling mark (oldest first)."""
     stmt = (
         _series_query()
-        .where(or_(_series.c.scheduled_at.is_(None), _series.c.scheduled_at < _series.c.last_received_at))  # type: ignore[attr-defined]
+        .where(or_(_series.c.scheduled_at.is_(None), _series.c.scheduled_at < _series.c.last_received_at))
         .order_by(_series.c.last_received_at)
         .limit(limit)
     )
     units = []
-    for facts in _facts(conn, list(conn.execute(stmt))):  # type: ignore[arg-type]
+    for facts in _facts(conn, list(conn.execute(stmt))):
         units.append(
             UnitFacts(
                 study_instance_uid=facts.study_instance_uid,
@@ -127,7 +144,7 @@ def unscheduled_studies(conn: Connection, *, limit: int = 200) -> list[UnitFacts
     ).all()
     units = []
     for study in rows:
-        series_rows = list(conn.execute(_series_query().where(_series.c.study_fk == study.id)))  # type: ignore[attr-defined]
+        series_rows = list(conn.execute(_series_query().where(_series.c.study_fk == study.id)))
         # A study of results only has no facts; it is returned all the same, so that it gets
         # marked and does not stay at the front of the queue.
         units.append(
@@ -165,7 +182,7 @@ def mark_scheduled(conn: Connection, unit: UnitFacts) -> bool:
 
 def series_of_study(conn: Connection, study_instance_uid: str, series_instance_uid: str = "") -> list[SeriesFacts]:
     """The received series of a study (or the one named), with their instance files, for a job to read."""
-    stmt = _series_query().where(_studies.c.study_instance_uid == study_instance_uid)  # type: ignore[attr-defined]
+    stmt = _series_query().where(_studies.c.study_instance_uid == study_instance_uid)
     if series_instance_uid:
         stmt = stmt.where(_series.c.series_instance_uid == series_instance_uid)
     return _facts(conn, list(conn.execute(stmt)), with_files=True)

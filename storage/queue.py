@@ -23,12 +23,13 @@ from __future__ import annotations
 import enum
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, or_, select, update
+from sqlalchemy import Connection, Engine, and_, case, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from storage.db import WriteGate, read_connection
@@ -113,11 +114,7 @@ class JobRecord:
         return cls(**data)
 
     def as_dict(self) -> dict[str, Any]:
-        out = dict(self.__dict__)
-        for key, value in out.items():
-            if isinstance(value, datetime):
-                out[key] = value.isoformat(timespec="seconds") + "Z"
-        return out
+        return _as_dict(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,11 +140,16 @@ class ExportRecord:
         return cls(**dict(row._mapping))
 
     def as_dict(self) -> dict[str, Any]:
-        out = dict(self.__dict__)
-        for key, value in out.items():
-            if isinstance(value, datetime):
-                out[key] = value.isoformat(timespec="seconds") + "Z"
-        return out
+        return _as_dict(self)
+
+
+def _as_dict(record: object) -> dict[str, Any]:
+    """A record for JSON output: timestamps as ISO 8601 UTC."""
+    out = dict(record.__dict__)
+    for key, value in out.items():
+        if isinstance(value, datetime):
+            out[key] = value.isoformat(timespec="seconds") + "Z"
+    return out
 
 
 class _Queue:
@@ -156,32 +158,11 @@ class _Queue:
         self._gate = WriteGate(engine)
         self._skip_locked = engine.dialect.name == "postgresql"
 
-    def _write(self) -> Any:
-        """A write transaction: (gate, connection) context managers to enter in order."""
-        return _WriteTxn(self)
-
-
-class _WriteTxn:
-    def __init__(self, queue: _Queue) -> None:
-        self._queue = queue
-        self._gate_cm: Any = None
-        self._conn_cm: Any = None
-
-    def __enter__(self) -> Connection:
-        self._gate_cm = self._queue._gate()
-        self._gate_cm.__enter__()
-        try:
-            self._conn_cm = self._queue.engine.begin()
-            return self._conn_cm.__enter__()  # type: ignore[no-any-return]
-        except BaseException:
-            self._gate_cm.__exit__(None, None, None)
-            raise
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            self._conn_cm.__exit__(*exc)
-        finally:
-            self._gate_cm.__exit__(None, None, None)
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """One write transaction, queued behind the write gate like the archive's."""
+        with self._gate(), self.engine.begin() as conn:
+            yield conn
 
 
 class JobQueue(_Queue):
@@ -212,7 +193,7 @@ class JobQueue(_Queue):
         that already existed was kept (it will see the new instances too).
         """
         if conn is None:
-            with self._write() as own:
+            with self.transaction() as own:
                 return self.enqueue(
                     rule=rule, pipeline=pipeline, study_instance_uid=study_instance_uid,
                     series_instance_uid=series_instance_uid, params=params, destinations=destinations,
@@ -261,7 +242,7 @@ class JobQueue(_Queue):
         """
         while True:
             now = utcnow()
-            with self._write() as conn:
+            with self.transaction() as conn:
                 # A pending job waits while a job for the same pipeline, study and series runs under a
                 # live lease: the newer job must finish last, or older results would replace its own.
                 running = _jobs.alias("running")
@@ -324,7 +305,7 @@ class JobQueue(_Queue):
 
     def heartbeat(self, job_id: int, owner: str, *, lease_s: float) -> bool:
         """Renew the lease; False if the job is no longer this worker's (it must stop)."""
-        with self._write() as conn:
+        with self.transaction() as conn:
             done = conn.execute(
                 update(_jobs)
                 .where(_jobs.c.id == job_id, _jobs.c.lease_owner == owner, _jobs.c.state == JobState.RUNNING.value)
@@ -340,7 +321,7 @@ class JobQueue(_Queue):
         Pass ``conn`` to make it part of a larger transaction (the job's exports).
         """
         if conn is None:
-            with self._write() as own:
+            with self.transaction() as own:
                 return self.complete(job_id, owner, result, conn=own)
         now = utcnow()
         done = conn.execute(
@@ -359,7 +340,7 @@ class JobQueue(_Queue):
         Returns the new state, or None when the job was no longer this worker's.
         """
         now = utcnow()
-        with self._write() as conn:
+        with self.transaction() as conn:
             row = conn.execute(
                 select(_jobs).where(
                     _jobs.c.id == job_id, _jobs.c.lease_owner == owner, _jobs.c.state == JobState.RUNNING.value
@@ -410,7 +391,7 @@ class JobQueue(_Queue):
             and study is already pending.
         """
         now = utcnow()
-        with self._write() as conn:
+        with self.transaction() as conn:
             row = conn.execute(select(_jobs).where(_jobs.c.id == job_id)).first()
             if row is None:
                 raise LookupError(f"no job {job_id}")
@@ -432,6 +413,17 @@ class JobQueue(_Queue):
         logger.info("job %d queued again by an operator", job_id, extra={"action": "job-retry", "job_id": job_id})
         return JobRecord.from_row(out)
 
+    def ran_before(self, conn: Connection, *, rule: str, study_instance_uid: str, series_instance_uid: str) -> bool:
+        """Whether a job of ``rule`` for this study/series is done or running (in the caller's transaction)."""
+        return conn.execute(
+            select(_jobs.c.id).where(
+                _jobs.c.rule == rule,
+                _jobs.c.study_instance_uid == study_instance_uid,
+                _jobs.c.series_instance_uid == series_instance_uid,
+                _jobs.c.state.in_([JobState.DONE.value, JobState.RUNNING.value]),
+            ).limit(1)
+        ).first() is not None
+
     def get(self, job_id: int) -> JobRecord | None:
         with read_connection(self.engine) as conn:
             row = conn.execute(select(_jobs).where(_jobs.c.id == job_id)).first()
@@ -445,11 +437,6 @@ class JobQueue(_Queue):
             stmt = stmt.where(_jobs.c.study_instance_uid == study_instance_uid)
         with read_connection(self.engine) as conn:
             return [JobRecord.from_row(r) for r in conn.execute(stmt)]
-
-    def counts(self) -> dict[str, int]:
-        with read_connection(self.engine) as conn:
-            rows = conn.execute(select(_jobs.c.state, func.count()).group_by(_jobs.c.state)).all()
-        return {str(state): int(n) for state, n in rows}
 
 
 class ExportQueue(_Queue):
@@ -471,7 +458,7 @@ class ExportQueue(_Queue):
         the new content is sent once and never twice. Returns the rows queued.
         """
         if conn is None:
-            with self._write() as own:
+            with self.transaction() as own:
                 return self.enqueue(
                     sop_instance_uids, destinations, max_attempts=max_attempts, job_id=job_id, conn=own
                 )
@@ -507,7 +494,7 @@ class ExportQueue(_Queue):
     def claim(self, owner: str, *, lease_s: float, limit: int) -> list[ExportRecord]:
         """Take up to ``limit`` due exports, all for one destination (one association sends them)."""
         now = utcnow()
-        with self._write() as conn:
+        with self.transaction() as conn:
             claimable = or_(
                 and_(_exports.c.state == ExportState.PENDING.value, _exports.c.not_before <= now),
                 and_(_exports.c.state == ExportState.SENDING.value, _exports.c.lease_expires_at < now),
@@ -556,7 +543,7 @@ class ExportQueue(_Queue):
         """Extend the lease of exports this sender is still working on."""
         if not export_ids:
             return
-        with self._write() as conn:
+        with self.transaction() as conn:
             conn.execute(
                 update(_exports)
                 .where(_exports.c.id.in_(list(export_ids)), _exports.c.lease_owner == owner,
@@ -567,7 +554,7 @@ class ExportQueue(_Queue):
     def mark_sent(self, export: ExportRecord, owner: str) -> bool:
         """Done -- unless the instance was queued again while it was being sent (then pending again)."""
         now = utcnow()
-        with self._write() as conn:
+        with self.transaction() as conn:
             done = conn.execute(
                 update(_exports)
                 .where(
@@ -591,7 +578,7 @@ class ExportQueue(_Queue):
     def mark_failed(self, export: ExportRecord, owner: str, error: str, *, policy: RetryPolicy) -> str | None:
         """A failed send: pending again after a backoff, or dead after the last attempt."""
         now = utcnow()
-        with self._write() as conn:
+        with self.transaction() as conn:
             row = conn.execute(
                 select(_exports).where(_exports.c.id == export.id, _exports.c.lease_owner == owner)
             ).first()
@@ -622,7 +609,7 @@ class ExportQueue(_Queue):
             stmt = stmt.where(_exports.c.id == export_id)
         if destination is not None:
             stmt = stmt.where(_exports.c.destination == destination)
-        with self._write() as conn:
+        with self.transaction() as conn:
             done = conn.execute(
                 stmt.values(state=ExportState.PENDING.value, attempts=0, not_before=now, updated_at=now)
             )
@@ -630,24 +617,15 @@ class ExportQueue(_Queue):
             logger.info("%d dead export(s) queued again by an operator", done.rowcount, extra={"action": "export-retry"})
         return int(done.rowcount)
 
-    def list(self, *, state: str | None = None, states: Sequence[str] = (), limit: int = 1000) -> list[ExportRecord]:
+    def list(self, *, state: str | None = None, limit: int = 1000) -> list[ExportRecord]:
         stmt = select(_exports).order_by(_exports.c.id.desc()).limit(limit)
         if state:
             stmt = stmt.where(_exports.c.state == state)
-        if states:
-            stmt = stmt.where(_exports.c.state.in_(list(states)))
         with read_connection(self.engine) as conn:
             return [ExportRecord.from_row(r) for r in conn.execute(stmt)]
 
-    def counts(self) -> dict[str, int]:
-        with read_connection(self.engine) as conn:
-            rows = conn.execute(select(_exports.c.state, func.count()).group_by(_exports.c.state)).all()
-        return {str(state): int(n) for state, n in rows}
-
 
 def _pending_unless_sending() -> Any:
-    from sqlalchemy import case
-
     return case(
         (_exports.c.state == ExportState.SENDING.value, ExportState.SENDING.value),
         else_=ExportState.PENDING.value,
