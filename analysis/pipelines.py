@@ -32,6 +32,8 @@ __all__ = [
 
 BUILTIN_PIPELINES: dict[str, str] = {
     "ct-lung": "analysis.ct_lung:CtLungPipeline",
+    "ct-lung-nodule": "analysis.model_pipeline:LungNodulePipeline",
+    "model": "analysis.model_pipeline:ModelPipeline",
 }
 
 
@@ -59,6 +61,8 @@ class PipelineInput:
     study_instance_uid: str
     series: tuple[SeriesInput, ...]
     uid_root: str
+    # time.monotonic() value by which the job must finish; a pipeline may stop cleanly when it passes
+    deadline: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +82,9 @@ class Pipeline:
 
     def run(self, inputs: PipelineInput, params: BaseModel) -> PipelineOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def check(self, params: BaseModel) -> None:
+        """Deeper checks for ``pacsnode check-config`` (e.g. build a model once); raise AnalysisError."""
 
 
 def resolve_pipeline(name: str) -> type[Pipeline]:

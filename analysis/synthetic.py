@@ -6,13 +6,21 @@ subcutaneous fat layer, a vertebral body, a hollow patient table below the
 body (dense shell around a foam core, separated from the body by an air gap),
 two lung ellipsoids of different sizes (the patient's right one larger), vessels
 (tubes and spheres of soft tissue) and emphysema pockets (spheres of air)
-inside the lungs, a trachea above the lungs and bowel gas below them (small
-air pockets a lung segmentation must drop). Gaussian noise and an optional
-in-plane blur are added last.
+inside the lungs, optional lung nodules (solid, part-solid and ground-glass
+lobulated ellipsoids, some against the pleura), a trachea above the lungs and
+bowel gas below them (small air pockets a lung segmentation must drop).
+Gaussian noise and an optional in-plane blur are added last.
 
 The truth (volumes, mean density, LAA-950) is computed from the exact voxel
-masks of the lungs, vessels included, and the noise-free image (after the
-blur, if any), so it is what a correct segmentation should find.
+masks of the lungs, vessels and nodules included, and the noise-free image
+(after the blur, if any), so it is what a correct segmentation should find.
+Nodules, when asked for, come with their own truth: a label volume
+(``ChestPhantom.nodule_labels``) and one :class:`NoduleTruth` each.
+
+Contents: :class:`ChestPhantom` (in-memory phantom and truth),
+:class:`ChestTruth` (truth of a written series), :class:`LungTruth` (the lung
+measurements), :class:`NoduleTruth` (one nodule), :func:`make_chest_phantom`,
+:func:`write_chest_ct` and :func:`make_benchmark_volume`.
 
 Tests and benchmarks use :func:`write_chest_ct` (files on disk, for the loader)
 and :func:`make_chest_phantom` (in memory; ``ChestPhantom.to_volume`` gives a
@@ -52,6 +60,7 @@ __all__ = [
     "ChestPhantom",
     "ChestTruth",
     "LungTruth",
+    "NoduleTruth",
     "make_benchmark_volume",
     "make_chest_phantom",
     "write_chest_ct",
@@ -70,6 +79,11 @@ LUNG_HU = -860  # mean parenchyma; a gravity gradient of +-40 HU runs anterior -
 LUNG_GRADIENT_HU = 40
 VESSEL_HU = 40
 EMPHYSEMA_HU = -1000
+# Nodules: the range each nodule's (noise-free, unblurred) value is drawn from, HU.
+NODULE_KINDS = ("solid", "part-solid", "ground-glass")
+SOLID_NODULE_HU = (0.0, 60.0)  # also the core of a part-solid nodule
+PART_SOLID_HALO_HU = (-650.0, -450.0)
+GROUND_GLASS_NODULE_HU = (-700.0, -450.0)
 
 RESCALE_INTERCEPT = -1024
 _HU_MIN = RESCALE_INTERCEPT
@@ -85,6 +99,29 @@ _LOSSLESS = (RLELossless, JPEGLSLossless, JPEG2000Lossless, JPEGLosslessSV1, JPE
 class _Ellipsoid:
     centre: tuple[float, float, float]  # patient x, y, z (mm)
     semi_axes: tuple[float, float, float]  # mm
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoduleTruth:
+    """The truth of one nodule of a phantom.
+
+    ``number`` is its value in ``ChestPhantom.nodule_labels`` (1-based);
+    ``kind`` one of ``"solid"``, ``"part-solid"``, ``"ground-glass"``;
+    ``centre_mm`` the centroid of its voxel centres, patient x, y, z (mm);
+    ``diameter_mm`` the diameter of the sphere of its voxel volume;
+    ``volume_ml`` its voxel count times the voxel volume; ``mean_hu`` its mean
+    on the noise-free image (after the blur, if any); ``side`` the lung it is
+    in, ``"right"`` or ``"left"``; ``voxels`` its voxel count.
+    """
+
+    number: int
+    kind: str
+    centre_mm: tuple[float, float, float]
+    diameter_mm: float
+    volume_ml: float
+    mean_hu: float
+    side: str
+    voxels: int
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -110,6 +147,7 @@ class ChestTruth(LungTruth):
     (the order :func:`analysis.volume.load_series` sorts them into); the file
     names themselves are shuffled unless ``shuffle_files=False``.
     Volumes in mL, densities in HU, LAA-950 in percent of lung voxels.
+    ``nodules`` is the truth of the nodules, as ``ChestPhantom.nodules``.
     """
 
     paths: list[Path]
@@ -120,6 +158,7 @@ class ChestTruth(LungTruth):
     transfer_syntax_uid: str
     shape: tuple[int, int, int]
     spacing: tuple[float, float, float]
+    nodules: tuple[NoduleTruth, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -128,8 +167,13 @@ class ChestPhantom(LungTruth):
 
     ``hu`` is int16 (slices, rows, columns), slices ascending along the slice
     normal; ``labels`` is the truth, uint8, 1 right lung, 2 left lung, vessels
-    and emphysema inside the lungs included. Geometry as in
-    :class:`~analysis.types.Volume`.
+    and emphysema inside the lungs included (nodules too: a nodule voxel keeps
+    its lung's label). Geometry as in :class:`~analysis.types.Volume`.
+
+    ``nodule_labels`` is None unless nodules were asked for (``nodules > 0``);
+    then it is uint16 of the shape of ``hu``, 0 background and ``k`` the
+    voxels of nodule ``k`` (``nodules[k - 1]``): exactly the voxels painted
+    with the nodule's value. ``nodules`` is the truth of each, by number.
     """
 
     hu: np.ndarray
@@ -139,6 +183,8 @@ class ChestPhantom(LungTruth):
     row_direction: tuple[float, float, float]
     column_direction: tuple[float, float, float]
     slice_thickness_mm: float
+    nodule_labels: np.ndarray | None = None
+    nodules: tuple[NoduleTruth, ...] = ()
 
     def slice_position(self, index: int) -> tuple[float, float, float]:
         """ImagePositionPatient of slice ``index``."""
@@ -188,6 +234,10 @@ def make_chest_phantom(
     vessels: int = 10,
     join_lungs: bool = False,
     mirror_columns: bool = False,
+    nodules: int = 0,
+    nodule_diameter_mm: tuple[float, float] = (4.0, 24.0),
+    nodule_kinds: tuple[str, ...] = NODULE_KINDS,
+    vessel_spheres: bool = True,
 ) -> ChestPhantom:
     """Build the chest phantom in memory, vectorised (a 300x512x512 volume takes about 2 s).
 
@@ -207,7 +257,9 @@ def make_chest_phantom(
         Slice thickness, also the spacing between slices.
     seed
         Seed of the :class:`numpy.random.Generator` that places the vessels and
-        emphysema pockets and draws the noise.
+        emphysema pockets and draws the noise; the nodules are drawn from a
+        generator of their own (``default_rng([seed, 7])``), so asking for
+        nodules changes nothing else of the phantom.
     noise_hu
         Standard deviation of the Gaussian noise, HU.
     blur_sigma_mm
@@ -216,8 +268,10 @@ def make_chest_phantom(
     emphysema_pockets
         Spheres of air (-1000 HU, radius 6 to 14 mm) per lung.
     vessels
-        Vessels per lung, tubes and spheres of soft tissue (radius 2 to 4 mm);
-        every fourth one a sphere against the pleura, a notch in the outline.
+        Vessels per lung, tubes and spheres of soft tissue (radius 2 to 4 mm):
+        of every four, two tubes, a sphere inside the lung and a sphere
+        against the pleura (a notch in the outline); all tubes if
+        ``vessel_spheres`` is False.
     join_lungs
         Join the two lungs with a bridge of parenchyma across the midline
         (like an anterior junction) so that they form a single air component;
@@ -225,7 +279,31 @@ def make_chest_phantom(
     mirror_columns
         Store the columns in reverse order (ImageOrientationPatient
         ``-1\\0\\0\\0\\1\\0``): the same patient, the right lung now on the
-        right of the image.
+        right of the image. ``nodule_labels`` is mirrored too.
+    nodules
+        Number of lung nodules, each put in the right or left lung at random
+        (in proportion to their volumes). A nodule is a randomly oriented
+        ellipsoid (semi-axes the radius times 0.8 to 1.2) with one or two
+        smaller spheres bulging from it (a lobulated edge), entirely inside
+        its lung and inside the slab, apart from every other nodule (by at
+        least a voxel diagonal); about one in five lies against the pleura,
+        flattened by it. Nodules are painted over the vessels and emphysema.
+        A nodule that cannot be placed (a slab too thin, lungs too crowded)
+        or that covers fewer than 3 voxels is left out, so there may be fewer;
+        ``ChestPhantom.nodules`` lists those painted, numbered 1, 2, ...
+    nodule_diameter_mm
+        (min, max) of the nodules' diameters, drawn log-uniform, at most 40 mm; the
+        equivalent-sphere diameter in the truth differs by the ellipsoid's
+        axis factors, the lobes and the voxel grid.
+    nodule_kinds
+        The kinds to draw from, uniformly (repeat one to weight it):
+        ``"solid"`` (a value drawn in 0..+60 HU), ``"ground-glass"``
+        (-700..-450 HU), ``"part-solid"`` (a ground-glass halo, -650..-450 HU,
+        around a solid core of half the diameter, 0..+60 HU).
+    vessel_spheres
+        If False, every vessel is a tube: no spheres inside the lung and no
+        juxtapleural spheres, so that nothing but the nodules is nodule-like
+        (for nodule training data). True keeps the phantom as it always was.
 
     Returns
     -------
@@ -234,7 +312,8 @@ def make_chest_phantom(
     Raises
     ------
     ValueError
-        For sizes or spacings that cannot hold the phantom.
+        For sizes or spacings that cannot hold the phantom, or bad nodule
+        parameters.
     """
     if slices < 1 or size < 16:
         raise ValueError(f"the phantom needs at least 1 slice of 16x16 pixels, got {slices} of {size}x{size}")
@@ -242,6 +321,7 @@ def make_chest_phantom(
         pixel_spacing_mm = DEFAULT_FIELD_OF_VIEW_MM / size
     if pixel_spacing_mm <= 0 or slice_thickness_mm <= 0:
         raise ValueError("pixel_spacing_mm and slice_thickness_mm must be positive")
+    _check_nodule_parameters(nodules, nodule_diameter_mm, nodule_kinds)
     rng = np.random.default_rng(seed)
     ps = float(pixel_spacing_mm)
     dz = float(slice_thickness_mm)
@@ -273,11 +353,11 @@ def make_chest_phantom(
             _paint_capsule(hu, labels, label, centre, centre, radius, EMPHYSEMA_HU, xs, ys, zs)
         for n in range(vessels):
             radius = float(rng.uniform(2.0, 4.0))
-            if n % 4 == 3:  # a juxtapleural nodule-like sphere: a notch in the lung's outline
+            if vessel_spheres and n % 4 == 3:  # a juxtapleural nodule-like sphere: a notch in the lung's outline
                 start = end = _point_on_surface(rng, lung, 1.0 - radius / min(lung.semi_axes[:2]))
             else:
                 start = _point_inside(rng, lung, 0.55)
-                end = start if n % 4 == 2 else _point_inside(rng, lung, 0.55)
+                end = start if vessel_spheres and n % 4 == 2 else _point_inside(rng, lung, 0.55)
             _paint_capsule(hu, labels, label, start, end, radius, VESSEL_HU, xs, ys, zs)
 
     # Air that is not lung: the trachea above the lungs, bowel gas below them.
@@ -287,12 +367,33 @@ def make_chest_phantom(
     for gx, gy in ((35.0, -45.0), (-45.0, 10.0)):
         _paint_capsule(hu, labels, 0, (gx, gy, z_centre - 104.0), None, 12.0, AIR_HU, xs, ys, zs)
 
+    # Nodules last: they override vessels and emphysema (nothing else reaches into the lungs).
+    nodule_labels = None
+    painted: list[_PaintedNodule] = []
+    if nodules > 0:
+        nodule_labels = np.zeros((slices, size, size), dtype=np.uint16)
+        painted = _paint_nodules(
+            hu,
+            labels,
+            nodule_labels,
+            np.random.default_rng([seed, 7]),
+            lungs,
+            nodules,
+            nodule_diameter_mm,
+            nodule_kinds,
+            xs,
+            ys,
+            zs,
+            spacing=(ps, ps, dz),
+        )
+
     if blur_sigma_mm > 0:
         sigma_px = blur_sigma_mm / ps
         for k in range(slices):
             cv2.GaussianBlur(hu[k], (0, 0), sigmaX=sigma_px, dst=hu[k], borderType=cv2.BORDER_REPLICATE)
 
     truth = _measure(hu, labels, voxel_ml=ps * ps * dz / 1000.0)
+    nodule_truth = _measure_nodules(hu, painted, voxel_ml=ps * ps * dz / 1000.0)
 
     out = np.empty((slices, size, size), dtype=np.int16)
     chunk = max(1, (1 << 22) // (size * size))
@@ -309,6 +410,8 @@ def make_chest_phantom(
     if mirror_columns:
         out = np.ascontiguousarray(out[:, :, ::-1])
         labels = np.ascontiguousarray(labels[:, :, ::-1])
+        if nodule_labels is not None:
+            nodule_labels = np.ascontiguousarray(nodule_labels[:, :, ::-1])
         row_direction = (-1.0, 0.0, 0.0)
         origin_x = float(xs[-1])
     return ChestPhantom(
@@ -319,18 +422,28 @@ def make_chest_phantom(
         row_direction=row_direction,
         column_direction=(0.0, 1.0, 0.0),
         slice_thickness_mm=dz,
+        nodule_labels=nodule_labels,
+        nodules=nodule_truth,
         **asdict(truth),
     )
 
 
 def make_benchmark_volume(
-    *, slices: int = 300, size: int = 512, slice_thickness_mm: float = 1.0, seed: int = 0
+    *,
+    slices: int = 300,
+    size: int = 512,
+    slice_thickness_mm: float = 1.0,
+    seed: int = 0,
+    nodules: int = 0,
+    nodule_diameter_mm: tuple[float, float] = (4.0, 24.0),
+    nodule_kinds: tuple[str, ...] = NODULE_KINDS,
+    vessel_spheres: bool = True,
 ) -> tuple[Volume, ChestPhantom]:
     """A realistic-size phantom (default 300x512x512, 0.78 mm pixels, 1 mm slices) as a Volume.
 
     Parameters
     ----------
-    slices, size, slice_thickness_mm, seed
+    slices, size, slice_thickness_mm, seed, nodules, nodule_diameter_mm, nodule_kinds, vessel_spheres
         As for :func:`make_chest_phantom`.
 
     Returns
@@ -346,6 +459,10 @@ def make_benchmark_volume(
         blur_sigma_mm=0.5,
         vessels=25,
         emphysema_pockets=6,
+        nodules=nodules,
+        nodule_diameter_mm=nodule_diameter_mm,
+        nodule_kinds=nodule_kinds,
+        vessel_spheres=vessel_spheres,
     )
     return phantom.to_volume(), phantom
 
@@ -372,6 +489,10 @@ def write_chest_ct(
     join_lungs: bool = False,
     mirror_columns: bool = False,
     series_number: int = 1,
+    nodules: int = 0,
+    nodule_diameter_mm: tuple[float, float] = (4.0, 24.0),
+    nodule_kinds: tuple[str, ...] = NODULE_KINDS,
+    vessel_spheres: bool = True,
 ) -> ChestTruth:
     """Write the chest phantom as one CT Image Storage file per slice.
 
@@ -385,6 +506,10 @@ def write_chest_ct(
         Folder to write into (created if needed).
     slices, size, pixel_spacing_mm, slice_thickness_mm, seed, noise_hu, blur_sigma_mm, emphysema_pockets, vessels, join_lungs, mirror_columns
         The phantom, see :func:`make_chest_phantom`.
+    nodules, nodule_diameter_mm, nodule_kinds, vessel_spheres
+        Lung nodules and tube-only vessels, see :func:`make_chest_phantom`;
+        ``ChestTruth.nodules`` has the nodules' truth (their label volume is
+        not written: use :func:`make_chest_phantom` with the same arguments).
     study_instance_uid, series_instance_uid
         UIDs to use; new ones by default.
     patient_id, patient_name
@@ -434,6 +559,10 @@ def write_chest_ct(
         vessels=vessels,
         join_lungs=join_lungs,
         mirror_columns=mirror_columns,
+        nodules=nodules,
+        nodule_diameter_mm=nodule_diameter_mm,
+        nodule_kinds=nodule_kinds,
+        vessel_spheres=vessel_spheres,
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -476,6 +605,7 @@ def write_chest_ct(
         transfer_syntax_uid=str(tsuid),
         shape=(slices, size, size),
         spacing=phantom.spacing,
+        nodules=phantom.nodules,
         **{f.name: getattr(phantom, f.name) for f in fields(LungTruth)},
     )
 
@@ -524,15 +654,22 @@ def _paint_lung(
 ) -> None:
     (cx, cy, cz), (a, b, c) = lung.centre, lung.semi_axes
     sk, sr, sc = _index_range(zs, cz - c, cz + c), _index_range(ys, cy - b, cy + b), _index_range(xs, cx - a, cx + a)
-    u = (((xs[sc] - cx) / a) ** 2).astype(np.float32)
-    v = (((ys[sr] - cy) / b) ** 2).astype(np.float32)
-    w = (((zs[sk] - cz) / c) ** 2).astype(np.float32)
-    inside = (w[:, None, None] + v[None, :, None] + u[None, None, :]) <= 1.0
+    inside = _inside_lung(lung, xs[sc], ys[sr], zs[sk])
     # Dependent (posterior, +y) lung is denser.
     gradient = (LUNG_HU + LUNG_GRADIENT_HU * (ys[sr] - cy) / b).astype(np.float32)
     values = np.broadcast_to(gradient[None, :, None], inside.shape)
     hu[sk, sr, sc][inside] = values[inside]
     labels[sk, sr, sc][inside] = label
+
+
+def _inside_lung(lung: _Ellipsoid, xs: np.ndarray, ys: np.ndarray, zs: np.ndarray) -> np.ndarray:
+    """Which voxel centres of the grid ``zs`` x ``ys`` x ``xs`` are inside the lung (the test that paints it)."""
+    (cx, cy, cz), (a, b, c) = lung.centre, lung.semi_axes
+    u = (((xs - cx) / a) ** 2).astype(np.float32)
+    v = (((ys - cy) / b) ** 2).astype(np.float32)
+    w = (((zs - cz) / c) ** 2).astype(np.float32)
+    result: np.ndarray = (w[:, None, None] + v[None, :, None] + u[None, None, :]) <= 1.0
+    return result
 
 
 def _paint_bridge(
@@ -613,6 +750,233 @@ def _paint_capsule(
     if label:
         inside &= labels[sk, sr, sc] == label  # stay inside this lung
     hu[sk, sr, sc][inside] = value
+
+
+# ----------------------------------------------------------------- nodules
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class _NoduleShape:
+    """A nodule about its own centre: an ellipsoid in its own frame, lobes, values."""
+
+    kind: str
+    side: int  # lung label, 1 right, 2 left
+    rotation: np.ndarray  # 3x3, columns: the ellipsoid's axes in patient coordinates
+    semi_axes: np.ndarray  # mm
+    lobes: tuple[tuple[np.ndarray, float], ...]  # (centre in the nodule's frame, radius), mm
+    bound: float  # radius of a sphere about the centre holding the whole nodule, mm
+    value_hu: float  # solid or ground-glass value, or the part-solid halo
+    core_hu: float  # value of the solid core of a part-solid nodule
+    juxtapleural: bool
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class _PaintedNodule:
+    kind: str
+    side: int
+    box: tuple[slice, slice, slice]
+    mask: np.ndarray  # over box
+    centre_mm: tuple[float, float, float]
+
+
+def _check_nodule_parameters(nodules: int, diameter_mm: tuple[float, float], kinds: tuple[str, ...]) -> None:
+    if nodules < 0:
+        raise ValueError(f"nodules must be 0 or more, not {nodules}")
+    if nodules == 0:
+        return
+    low, high = (float(d) for d in diameter_mm)
+    if not 0.0 < low <= high:
+        raise ValueError(f"nodule_diameter_mm must be (min, max) with 0 < min <= max, not {diameter_mm}")
+    if high > 40.0:
+        raise ValueError(f"nodules larger than 40 mm do not fit the lungs, got {diameter_mm}")
+    unknown = sorted(set(kinds) - set(NODULE_KINDS))
+    if not kinds or unknown:
+        raise ValueError(f"nodule_kinds must be some of {NODULE_KINDS}, got {kinds}")
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random rotation matrix (from a random unit quaternion)."""
+    q = rng.normal(size=4)
+    w, x, y, z = q / np.linalg.norm(q)
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
+
+
+def _draw_nodule(
+    rng: np.random.Generator,
+    lungs: tuple[_Ellipsoid, _Ellipsoid],
+    diameter_mm: tuple[float, float],
+    kinds: tuple[str, ...],
+) -> _NoduleShape:
+    """Side, kind, size, shape and values of one nodule (a fixed number of draws)."""
+    volumes = [float(np.prod(lung.semi_axes)) for lung in lungs]
+    side = 1 if rng.random() < volumes[0] / sum(volumes) else 2
+    kind = kinds[int(rng.integers(len(kinds)))]
+    radius = float(np.exp(rng.uniform(np.log(diameter_mm[0]), np.log(diameter_mm[1])))) / 2.0
+    semi_axes = radius * rng.uniform(0.8, 1.2, size=3)
+    rotation = _random_rotation(rng)
+    bound = float(semi_axes.max())
+    lobes = []
+    for _ in range(int(rng.integers(1, 3))):  # one or two lobes bulging from the ellipsoid
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        lobe_radius = radius * float(rng.uniform(0.35, 0.55))
+        bulge = lobe_radius * float(rng.uniform(0.2, 0.5))
+        to_surface = 1.0 / float(np.sqrt(np.sum((direction / semi_axes) ** 2)))
+        distance = to_surface - lobe_radius + bulge
+        lobes.append((distance * direction, lobe_radius))
+        bound = max(bound, distance + lobe_radius)
+    if kind == "solid":
+        value, core = float(rng.uniform(*SOLID_NODULE_HU)), float(rng.uniform(*SOLID_NODULE_HU))
+    elif kind == "part-solid":
+        value, core = float(rng.uniform(*PART_SOLID_HALO_HU)), float(rng.uniform(*SOLID_NODULE_HU))
+    else:
+        value, core = float(rng.uniform(*GROUND_GLASS_NODULE_HU)), float(rng.uniform(*SOLID_NODULE_HU))
+    return _NoduleShape(
+        kind=kind,
+        side=side,
+        rotation=rotation,
+        semi_axes=semi_axes,
+        lobes=tuple(lobes),
+        bound=bound,
+        value_hu=value,
+        core_hu=core,
+        juxtapleural=bool(rng.random() < 0.2),
+    )
+
+
+def _place_nodule(
+    rng: np.random.Generator,
+    shape: _NoduleShape,
+    lung: _Ellipsoid,
+    placed: list[tuple[np.ndarray, float]],
+    gap: float,
+    limits: np.ndarray,
+    tries: int = 200,
+) -> np.ndarray | None:
+    """A centre for the nodule inside its lung, the slab and apart from ``placed``; None if none is found.
+
+    ``limits`` is (low, high) x (x, y, z) of the grid, half a voxel beyond the
+    outer voxel centres. A juxtapleural nodule is pushed against the pleura
+    (10 % of its extent beyond it, clipped by the lung when painted).
+    """
+    centre0, axes = np.asarray(lung.centre), np.asarray(lung.semi_axes)
+    # Covariance of the nodule's ellipsoid: its extent along a unit n is sqrt(n' M n).
+    extent = shape.rotation @ np.diag(shape.semi_axes**2) @ shape.rotation.T
+    scale = 1.0 - (shape.bound + 1.0) / float(axes.min())
+    for _ in range(tries):
+        if shape.juxtapleural:
+            surface = np.asarray(_point_on_surface(rng, lung, 1.0))
+            normal = (surface - centre0) / axes**2
+            normal /= np.linalg.norm(normal)
+            centre = surface - 0.9 * float(np.sqrt(normal @ extent @ normal)) * normal
+        else:
+            centre = np.asarray(_point_inside(rng, lung, scale))
+        if np.any(centre - shape.bound < limits[0]) or np.any(centre + shape.bound > limits[1]):
+            continue
+        if all(float(np.linalg.norm(centre - other)) >= shape.bound + bound + gap for other, bound in placed):
+            return centre
+    return None
+
+
+def _nodule_mask(
+    shape: _NoduleShape, centre: np.ndarray, xs: np.ndarray, ys: np.ndarray, zs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(inside the nodule, inside its solid core) for the voxel centres of the grid ``zs`` x ``ys`` x ``xs``."""
+    px = (xs - centre[0])[None, None, :]
+    py = (ys - centre[1])[None, :, None]
+    pz = (zs - centre[2])[:, None, None]
+    r = shape.rotation
+    local = [r[0, i] * px + r[1, i] * py + r[2, i] * pz for i in range(3)]  # coordinates in the nodule's frame
+    ellipsoid = sum((local[i] / shape.semi_axes[i]) ** 2 for i in range(3))
+    inside = ellipsoid <= 1.0
+    for (lx, ly, lz), radius in shape.lobes:
+        inside |= (local[0] - lx) ** 2 + (local[1] - ly) ** 2 + (local[2] - lz) ** 2 <= radius * radius
+    core = ellipsoid <= 0.25  # half the diameter
+    return inside, core
+
+
+def _paint_nodules(
+    hu: np.ndarray,
+    labels: np.ndarray,
+    nodule_labels: np.ndarray,
+    rng: np.random.Generator,
+    lungs: tuple[_Ellipsoid, _Ellipsoid],
+    count: int,
+    diameter_mm: tuple[float, float],
+    kinds: tuple[str, ...],
+    xs: np.ndarray,
+    ys: np.ndarray,
+    zs: np.ndarray,
+    *,
+    spacing: tuple[float, float, float],
+) -> list[_PaintedNodule]:
+    """Draw, place and paint ``count`` nodules; nodule ``k`` of the result has the value ``k + 1`` in ``nodule_labels``.
+
+    ``spacing`` is the voxel size along x, y, z (mm).
+    """
+    steps = np.asarray(spacing, dtype=np.float64)
+    limits = np.array([[xs[0], ys[0], zs[0]], [xs[-1], ys[-1], zs[-1]]]) + np.outer([-0.5, 0.5], steps)
+    gap = float(np.linalg.norm(steps))  # no two nodules touch, not even at a voxel corner
+    placed: list[tuple[np.ndarray, float]] = []
+    painted: list[_PaintedNodule] = []
+    for _ in range(count):
+        shape = _draw_nodule(rng, lungs, diameter_mm, kinds)
+        lung = lungs[shape.side - 1]
+        centre = _place_nodule(rng, shape, lung, placed, gap, limits)
+        if centre is None:
+            side = _SIDES[shape.side]
+            logger.warning("no room for a nodule %.1f mm across in the %s lung: left out", 2 * shape.bound, side)
+            continue
+        low, high = centre - shape.bound, centre + shape.bound
+        box = (_index_range(zs, low[2], high[2]), _index_range(ys, low[1], high[1]), _index_range(xs, low[0], high[0]))
+        sk, sr, sc = box
+        inside, core = _nodule_mask(shape, centre, xs[sc], ys[sr], zs[sk])
+        inside &= _inside_lung(lung, xs[sc], ys[sr], zs[sk]) & (labels[box] == shape.side)
+        voxels = int(np.count_nonzero(inside))
+        if voxels < 3:
+            logger.debug("a nodule of %d voxels left out", voxels)
+            continue
+        placed.append((centre, shape.bound))
+        if shape.kind == "part-solid":
+            values = np.where(core, np.float32(shape.core_hu), np.float32(shape.value_hu))
+            hu[box][inside] = values[inside]
+        else:
+            hu[box][inside] = shape.value_hu
+        nodule_labels[box][inside] = len(painted) + 1
+        kk, rr, cc = np.nonzero(inside)
+        centroid = (float(xs[sc][cc].mean()), float(ys[sr][rr].mean()), float(zs[sk][kk].mean()))
+        painted.append(_PaintedNodule(kind=shape.kind, side=shape.side, box=box, mask=inside, centre_mm=centroid))
+    return painted
+
+
+def _measure_nodules(hu: np.ndarray, painted: list[_PaintedNodule], *, voxel_ml: float) -> tuple[NoduleTruth, ...]:
+    """The truth of the painted nodules on the noise-free image."""
+    result = []
+    for number, nodule in enumerate(painted, start=1):
+        voxels = int(np.count_nonzero(nodule.mask))
+        volume_ml = voxels * voxel_ml
+        result.append(
+            NoduleTruth(
+                number=number,
+                kind=nodule.kind,
+                centre_mm=nodule.centre_mm,
+                diameter_mm=float((6.0 * volume_ml * 1000.0 / np.pi) ** (1.0 / 3.0)),
+                volume_ml=volume_ml,
+                mean_hu=float(hu[nodule.box][nodule.mask].astype(np.float64).mean()),
+                side=_SIDES[nodule.side],
+                voxels=voxels,
+            )
+        )
+    return tuple(result)
+
+
+_SIDES = {1: "right", 2: "left"}
 
 
 def _measure(hu: np.ndarray, labels: np.ndarray, *, voxel_ml: float) -> LungTruth:

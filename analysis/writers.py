@@ -28,7 +28,7 @@ import math
 import platform
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypedDict
 
@@ -327,32 +327,63 @@ def _check_inputs(volume: Volume, result: LungResult, key_slices: int) -> None:
 def _segment_description(
     number: int,
     label: str,
-    side: Code,
+    *,
+    category: Code,
+    property_type: Code,
+    modifier: Code | None,
     rgb: tuple[int, int, int],
-    common: _Common,
-    uid: _UidFactory,
+    algorithm: tuple[str, str, Code],
+    tracking_uid: str,
 ) -> hd.seg.SegmentDescription:
+    """An automatic segment; ``algorithm`` is (name, version, family), ``label`` also its tracking id."""
+    name, version, family = algorithm
     description = hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=label,
-        segmented_property_category=CODES.anatomical_structure,
-        segmented_property_type=CODES.lung,
+        segmented_property_category=category,
+        segmented_property_type=property_type,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name=common.pipeline_name,
-            family=common.algorithm_family,
-            version=common.pipeline_version,
-        ),
-        tracking_uid=uid("tracking", str(number)),
+        algorithm_identification=hd.AlgorithmIdentificationSequence(name=name, family=family, version=version),
+        tracking_uid=tracking_uid,
         tracking_id=label,
         display_color=hd.color.CIELabColor.from_rgb(*rgb),
     )
-    # Segmented Property Type Modifier Code Sequence (0062,0011), DCID 244 Laterality:
-    # highdicom has no argument for it.
-    description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
-        hd.sr.CodedConcept.from_code(side)
-    ]
+    if modifier is not None:
+        # Segmented Property Type Modifier Code Sequence (0062,0011): highdicom has no argument for it.
+        description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+            hd.sr.CodedConcept.from_code(modifier)
+        ]
     return description
+
+
+def _segmentation(
+    volume: Volume,
+    pixel_array: np.ndarray,
+    descriptions: list[hd.seg.SegmentDescription],
+    common: _Common,
+    uid: _UidFactory,
+    series_number: int,
+    *,
+    content_description: str,
+    content_label: str,
+    kind: str,
+) -> hd.seg.Segmentation:
+    """A BINARY SEG of ``volume`` (empty frames left out), instance 1 of its own series."""
+    return hd.seg.Segmentation(
+        source_images=list(volume.datasets),
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=uid("SEG", "series"),
+        series_number=series_number,
+        sop_instance_uid=uid("SEG", "1"),
+        instance_number=1,
+        content_description=content_description[:_LO_MAX_LENGTH],
+        content_label=content_label,
+        series_description=common.series_description(kind),
+        omit_empty_frames=True,
+        **common.equipment(),
+    )
 
 
 def _build_seg(
@@ -362,28 +393,26 @@ def _build_seg(
     uid: _UidFactory,
     series_number: int,
 ) -> hd.seg.Segmentation:
+    algorithm = (common.pipeline_name, common.pipeline_version, common.algorithm_family)
     descriptions = [
-        _segment_description(SEGMENT_RIGHT_LUNG, "Right lung", CODES.right, _RIGHT_RGB, common, uid),
-        _segment_description(SEGMENT_LEFT_LUNG, "Left lung", CODES.left, _LEFT_RGB, common, uid),
-    ]
+        _segment_description(
+            number, label, category=CODES.anatomical_structure, property_type=CODES.lung, modifier=side,
+            rgb=rgb, algorithm=algorithm, tracking_uid=uid("tracking", str(number)),
+        )
+        for number, label, side, rgb in (
+            (SEGMENT_RIGHT_LUNG, "Right lung", CODES.right, _RIGHT_RGB),
+            (SEGMENT_LEFT_LUNG, "Left lung", CODES.left, _LEFT_RGB),
+        )
+    ]  # fmt: skip
     labels = result.labels
     if labels.dtype != np.uint8:
         labels = labels.astype(np.uint8)
-    return hd.seg.Segmentation(
-        source_images=list(volume.datasets),
-        pixel_array=labels,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=uid("SEG", "series"),
-        series_number=series_number,
-        sop_instance_uid=uid("SEG", "1"),
-        instance_number=1,
-        content_description=f"Lungs by {common.pipeline_name} {common.pipeline_version}"[:_LO_MAX_LENGTH],
+    return _segmentation(
+        volume, labels, descriptions, common, uid, series_number,
+        content_description=f"Lungs by {common.pipeline_name} {common.pipeline_version}",
         content_label="LUNGS",
-        series_description=common.series_description("lung SEG"),
-        omit_empty_frames=True,
-        **common.equipment(),
-    )
+        kind="lung SEG",
+    )  # fmt: skip
 
 
 # --- Structured report --------------------------------------------------------------------------
@@ -463,6 +492,24 @@ def _build_sr(
             qualitative_evaluations=_nfdu(),
         )
     )
+    return _measurement_report_sr(
+        [*volume.datasets, seg], groups, CODES.procedure, common, uid, series_number, kind="lung SR"
+    )
+
+
+def _measurement_report_sr(
+    evidence: list[Dataset],
+    groups: Sequence[
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations
+    ],
+    procedure: Code,
+    common: _Common,
+    uid: _UidFactory,
+    series_number: int,
+    *,
+    kind: str,
+) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 Measurement Report by this device, instance 1 of its own series, complete, not final."""
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -475,11 +522,11 @@ def _build_sr(
     )
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=CODES.procedure,
+        procedure_reported=procedure,
         imaging_measurements=groups,
     )
     return hd.sr.Comprehensive3DSR(
-        evidence=[*volume.datasets, seg],
+        evidence=evidence,
         content=report,
         series_instance_uid=uid("SR", "series"),
         series_number=series_number,
@@ -487,7 +534,7 @@ def _build_sr(
         instance_number=1,
         is_complete=True,
         is_final=False,
-        series_description=common.series_description("lung SR"),
+        series_description=common.series_description(kind),
         coding_schemes=[_private_scheme()],
         **common.equipment(),
     )
@@ -518,14 +565,14 @@ def _window(hu: np.ndarray, width: float, level: float) -> np.ndarray:
     return grey
 
 
-def _draw_contours(rgb: np.ndarray, labels: np.ndarray) -> None:
+def _draw_contour(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> None:
+    """Draw the outer contours of the 2D ``mask`` into ``rgb``, in place."""
     thickness = max(1, rgb.shape[1] // 256)
-    for value, colour in ((SEGMENT_RIGHT_LUNG, _RIGHT_RGB), (SEGMENT_LEFT_LUNG, _LEFT_RGB)):
-        mask = (labels == value).astype(np.uint8)
-        if not mask.any():
-            continue
-        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(rgb, contours, -1, colour, thickness, lineType=cv2.LINE_8)
+    mask = mask.astype(np.uint8)
+    if not mask.any():
+        return
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(rgb, contours, -1, colour, thickness, lineType=cv2.LINE_8)
 
 
 def _banner(
@@ -569,12 +616,69 @@ def _patient_orientation(volume: Volume) -> tuple[str, str]:
     return (orientation[0].value, orientation[1].value)
 
 
+def _key_image_pixels(
+    hu: np.ndarray,
+    window: tuple[float, float],
+    contours: list[tuple[np.ndarray, tuple[int, int, int]]],
+    banner: np.ndarray,
+) -> np.ndarray:
+    """The 2D ``hu`` in ``window`` (width, level) with (mask, colour) ``contours``, below ``banner``; RGB uint8."""
+    grey = _window(hu, *window)
+    rgb = np.repeat(grey[:, :, np.newaxis], 3, axis=2)
+    for mask, colour in contours:
+        _draw_contour(rgb, mask, colour)
+    return np.ascontiguousarray(np.concatenate([banner, rgb], axis=0))
+
+
 def _render_key_image(volume: Volume, result: LungResult, index: int, banner: np.ndarray) -> np.ndarray:
     """Slice ``index`` in the lung window with lung contours, below ``banner``; RGB uint8."""
-    grey = _window(volume.hu[index], *LUNG_WINDOW)
-    rgb = np.repeat(grey[:, :, np.newaxis], 3, axis=2)
-    _draw_contours(rgb, result.labels[index])
-    return np.ascontiguousarray(np.concatenate([banner, rgb], axis=0))
+    labels = result.labels[index]
+    contours = [(labels == SEGMENT_RIGHT_LUNG, _RIGHT_RGB), (labels == SEGMENT_LEFT_LUNG, _LEFT_RGB)]
+    return _key_image_pixels(volume.hu[index], LUNG_WINDOW, contours, banner)
+
+
+def _secondary_capture(
+    volume: Volume,
+    index: int,
+    pixels: np.ndarray,
+    common: _Common,
+    uid: _UidFactory,
+    series_number: int,
+    number: int,
+    *,
+    kind: str,
+    derivation: str,
+) -> hd.sc.SCImage:
+    """RGB ``pixels`` made from slice ``index`` as SC instance ``number``, burned-in annotation flagged."""
+    source = volume.datasets[index]
+    pixel_spacing = (float(volume.spacing[1]), float(volume.spacing[2]))
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source,
+        pixel_array=pixels,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=uid("SC", "series"),
+        series_number=series_number,
+        sop_instance_uid=uid("SC", str(number)),
+        instance_number=number,
+        pixel_spacing=pixel_spacing,  # type: ignore[arg-type]  # highdicom annotates tuple[int, int]
+        patient_orientation=_patient_orientation(volume),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=common.series_description(kind),
+        **common.equipment(),
+    )
+    # Not set by highdicom's SCImage: what the pixels show and where they come from.
+    sc.BurnedInAnnotation = "YES"
+    sc.ConversionType = "WSD"  # made by software, not captured from a video interface
+    if "BodyPartExamined" in source:
+        sc.BodyPartExamined = source.BodyPartExamined
+    sc.DerivationDescription = derivation
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.SOPClassUID
+    reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    sc.SourceImageSequence = [reference]
+    return sc
 
 
 def _build_key_images(
@@ -586,40 +690,14 @@ def _build_key_images(
     count: int,
 ) -> list[hd.sc.SCImage]:
     banner = _banner(volume.hu.shape[2], _banner_lines(result, common))
-    orientation = _patient_orientation(volume)
-    pixel_spacing = (float(volume.spacing[1]), float(volume.spacing[2]))
     width, level = LUNG_WINDOW
     images = []
     for number, index in enumerate(_key_slice_indices(result.labels, count), start=1):
-        source = volume.datasets[index]
-        sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=source,
-            pixel_array=_render_key_image(volume, result, index, banner),
-            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-            bits_allocated=8,
-            coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            series_instance_uid=uid("SC", "series"),
-            series_number=series_number,
-            sop_instance_uid=uid("SC", str(number)),
-            instance_number=number,
-            pixel_spacing=pixel_spacing,  # type: ignore[arg-type]  # highdicom annotates tuple[int, int]
-            patient_orientation=orientation,
-            transfer_syntax_uid=ExplicitVRLittleEndian,
-            series_description=common.series_description("lung key images"),
-            **common.equipment(),
-        )
-        # Not set by highdicom's SCImage: what the pixels show and where they come from.
-        sc.BurnedInAnnotation = "YES"
-        sc.ConversionType = "WSD"  # made by software, not captured from a video interface
+        sc = _secondary_capture(
+            volume, index, _render_key_image(volume, result, index, banner), common, uid, series_number, number,
+            kind="lung key images",
+            derivation=f"Lung window W {width:.0f} L {level:.0f}, lung contours and banner burned in",
+        )  # fmt: skip
         sc.ImageLaterality = "B"  # both lungs; also satisfies the Laterality (0020,0060) 2C rule
-        if "BodyPartExamined" in source:
-            sc.BodyPartExamined = source.BodyPartExamined
-        sc.DerivationDescription = (
-            f"Lung window W {width:.0f} L {level:.0f}, lung contours and banner burned in"
-        )
-        reference = Dataset()
-        reference.ReferencedSOPClassUID = source.SOPClassUID
-        reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
-        sc.SourceImageSequence = [reference]
         images.append(sc)
     return images

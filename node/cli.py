@@ -87,11 +87,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-dead", action="store_true", help="queue every dead export again")
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    p = sub.add_parser("train", help="train the lung-nodule demonstration model on generated chest CT")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for manifest.json and model.pt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=2000)
+    p = sub.add_parser("evaluate", help="score a nodule model on held-out generated studies and real CT images")
+    p.add_argument("--model", default="lung-nodule", metavar="NAME|DIR", help="built-in model name or package folder")
+    p.add_argument("--studies", type=int, default=5, help="generated studies (default 5)")
+    p.add_argument("--seed", type=int, default=None, help="first seed of the generated studies (default: held-out range)")
+    p.add_argument("--slices", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--no-real", action="store_true", help="skip the real CT images of pydicom-data")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     return parser
+
+
+_NO_CONFIG = {"train", "evaluate"}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in _NO_CONFIG:  # model tools: they must run while the config names a model not yet made
+        setup_logging("INFO", "text")
+        return int(globals()[f"_cmd_{args.command}"](None, args))
     try:
         settings = load(args.config)
     except ConfigError as exc:
@@ -122,6 +140,16 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
+    from analysis import AnalysisError
+    from analysis.pipelines import resolve_pipeline
+
+    for rule in settings.analysis.rules:  # deeper checks a pipeline offers: e.g. build its model once
+        pipeline = resolve_pipeline(rule.pipeline)
+        try:
+            pipeline().check(pipeline.Params.model_validate(rule.params))
+        except AnalysisError as exc:
+            print(f"pacsnode: config error: {settings.source}: analysis.rules[{rule.name}]: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
     print(f"{settings.source}: OK")
     print(json.dumps(settings.model_dump(mode="json"), indent=2))
     return EXIT_OK
@@ -451,4 +479,57 @@ def _cmd_exports(settings: Settings, args: argparse.Namespace) -> int:
     ]
     _print_table(["ID", "STATE", "DESTINATION", "TRIES", "NEXT (UTC)", "SOP INSTANCE", "JOB", "LAST ERROR"], rows)
     print(f"{len(exports)} export(s)")
+    return EXIT_OK
+
+
+def _cmd_train(settings: Settings | None, args: argparse.Namespace) -> int:
+    from analysis.training import TrainConfig, train
+
+    def progress(step: int, loss: float) -> None:
+        print(f"step {step}/{args.steps}: loss {loss:.4f}", flush=True)
+
+    manifest = train(args.out, TrainConfig(seed=args.seed, steps=args.steps), progress=progress)
+    size = (args.out / manifest["weights"]["file"]).stat().st_size
+    print(f"wrote {args.out}/manifest.json and {manifest['weights']['file']} ({size / 1e6:.2f} MB), "
+          f"sha256 {manifest['weights']['sha256']}")
+    return EXIT_OK
+
+
+def _cmd_evaluate(settings: Settings | None, args: argparse.Namespace) -> int:
+    from analysis.evaluation import (
+        HELD_OUT_SEED_BASE,
+        evaluate_phantoms,
+        evaluate_real_ct,
+        pydicom_data_ct_files,
+    )
+    from analysis.model_package import ModelError, load_package
+
+    try:
+        package = load_package(args.model)
+    except ModelError as exc:
+        print(f"pacsnode: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    seed = HELD_OUT_SEED_BASE if args.seed is None else args.seed
+    report = evaluate_phantoms(package, studies=args.studies, seed=seed, slices=args.slices, device=args.device)
+    if not args.no_real:
+        files = pydicom_data_ct_files()
+        if not files:
+            print("pydicom-data is not installed: no real CT images to run on", file=sys.stderr)
+        report = evaluate_real_ct(package, files, device=args.device, report=report)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return EXIT_OK
+    print(f"model {report.model}: {len(report.studies)} generated studies (seeds {seed}..{seed + args.studies - 1})")
+    _print_table(
+        ["seed", "nodules", "found", "false pos.", "Dice", "volume error %"],
+        [[str(s.seed), str(s.true_nodules), str(s.found), str(s.false_positives), f"{s.dice:.3f}",
+          " ".join(f"{e:+.0f}" for e in s.volume_errors_percent)] for s in report.studies],
+    )
+    print(f"Dice {report.dice:.3f}  sensitivity {report.sensitivity:.1%} "
+          f"({', '.join(f'{k}: {v}' for k, v in report.sensitivity_by_size.items())})  "
+          f"false positives/study {report.false_positives_per_study:.2f}  "
+          f"mean |volume error| {report.mean_abs_volume_error_percent:.1f}%")
+    if not args.no_real:
+        print(f"real CT (pydicom-data, no nodules marked): {report.real_ct_false_positives} findings "
+              f"on {report.real_ct_images} images")
     return EXIT_OK

@@ -149,7 +149,8 @@ class Worker:
         )
         try:
             summary, stored = self._execute(job, still_ours=lambda: not lost.is_set()
-                                            and self.jobs.heartbeat(job.id, owner, lease_s=lease_s))
+                                            and self.jobs.heartbeat(job.id, owner, lease_s=lease_s),
+                                            deadline=started + job.timeout_s)
         except _LeaseLost:
             finished.set()
             logger.error("job %d: lease lost to another worker; result discarded", job.id, extra=extra)
@@ -188,7 +189,9 @@ class Worker:
         )
         return "done"
 
-    def _execute(self, job: JobRecord, still_ours: Callable[[], bool]) -> tuple[dict[str, Any], list[str]]:
+    def _execute(
+        self, job: JobRecord, still_ours: Callable[[], bool], deadline: float | None = None
+    ) -> tuple[dict[str, Any], list[str]]:
         pipeline_cls = resolve_pipeline(job.pipeline)
         pipeline = self._pipelines.get(job.pipeline)
         if pipeline is None:
@@ -208,6 +211,7 @@ class Worker:
             job_id=job.id,
             study_instance_uid=job.study_instance_uid,
             uid_root=self.settings.analysis.uid_root,
+            deadline=deadline,
             series=tuple(
                 SeriesInput(
                     series_instance_uid=s.series_instance_uid,

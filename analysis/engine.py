@@ -1,0 +1,518 @@
+"""Inference engine: runs a model package over volumes, fast on a GPU and correct on a CPU.
+
+- **Device.** ``auto`` takes CUDA when present, else the CPU; a config may
+  name ``cpu``, ``cuda`` or ``cuda:N``.
+- **Warm models.** A network is built once per process and device and kept
+  (:func:`warm_model`), so a worker pays the load only for its first job.
+- **Batching.** A 2D model sees batches of slices, taken across all the
+  volumes handed to one call (several queued studies fill one batch); a 3D
+  model runs MONAI's sliding-window inference over patches.
+- **Precision.** ``auto`` is bf16 autocast on a GPU that has it (fp16
+  otherwise) and on a CPU with AVX-512 BF16 or AMX, fp32 elsewhere. Every call
+  runs under ``torch.inference_mode``; 4D inputs are channels-last.
+- **Overlap.** A loader thread stacks, converts and (on CUDA) pins the next
+  batches while the device computes the current one.
+- **Memory budget.** The batch size (sliding-window batch for 3D) is the
+  largest whose activations, measured by one probe pass, fit the budget;
+  a CUDA out-of-memory error halves it and retries. A 3D output that does not
+  fit the budget on the device is stitched in host memory.
+- **Timeout.** A deadline (monotonic seconds) is checked between batches; past
+  it the call raises :class:`InferenceTimeout` so the job fails cleanly before
+  the worker's hard timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from analysis.model_package import ModelError, ModelPackage
+from analysis.preprocess import Preprocessor, build_preprocessor
+from analysis.types import AnalysisError
+
+__all__ = [
+    "EngineOptions",
+    "InferenceEngine",
+    "InferenceTimeout",
+    "WarmModel",
+    "resolve_device",
+    "resolve_precision",
+    "warm_model",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class InferenceTimeout(TimeoutError):
+    """Inference went past the job's deadline (a transient failure: the job is retried)."""
+
+
+class EngineOptions(BaseModel):
+    """How a model runs; the ``engine`` key of a model pipeline's params."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64  # upper bound; the memory budget may lower it
+    memory_budget_mb: Annotated[float, Field(gt=0)] = 4096.0
+    prefetch_batches: Annotated[int, Field(ge=1, le=16)] = 2
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> the first CUDA device if there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {name!r} asked for, but this machine has no CUDA device")
+    return device
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo", encoding="ascii", errors="replace").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``name`` on ``device``; None for full fp32."""
+    if name == "fp32":
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    if name == "fp16":
+        if device.type != "cuda":
+            raise ModelError("fp16 runs on CUDA only; use bf16 or fp32 on the CPU")
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if _cpu_has_bf16() else None
+
+
+@dataclass(kw_only=True)
+class WarmModel:
+    """A built network on its device, with what running it needs."""
+
+    package: ModelPackage
+    module: torch.nn.Module
+    device: torch.device
+    autocast: torch.dtype | None
+    preprocessor: Preprocessor
+    per_item_bytes: dict[tuple[int, ...], int] = field(default_factory=dict)  # measured, by input shape
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_WARM: dict[tuple[str, str, str, str], WarmModel] = {}
+_WARM_LOCK = threading.Lock()
+
+
+def warm_model(package: ModelPackage, options: EngineOptions, preprocessing: Sequence[object] | None = None) -> WarmModel:
+    """The package's network on the options' device, built on first use and kept for the process."""
+    device = resolve_device(options.device)
+    autocast = resolve_precision(options.precision, device)
+    steps = list(package.manifest.input.preprocessing if preprocessing is None else preprocessing)
+    key = (package.key, str(device), str(autocast), repr(steps))
+    with _WARM_LOCK:
+        warm = _WARM.get(key)
+        if warm is None:
+            t0 = time.perf_counter()
+            module = package.build(device)
+            if package.manifest.input.dims == "2d":
+                module = module.to(memory_format=torch.channels_last)
+            warm = WarmModel(
+                package=package,
+                module=module,
+                device=device,
+                autocast=autocast,
+                preprocessor=build_preprocessor(steps),  # type: ignore[arg-type]
+            )
+            _WARM[key] = warm
+            logger.info(
+                "model %s %s loaded on %s (%s) in %.2f s",
+                package.manifest.name,
+                package.manifest.version,
+                device,
+                autocast or "fp32",
+                time.perf_counter() - t0,
+            )
+        return warm
+
+
+@dataclass(frozen=True, kw_only=True)
+class VolumeInput:
+    """One volume to run: intensities (slices, rows, columns) and spacing (slice, row, column) in mm."""
+
+    image: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Batch:
+    x: torch.Tensor  # (N, C, H, W) float32, host
+    targets: list[tuple[int, int]]  # (volume index, slice index) of each item
+
+
+class InferenceEngine:
+    """Runs one warm model over volumes; outputs are probabilities (after the activation)."""
+
+    def __init__(self, warm: WarmModel, options: EngineOptions) -> None:
+        self.warm = warm
+        self.options = options
+        self.stats: dict[str, float] = {}
+
+    # --- public -------------------------------------------------------------------------------
+
+    def predict(self, volumes: Sequence[VolumeInput], *, deadline: float | None = None) -> list[np.ndarray]:
+        """Probabilities per volume: float16 arrays (K, slices, rows, columns) for K output channels.
+
+        A classification model gives (K,) per slice for 2D models, (K,) per volume for 3D.
+
+        Raises
+        ------
+        InferenceTimeout
+            Past ``deadline`` (``time.monotonic()`` value).
+        ModelError
+            If the network's output does not match the manifest.
+        """
+        spec = self.warm.package.manifest.input
+        for v in volumes:
+            if v.image.ndim != 3:
+                raise AnalysisError(f"a volume has shape {v.image.shape}, expected (slices, rows, columns)")
+        with self.warm.lock, torch.inference_mode():
+            if spec.dims == "2d":
+                return self._predict_2d(volumes, deadline)
+            return [self._predict_3d(v, deadline) for v in volumes]
+
+    # --- 2D: batches of slices across volumes ------------------------------------------------------
+
+    def _predict_2d(self, volumes: Sequence[VolumeInput], deadline: float | None) -> list[np.ndarray]:
+        warm = self.warm
+        out_spec = warm.package.manifest.output
+        channels = warm.package.manifest.input.channels
+        outputs: list[np.ndarray | None] = [None] * len(volumes)
+        stats = {"items": 0, "batches": 0, "model_s": 0.0, "wait_s": 0.0}
+        # Volumes of one in-plane shape and spacing share batches; each group is one stream.
+        groups: dict[tuple[int, int, float, float], list[int]] = {}
+        for i, v in enumerate(volumes):
+            groups.setdefault((v.image.shape[1], v.image.shape[2], v.spacing[1], v.spacing[2]), []).append(i)
+        for (rows, cols, sr, sc), members in groups.items():
+            spacing = (float(sr), float(sc))
+            batch_size = self._batch_size_2d((channels, rows, cols), spacing)
+            stream = _Prefetch(
+                _slice_batches(volumes, members, channels, batch_size, pin=warm.device.type == "cuda"),
+                depth=self.options.prefetch_batches,
+            )
+            try:
+                for batch in stream:
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise InferenceTimeout("inference did not finish within the job's timeout")
+                    t0 = time.perf_counter()
+                    probs = self._run_2d(batch.x, spacing, (rows, cols))
+                    host = probs.to("cpu", torch.float16).numpy()
+                    stats["model_s"] += time.perf_counter() - t0
+                    stats["items"] += len(batch.targets)
+                    stats["batches"] += 1
+                    for j, (vi, si) in enumerate(batch.targets):
+                        out = outputs[vi]
+                        if out is None:
+                            depth = volumes[vi].image.shape[0]
+                            out = outputs[vi] = np.zeros((host.shape[1], depth, *host.shape[2:]), dtype=np.float16)
+                        out[:, si] = host[j]
+            finally:
+                stats["wait_s"] += stream.waited
+                stream.close()
+        self.stats = stats
+        result = [o if o is not None else np.zeros((out_spec.channels_needed, 0)) for o in outputs]
+        return result
+
+    def _run_2d(self, x: torch.Tensor, spacing: tuple[float, float], shape: tuple[int, int]) -> torch.Tensor:
+        """Preprocess, run and map back one host batch; halves itself on CUDA out-of-memory."""
+        warm = self.warm
+        try:
+            xd = x.to(warm.device, non_blocking=True)
+            xp, _ = warm.preprocessor(xd, spacing)
+            xp, pad = _pad_to_multiple(xp, warm.package.manifest.input.divisible_by)
+            xp = xp.contiguous(memory_format=torch.channels_last)
+            with _autocast(warm):
+                logits = warm.module(xp)
+            logits = _check_output(logits, warm, xp)
+            if logits.ndim == 4:
+                logits = _unpad(logits, pad)
+                logits = warm.preprocessor.restore(logits.float(), shape, spacing)
+            return _activate(logits.float(), warm.package.manifest.output.activation)
+        except torch.cuda.OutOfMemoryError:
+            if x.shape[0] == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = x.shape[0] // 2
+            logger.warning("CUDA out of memory at batch %d: splitting it", x.shape[0])
+            for key in list(warm.per_item_bytes):
+                warm.per_item_bytes[key] *= 2
+            return torch.cat(
+                [self._run_2d(x[:half], spacing, shape), self._run_2d(x[half:], spacing, shape)], dim=0
+            )
+
+    def _batch_size_2d(self, item_shape: tuple[int, int, int], spacing: tuple[float, float]) -> int:
+        """The largest batch whose measured activation memory fits the budget (at most options.batch_size)."""
+        warm = self.warm
+        per_item = warm.per_item_bytes.get(item_shape)
+        if per_item is None:
+            probe = torch.zeros((1, *item_shape), dtype=torch.float32, device=warm.device)
+            per_item = warm.per_item_bytes[item_shape] = _activation_bytes(warm, probe, spacing, item_shape[1:])
+        budget = self.options.memory_budget_mb * 1024 * 1024
+        size = int(max(1, min(self.options.batch_size, budget // max(per_item, 1))))
+        logger.debug("batch size %d (%.1f MB per slice, budget %.0f MB)", size, per_item / 2**20, budget / 2**20)
+        return size
+
+    # --- 3D: sliding window ------------------------------------------------------------------------
+
+    def _predict_3d(self, volume: VolumeInput, deadline: float | None) -> np.ndarray:
+        from monai.inferers import sliding_window_inference
+
+        warm = self.warm
+        spec = warm.package.manifest.input
+        if deadline is not None and time.monotonic() > deadline:
+            raise InferenceTimeout("inference did not finish within the job's timeout")
+        image = torch.from_numpy(np.ascontiguousarray(volume.image, dtype=np.float32))
+        x = image[None, None].to(warm.device)
+        if spec.channels > 1:
+            x = x.expand(-1, spec.channels, -1, -1, -1)
+        xp, _ = warm.preprocessor(x, volume.spacing)
+        out_channels = warm.package.manifest.output.channels_needed
+        out_bytes = out_channels * xp[0, 0].numel() * 4
+        budget = self.options.memory_budget_mb * 1024 * 1024
+        # Stitch on the host when the whole output would take more than half the budget on the device.
+        stitch = warm.device if out_bytes * 2 < budget else torch.device("cpu")
+        roi = tuple(spec.roi_size) if spec.roi_size else tuple(xp.shape[2:])
+        roi_key = (spec.channels, *roi)
+        per_patch = warm.per_item_bytes.get(roi_key)
+        if per_patch is None:
+            probe = torch.zeros((1, spec.channels, *roi), device=warm.device)
+            per_patch = warm.per_item_bytes[roi_key] = _activation_bytes(warm, probe, None, None)
+        sw_batch = int(max(1, min(self.options.batch_size, (budget - (out_bytes if stitch == warm.device else 0)) // per_patch)))
+
+        def predictor(patch: torch.Tensor) -> torch.Tensor:
+            with _autocast(warm):
+                return warm.module(patch).float()
+
+        t0 = time.perf_counter()
+        logits = sliding_window_inference(
+            xp,
+            roi_size=roi,
+            sw_batch_size=sw_batch,
+            predictor=predictor,
+            overlap=spec.overlap,
+            mode="gaussian",
+            sw_device=warm.device,
+            device=stitch,
+        )
+        assert isinstance(logits, torch.Tensor)
+        if logits.shape[1] < out_channels:
+            raise ModelError(
+                f"model {warm.package.manifest.name}: network gives {logits.shape[1]} output channels, "
+                f"the manifest needs {out_channels}"
+            )
+        logits = warm.preprocessor.restore(logits.float(), tuple(volume.image.shape), volume.spacing)
+        probs = _activate(logits, warm.package.manifest.output.activation)
+        self.stats = {"items": 1, "batches": 1, "model_s": time.perf_counter() - t0, "sw_batch": sw_batch}
+        return probs[0].to("cpu", torch.float16).numpy()
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+class _autocast:
+    def __init__(self, warm: WarmModel) -> None:
+        self._ctx = (
+            torch.autocast(device_type=warm.device.type, dtype=warm.autocast) if warm.autocast is not None else None
+        )
+
+    def __enter__(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+def _activate(logits: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "sigmoid":
+        return torch.sigmoid(logits)
+    if activation == "softmax":
+        return torch.softmax(logits, dim=1)
+    return logits
+
+
+def _check_output(logits: object, warm: WarmModel, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    if isinstance(logits, dict):
+        logits = next(iter(logits.values()))
+    if not isinstance(logits, torch.Tensor):
+        raise ModelError(f"model {warm.package.manifest.name}: the network returned {type(logits).__name__}, not a tensor")
+    spec = warm.package.manifest.output
+    if spec.kind == "segmentation" and (logits.ndim != x.ndim or logits.shape[2:] != x.shape[2:]):
+        raise ModelError(
+            f"model {warm.package.manifest.name}: a segmentation network must give one map per input pixel; "
+            f"input {tuple(x.shape)} gave {tuple(logits.shape)}"
+        )
+    if logits.shape[1] < spec.channels_needed:
+        raise ModelError(
+            f"model {warm.package.manifest.name}: network gives {logits.shape[1]} output channels, "
+            f"the manifest needs {spec.channels_needed}"
+        )
+    return logits
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    if multiple <= 1:
+        return x, ()
+    pads: list[int] = []
+    for size in reversed(x.shape[2:]):
+        extra = (-size) % multiple
+        pads += [0, extra]
+    if not any(pads):
+        return x, ()
+    return torch.nn.functional.pad(x, pads, mode="replicate"), tuple(pads)
+
+
+def _unpad(x: torch.Tensor, pads: tuple[int, ...]) -> torch.Tensor:
+    if not pads:
+        return x
+    index = [slice(None), slice(None)]
+    spatial = x.ndim - 2
+    for d in range(spatial):
+        extra = pads[2 * (spatial - 1 - d) + 1]
+        index.append(slice(0, x.shape[2 + d] - extra))
+    return x[tuple(index)]
+
+
+def _activation_bytes(
+    warm: WarmModel, probe: torch.Tensor, spacing: tuple[float, float] | None, shape: tuple[int, ...] | None
+) -> int:
+    """Bytes one item needs on the device: input, every module's output, the output, measured in one pass."""
+    total = 0
+
+    def hook(_module: torch.nn.Module, _inputs: object, output: object) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * output.element_size()
+
+    handles = []
+    if not isinstance(warm.module, torch.jit.ScriptModule):
+        handles = [m.register_forward_hook(hook) for m in warm.module.modules() if not list(m.children())]
+    try:
+        x = probe
+        if spacing is not None:
+            x, _ = warm.preprocessor(x, spacing)
+            x, _ = _pad_to_multiple(x, warm.package.manifest.input.divisible_by)
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(warm):
+            out = warm.module(x)
+        out = _check_output(out, warm, x)
+        measured = total
+    finally:
+        for h in handles:
+            h.remove()
+    if measured == 0:  # TorchScript: no hooks; a rule of thumb of 64 feature maps of the input size
+        measured = 64 * x[0, 0].numel() * 4
+    # Live tensors are a fraction of all module outputs, but CUDA allocator slack and the float copies
+    # of input and output come on top: count everything once, plus the output twice.
+    return int(measured + x.numel() * 4 + 2 * out.numel() * 4)
+
+
+def _slice_batches(
+    volumes: Sequence[VolumeInput], members: list[int], channels: int, batch_size: int, *, pin: bool
+) -> Iterator[_Batch]:
+    """Host batches (N, C, H, W) of slices with their neighbours as channels (edges repeat)."""
+    half = channels // 2
+    buf: list[np.ndarray] = []
+    targets: list[tuple[int, int]] = []
+
+    def flush() -> _Batch:
+        x = torch.from_numpy(np.stack(buf).astype(np.float32, copy=False))
+        if pin:
+            x = x.pin_memory()
+        batch = _Batch(x=x, targets=list(targets))
+        buf.clear()
+        targets.clear()
+        return batch
+
+    for vi in members:
+        image = volumes[vi].image
+        depth = image.shape[0]
+        for si in range(depth):
+            if half == 0:
+                item = image[si : si + 1]
+            else:
+                index = np.clip(np.arange(si - half, si + half + 1), 0, depth - 1)
+                item = image[index]
+            buf.append(item)
+            targets.append((vi, si))
+            if len(buf) == batch_size:
+                yield flush()
+    if buf:
+        yield flush()
+
+
+class _Prefetch:
+    """Runs an iterator in a thread, ``depth`` items ahead of the consumer."""
+
+    _END = object()
+
+    def __init__(self, source: Iterator[_Batch], depth: int) -> None:
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self.waited = 0.0
+        self._thread = threading.Thread(target=self._fill, args=(source,), name="pacsnode-prefetch", daemon=True)
+        self._thread.start()
+
+    def _fill(self, source: Iterator[_Batch]) -> None:
+        try:
+            for item in source:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the consumer
+            self._queue.put(exc)
+            return
+        self._queue.put(self._END)
+
+    def __iter__(self) -> Iterator[_Batch]:
+        while True:
+            t0 = time.perf_counter()
+            item = self._queue.get()
+            self.waited += time.perf_counter() - t0
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, _Batch)
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=5)

@@ -1,0 +1,384 @@
+"""Pipelines that run a model package: ``model`` (any package or MONAI Bundle) and ``ct-lung-nodule``.
+
+Decode -> volume (:mod:`analysis.volume`) -> engine (:mod:`analysis.engine`:
+preprocessing, batched inference) -> findings -> DICOM results
+(:mod:`analysis.model_writers`): a segmentation model gives a SEG, a TID 1500
+SR with one measurement group per finding (volume, longest diameter,
+location, probability) and SC key images with the finding outlined; a
+classification model gives an SR with the probability of each class and an
+SC with the scores in a banner.
+
+``run_many`` takes several jobs' inputs at once, so their slices share
+batches on the device; the next study is decoded while the current one runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from analysis.model_package import LabelOutput, ModelError, ModelPackage, load_package
+from analysis.pipelines import Pipeline, PipelineInput, PipelineOutput
+from analysis.preprocess_steps import Step
+from analysis.types import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from analysis.model_writers import ClassScore, Finding
+    from analysis.types import Volume
+
+__all__ = ["LungNodulePipeline", "ModelParams", "ModelPipeline", "find_components"]
+
+logger = logging.getLogger(__name__)
+
+
+class _EngineParams(BaseModel):
+    """Mirrors :class:`analysis.engine.EngineOptions` without importing torch when the config loads."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")] = "auto"
+    precision: str = Field("auto", pattern=r"^(auto|fp32|bf16|fp16)$")
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
+    memory_budget_mb: Annotated[float, Field(gt=0)] = 4096.0
+    prefetch_batches: Annotated[int, Field(ge=1, le=16)] = 2
+
+
+class ModelParams(BaseModel):
+    """Params of the ``model`` pipeline (and ``ct-lung-nodule``, whose model is ``lung-nodule``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: Annotated[str, Field(min_length=1)] = "lung-nodule"  # a built-in name or a package/bundle folder
+    model_overrides: dict[str, Any] = {}  # manifest fields replacing the package's (bundles: sha256, labels)
+    preprocessing: list[Step] | None = None  # replaces the manifest's steps
+    engine: _EngineParams = _EngineParams()
+    min_slices: Annotated[int, Field(ge=1)] = 1
+    series_number_base: Annotated[int, Field(ge=1, le=99999)] = 9100
+    max_key_images: Annotated[int, Field(ge=0, le=50)] = 5
+    window: tuple[float, float] = (1500.0, -600.0)  # (width, level) of the key images
+
+    @model_validator(mode="after")
+    def _package(self) -> ModelParams:
+        try:
+            package = load_package(self.model, overrides=self.model_overrides)
+        except ModelError as exc:
+            raise ValueError(str(exc)) from exc
+        _check_spec(package)
+        return self
+
+    def package(self) -> ModelPackage:
+        return load_package(self.model, overrides=self.model_overrides)
+
+
+def _check_spec(package: ModelPackage) -> None:
+    spec = package.manifest
+    if spec.input.dims == "3d" and spec.output.kind == "segmentation" and spec.input.channels != 1:
+        raise ValueError(f"model {spec.name}: a 3d segmentation model takes one image channel, not {spec.input.channels}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Loaded:
+    inputs: PipelineInput
+    series_uid: str
+    volume: Volume
+
+
+class ModelPipeline(Pipeline):
+    """Runs a model package over the selected series and writes its findings as DICOM results."""
+
+    name = "model"
+    version = "1.0.0"
+    Params = ModelParams
+
+    def check(self, params: BaseModel) -> None:
+        """Build the network on the CPU and run one small input: wrong weights or outputs fail here."""
+        import torch
+
+        from analysis.engine import EngineOptions, InferenceEngine, VolumeInput, warm_model
+
+        assert isinstance(params, ModelParams)
+        options = EngineOptions.model_validate({**params.engine.model_dump(), "device": "cpu", "precision": "fp32"})
+        engine = InferenceEngine(warm_model(params.package(), options, params.preprocessing), options)
+        spec = params.package().manifest.input
+        side = max([32, *(spec.roi_size or [])])
+        with torch.inference_mode():
+            engine.predict([VolumeInput(image=np.full((3 if spec.dims == "2d" else side, side, side), -500,
+                                                      dtype=np.int16), spacing=(1.0, 1.0, 1.0))])
+
+    def run(self, inputs: PipelineInput, params: BaseModel) -> PipelineOutput:
+        outputs = self.run_many([inputs], params)
+        result = outputs[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def run_many(self, inputs: Sequence[PipelineInput], params: BaseModel) -> list[PipelineOutput | Exception]:
+        """Run several jobs' inputs through one engine call; per job, its output or the error it met."""
+        from analysis.engine import EngineOptions, InferenceEngine, VolumeInput, warm_model
+
+        assert isinstance(params, ModelParams)
+        timings: dict[str, float] = {}
+        package = params.package()
+        options = EngineOptions.model_validate(params.engine.model_dump())
+        t0 = time.perf_counter()
+        warm = warm_model(package, options, params.preprocessing)
+        timings["model_load_s"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        results: list[PipelineOutput | Exception | None] = [None] * len(inputs)
+        loaded: list[tuple[int, _Loaded]] = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pacsnode-decode") as pool:
+            futures = [pool.submit(self._load, item, params, package) for item in inputs]
+            for i, future in enumerate(futures):
+                try:
+                    loaded.append((i, future.result()))
+                except Exception as exc:  # noqa: BLE001 - one bad study must not fail the others
+                    results[i] = exc
+        timings["decode_s"] = time.perf_counter() - t0
+
+        if loaded:
+            engine = InferenceEngine(warm, options)
+            deadlines = [item.inputs.deadline for _, item in loaded if item.inputs.deadline is not None]
+            deadline = min(deadlines) if deadlines else None
+            t0 = time.perf_counter()
+            probs = engine.predict(
+                [VolumeInput(image=item.volume.hu, spacing=item.volume.spacing) for _, item in loaded],
+                deadline=deadline,
+            )
+            timings["inference_s"] = time.perf_counter() - t0
+            timings.update({f"engine_{k}": float(v) for k, v in engine.stats.items()})
+            for (i, item), prob in zip(loaded, probs, strict=True):
+                try:
+                    results[i] = self._write(item, prob, params, package, dict(timings), len(loaded))
+                except Exception as exc:  # noqa: BLE001
+                    results[i] = exc
+        return [r if r is not None else InputError("no result") for r in results]
+
+    def _load(self, inputs: PipelineInput, params: ModelParams, package: ModelPackage) -> _Loaded:
+        from analysis.volume import load_series
+
+        if not inputs.series:
+            raise InputError("no series to analyse")
+        series = max(inputs.series, key=lambda s: len(s.paths))
+        volume = load_series(series.paths, min_slices=params.min_slices)
+        modality = str(volume.datasets[0].get("Modality", ""))
+        allowed = package.manifest.input.modality
+        if allowed and modality not in allowed:
+            raise InputError(f"model {package.manifest.name} takes {', '.join(allowed)} images, the series is {modality}")
+        return _Loaded(inputs=inputs, series_uid=series.series_instance_uid, volume=volume)
+
+    def _write(
+        self,
+        item: _Loaded,
+        prob: np.ndarray,
+        params: ModelParams,
+        package: ModelPackage,
+        timings: dict[str, float],
+        batch_jobs: int,
+    ) -> PipelineOutput:
+        from analysis.model_writers import write_classification_results, write_segmentation_results
+
+        manifest = package.manifest
+        t0 = time.perf_counter()
+        common = {
+            "pipeline_name": self.name,
+            "pipeline_version": self.version,
+            "model_name": manifest.name,
+            "model_version": manifest.version,
+            "uid_root": item.inputs.uid_root,
+            "series_number_base": params.series_number_base,
+            "window": params.window,
+        }
+        summary: dict[str, Any] = {
+            "series_instance_uid": item.series_uid,
+            "slices": int(item.volume.hu.shape[0]),
+            "model": f"{manifest.name} {manifest.version}",
+            "jobs_batched": batch_jobs,
+        }
+        if manifest.output.kind == "segmentation":
+            findings = findings_from_probabilities(prob, item.volume, manifest.output.labels, manifest.output.activation)
+            datasets = write_segmentation_results(
+                item.volume,
+                findings,
+                [label_spec(label) for label in manifest.output.labels],
+                max_key_images=params.max_key_images,
+                **common,
+            )
+            summary["findings"] = [
+                {
+                    "label": f.label.name,
+                    "number": f.number,
+                    "probability": round(f.probability, 3),
+                    "volume_ml": round(f.volume_ml, 3),
+                    "longest_diameter_mm": round(f.longest_diameter_mm, 1),
+                    "location": f.location,
+                }
+                for f in findings
+            ]
+        else:
+            scores, key_slice = class_scores(prob, manifest)
+            datasets = write_classification_results(item.volume, scores, key_slice=key_slice, **common)
+            summary["scores"] = {s.name: round(s.probability, 4) for s in scores}
+        timings["write_s"] = time.perf_counter() - t0
+        summary["timings"] = {k: round(v, 3) for k, v in timings.items()}
+        return PipelineOutput(datasets=datasets, summary=summary)
+
+
+class LungNodulePipeline(ModelPipeline):
+    """Lung nodules on CT with pacsnode's shipped demonstration model (``lung-nodule``)."""
+
+    name = "ct-lung-nodule"
+    version = "1.0.0"
+
+
+# --- outputs -> findings -----------------------------------------------------------------------
+
+
+def label_spec(label: LabelOutput) -> Any:
+    """The writer's LabelSpec of a manifest label."""
+    from analysis.model_writers import LabelSpec
+
+    return LabelSpec(
+        value=label.value,
+        name=label.name,
+        category=label.category.to_code(),
+        type=label.type_code().to_code(),
+        modifier=label.modifier.to_code() if label.modifier else None,
+        color=label.color,
+    )
+
+
+def _channel(label: LabelOutput, activation: str) -> int:
+    return label.value if activation == "softmax" else label.value - 1
+
+
+def find_components(mask: np.ndarray, spacing: tuple[float, float, float], min_volume_mm3: float) -> tuple[np.ndarray, int]:
+    """3D connected components (26-connected) of ``mask`` of at least ``min_volume_mm3``; (labels, count)."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0:
+        return labels, 0
+    voxel_mm3 = float(np.prod(spacing))
+    sizes = np.bincount(labels.ravel())
+    keep = sizes * voxel_mm3 >= min_volume_mm3
+    keep[0] = False
+    remap = np.zeros(count + 1, dtype=np.int32)
+    remap[keep] = np.arange(1, int(keep.sum()) + 1)
+    return remap[labels], int(keep.sum())
+
+
+def findings_from_probabilities(
+    prob: np.ndarray, volume: Volume, labels: Sequence[LabelOutput], activation: str
+) -> list[Finding]:
+    """Threshold each label's map, split it into connected findings, measure each; largest first."""
+    from scipy import ndimage
+
+    from analysis.model_writers import Finding
+
+    findings: list[tuple[float, Finding]] = []
+    number = 0
+    normal = np.cross(volume.row_direction, volume.column_direction)
+    for label in labels:
+        channel = prob[_channel(label, activation)]
+        components, count = find_components(channel >= label.threshold, volume.spacing, label.min_volume_mm3)
+        if count == 0:
+            continue
+        spec = label_spec(label)
+        boxes = ndimage.find_objects(components)
+        for k, box in enumerate(boxes, start=1):
+            if box is None:
+                continue
+            mask_box = components[box] == k
+            idx = np.argwhere(mask_box) + np.array([s.start for s in box])
+            centroid = idx.mean(axis=0)
+            patient = (
+                np.asarray(volume.origin)
+                + centroid[0] * volume.spacing[0] * normal
+                + centroid[1] * volume.spacing[1] * np.asarray(volume.column_direction)
+                + centroid[2] * volume.spacing[2] * np.asarray(volume.row_direction)
+            )
+            mask = np.zeros(components.shape, dtype=bool)
+            mask[box] = mask_box
+            number += 1
+            side = "right" if patient[0] < 0 else "left"
+            finding_site = label.finding_site.to_code() if label.finding_site else None
+            laterality = None
+            if label.lateralize:
+                from pydicom.sr.codedict import codes
+
+                laterality = codes.cid244.Right if side == "right" else codes.cid244.Left
+            site = label.finding_site.meaning.lower() if label.finding_site else "body"
+            location = (
+                f"{side} {site}, slice {int(round(centroid[0])) + 1} of {components.shape[0]}, "
+                f"patient x {patient[0]:.0f} y {patient[1]:.0f} z {patient[2]:.0f} mm"
+            )
+            volume_ml = float(idx.shape[0] * volume.voxel_ml)
+            findings.append(
+                (
+                    volume_ml,
+                    Finding(
+                        label=spec,
+                        number=number,
+                        mask=mask,
+                        probability=float(np.clip(channel[box][mask_box].astype(np.float32).max(), 0.0, 1.0)),
+                        volume_ml=volume_ml,
+                        longest_diameter_mm=longest_diameter_mm(idx, volume.spacing),
+                        centroid_index=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
+                        centroid_patient_mm=(float(patient[0]), float(patient[1]), float(patient[2])),
+                        location=location,
+                        finding_site=finding_site,
+                        laterality=laterality,
+                    ),
+                )
+            )
+    findings.sort(key=lambda pair: -pair[0])
+    # Numbered largest first.
+    from dataclasses import replace
+
+    return [replace(f, number=n) for n, (_, f) in enumerate(findings, start=1)]
+
+
+def longest_diameter_mm(index: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    """The longest distance between two voxel corners of a finding (its 3D extent), mm.
+
+    ``index`` is (n, 3) voxel indexes (slice, row, column). The candidates are
+    the corners of the voxels, reduced to their convex hull before the
+    pairwise distances.
+    """
+    corners = np.array([[a, b, c] for a in (-0.5, 0.5) for b in (-0.5, 0.5) for c in (-0.5, 0.5)])
+    points = ((index[:, None, :] + corners[None]) * np.asarray(spacing)).reshape(-1, 3)
+    points = np.unique(points, axis=0)
+    if points.shape[0] > 64:
+        from scipy.spatial import ConvexHull, QhullError
+
+        try:
+            points = points[ConvexHull(points).vertices]
+        except QhullError:
+            pass
+    diff = points[:, None, :] - points[None, :, :]
+    return float(np.sqrt((diff**2).sum(axis=-1)).max())
+
+
+def class_scores(prob: np.ndarray, manifest: Any) -> tuple[list[ClassScore], int | None]:
+    """Per class, the probability (the largest over slices for a 2D model) and the slice that gave it."""
+    from analysis.model_writers import ClassScore
+
+    scores = []
+    key_slice = None
+    best = -1.0
+    for spec in manifest.output.classes:
+        values = np.asarray(prob[spec.index], dtype=np.float32).reshape(-1)
+        where = int(values.argmax())
+        p = float(np.clip(values[where], 0.0, 1.0))
+        if values.size > 1 and p > best:
+            best, key_slice = p, where
+        scores.append(ClassScore(name=spec.name, code=spec.code.to_code(), probability=p, threshold=spec.threshold))
+    return scores, key_slice

@@ -1,0 +1,226 @@
+"""CNN inference benchmark: the engine against a straightforward per-slice PyTorch loop, same model, same data.
+
+Usage::
+
+    .venv/bin/python bench/inference.py                 # 2 studies of 120 512x512 slices, 3 runs
+    .venv/bin/python bench/inference.py --quick         # 1 study of 40 slices, 1 run
+    .venv/bin/python -m bench.inference --studies 4 --slices 200 --runs 5 --device cuda
+
+What it runs
+------------
+The shipped ``lung-nodule`` model (2.5D MONAI UNet) over chest CT phantoms with
+nodules written as real CT files (Explicit VR Little Endian, one file per
+slice, 512x512, names shuffled), on each path in the same process, one after
+the other, ``--runs`` times; medians are reported.
+
+* **pacsnode**: ``ModelPipeline.run_many`` -- decode with the node's series
+  loader (sorted along the normal, HU), the inference engine (batches of
+  slices across all the studies, channels-last, bf16 autocast where the CPU or
+  GPU has it, ``torch.inference_mode``, a loader thread preparing the next
+  batch), findings (3D components, measurements) and the DICOM results (SEG,
+  SR, SC) -- everything a job does but storing the results.
+* **loop**: what a first implementation does: for every file, ``dcmread`` and
+  ``pixel_array`` and the rescale to HU; sort by position; then per slice the
+  three neighbouring slices, the same preprocessing steps, the network on a
+  batch of one in fp32 under ``torch.no_grad``, the sigmoid; then the same
+  findings and writers.
+
+Figures: per path, seconds per run broken into decode, preprocess + model, and
+findings + writing; slices/s and studies/min end to end; the model step alone
+in slices/s (the engine's time inside its batch loop; the loop's time in its
+network calls). Ratios pacsnode/loop. With CUDA, the model step on the GPU
+and end-to-end as a share of it are the figures to quote (target: >= 2,000
+slices/s model step on an H100, end-to-end >= 70 % of it); on a CPU, the
+end-to-end ratio (target >= 2x). The benchmark asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import pydicom
+import torch
+
+from analysis.engine import EngineOptions, resolve_device, warm_model
+from analysis.model_package import load_package
+from analysis.model_pipeline import ModelParams, ModelPipeline, findings_from_probabilities
+from analysis.pipelines import PipelineInput, SeriesInput
+from analysis.preprocess import build_preprocessor
+from analysis.synthetic import write_chest_ct
+from analysis.types import Volume
+
+
+def _write_corpus(root: Path, studies: int, slices: int) -> list[Any]:
+    truths = []
+    for n in range(studies):
+        truths.append(
+            write_chest_ct(
+                root / f"study{n}", slices=slices, size=512, slice_thickness_mm=max(1.0, 300.0 / slices / 1.5),
+                seed=100 + n, nodules=8, vessel_spheres=False, blur_sigma_mm=0.5, noise_hu=15.0,
+            )
+        )
+    return truths
+
+
+def _inputs(truths: list[Any]) -> list[PipelineInput]:
+    return [
+        PipelineInput(
+            job_id=n, study_instance_uid=t.study_instance_uid, uid_root="2.25",
+            series=(SeriesInput(series_instance_uid=t.series_instance_uid, modality="CT", series_description="bench",
+                                paths=tuple(t.paths)),),
+        )
+        for n, t in enumerate(truths)
+    ]
+
+
+def run_engine(truths: list[Any], params: ModelParams) -> dict[str, float]:
+    pipeline = ModelPipeline()
+    t0 = time.perf_counter()
+    outputs = pipeline.run_many(_inputs(truths), params)
+    total = time.perf_counter() - t0
+    for out in outputs:
+        if isinstance(out, Exception):
+            raise out
+    timings = outputs[0].summary["timings"]  # type: ignore[union-attr]
+    write = sum(o.summary["timings"]["write_s"] for o in outputs)  # type: ignore[union-attr]
+    return {
+        "total_s": total,
+        "decode_s": timings["decode_s"],
+        "infer_s": timings["inference_s"],
+        "model_s": timings["engine_model_s"],
+        "write_s": write,
+        "findings": float(sum(len(o.summary["findings"]) for o in outputs)),  # type: ignore[union-attr]
+    }
+
+
+def run_loop(truths: list[Any], params: ModelParams) -> dict[str, float]:
+    """The straightforward implementation, written as one would without the engine."""
+    from analysis.model_writers import write_segmentation_results
+    from analysis.model_pipeline import label_spec
+
+    package = load_package(params.model)
+    manifest = package.manifest
+    device = resolve_device(params.engine.device)
+    net = package.build(device)
+    preprocess = build_preprocessor(manifest.input.preprocessing)
+    stats = {"total_s": 0.0, "decode_s": 0.0, "infer_s": 0.0, "model_s": 0.0, "write_s": 0.0, "findings": 0.0}
+    t_all = time.perf_counter()
+    for truth in truths:
+        t0 = time.perf_counter()
+        slices = []
+        for path in truth.paths:
+            ds = pydicom.dcmread(path)
+            hu = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+            slices.append((float(ds.ImagePositionPatient[2]), hu, ds))
+        slices.sort(key=lambda s: s[0])
+        image = np.stack([s[1] for s in slices])
+        stats["decode_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        spacing = (float(slices[0][2].PixelSpacing[0]), float(slices[0][2].PixelSpacing[1]))
+        prob = np.zeros((1, *image.shape), dtype=np.float32)
+        with torch.no_grad():
+            for i in range(image.shape[0]):
+                index = np.clip(np.arange(i - 1, i + 2), 0, image.shape[0] - 1)
+                x = torch.from_numpy(image[index][None]).to(device)
+                x, _ = preprocess(x, spacing)
+                m0 = time.perf_counter()
+                y = torch.sigmoid(net(x))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                stats["model_s"] += time.perf_counter() - m0
+                y = preprocess.restore(y, image.shape[1:], spacing)
+                prob[:, i] = y[0].cpu().numpy()
+        stats["infer_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        thickness = abs(slices[1][0] - slices[0][0])
+        volume = Volume(
+            hu=image.astype(np.int16), spacing=(thickness, *spacing), origin=tuple(slices[0][2].ImagePositionPatient),
+            row_direction=tuple(float(v) for v in slices[0][2].ImageOrientationPatient[:3]),
+            column_direction=tuple(float(v) for v in slices[0][2].ImageOrientationPatient[3:]),
+            datasets=tuple(s[2] for s in slices),
+        )
+        findings = findings_from_probabilities(prob, volume, manifest.output.labels, manifest.output.activation)
+        write_segmentation_results(
+            volume, findings, [label_spec(label) for label in manifest.output.labels],
+            pipeline_name="loop", pipeline_version="1", model_name=manifest.name, model_version=manifest.version,
+        )
+        stats["findings"] += len(findings)
+        stats["write_s"] += time.perf_counter() - t0
+    stats["total_s"] = time.perf_counter() - t_all
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--studies", type=int, default=2)
+    parser.add_argument("--slices", type=int, default=120)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="1 study of 40 slices, 1 run")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.studies, args.slices, args.runs = 1, 40, 1
+    device = resolve_device(args.device)
+    params = ModelParams(model="lung-nodule", engine={"device": args.device, "batch_size": args.batch_size})
+    options = EngineOptions.model_validate(params.engine.model_dump())
+    warm = warm_model(load_package(params.model), options)
+    cpu = os.cpu_count()
+    print(f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+          f"{cpu} CPU cores, torch {torch.__version__}, engine precision {warm.autocast or 'fp32'}")
+    slices = args.studies * args.slices
+    with tempfile.TemporaryDirectory(prefix="pacsnode-bench-inference-") as tmp:
+        t0 = time.perf_counter()
+        truths = _write_corpus(Path(tmp), args.studies, args.slices)
+        print(f"corpus: {args.studies} studies x {args.slices} slices of 512x512 written in "
+              f"{time.perf_counter() - t0:.1f} s")
+        run_engine(truths[:1], params)  # warm-up: model loaded, memory probe done, caches warm
+        results: dict[str, list[dict[str, float]]] = {"pacsnode": [], "loop": []}
+        for run in range(args.runs):
+            for name, fn in (("pacsnode", run_engine), ("loop", run_loop)):
+                stats = fn(truths, params)
+                results[name].append(stats)
+                print(f"run {run + 1} {name:8s}: {stats['total_s']:.2f} s (decode {stats['decode_s']:.2f}, "
+                      f"preprocess+model {stats['infer_s']:.2f} [model {stats['model_s']:.2f}], "
+                      f"findings+write {stats['write_s']:.2f}; {int(stats['findings'])} findings)", flush=True)
+    med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
+    rows = []
+    for name in ("pacsnode", "loop"):
+        m = med[name]
+        rows.append((name, m["total_s"], slices / m["total_s"], args.studies * 60 / m["total_s"],
+                     slices / m["model_s"]))
+    print()
+    print(f"{'path':10s} {'median s':>9s} {'slices/s':>9s} {'studies/min':>12s} {'model step slices/s':>20s}")
+    for name, total, sps, spm, model in rows:
+        print(f"{name:10s} {total:9.2f} {sps:9.1f} {spm:12.2f} {model:20.1f}")
+    ratio_e2e = med["loop"]["total_s"] / med["pacsnode"]["total_s"]
+    ratio_model = med["loop"]["model_s"] / med["pacsnode"]["model_s"]
+    e2e_share = (slices / med["pacsnode"]["total_s"]) / (slices / med["pacsnode"]["model_s"])
+    print(f"\npacsnode / loop: end to end {ratio_e2e:.2f}x, model step {ratio_model:.2f}x; "
+          f"pacsnode end to end = {e2e_share:.0%} of its model step")
+    if device.type == "cuda":
+        print(f"GPU model step: {slices / med['pacsnode']['model_s']:.0f} slices/s (target >= 2000 on an H100); "
+              f"end to end {e2e_share:.0%} of it (target >= 70%)")
+    else:
+        print("CPU: target end to end >= 2x the loop")
+    if args.json:
+        args.json.write_text(json.dumps({"median": med, "runs": results, "device": str(device),
+                                         "studies": args.studies, "slices": args.slices}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

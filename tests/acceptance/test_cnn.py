@@ -1,0 +1,134 @@
+"""The CNN path end to end on the CPU: DCMTK storescu pushes a chest CT with nodules to ``pacsnode serve``;
+the shipped lung-nodule model runs in a worker; its SEG, per-nodule SR and SC key images arrive at a DCMTK
+storescp, valid per dciodvfy, and the nodules it reports are where the phantom put them. Also: a model package
+whose weights do not match its manifest is refused by ``check-config`` with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+import yaml
+
+from analysis.synthetic import write_chest_ct
+from tests.acceptance.test_analysis import SC, SEG, SR, _by_class, _jobs_in, _storescu, _validate, _wait
+from tests.acceptance.test_serve import Served
+from tests.helpers import REPO, pacsnode_cmd
+from tests.models import make_package
+from tests.peers import StorescpPeer
+
+
+def _node(tmp_path: Path, dest: StorescpPeer, params: dict[str, Any]) -> Served:
+    rule = {"name": "nodules", "pipeline": "ct-lung-nodule", "match": {"modality": ["CT"]},
+            "params": params, "destinations": ["DEST"]}
+    served = Served(tmp_path, sections={
+        "analysis": {"workers": 1, "quiet_seconds": 1.5, "scan_interval_seconds": 0.3, "lease_seconds": 10,
+                     "rules": [rule]},
+        "export": {"backoff_seconds": 0.5, "poll_seconds": 0.2},
+        "remote_nodes": {"DEST": {"ae_title": dest.ae_title, "host": "127.0.0.1", "port": dest.port}},
+    })
+    served.start()
+    return served
+
+
+def _long_axis_and_volume(sr: pydicom.Dataset) -> list[tuple[float, float]]:
+    """(volume mL, long axis mm) of every measurement group of a TID 1500 SR."""
+    out = []
+
+    def numbers(items: Any) -> dict[str, float]:
+        found: dict[str, float] = {}
+        for item in items:
+            if item.get("ValueType") == "NUM" and "MeasuredValueSequence" in item:
+                found[item.ConceptNameCodeSequence[0].CodeMeaning] = float(item.MeasuredValueSequence[0].NumericValue)
+            if "ContentSequence" in item:
+                for key, value in numbers(item.ContentSequence).items():
+                    found.setdefault(key, value)
+        return found
+
+    for item in sr.ContentSequence:
+        if item.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurements":
+            for group in item.ContentSequence:
+                values = numbers(group.get("ContentSequence", []))
+                if "Volume" in values:
+                    out.append((values["Volume"], values.get("Long Axis", 0.0)))
+    return out
+
+
+@pytest.mark.dcmtk
+def test_pushed_ct_with_nodules_comes_back_with_each_nodule_measured(
+    tmp_path: Path, storescp_factory: Callable[..., StorescpPeer]
+) -> None:
+    truth = write_chest_ct(tmp_path / "ct", slices=48, size=256, slice_thickness_mm=2.0, seed=11, nodules=3,
+                           nodule_diameter_mm=(12.0, 20.0), nodule_kinds=("solid",), vessel_spheres=False)
+    assert len(truth.nodules) == 3
+    dest = storescp_factory(ae_title="DEST")
+    served = _node(tmp_path, dest, {"engine": {"device": "cpu"}, "max_key_images": 5})
+
+    _storescu(served.port, truth.paths)
+    (job,) = _jobs_in(served, {"done", "failed"})
+    assert job["state"] == "done", job["last_error"]
+    findings = job["result"]["findings"]
+    assert findings, job["result"]
+    expected = 2 + min(len(findings), 5)  # SEG, SR and one key image per finding
+    received = _wait(f"{expected} results at the destination",
+                     lambda: len(dest.received()) >= expected and dest.received(), 60, served)
+    classes = _by_class(received)
+    assert classes == Counter({SEG: 1, SR: 1, SC: expected - 2}), classes
+    _validate(received)
+
+    # Every phantom nodule is reported near its true centre, with about its true size.
+    centres = []
+    for f in findings:
+        xyz = f["location"].split("patient x ")[1].split(" mm")[0].replace("y ", "").replace("z ", "").split()
+        centres.append(np.array([float(v) for v in xyz]))
+    for nodule in truth.nodules:
+        distance = min(float(np.linalg.norm(c - np.array(nodule.centre_mm))) for c in centres)
+        assert distance < nodule.diameter_mm / 2, (nodule, findings)
+    sr = next(pydicom.dcmread(f) for f in received if str(pydicom.dcmread(f).SOPClassUID) == SR)
+    measured = sorted(_long_axis_and_volume(sr), reverse=True)
+    assert len(measured) == len(findings)
+    for nodule, (volume_ml, long_axis) in zip(sorted(truth.nodules, key=lambda n: -n.volume_ml), measured):
+        assert 0.5 * nodule.volume_ml < volume_ml < 2.0 * nodule.volume_ml, (nodule, measured)
+        assert long_axis >= nodule.diameter_mm * 0.7, (nodule, measured)
+    for ds in (pydicom.dcmread(f, stop_before_pixels=True) for f in received):
+        assert ds.StudyInstanceUID == truth.study_instance_uid
+    assert served.stop() == 0
+
+
+def test_check_config_refuses_a_model_whose_weights_do_not_match(tmp_path: Path) -> None:
+    import subprocess
+
+    package = make_package(tmp_path / "model")
+    config = tmp_path / "pacsnode.yaml"
+    rule = {"name": "cnn", "pipeline": "model", "params": {"model": str(package)}}
+    config.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "s"),
+                                                  "database_url": f"sqlite:///{tmp_path / 'i.db'}"},
+                                      "analysis": {"rules": [rule]}}))
+    ok = subprocess.run(pacsnode_cmd("--config", str(config), "check-config"), cwd=REPO, capture_output=True,
+                        text=True, timeout=120, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout.split("\n", 1)[1])["analysis"]["rules"][0]["pipeline"] == "model"
+
+    manifest = json.loads((package / "manifest.json").read_text())
+    manifest["weights"]["sha256"] = "1" * 64
+    (package / "manifest.json").write_text(json.dumps(manifest))
+    bad = subprocess.run(pacsnode_cmd("--config", str(config), "check-config"), cwd=REPO, capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert bad.returncode == 2
+    assert "analysis.rules.0" in bad.stderr and "wrong or damaged weights" in bad.stderr, bad.stderr
+
+    # Right checksum, wrong architecture: the manifest validates, the deeper check builds the network and fails.
+    manifest["weights"]["sha256"] = __import__("hashlib").sha256((package / "model.pt").read_bytes()).hexdigest()
+    manifest["architecture"]["params"]["channels"] = [8, 16]
+    (package / "manifest.json").write_text(json.dumps(manifest))
+    deep = subprocess.run(pacsnode_cmd("--config", str(config), "check-config"), cwd=REPO, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert deep.returncode == 2
+    assert "analysis.rules[cnn]" in deep.stderr and "cannot load model.pt" in deep.stderr, deep.stderr
