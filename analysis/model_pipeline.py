@@ -96,6 +96,7 @@ class ModelPipeline(Pipeline):
     name = "model"
     version = "1.0.0"
     Params = ModelParams
+    batches_jobs = True
 
     def check(self, params: BaseModel) -> None:
         """Build the network on the CPU and run one small input: wrong weights or outputs fail here."""

@@ -11,6 +11,7 @@ config stays fast.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -79,9 +80,21 @@ class Pipeline:
     name: ClassVar[str] = ""
     version: ClassVar[str] = ""
     Params: ClassVar[type[BaseModel]] = NoParams
+    #: True when ``run_many`` is worth more than ``run`` in a loop (the worker then claims jobs in batches).
+    batches_jobs: ClassVar[bool] = False
 
     def run(self, inputs: PipelineInput, params: BaseModel) -> PipelineOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def run_many(self, inputs: Sequence[PipelineInput], params: BaseModel) -> list[PipelineOutput | Exception]:
+        """Several jobs' inputs; per job its output or the error it met. Default: ``run`` for each."""
+        out: list[PipelineOutput | Exception] = []
+        for item in inputs:
+            try:
+                out.append(self.run(item, params))
+            except Exception as exc:  # noqa: BLE001 - one job's error is its own outcome
+                out.append(exc)
+        return out
 
     def check(self, params: BaseModel) -> None:
         """Deeper checks for ``pacsnode check-config`` (e.g. build a model once); raise AnalysisError."""

@@ -115,6 +115,7 @@ class AnalysisSettings(_Strict):
     """Workers, job policy and routing rules."""
 
     workers: Annotated[int, Field(ge=0, le=64)] = 1
+    batch_jobs: Annotated[int, Field(ge=1, le=64)] = 4  # pending jobs of one rule run together (CNN pipelines)
     quiet_seconds: Seconds = 60.0
     scan_interval_seconds: Seconds = 2.0
     job_timeout_seconds: Seconds = 1800.0

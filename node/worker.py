@@ -10,7 +10,10 @@ A worker process has three loops:
   and sends them over one association, with retries and a dead-letter state;
 - the scheduler (a thread) turns quiet studies into jobs.
 
-While a job runs, a heartbeat thread renews its lease. When the job passes its
+A pipeline that runs several studies in one pass (``batches_jobs``, e.g. a
+CNN whose slices share device batches) gets up to ``analysis.batch_jobs``
+pending jobs of the same rule at once. While jobs run, a heartbeat thread
+renews their leases. When the job passes its
 timeout the heartbeat thread records the failure (retried with backoff while
 attempts remain) and ends the process: a hung pipeline cannot be interrupted
 from inside, so the supervisor starts a fresh worker instead. A worker killed
@@ -19,6 +22,7 @@ outright stops renewing; its lease expires and another worker takes the job.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -106,70 +110,118 @@ class Worker:
                 self.wake.wait(poll_s)  # jobs queued by another process are seen within poll_s
                 self.wake.clear()
                 continue
+            batch = [job, *self._claim_companions(job, owner)]
             try:
-                self.run_job(job, owner)
-            except Exception:  # bookkeeping failed (database away): the lease expires, the job runs again
-                logger.exception("job %d: cannot record its outcome", job.id)
+                self.run_batch(batch, owner)
+            except Exception:  # bookkeeping failed (database away): the leases expire, the jobs run again
+                logger.exception("job(s) %s: cannot record the outcome", ", ".join(str(j.id) for j in batch))
                 stop.wait(poll_s)
+
+    def _claim_companions(self, job: JobRecord, owner: str) -> list[JobRecord]:
+        """More pending jobs of the same rule, when its pipeline runs several studies in one pass."""
+        limit = self.settings.analysis.batch_jobs
+        try:
+            if limit <= 1 or not getattr(resolve_pipeline(job.pipeline), "batches_jobs", False):
+                return []
+            more: list[JobRecord] = []
+            while len(more) < limit - 1:
+                other = self.jobs.claim(
+                    owner, lease_s=self.settings.analysis.lease_seconds, rule=job.rule, pipeline=job.pipeline
+                )
+                if other is None:
+                    break
+                more.append(other)
+            return more
+        except Exception:  # the first job runs alone; companions not claimed stay pending
+            logger.exception("cannot claim more jobs of rule %s", job.rule)
+            return []
 
     def run_job(self, job: JobRecord, owner: str) -> str | None:
         """Run one claimed job to its outcome; returns the job's new state."""
+        return self.run_batch([job], owner)[0]
+
+    def run_batch(self, jobs: list[JobRecord], owner: str) -> list[str | None]:
+        """Run claimed jobs (one, or several of one rule whose pipeline batches them) to their outcomes.
+
+        A heartbeat thread renews every lease; the batch answers to its strictest timeout. Returns each
+        job's new state (None where its lease was lost).
+        """
         lease_s = self.settings.analysis.lease_seconds
         finished = threading.Event()
-        lost = threading.Event()
+        lost: set[int] = set()
         started = time.monotonic()
-        extra = {"action": "job", "job_id": job.id, "pipeline": job.pipeline}
+        timeout_s = min(job.timeout_s for job in jobs)
+        ids = ", ".join(str(job.id) for job in jobs)
 
         def heartbeat() -> None:
             while not finished.wait(min(lease_s / 3, 5.0)):
-                if time.monotonic() - started > job.timeout_s:
-                    error = f"timed out after {job.timeout_s:g} s (attempt {job.attempts} of {job.max_attempts})"
+                if time.monotonic() - started > timeout_s:
                     try:
-                        state = self.jobs.fail(job.id, owner, error, retry=True, policy=self.job_retry)
-                        logger.error("job %d %s; now %s; restarting this worker", job.id, error, state, extra=extra)
-                    except Exception:  # the lease will expire and another worker takes the job
-                        logger.exception("job %d %s; cannot record it; restarting this worker", job.id, error)
+                        for job in jobs:
+                            error = f"timed out after {timeout_s:g} s (attempt {job.attempts} of {job.max_attempts})"
+                            try:
+                                state = self.jobs.fail(job.id, owner, error, retry=True, policy=self.job_retry)
+                                logger.error("job %d %s; now %s; restarting this worker", job.id, error, state,
+                                             extra={"action": "job", "job_id": job.id, "pipeline": job.pipeline})
+                            except Exception:  # the lease will expire and another worker takes the job
+                                logger.exception("job %d %s; cannot record it; restarting this worker", job.id, error)
                     finally:
                         logging.shutdown()
                         self._exit_process(TIMEOUT_EXIT)
                     return
-                try:
-                    if not self.jobs.heartbeat(job.id, owner, lease_s=lease_s):
-                        logger.error("job %d: lease lost to another worker; its result will be discarded", job.id)
-                        lost.set()
-                        return
-                except Exception as exc:  # database briefly unavailable: the lease is long enough to retry
-                    logger.warning("job %d: heartbeat failed: %s", job.id, exc)
+                for job in jobs:
+                    if job.id in lost:
+                        continue
+                    try:
+                        if not self.jobs.heartbeat(job.id, owner, lease_s=lease_s):
+                            logger.error("job %d: lease lost to another worker; its result will be discarded", job.id)
+                            lost.add(job.id)
+                    except Exception as exc:  # database briefly unavailable: the lease is long enough to retry
+                        logger.warning("job %d: heartbeat failed: %s", job.id, exc)
+                if len(lost) == len(jobs):
+                    return
 
-        beat = threading.Thread(target=heartbeat, name=f"job-{job.id}-heartbeat", daemon=True)
+        beat = threading.Thread(target=heartbeat, name=f"jobs-{ids}-heartbeat", daemon=True)
         beat.start()
-        logger.info(
-            "job %d started: %s for study %s (attempt %d of %d)",
-            job.id, job.pipeline, job.study_instance_uid, job.attempts, job.max_attempts, extra=extra,
-        )
+        for job in jobs:
+            logger.info(
+                "job %d started: %s for study %s (attempt %d of %d)%s",
+                job.id, job.pipeline, job.study_instance_uid, job.attempts, job.max_attempts,
+                f", batched with {len(jobs) - 1} other job(s)" if len(jobs) > 1 else "",
+                extra={"action": "job", "job_id": job.id, "pipeline": job.pipeline},
+            )
+
+        def still_ours(job: JobRecord) -> bool:
+            return job.id not in lost and self.jobs.heartbeat(job.id, owner, lease_s=lease_s)
+
         try:
-            summary, stored = self._execute(job, still_ours=lambda: not lost.is_set()
-                                            and self.jobs.heartbeat(job.id, owner, lease_s=lease_s),
-                                            deadline=started + job.timeout_s)
-        except _LeaseLost:
+            outcomes = self._execute_batch(jobs, still_ours, deadline=started + timeout_s)
+        finally:
             finished.set()
+        return [self._finish(job, owner, outcome, started) for job, outcome in zip(jobs, outcomes, strict=True)]
+
+    def _finish(
+        self, job: JobRecord, owner: str, outcome: tuple[dict[str, Any], list[str]] | BaseException, started: float
+    ) -> str | None:
+        """Record one job's outcome: done (and its exports queued, in one transaction), retried or failed."""
+        extra = {"action": "job", "job_id": job.id, "pipeline": job.pipeline}
+        if isinstance(outcome, _LeaseLost):
             logger.error("job %d: lease lost to another worker; result discarded", job.id, extra=extra)
             return None
-        except AnalysisError as exc:  # the input cannot be analysed: retrying would not help
-            finished.set()
-            state = self.jobs.fail(job.id, owner, str(exc), retry=False, policy=self.job_retry)
-            logger.error("job %d failed: %s", job.id, exc, extra=extra)
+        if isinstance(outcome, AnalysisError):  # the input cannot be analysed: retrying would not help
+            state = self.jobs.fail(job.id, owner, str(outcome), retry=False, policy=self.job_retry)
+            logger.error("job %d failed: %s", job.id, outcome, extra=extra)
             return state
-        except Exception as exc:
-            finished.set()
-            error = f"{type(exc).__name__}: {exc}"
+        if isinstance(outcome, BaseException):
+            error = f"{type(outcome).__name__}: {outcome}"
             state = self.jobs.fail(job.id, owner, error, retry=True, policy=self.job_retry)
             logger.log(
                 logging.ERROR if state == "failed" else logging.WARNING,
-                "job %d attempt %d failed (%s): %s", job.id, job.attempts, state, error, exc_info=True, extra=extra,
+                "job %d attempt %d failed (%s): %s", job.id, job.attempts, state, error,
+                exc_info=(type(outcome), outcome, outcome.__traceback__), extra=extra,
             )
             return state
-        finished.set()
+        summary, stored = outcome
         summary["elapsed_s"] = round(time.monotonic() - started, 3)
         with self.jobs.transaction() as conn:
             done = self.jobs.complete(job.id, owner, summary, conn=conn)
@@ -189,14 +241,7 @@ class Worker:
         )
         return "done"
 
-    def _execute(
-        self, job: JobRecord, still_ours: Callable[[], bool], deadline: float | None = None
-    ) -> tuple[dict[str, Any], list[str]]:
-        pipeline_cls = resolve_pipeline(job.pipeline)
-        pipeline = self._pipelines.get(job.pipeline)
-        if pipeline is None:
-            pipeline = self._pipelines[job.pipeline] = pipeline_cls()
-        params = pipeline_cls.Params.model_validate(job.params)
+    def _inputs(self, job: JobRecord, deadline: float) -> PipelineInput:
         with read_connection(self.archive.engine) as conn:
             series = series_of_study(conn, job.study_instance_uid, job.series_instance_uid)
         rule = next((r for r in self.settings.analysis.rules if r.name == job.rule), None)
@@ -207,7 +252,7 @@ class Worker:
                 f"study {job.study_instance_uid} has no received series"
                 + (f" {job.series_instance_uid}" if job.series_instance_uid else "")
             )
-        inputs = PipelineInput(
+        return PipelineInput(
             job_id=job.id,
             study_instance_uid=job.study_instance_uid,
             uid_root=self.settings.analysis.uid_root,
@@ -222,8 +267,51 @@ class Worker:
                 for s in series
             ),
         )
-        output = pipeline.run(inputs, params)
-        if not still_ours():  # another worker took the job over: its results, not these, are kept
+
+    def _execute_batch(
+        self, jobs: list[JobRecord], still_ours: Callable[[JobRecord], bool], deadline: float
+    ) -> list[tuple[dict[str, Any], list[str]] | BaseException]:
+        """Run the jobs' pipeline (once for all jobs with the same params) and store each job's results."""
+        outcomes: dict[int, tuple[dict[str, Any], list[str]] | BaseException] = {}
+        groups: dict[str, list[tuple[JobRecord, PipelineInput]]] = {}
+        for job in jobs:
+            try:
+                inputs = self._inputs(job, deadline)
+            except Exception as exc:  # noqa: BLE001 - recorded as this job's outcome
+                outcomes[job.id] = exc
+                continue
+            groups.setdefault(json.dumps(job.params, sort_keys=True), []).append((job, inputs))
+        for members in groups.values():
+            first = members[0][0]
+            try:
+                pipeline_cls = resolve_pipeline(first.pipeline)
+                pipeline = self._pipelines.get(first.pipeline)
+                if pipeline is None:
+                    pipeline = self._pipelines[first.pipeline] = pipeline_cls()
+                params = pipeline_cls.Params.model_validate(first.params)
+                if len(members) > 1:
+                    results: list[Any] = pipeline.run_many([inputs for _, inputs in members], params)
+                else:
+                    try:
+                        results = [pipeline.run(members[0][1], params)]
+                    except Exception as exc:  # noqa: BLE001 - recorded as the job's outcome
+                        results = [exc]
+            except Exception as exc:  # noqa: BLE001 - the whole group fails alike
+                results = [exc] * len(members)
+            for (job, _), result in zip(members, results, strict=True):
+                if isinstance(result, BaseException):
+                    outcomes[job.id] = result
+                    continue
+                try:
+                    outcomes[job.id] = self._store(job, pipeline_cls.version, result, still_ours)
+                except Exception as exc:  # noqa: BLE001
+                    outcomes[job.id] = exc
+        return [outcomes[job.id] for job in jobs]
+
+    def _store(
+        self, job: JobRecord, version: str, output: Any, still_ours: Callable[[JobRecord], bool]
+    ) -> tuple[dict[str, Any], list[str]]:
+        if not still_ours(job):  # another worker took the job over: its results, not these, are kept
             raise _LeaseLost
         t0 = time.perf_counter()
         stored: list[str] = []
@@ -232,7 +320,7 @@ class Worker:
             stored.append(str(ds.SOPInstanceUID))
         summary = dict(output.summary)
         summary.setdefault("timings", {})["store_s"] = round(time.perf_counter() - t0, 3)
-        summary["pipeline_version"] = pipeline_cls.version
+        summary["pipeline_version"] = version
         summary["results"] = stored
         return summary, stored
 

@@ -44,3 +44,17 @@ class Record(Pipeline):
                 os.fsync(fh.fileno())
         files = sum(len(s.paths) for s in inputs.series)
         return PipelineOutput(datasets=[], summary={"files": files})
+
+
+class BatchRecord(Record):
+    """Record, but the worker hands it several jobs at once: one log line per ``run_many`` call too."""
+
+    name = "batch-record"
+    batches_jobs = True
+
+    def run_many(self, inputs, params):  # type: ignore[no-untyped-def]
+        assert isinstance(params, RecordParams)
+        if params.log:
+            with Path(params.log).open("a") as fh:
+                fh.write(f"batch {' '.join(str(i.job_id) for i in inputs)}\n")
+        return super().run_many(inputs, params)

@@ -234,3 +234,43 @@ def test_exports_cli_lists_dead_exports_and_queues_them_again(
     assert {e.state for e in exports.list()} == {"pending"}
     assert main(["--config", str(config), "exports"]) == 0
     assert "2 export(s)" in capsys.readouterr().out
+
+
+def test_a_batching_pipeline_gets_pending_jobs_of_its_rule_in_one_pass(tmp_path: Path, archive: Archive) -> None:
+    log = tmp_path / "runs.log"
+    rule = {"name": "cnn", "pipeline": "tests.pipelines:BatchRecord", "params": {"log": str(log)}}
+    settings = make_settings(tmp_path, analysis={"workers": 0, "batch_jobs": 3, "rules": [rule]})
+    queue = JobQueue(archive.engine)
+    ids = []
+    for n in range(4):
+        _add(archive, f"1.3.{n}", f"1.3.{n}.1", 2)
+        job_id, _ = queue.enqueue(rule="cnn", pipeline="tests.pipelines:BatchRecord", study_instance_uid=f"1.3.{n}",
+                                  params={"log": str(log)}, max_attempts=3, timeout_s=60)
+        ids.append(job_id)
+    _add(archive, "1.3.50", "1.3.50.1", 1)
+    other, _ = queue.enqueue(rule="other", pipeline="tests.pipelines:BatchRecord", study_instance_uid="1.3.50",
+                             params={"log": str(log)}, max_attempts=3, timeout_s=60)
+    missing, _ = queue.enqueue(rule="cnn", pipeline="tests.pipelines:BatchRecord", study_instance_uid="1.3.99",
+                               params={"log": str(log)}, max_attempts=3, timeout_s=60)
+    worker = Worker(settings, archive)
+    stop = threading.Event()
+    runner = threading.Thread(target=worker.run_jobs, args=(stop,), kwargs={"poll_s": 0.05})
+    runner.start()
+    try:
+        deadline = utcnow() + timedelta(seconds=30)
+        while utcnow() < deadline and any(
+            (queue.get(i) or queue.get(ids[0])).state in ("pending", "running") for i in [*ids, other, missing]
+        ):
+            stop.wait(0.05)
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+    states = {i: queue.get(i).state for i in [*ids, other, missing]}  # type: ignore[union-attr]
+    assert [states[i] for i in ids] == ["done"] * 4 and states[other] == "done", states
+    assert states[missing] == "failed" and "no received series" in (queue.get(missing).last_error or "")  # type: ignore[union-attr]
+    batches = [line.split()[1:] for line in log.read_text().splitlines() if line.startswith("batch")]
+    # At most 3 jobs at once, only jobs of one rule together, and the first pass took a full batch.
+    assert all(len(b) <= 3 for b in batches) and len(batches[0]) == 3, batches
+    assert not any(str(other) in b and len(b) > 1 for b in batches), batches
+    runs = [line.split()[0] for line in log.read_text().splitlines() if not line.startswith("batch")]
+    assert sorted(runs) == sorted(str(i) for i in [*ids, other])  # each job ran exactly once
