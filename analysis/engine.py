@@ -27,9 +27,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -63,7 +63,9 @@ class EngineOptions(BaseModel):
 
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64  # upper bound; the memory budget may lower it
+    # auto: on CUDA the largest batch (up to 256) that fits the memory budget; on the CPU the fastest of
+    # 1..16 that fits, timed once per slice shape. A number: that many, unless the budget allows fewer.
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = "auto"
     memory_budget_mb: Annotated[float, Field(gt=0)] = 4096.0
     prefetch_batches: Annotated[int, Field(ge=1, le=16)] = 2
 
@@ -110,7 +112,8 @@ class WarmModel:
     device: torch.device
     autocast: torch.dtype | None
     preprocessor: Preprocessor
-    per_item_bytes: dict[tuple[int, ...], int] = field(default_factory=dict)  # measured, by input shape
+    per_item_bytes: dict[tuple[object, ...], int] = field(default_factory=dict)  # measured, by shape and spacing
+    cpu_batch: dict[tuple[object, ...], int] = field(default_factory=dict)  # fastest CPU batch, by shape
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -174,10 +177,19 @@ class InferenceEngine:
 
     # --- public -------------------------------------------------------------------------------
 
-    def predict(self, volumes: Sequence[VolumeInput], *, deadline: float | None = None) -> list[np.ndarray]:
+    def predict(
+        self,
+        volumes: Sequence[VolumeInput],
+        *,
+        deadline: float | None = None,
+        on_done: Callable[[int, np.ndarray], None] | None = None,
+    ) -> list[np.ndarray]:
         """Probabilities per volume: float16 arrays (K, slices, rows, columns) for K output channels.
 
         A classification model gives (K,) per slice for 2D models, (K,) per volume for 3D.
+
+        ``on_done(index, probabilities)`` is called as soon as a volume is complete, so its results
+        can be written while the next volumes run.
 
         Raises
         ------
@@ -190,26 +202,59 @@ class InferenceEngine:
         for v in volumes:
             if v.image.ndim != 3:
                 raise AnalysisError(f"a volume has shape {v.image.shape}, expected (slices, rows, columns)")
+        crops = [_foreground_box(v, spec.foreground) for v in volumes] if spec.foreground else None
+        if crops is not None:
+            full = volumes
+            volumes = [VolumeInput(image=v.image[:, box[0], box[1]], spacing=v.spacing) for v, box in zip(full, crops)]
+            inner_done = on_done
+
+            def pasted(index: int, prob: np.ndarray) -> np.ndarray:
+                out = np.zeros((prob.shape[0], *full[index].image.shape), dtype=prob.dtype)
+                out[:, :, crops[index][0], crops[index][1]] = prob
+                return out
+
+            def done(index: int, prob: np.ndarray) -> None:
+                if inner_done is not None:
+                    inner_done(index, pasted(index, prob))
+
+            on_done = done if inner_done is not None else None
         with self.warm.lock, torch.inference_mode():
             if spec.dims == "2d":
-                return self._predict_2d(volumes, deadline)
-            return [self._predict_3d(v, deadline) for v in volumes]
+                result = self._predict_2d(volumes, deadline, on_done)
+            else:
+                result = []
+                for index, volume in enumerate(volumes):
+                    result.append(self._predict_3d(volume, deadline))
+                    if on_done is not None:
+                        on_done(index, result[-1])
+        if crops is not None:
+            result = [pasted(i, prob) for i, prob in enumerate(result)]
+        return result
+
 
     # --- 2D: batches of slices across volumes ------------------------------------------------------
 
-    def _predict_2d(self, volumes: Sequence[VolumeInput], deadline: float | None) -> list[np.ndarray]:
+    def _predict_2d(
+        self,
+        volumes: Sequence[VolumeInput],
+        deadline: float | None,
+        on_done: Callable[[int, np.ndarray], None] | None,
+    ) -> list[np.ndarray]:
         warm = self.warm
         out_spec = warm.package.manifest.output
         channels = warm.package.manifest.input.channels
         outputs: list[np.ndarray | None] = [None] * len(volumes)
-        stats = {"items": 0, "batches": 0, "model_s": 0.0, "wait_s": 0.0}
+        remaining = [v.image.shape[0] for v in volumes]
+        stats = {"items": 0, "batches": 0, "model_s": 0.0, "wait_s": 0.0, "batch_size": 0}
         # Volumes of one in-plane shape and spacing share batches; each group is one stream.
         groups: dict[tuple[int, int, float, float], list[int]] = {}
         for i, v in enumerate(volumes):
             groups.setdefault((v.image.shape[1], v.image.shape[2], v.spacing[1], v.spacing[2]), []).append(i)
         for (rows, cols, sr, sc), members in groups.items():
             spacing = (float(sr), float(sc))
-            batch_size = self._batch_size_2d((channels, rows, cols), spacing)
+            key = (channels, rows, cols, spacing)
+            batch_size = self._batch_size_2d(key, volumes[members[0]], spacing)
+            stats["batch_size"] = max(stats["batch_size"], batch_size)
             stream = _Prefetch(
                 _slice_batches(volumes, members, channels, batch_size, pin=warm.device.type == "cuda"),
                 depth=self.options.prefetch_batches,
@@ -219,7 +264,7 @@ class InferenceEngine:
                     if deadline is not None and time.monotonic() > deadline:
                         raise InferenceTimeout("inference did not finish within the job's timeout")
                     t0 = time.perf_counter()
-                    probs = self._run_2d(batch.x, spacing, (rows, cols))
+                    probs = self._run_2d(batch.x, spacing, (rows, cols), key)
                     host = probs.to("cpu", torch.float16).numpy()
                     stats["model_s"] += time.perf_counter() - t0
                     stats["items"] += len(batch.targets)
@@ -230,6 +275,9 @@ class InferenceEngine:
                             depth = volumes[vi].image.shape[0]
                             out = outputs[vi] = np.zeros((host.shape[1], depth, *host.shape[2:]), dtype=np.float16)
                         out[:, si] = host[j]
+                        remaining[vi] -= 1
+                        if remaining[vi] == 0 and on_done is not None:
+                            on_done(vi, out)
             finally:
                 stats["wait_s"] += stream.waited
                 stream.close()
@@ -237,44 +285,81 @@ class InferenceEngine:
         result = [o if o is not None else np.zeros((out_spec.channels_needed, 0)) for o in outputs]
         return result
 
-    def _run_2d(self, x: torch.Tensor, spacing: tuple[float, float], shape: tuple[int, int]) -> torch.Tensor:
+    def _run_2d(
+        self, x: torch.Tensor, spacing: tuple[float, float], shape: tuple[int, int], key: tuple[object, ...]
+    ) -> torch.Tensor:
         """Preprocess, run and map back one host batch; halves itself on CUDA out-of-memory."""
-        warm = self.warm
         try:
-            xd = x.to(warm.device, non_blocking=True)
-            xp, _ = warm.preprocessor(xd, spacing)
-            xp, pad = _pad_to_multiple(xp, warm.package.manifest.input.divisible_by)
-            xp = xp.contiguous(memory_format=torch.channels_last)
-            with _autocast(warm):
-                logits = warm.module(xp)
-            logits = _check_output(logits, warm, xp)
-            if logits.ndim == 4:
-                logits = _unpad(logits, pad)
-                logits = warm.preprocessor.restore(logits.float(), shape, spacing)
-            return _activate(logits.float(), warm.package.manifest.output.activation)
+            return self._forward_2d(x, spacing, shape)
         except torch.cuda.OutOfMemoryError:
             if x.shape[0] == 1:
                 raise
-            torch.cuda.empty_cache()
-            half = x.shape[0] // 2
-            logger.warning("CUDA out of memory at batch %d: splitting it", x.shape[0])
-            for key in list(warm.per_item_bytes):
-                warm.per_item_bytes[key] *= 2
-            return torch.cat(
-                [self._run_2d(x[:half], spacing, shape), self._run_2d(x[half:], spacing, shape)], dim=0
-            )
+        # Out of the handler, so the failed batch's tensors (and its traceback's) are gone before the retry.
+        torch.cuda.empty_cache()
+        half = x.shape[0] // 2
+        logger.warning("CUDA out of memory at a batch of %d: splitting it, and smaller batches from now on", x.shape[0])
+        per_item = self.warm.per_item_bytes.get(key)
+        if per_item is not None:
+            self.warm.per_item_bytes[key] = max(per_item, int(self._budget() // half) + 1)
+        return torch.cat([self._run_2d(x[:half], spacing, shape, key), self._run_2d(x[half:], spacing, shape, key)])
 
-    def _batch_size_2d(self, item_shape: tuple[int, int, int], spacing: tuple[float, float]) -> int:
-        """The largest batch whose measured activation memory fits the budget (at most options.batch_size)."""
+    def _forward_2d(self, x: torch.Tensor, spacing: tuple[float, float], shape: tuple[int, int]) -> torch.Tensor:
         warm = self.warm
-        per_item = warm.per_item_bytes.get(item_shape)
+        xd = x.to(warm.device, non_blocking=True)
+        xp, _ = warm.preprocessor(xd, spacing)
+        xp, pad = _pad_to_multiple(xp, warm.package.manifest.input.divisible_by)
+        xp = xp.contiguous(memory_format=torch.channels_last)
+        with _autocast(warm):
+            logits = warm.module(xp)
+        logits = _check_output(logits, warm, xp)
+        if logits.ndim == 4:
+            logits = _unpad(logits, pad)
+            logits = warm.preprocessor.restore(logits.float(), shape, spacing)
+        return _activate(logits.float(), warm.package.manifest.output.activation)
+
+    def _budget(self) -> float:
+        return self.options.memory_budget_mb * 1024 * 1024
+
+    def _batch_size_2d(self, key: tuple[object, ...], sample: VolumeInput, spacing: tuple[float, float]) -> int:
+        """The batch size for items of one shape and spacing, measured once per warm model.
+
+        On CUDA: the largest batch whose activations (measured in one probe pass) fit the memory budget,
+        at most ``options.batch_size``. On the CPU, where a large batch falls out of the caches, the
+        fastest of the sizes that fit, timed on slices of the study itself.
+        """
+        warm = self.warm
+        channels, rows, cols = int(key[0]), int(key[1]), int(key[2])  # type: ignore[call-overload]
+        per_item = warm.per_item_bytes.get(key)
         if per_item is None:
-            probe = torch.zeros((1, *item_shape), dtype=torch.float32, device=warm.device)
-            per_item = warm.per_item_bytes[item_shape] = _activation_bytes(warm, probe, spacing, item_shape[1:])
-        budget = self.options.memory_budget_mb * 1024 * 1024
-        size = int(max(1, min(self.options.batch_size, budget // max(per_item, 1))))
-        logger.debug("batch size %d (%.1f MB per slice, budget %.0f MB)", size, per_item / 2**20, budget / 2**20)
+            probe = torch.zeros((1, channels, rows, cols), dtype=torch.float32, device=warm.device)
+            per_item = warm.per_item_bytes[key] = _activation_bytes(warm, probe, spacing)
+        limit = 256 if self.options.batch_size == "auto" else self.options.batch_size
+        fits = int(max(1, min(limit, self._budget() // max(per_item, 1))))
+        if warm.device.type == "cuda" or self.options.batch_size != "auto":
+            size = fits
+        else:
+            size = warm.cpu_batch.get(key) or 0
+            if not size:
+                size = warm.cpu_batch[key] = self._fastest_cpu_batch(sample, channels, spacing, fits)
+        logger.debug("batch size %d (%.1f MB per slice, budget %.0f MB)", size, per_item / 2**20, self._budget() / 2**20)
         return size
+
+    def _fastest_cpu_batch(self, sample: VolumeInput, channels: int, spacing: tuple[float, float], fits: int) -> int:
+        candidates = [b for b in (1, 2, 4, 8, 16) if b <= fits] or [1]
+        depth = sample.image.shape[0]
+        best, best_rate = candidates[0], 0.0
+        for size in candidates:
+            index = np.clip(np.arange(size * channels) % max(depth, 1), 0, depth - 1)
+            x = torch.from_numpy(sample.image[index].astype(np.float32).reshape(size, channels, *sample.image.shape[1:]))
+            self._forward_2d(x, spacing, sample.image.shape[1:])  # warm-up of this shape
+            t0 = time.perf_counter()
+            self._forward_2d(x, spacing, sample.image.shape[1:])
+            rate = size / (time.perf_counter() - t0)
+            if rate > best_rate * 1.05:  # a larger batch must be clearly faster
+                best, best_rate = size, rate
+        logger.info("CPU batch size %d for %dx%d slices (%.0f slices/s in the probe)", best,
+                    sample.image.shape[1], sample.image.shape[2], best_rate)
+        return best
 
     # --- 3D: sliding window ------------------------------------------------------------------------
 
@@ -290,6 +375,8 @@ class InferenceEngine:
         if spec.channels > 1:
             x = x.expand(-1, spec.channels, -1, -1, -1)
         xp, _ = warm.preprocessor(x, volume.spacing)
+        grid = tuple(xp.shape[2:])
+        xp, pad = _pad_to_multiple(xp, spec.divisible_by)
         out_channels = warm.package.manifest.output.channels_needed
         out_bytes = out_channels * xp[0, 0].numel() * 4
         budget = self.options.memory_budget_mb * 1024 * 1024
@@ -300,8 +387,9 @@ class InferenceEngine:
         per_patch = warm.per_item_bytes.get(roi_key)
         if per_patch is None:
             probe = torch.zeros((1, spec.channels, *roi), device=warm.device)
-            per_patch = warm.per_item_bytes[roi_key] = _activation_bytes(warm, probe, None, None)
-        sw_batch = int(max(1, min(self.options.batch_size, (budget - (out_bytes if stitch == warm.device else 0)) // per_patch)))
+            per_patch = warm.per_item_bytes[roi_key] = _activation_bytes(warm, probe, None)
+        limit = 64 if self.options.batch_size == "auto" else self.options.batch_size
+        sw_batch = int(max(1, min(limit, (budget - (out_bytes if stitch == warm.device else 0)) // per_patch)))
 
         def predictor(patch: torch.Tensor) -> torch.Tensor:
             with _autocast(warm):
@@ -324,6 +412,8 @@ class InferenceEngine:
                 f"model {warm.package.manifest.name}: network gives {logits.shape[1]} output channels, "
                 f"the manifest needs {out_channels}"
             )
+        logits = _unpad(logits, pad)
+        assert tuple(logits.shape[2:]) == grid
         logits = warm.preprocessor.restore(logits.float(), tuple(volume.image.shape), volume.spacing)
         probs = _activate(logits, warm.package.manifest.output.activation)
         self.stats = {"items": 1, "batches": 1, "model_s": time.perf_counter() - t0, "sw_batch": sw_batch}
@@ -331,6 +421,22 @@ class InferenceEngine:
 
 
 # --- helpers -----------------------------------------------------------------------------------------
+
+
+def _foreground_box(volume: VolumeInput, crop: Any) -> tuple[slice, slice]:
+    """In-plane (rows, columns) box of the voxels above the threshold in any slice, widened by the margin."""
+    above = volume.image > crop.threshold
+    rows = np.flatnonzero(above.any(axis=(0, 2)))
+    cols = np.flatnonzero(above.any(axis=(0, 1)))
+    height, width = volume.image.shape[1:]
+    if rows.size == 0:
+        return slice(0, height), slice(0, width)
+    margin_r = int(np.ceil(crop.margin_mm / volume.spacing[1]))
+    margin_c = int(np.ceil(crop.margin_mm / volume.spacing[2]))
+    return (
+        slice(max(0, int(rows[0]) - margin_r), min(height, int(rows[-1]) + 1 + margin_r)),
+        slice(max(0, int(cols[0]) - margin_c), min(width, int(cols[-1]) + 1 + margin_c)),
+    )
 
 
 class _autocast:
@@ -400,9 +506,7 @@ def _unpad(x: torch.Tensor, pads: tuple[int, ...]) -> torch.Tensor:
     return x[tuple(index)]
 
 
-def _activation_bytes(
-    warm: WarmModel, probe: torch.Tensor, spacing: tuple[float, float] | None, shape: tuple[int, ...] | None
-) -> int:
+def _activation_bytes(warm: WarmModel, probe: torch.Tensor, spacing: tuple[float, float] | None) -> int:
     """Bytes one item needs on the device: input, every module's output, the output, measured in one pass."""
     total = 0
 

@@ -45,6 +45,7 @@ __all__ = [
     "BUILTIN_MODELS",
     "ClassOutput",
     "CodeSpec",
+    "ForegroundCrop",
     "InputSpec",
     "LabelOutput",
     "Manifest",
@@ -121,6 +122,17 @@ class ClassOutput(_Strict):
     threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
 
 
+class ForegroundCrop(_Strict):
+    """Run the network only inside the in-plane bounding box of the voxels above ``threshold`` (e.g. the body).
+
+    Outside it the output is 0 (background). The box is the same for every slice of a volume, widened by
+    ``margin_mm`` so the network sees the context it was trained with.
+    """
+
+    threshold: float = -500.0  # raw intensity (HU for CT)
+    margin_mm: Annotated[float, Field(ge=0)] = 20.0
+
+
 class InputSpec(_Strict):
     """What the network takes and how images are prepared for it."""
 
@@ -133,12 +145,15 @@ class InputSpec(_Strict):
     overlap: Annotated[float, Field(ge=0, lt=1)] = 0.25
     # Spatial sizes are padded up to a multiple of this (UNets with n downsamplings need 2**n).
     divisible_by: Annotated[int, Field(ge=1, le=256)] = 1
+    foreground: ForegroundCrop | None = None
     preprocessing: list[Step] = []
 
     @model_validator(mode="after")
     def _shape(self) -> InputSpec:
         if self.dims == "2d" and self.channels % 2 == 0:
             raise ValueError("a 2d model takes an odd number of adjacent slices as channels")
+        if self.dims == "2d" and self.roi_size is not None:
+            raise ValueError("roi_size (sliding-window patch) is for 3d models; a 2d model sees whole slices")
         want = 2 if self.dims == "2d" else 3
         if self.roi_size is not None and len(self.roi_size) != want:
             raise ValueError(f"roi_size of a {self.dims} model has {want} values, not {len(self.roi_size)}")
@@ -424,7 +439,7 @@ def _bundle_manifest(root: Path, overrides: dict[str, Any]) -> tuple[dict[str, A
             "modality": ["CT", "MR"],
             "dims": dims,
             "channels": int(image.get("num_channels", 1) or 1),
-            "roi_size": spatial if len(spatial) == len(image.get("spatial_shape", [])) and spatial else None,
+            "roi_size": spatial if dims == "3d" and len(spatial) == 3 else None,
         },
         "output": {
             "kind": "segmentation",

@@ -9,7 +9,7 @@ classification model gives an SR with the probability of each class and an
 SC with the scores in a banner.
 
 ``run_many`` takes several jobs' inputs at once, so their slices share
-batches on the device; the next study is decoded while the current one runs.
+batches on the device; the studies are decoded in a thread beside the worker.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -45,7 +45,7 @@ class _EngineParams(BaseModel):
 
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")] = "auto"
     precision: str = Field("auto", pattern=r"^(auto|fp32|bf16|fp16)$")
-    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = "auto"
     memory_budget_mb: Annotated[float, Field(gt=0)] = 4096.0
     prefetch_batches: Annotated[int, Field(ge=1, le=16)] = 2
 
@@ -79,8 +79,8 @@ class ModelParams(BaseModel):
 
 def _check_spec(package: ModelPackage) -> None:
     spec = package.manifest
-    if spec.input.dims == "3d" and spec.output.kind == "segmentation" and spec.input.channels != 1:
-        raise ValueError(f"model {spec.name}: a 3d segmentation model takes one image channel, not {spec.input.channels}")
+    if spec.input.dims == "3d" and spec.output.kind == "classification":
+        raise ValueError(f"model {spec.name}: 3d classification models are not supported yet (2d ones are)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,18 +148,49 @@ class ModelPipeline(Pipeline):
             engine = InferenceEngine(warm, options)
             deadlines = [item.inputs.deadline for _, item in loaded if item.inputs.deadline is not None]
             deadline = min(deadlines) if deadlines else None
-            t0 = time.perf_counter()
-            probs = engine.predict(
-                [VolumeInput(image=item.volume.hu, spacing=item.volume.spacing) for _, item in loaded],
-                deadline=deadline,
-            )
-            timings["inference_s"] = time.perf_counter() - t0
-            timings.update({f"engine_{k}": float(v) for k, v in engine.stats.items()})
-            for (i, item), prob in zip(loaded, probs, strict=True):
+            volumes = [VolumeInput(image=item.volume.hu, spacing=item.volume.spacing) for _, item in loaded]
+            # Each study's findings and DICOM results are built in a thread as soon as its last slice is
+            # through the network, while the next studies' slices run.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pacsnode-write") as writer:
+                writes: dict[int, Future[PipelineOutput]] = {}
+
+                def write(index: int, prob: np.ndarray) -> None:
+                    i, item = loaded[index]
+                    writes[index] = writer.submit(self._write, item, prob, params, package, timings, len(loaded))
+
+                t0 = time.perf_counter()
+                failed: dict[int, Exception] = {}
                 try:
-                    results[i] = self._write(item, prob, params, package, dict(timings), len(loaded))
-                except Exception as exc:  # noqa: BLE001
-                    results[i] = exc
+                    engine.predict(volumes, deadline=deadline, on_done=write)
+                except TimeoutError:
+                    raise  # the deadline is the batch's: every job is retried
+                except Exception as exc:
+                    if len(volumes) == 1:
+                        raise
+                    # One study's failure must not become every study's: the rest run one by one.
+                    logger.warning("batched inference failed (%s); running the studies one by one", exc)
+                    for index, volume in enumerate(volumes):
+                        if index in writes:
+                            continue
+                        try:
+                            engine.predict([volume], deadline=deadline, on_done=lambda _, p, k=index: write(k, p))
+                        except TimeoutError:
+                            raise
+                        except Exception as one:  # noqa: BLE001 - that study's own outcome
+                            failed[index] = one
+                timings["inference_s"] = time.perf_counter() - t0
+                timings.update({f"engine_{k}": float(v) for k, v in engine.stats.items()})
+                for index, (i, _) in enumerate(loaded):
+                    if index in failed:
+                        results[i] = failed[index]
+                        continue
+                    try:
+                        output = writes[index].result()
+                    except Exception as exc:  # noqa: BLE001 - that study's own outcome
+                        results[i] = exc
+                        continue
+                    output.summary["timings"].update({k: round(v, 3) for k, v in timings.items()})
+                    results[i] = output
         return [r if r is not None else InputError("no result") for r in results]
 
     def _load(self, inputs: PipelineInput, params: ModelParams, package: ModelPackage) -> _Loaded:
@@ -187,6 +218,7 @@ class ModelPipeline(Pipeline):
         from analysis.model_writers import write_classification_results, write_segmentation_results
 
         manifest = package.manifest
+        timings = dict(timings)
         t0 = time.perf_counter()
         common = {
             "pipeline_name": self.name,
@@ -261,19 +293,36 @@ def _channel(label: LabelOutput, activation: str) -> int:
 
 
 def find_components(mask: np.ndarray, spacing: tuple[float, float, float], min_volume_mm3: float) -> tuple[np.ndarray, int]:
-    """3D connected components (26-connected) of ``mask`` of at least ``min_volume_mm3``; (labels, count)."""
+    """3D connected components (26-connected) of ``mask`` of at least ``min_volume_mm3``; (labels, count).
+
+    Labelled inside the bounding box of the mask only (findings are sparse), then placed in a full array.
+    """
     from scipy import ndimage
 
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    if count == 0:
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    box = _bounding_box(mask)
+    if box is None:
         return labels, 0
+    inner, count = ndimage.label(mask[box], structure=np.ones((3, 3, 3), dtype=bool))
     voxel_mm3 = float(np.prod(spacing))
-    sizes = np.bincount(labels.ravel())
+    sizes = np.bincount(inner.ravel())
     keep = sizes * voxel_mm3 >= min_volume_mm3
     keep[0] = False
     remap = np.zeros(count + 1, dtype=np.int32)
     remap[keep] = np.arange(1, int(keep.sum()) + 1)
-    return remap[labels], int(keep.sum())
+    labels[box] = remap[inner]
+    return labels, int(keep.sum())
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    box = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=others))
+        if hits.size == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
 
 
 def findings_from_probabilities(

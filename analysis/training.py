@@ -98,6 +98,9 @@ def default_manifest(sha256: str, training: dict[str, Any]) -> dict[str, Any]:
             "dims": "2d",
             "channels": 3,
             "divisible_by": 8,
+            # Nodules lie inside the body: the network runs on the body's bounding box (plus 20 mm), not on
+            # the air around it.
+            "foreground": {"threshold": -500.0, "margin_mm": 20.0},
             "preprocessing": PREPROCESSING,
         },
         "output": {"kind": "segmentation", "activation": "sigmoid", "labels": [NODULE_LABEL]},

@@ -168,14 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=120)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", default="auto", help="engine batch size: auto or a number")
     parser.add_argument("--quick", action="store_true", help="1 study of 40 slices, 1 run")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.quick:
         args.studies, args.slices, args.runs = 1, 40, 1
     device = resolve_device(args.device)
-    params = ModelParams(model="lung-nodule", engine={"device": args.device, "batch_size": args.batch_size})
+    params = ModelParams(model="lung-nodule", engine={"device": args.device, "batch_size": args.batch_size if args.batch_size == "auto" else int(args.batch_size)})
     options = EngineOptions.model_validate(params.engine.model_dump())
     warm = warm_model(load_package(params.model), options)
     cpu = os.cpu_count()

@@ -120,21 +120,25 @@ class Worker:
     def _claim_companions(self, job: JobRecord, owner: str) -> list[JobRecord]:
         """More pending jobs of the same rule, when its pipeline runs several studies in one pass."""
         limit = self.settings.analysis.batch_jobs
+        more: list[JobRecord] = []
+        # Only first attempts share a pass: a job that failed, timed out or lost its worker before runs
+        # alone, so one bad study cannot use up the attempts of others.
+        if limit <= 1 or job.attempts > 1:
+            return more
         try:
-            if limit <= 1 or not getattr(resolve_pipeline(job.pipeline), "batches_jobs", False):
-                return []
-            more: list[JobRecord] = []
+            if not getattr(resolve_pipeline(job.pipeline), "batches_jobs", False):
+                return more
             while len(more) < limit - 1:
                 other = self.jobs.claim(
-                    owner, lease_s=self.settings.analysis.lease_seconds, rule=job.rule, pipeline=job.pipeline
+                    owner, lease_s=self.settings.analysis.lease_seconds, rule=job.rule, pipeline=job.pipeline,
+                    first_attempt=True,
                 )
                 if other is None:
                     break
                 more.append(other)
-            return more
-        except Exception:  # the first job runs alone; companions not claimed stay pending
+        except Exception:  # the jobs claimed so far run; the others stay pending
             logger.exception("cannot claim more jobs of rule %s", job.rule)
-            return []
+        return more
 
     def run_job(self, job: JobRecord, owner: str) -> str | None:
         """Run one claimed job to its outcome; returns the job's new state."""
@@ -194,11 +198,26 @@ class Worker:
         def still_ours(job: JobRecord) -> bool:
             return job.id not in lost and self.jobs.heartbeat(job.id, owner, lease_s=lease_s)
 
+        states: dict[int, str | None] = {}
+        errors: list[BaseException] = []
+
+        def finish(job: JobRecord, outcome: tuple[dict[str, Any], list[str]] | BaseException) -> None:
+            """Record each job as soon as its outcome is known, while the heartbeat still renews the others."""
+            try:
+                states[job.id] = self._finish(job, owner, outcome, started)
+            except Exception as exc:  # the database is away: this job's lease expires and it runs again
+                logger.exception("job %d: cannot record its outcome", job.id)
+                errors.append(exc)
+
+        # The pipeline gets a clean deadline a little before the hard timeout of the heartbeat thread.
+        margin = min(2 * min(lease_s / 3, 5.0), timeout_s / 10)
         try:
-            outcomes = self._execute_batch(jobs, still_ours, deadline=started + timeout_s)
+            self._execute_batch(jobs, still_ours, finish, deadline=started + timeout_s - margin)
         finally:
             finished.set()
-        return [self._finish(job, owner, outcome, started) for job, outcome in zip(jobs, outcomes, strict=True)]
+        if errors and len(jobs) == 1:
+            raise errors[0]
+        return [states.get(job.id) for job in jobs]
 
     def _finish(
         self, job: JobRecord, owner: str, outcome: tuple[dict[str, Any], list[str]] | BaseException, started: float
@@ -269,16 +288,19 @@ class Worker:
         )
 
     def _execute_batch(
-        self, jobs: list[JobRecord], still_ours: Callable[[JobRecord], bool], deadline: float
-    ) -> list[tuple[dict[str, Any], list[str]] | BaseException]:
-        """Run the jobs' pipeline (once for all jobs with the same params) and store each job's results."""
-        outcomes: dict[int, tuple[dict[str, Any], list[str]] | BaseException] = {}
+        self,
+        jobs: list[JobRecord],
+        still_ours: Callable[[JobRecord], bool],
+        finish: Callable[[JobRecord, Any], None],
+        deadline: float,
+    ) -> None:
+        """Run the jobs' pipeline (once for all jobs with the same params); store and finish each job in turn."""
         groups: dict[str, list[tuple[JobRecord, PipelineInput]]] = {}
         for job in jobs:
             try:
                 inputs = self._inputs(job, deadline)
             except Exception as exc:  # noqa: BLE001 - recorded as this job's outcome
-                outcomes[job.id] = exc
+                finish(job, exc)
                 continue
             groups.setdefault(json.dumps(job.params, sort_keys=True), []).append((job, inputs))
         for members in groups.values():
@@ -299,14 +321,12 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - the whole group fails alike
                 results = [exc] * len(members)
             for (job, _), result in zip(members, results, strict=True):
-                if isinstance(result, BaseException):
-                    outcomes[job.id] = result
-                    continue
-                try:
-                    outcomes[job.id] = self._store(job, pipeline_cls.version, result, still_ours)
-                except Exception as exc:  # noqa: BLE001
-                    outcomes[job.id] = exc
-        return [outcomes[job.id] for job in jobs]
+                if not isinstance(result, BaseException):
+                    try:
+                        result = self._store(job, pipeline_cls.version, result, still_ours)
+                    except Exception as exc:  # noqa: BLE001 - recorded as this job's outcome
+                        result = exc
+                finish(job, result)
 
     def _store(
         self, job: JobRecord, version: str, output: Any, still_ours: Callable[[JobRecord], bool]

@@ -235,12 +235,18 @@ class JobQueue(_Queue):
         return int(job_id), True
 
     def claim(
-        self, owner: str, *, lease_s: float, rule: str | None = None, pipeline: str | None = None
+        self,
+        owner: str,
+        *,
+        lease_s: float,
+        rule: str | None = None,
+        pipeline: str | None = None,
+        first_attempt: bool = False,
     ) -> JobRecord | None:
         """Take the next due job (pending, or running with an expired lease); None when there is none.
 
-        ``rule`` and ``pipeline`` restrict it to pending jobs of that rule and pipeline (a worker
-        filling a batch).
+        ``rule`` and ``pipeline`` restrict it to pending jobs of that rule and pipeline, and
+        ``first_attempt`` to jobs never tried (a worker filling a batch).
 
         A job whose lease expired had a worker die under it: the attempt it
         used counts, and when none are left it is failed instead of claimed.
@@ -266,11 +272,12 @@ class JobQueue(_Queue):
                     and_(_jobs.c.state == JobState.PENDING.value, _jobs.c.not_before <= now, ~busy),
                     and_(_jobs.c.state == JobState.RUNNING.value, _jobs.c.lease_expires_at < now),
                 )
-                if rule is not None or pipeline is not None:
+                if rule is not None or pipeline is not None or first_attempt:
                     claimable = and_(
                         _jobs.c.state == JobState.PENDING.value, _jobs.c.not_before <= now, ~busy,
                         *([_jobs.c.rule == rule] if rule is not None else []),
                         *([_jobs.c.pipeline == pipeline] if pipeline is not None else []),
+                        *([_jobs.c.attempts == 0] if first_attempt else []),
                     )
                 stmt = select(_jobs).where(claimable).order_by(_jobs.c.not_before, _jobs.c.id).limit(1)
                 if self._skip_locked:

@@ -21,7 +21,7 @@ from analysis.engine import (
 from analysis.model_package import ModelError, load_package
 from tests.models import make_bundle, make_package
 
-FP32 = EngineOptions(device="cpu", precision="fp32")
+FP32 = EngineOptions(device="cpu", precision="fp32", batch_size=1)
 
 
 def _volume(seed: int, depth: int = 9, size: int = 48) -> VolumeInput:
@@ -78,6 +78,9 @@ def test_the_memory_budget_sets_the_batch_size(tmp_path: Path) -> None:
     large = _engine(root, batch_size=64, memory_budget_mb=4096)
     out_large = large.predict([volume])[0]
     assert large.stats["batches"] == 1
+    auto = _engine(root, batch_size="auto", memory_budget_mb=0.05)  # the CPU's timed choice obeys the budget too
+    auto.predict([volume])
+    assert auto.stats["batch_size"] == 1
     np.testing.assert_allclose(out_small.astype(np.float32), out_large.astype(np.float32), atol=2e-3)
 
 
