@@ -105,7 +105,9 @@ class ModelPipeline(Pipeline):
         from analysis.engine import EngineOptions, InferenceEngine, VolumeInput, warm_model
 
         assert isinstance(params, ModelParams)
-        options = EngineOptions.model_validate({**params.engine.model_dump(), "device": "cpu", "precision": "fp32"})
+        options = EngineOptions.model_validate(
+            {**params.engine.model_dump(), "device": "cpu", "precision": "fp32", "batch_size": 1}
+        )
         engine = InferenceEngine(warm_model(params.package(), options, params.preprocessing), options)
         spec = params.package().manifest.input
         side = max([32, *(spec.roi_size or [])])
@@ -326,15 +328,19 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
 
 
 def findings_from_probabilities(
-    prob: np.ndarray, volume: Volume, labels: Sequence[LabelOutput], activation: str
+    prob: np.ndarray, volume: Volume, labels: Sequence[LabelOutput], activation: str, *, max_findings: int = 100
 ) -> list[Finding]:
-    """Threshold each label's map, split it into connected findings, measure each; largest first."""
+    """Threshold each label's map, split it into connected findings, measure each; largest first.
+
+    At most ``max_findings`` per label (the largest), so a noisy map cannot exhaust memory.
+    """
+    from dataclasses import replace
+
     from scipy import ndimage
 
     from analysis.model_writers import Finding
 
     findings: list[tuple[float, Finding]] = []
-    number = 0
     normal = np.cross(volume.row_direction, volume.column_direction)
     for label in labels:
         channel = prob[_channel(label, activation)]
@@ -342,23 +348,22 @@ def findings_from_probabilities(
         if count == 0:
             continue
         spec = label_spec(label)
-        boxes = ndimage.find_objects(components)
-        for k, box in enumerate(boxes, start=1):
-            if box is None:
+        sizes = np.bincount(components.ravel(), minlength=count + 1)
+        kept = set((np.argsort(-sizes[1:], kind="stable")[:max_findings] + 1).tolist())
+        if count > max_findings:
+            logger.warning("%d %s findings; keeping the %d largest", count, label.name, max_findings)
+        for k, box in enumerate(ndimage.find_objects(components), start=1):
+            if box is None or k not in kept:
                 continue
             mask_box = components[box] == k
             idx = np.argwhere(mask_box) + np.array([s.start for s in box])
             centroid = idx.mean(axis=0)
-            patient = (
-                np.asarray(volume.origin)
-                + centroid[0] * volume.spacing[0] * normal
-                + centroid[1] * volume.spacing[1] * np.asarray(volume.column_direction)
-                + centroid[2] * volume.spacing[2] * np.asarray(volume.row_direction)
-            )
+            patient = _patient(volume, normal, centroid)
             mask = np.zeros(components.shape, dtype=bool)
             mask[box] = mask_box
-            number += 1
-            side = "right" if patient[0] < 0 else "left"
+            slice_index = int(round(centroid[0]))
+            # The patient's right is -x (LPS), measured from the body's midline on that slice, not x = 0.
+            side = "right" if patient[0] < _midline_x(volume, normal, slice_index) else "left"
             finding_site = label.finding_site.to_code() if label.finding_site else None
             laterality = None
             if label.lateralize:
@@ -366,8 +371,9 @@ def findings_from_probabilities(
 
                 laterality = codes.cid244.Right if side == "right" else codes.cid244.Left
             site = label.finding_site.meaning.lower() if label.finding_site else "body"
+            instance = volume.datasets[slice_index].get("InstanceNumber") if volume.datasets else None
             location = (
-                f"{side} {site}, slice {int(round(centroid[0])) + 1} of {components.shape[0]}, "
+                f"{side} {site}, image {instance if instance is not None else slice_index + 1}, "
                 f"patient x {patient[0]:.0f} y {patient[1]:.0f} z {patient[2]:.0f} mm"
             )
             volume_ml = float(idx.shape[0] * volume.voxel_ml)
@@ -376,7 +382,7 @@ def findings_from_probabilities(
                     volume_ml,
                     Finding(
                         label=spec,
-                        number=number,
+                        number=len(findings) + 1,
                         mask=mask,
                         probability=float(np.clip(channel[box][mask_box].astype(np.float32).max(), 0.0, 1.0)),
                         volume_ml=volume_ml,
@@ -389,11 +395,27 @@ def findings_from_probabilities(
                     ),
                 )
             )
-    findings.sort(key=lambda pair: -pair[0])
-    # Numbered largest first.
-    from dataclasses import replace
-
+    findings.sort(key=lambda pair: -pair[0])  # numbered largest first
     return [replace(f, number=n) for n, (_, f) in enumerate(findings, start=1)]
+
+
+def _patient(volume: Volume, normal: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Patient coordinates (mm) of a (slice, row, column) index: rows run along the column direction."""
+    return (
+        np.asarray(volume.origin)
+        + index[0] * volume.spacing[0] * normal
+        + index[1] * volume.spacing[1] * np.asarray(volume.column_direction)
+        + index[2] * volume.spacing[2] * np.asarray(volume.row_direction)
+    )
+
+
+def _midline_x(volume: Volume, normal: np.ndarray, slice_index: int, body_hu: float = -500.0) -> float:
+    """Patient x of the centre of the body (voxels above ``body_hu``) on one slice; 0 when there is none."""
+    rows, cols = np.nonzero(volume.hu[slice_index] > body_hu)
+    if rows.size == 0:
+        return 0.0
+    centre = np.array([slice_index, float(rows.mean()), float(cols.mean())])
+    return float(_patient(volume, normal, centre)[0])
 
 
 def longest_diameter_mm(index: np.ndarray, spacing: tuple[float, float, float]) -> float:
