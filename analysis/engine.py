@@ -305,10 +305,7 @@ class InferenceEngine:
 
     def _forward_2d(self, x: torch.Tensor, spacing: tuple[float, float], shape: tuple[int, int]) -> torch.Tensor:
         warm = self.warm
-        xd = x.to(warm.device, non_blocking=True)
-        xp, _ = warm.preprocessor(xd, spacing)
-        xp, pad = _pad_to_multiple(xp, warm.package.manifest.input.divisible_by)
-        xp = xp.contiguous(memory_format=torch.channels_last)
+        xp, pad = _prepare_2d(warm, x.to(warm.device, non_blocking=True), spacing)
         with _autocast(warm):
             logits = warm.module(xp)
         logits = _check_output(logits, warm, xp)
@@ -506,6 +503,13 @@ def _unpad(x: torch.Tensor, pads: tuple[int, ...]) -> torch.Tensor:
     return x[tuple(index)]
 
 
+def _prepare_2d(warm: WarmModel, x: torch.Tensor, spacing: tuple[float, float]) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """A device batch as the network takes it: preprocessed, padded to ``divisible_by``, channels-last."""
+    xp, _ = warm.preprocessor(x, spacing)
+    xp, pad = _pad_to_multiple(xp, warm.package.manifest.input.divisible_by)
+    return xp.contiguous(memory_format=torch.channels_last), pad
+
+
 def _activation_bytes(warm: WarmModel, probe: torch.Tensor, spacing: tuple[float, float] | None) -> int:
     """Bytes one item needs on the device: input, every module's output, the output, measured in one pass."""
     total = 0
@@ -521,9 +525,7 @@ def _activation_bytes(warm: WarmModel, probe: torch.Tensor, spacing: tuple[float
     try:
         x = probe
         if spacing is not None:
-            x, _ = warm.preprocessor(x, spacing)
-            x, _ = _pad_to_multiple(x, warm.package.manifest.input.divisible_by)
-            x = x.contiguous(memory_format=torch.channels_last)
+            x, _ = _prepare_2d(warm, x, spacing)
         with _autocast(warm):
             out = warm.module(x)
         out = _check_output(out, warm, x)
