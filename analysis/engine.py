@@ -208,14 +208,21 @@ class InferenceEngine:
             volumes = [VolumeInput(image=v.image[:, box[0], box[1]], spacing=v.spacing) for v, box in zip(full, crops)]
             inner_done = on_done
 
+            done_full: dict[int, np.ndarray] = {}
+
             def pasted(index: int, prob: np.ndarray) -> np.ndarray:
+                if index in done_full:
+                    return done_full[index]
+                if prob.ndim < 4:  # per-slice class scores: nothing spatial to put back
+                    return prob
                 out = np.zeros((prob.shape[0], *full[index].image.shape), dtype=prob.dtype)
                 out[:, :, crops[index][0], crops[index][1]] = prob
                 return out
 
             def done(index: int, prob: np.ndarray) -> None:
+                done_full[index] = pasted(index, prob)
                 if inner_done is not None:
-                    inner_done(index, pasted(index, prob))
+                    inner_done(index, done_full[index])
 
             on_done = done if inner_done is not None else None
         with self.warm.lock, torch.inference_mode():
@@ -252,7 +259,10 @@ class InferenceEngine:
             groups.setdefault((v.image.shape[1], v.image.shape[2], v.spacing[1], v.spacing[2]), []).append(i)
         for (rows, cols, sr, sc), members in groups.items():
             spacing = (float(sr), float(sc))
-            key = (channels, rows, cols, spacing)
+            # Memory and speed depend on what the network sees: the preprocessed, padded slice.
+            grid = warm.preprocessor.spatial_shape_after((rows, cols), spacing)
+            multiple = warm.package.manifest.input.divisible_by
+            key = (channels, *(-(-int(n) // multiple) * multiple for n in grid))
             batch_size = self._batch_size_2d(key, volumes[members[0]], spacing)
             stats["batch_size"] = max(stats["batch_size"], batch_size)
             stream = _Prefetch(
@@ -325,7 +335,8 @@ class InferenceEngine:
         fastest of the sizes that fit, timed on slices of the study itself.
         """
         warm = self.warm
-        channels, rows, cols = int(key[0]), int(key[1]), int(key[2])  # type: ignore[call-overload]
+        channels = int(key[0])  # type: ignore[call-overload]
+        rows, cols = sample.image.shape[1:]
         per_item = warm.per_item_bytes.get(key)
         if per_item is None:
             probe = torch.zeros((1, channels, rows, cols), dtype=torch.float32, device=warm.device)
@@ -428,12 +439,22 @@ def _foreground_box(volume: VolumeInput, crop: Any) -> tuple[slice, slice]:
     height, width = volume.image.shape[1:]
     if rows.size == 0:
         return slice(0, height), slice(0, width)
-    margin_r = int(np.ceil(crop.margin_mm / volume.spacing[1]))
-    margin_c = int(np.ceil(crop.margin_mm / volume.spacing[2]))
+
+    def span(first: int, last: int, margin_mm: float, spacing: float, size: int) -> slice:
+        margin = int(np.ceil(margin_mm / spacing))
+        start, stop = max(0, first - margin), min(size, last + 1 + margin)
+        # Sizes in steps of 32 pixels, so that studies share shapes (batches, measured batch sizes).
+        want = min(size, -(-(stop - start) // _CROP_STEP) * _CROP_STEP)
+        start = max(0, min(start - (want - (stop - start)) // 2, size - want))
+        return slice(start, start + want)
+
     return (
-        slice(max(0, int(rows[0]) - margin_r), min(height, int(rows[-1]) + 1 + margin_r)),
-        slice(max(0, int(cols[0]) - margin_c), min(width, int(cols[-1]) + 1 + margin_c)),
+        span(int(rows[0]), int(rows[-1]), crop.margin_mm, volume.spacing[1], height),
+        span(int(cols[0]), int(cols[-1]), crop.margin_mm, volume.spacing[2], width),
     )
+
+
+_CROP_STEP = 32
 
 
 class _autocast:

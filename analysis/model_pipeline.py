@@ -167,7 +167,7 @@ class ModelPipeline(Pipeline):
                 except TimeoutError:
                     raise  # the deadline is the batch's: every job is retried
                 except Exception as exc:
-                    if len(volumes) == 1:
+                    if len(inputs) == 1:
                         raise
                     # One study's failure must not become every study's: the rest run one by one.
                     logger.warning("batched inference failed (%s); running the studies one by one", exc)

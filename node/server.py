@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import logging
 import socket
-import threading
 import time
 from typing import Any
 
@@ -128,8 +127,6 @@ class NodeServer(ThreadedAssociationServer):
     ) -> None:
         self._listen_socket = listen_socket
         self.policy = policy
-        self._active = 0  # associations being served by this process
-        self._active_lock = threading.Lock()
         super().__init__(
             ae, address, ae_title, _SupportedContexts(contexts), ssl_context, evt_handlers,
             request_handler=_NodeRequestHandler,
@@ -147,22 +144,14 @@ class NodeServer(ThreadedAssociationServer):
         if self._listen_socket is None:
             super().server_activate()
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        with self._active_lock:
-            self._active += 1
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._active_lock:
-                self._active -= 1
-
     def get_request(self) -> tuple[socket.socket, Any]:
-        if self._listen_socket is not None and self._active:
+        active = len(self.active_associations) if self._listen_socket is not None else 0
+        if active:
             # Several acceptor processes race for each connection on the shared socket: one that is
             # already serving associations waits a moment, so an idle process takes it and parallel
             # senders spread over the processes (and cores). The losers' accept() raises
             # BlockingIOError, which socketserver ignores.
-            time.sleep(min(0.001 * self._active, 0.005))
+            time.sleep(min(0.001 * active, 0.005))
         client, address = super().get_request()
         try:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

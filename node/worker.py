@@ -153,6 +153,7 @@ class Worker:
         lease_s = self.settings.analysis.lease_seconds
         finished = threading.Event()
         lost: set[int] = set()
+        recorded: set[int] = set()  # jobs whose outcome is recorded: no more renewing, nothing to time out
         started = time.monotonic()
         timeout_s = min(job.timeout_s for job in jobs)
         ids = ", ".join(str(job.id) for job in jobs)
@@ -161,7 +162,7 @@ class Worker:
             while not finished.wait(min(lease_s / 3, 5.0)):
                 if time.monotonic() - started > timeout_s:
                     try:
-                        for job in jobs:
+                        for job in (j for j in jobs if j.id not in recorded):
                             error = f"timed out after {timeout_s:g} s (attempt {job.attempts} of {job.max_attempts})"
                             try:
                                 state = self.jobs.fail(job.id, owner, error, retry=True, policy=self.job_retry)
@@ -174,15 +175,15 @@ class Worker:
                         self._exit_process(TIMEOUT_EXIT)
                     return
                 for job in jobs:
-                    if job.id in lost:
+                    if job.id in lost or job.id in recorded:
                         continue
                     try:
-                        if not self.jobs.heartbeat(job.id, owner, lease_s=lease_s):
+                        if not self.jobs.heartbeat(job.id, owner, lease_s=lease_s) and job.id not in recorded:
                             logger.error("job %d: lease lost to another worker; its result will be discarded", job.id)
                             lost.add(job.id)
                     except Exception as exc:  # database briefly unavailable: the lease is long enough to retry
                         logger.warning("job %d: heartbeat failed: %s", job.id, exc)
-                if len(lost) == len(jobs):
+                if len(lost | recorded) == len(jobs):
                     return
 
         beat = threading.Thread(target=heartbeat, name=f"jobs-{ids}-heartbeat", daemon=True)
@@ -208,6 +209,8 @@ class Worker:
             except Exception as exc:  # the database is away: this job's lease expires and it runs again
                 logger.exception("job %d: cannot record its outcome", job.id)
                 errors.append(exc)
+            else:
+                recorded.add(job.id)
 
         # The pipeline gets a clean deadline a little before the hard timeout of the heartbeat thread.
         margin = min(2 * min(lease_s / 3, 5.0), timeout_s / 10)

@@ -388,12 +388,16 @@ class JobQueue(_Queue):
                 )
             else:
                 values.update(state=JobState.FAILED.value, finished_at=now)
+            # Only while still running under this owner: a completion committed since the read stands.
+            still_ours = (_jobs.c.id == job_id, _jobs.c.lease_owner == owner, _jobs.c.state == JobState.RUNNING.value)
             try:
                 with conn.begin_nested():
-                    conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(**values))
+                    done = conn.execute(update(_jobs).where(*still_ours).values(**values))
             except IntegrityError:  # a scheduler queued a pending job for the same key meanwhile: it will run
                 values.update(state=JobState.FAILED.value, finished_at=now)
-                conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(**values))
+                done = conn.execute(update(_jobs).where(*still_ours).values(**values))
+            if done.rowcount != 1:
+                return None
         return str(values["state"])
 
     def retry(self, job_id: int) -> JobRecord:

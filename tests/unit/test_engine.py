@@ -165,15 +165,17 @@ def test_the_foreground_crop_runs_the_network_on_the_body_only(tmp_path: Path) -
     manifest["input"]["foreground"] = {"threshold": -500, "margin_mm": 8.0}
     (cropped / "manifest.json").write_text(json.dumps(manifest))
     rng = np.random.default_rng(12)
-    image = np.full((5, 64, 64), -1000, dtype=np.int16)
-    image[:, 20:40, 24:44] = rng.normal(40, 200, (5, 20, 20)).astype(np.int16)  # the "body"
+    image = np.full((5, 128, 128), -1000, dtype=np.int16)
+    image[:, 40:60, 44:64] = rng.normal(40, 200, (5, 20, 20)).astype(np.int16)  # the "body"
     volume = VolumeInput(image=image, spacing=(2.0, 0.8, 0.8))
     full = _engine(plain).predict([volume])[0].astype(np.float32)
     crop = _engine(cropped).predict([volume])[0].astype(np.float32)
     assert crop.shape == full.shape
-    # The box: the body plus 8 mm (10 pixels) on each side; outside it, nothing is predicted.
+    # The box: the body plus 8 mm (10 pixels) on each side, 40 pixels widened to 64 about its centre
+    # (sizes go in steps of 32); outside it, nothing is predicted.
     outside = np.ones(image.shape, dtype=bool)
-    outside[:, 10:50, 14:54] = False
+    outside[:, 18:82, 22:86] = False
     assert not crop[0][outside].any()
+    assert crop[0][:, 18:82, 22:86].all()
     # Inside the body, where the network's view reaches no edge of the box, the outputs agree.
-    np.testing.assert_allclose(crop[0][:, 22:38, 26:42], full[0][:, 22:38, 26:42], atol=2e-3)
+    np.testing.assert_allclose(crop[0][:, 42:58, 46:62], full[0][:, 42:58, 46:62], atol=2e-3)
