@@ -295,7 +295,15 @@ def _channel(label: LabelOutput, activation: str) -> int:
 
 
 def find_components(mask: np.ndarray, spacing: tuple[float, float, float], min_volume_mm3: float) -> tuple[np.ndarray, int]:
-    """3D connected components (26-connected) of ``mask`` of at least ``min_volume_mm3``; (labels, count).
+    """3D connected components (26-connected) of ``mask`` of at least ``min_volume_mm3``; (labels, count)."""
+    labels, count, _ = _components(mask, spacing, min_volume_mm3)
+    return labels, count
+
+
+def _components(
+    mask: np.ndarray, spacing: tuple[float, float, float], min_volume_mm3: float
+) -> tuple[np.ndarray, int, np.ndarray]:
+    """As :func:`find_components`, plus the voxel count of each kept component (index = label).
 
     Labelled inside the bounding box of the mask only (findings are sparse), then placed in a full array.
     """
@@ -304,7 +312,7 @@ def find_components(mask: np.ndarray, spacing: tuple[float, float, float], min_v
     labels = np.zeros(mask.shape, dtype=np.int32)
     box = _bounding_box(mask)
     if box is None:
-        return labels, 0
+        return labels, 0, np.zeros(1, dtype=np.int64)
     inner, count = ndimage.label(mask[box], structure=np.ones((3, 3, 3), dtype=bool))
     voxel_mm3 = float(np.prod(spacing))
     sizes = np.bincount(inner.ravel())
@@ -313,7 +321,16 @@ def find_components(mask: np.ndarray, spacing: tuple[float, float, float], min_v
     remap = np.zeros(count + 1, dtype=np.int32)
     remap[keep] = np.arange(1, int(keep.sum()) + 1)
     labels[box] = remap[inner]
-    return labels, int(keep.sum())
+    return labels, int(keep.sum()), np.concatenate([[0], sizes[keep]])
+
+
+def _above(channel: np.ndarray, threshold: float) -> np.ndarray:
+    """``channel >= threshold`` for probabilities; float16 maps compare as integers (same order for x >= 0)."""
+    if channel.dtype == np.float16 and threshold >= 0:
+        bits = channel.view(np.uint16)
+        if int(bits.max(initial=0)) < 0x7C00:  # no sign bit, no inf or NaN: bit order = value order
+            return bits >= np.float16(threshold).view(np.uint16)
+    return channel >= threshold
 
 
 def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
@@ -344,11 +361,10 @@ def findings_from_probabilities(
     normal = np.cross(volume.row_direction, volume.column_direction)
     for label in labels:
         channel = prob[_channel(label, activation)]
-        components, count = find_components(channel >= label.threshold, volume.spacing, label.min_volume_mm3)
+        components, count, sizes = _components(_above(channel, label.threshold), volume.spacing, label.min_volume_mm3)
         if count == 0:
             continue
         spec = label_spec(label)
-        sizes = np.bincount(components.ravel(), minlength=count + 1)
         kept = set((np.argsort(-sizes[1:], kind="stable")[:max_findings] + 1).tolist())
         if count > max_findings:
             logger.warning("%d %s findings; keeping the %d largest", count, label.name, max_findings)

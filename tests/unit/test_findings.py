@@ -79,3 +79,15 @@ def test_the_number_of_findings_is_capped_keeping_the_largest() -> None:
 def test_longest_diameter_of_a_line_of_voxels() -> None:
     index = np.array([[0, 0, i] for i in range(10)])
     assert longest_diameter_mm(index, (2.0, 1.0, 0.5)) == pytest.approx(np.sqrt(2.0**2 + 1.0**2 + 5.0**2))
+
+
+def test_thresholding_float16_probabilities_as_integers_matches_the_float_comparison() -> None:
+    from analysis.model_pipeline import _above
+
+    rng = np.random.default_rng(0)
+    probs = rng.random((4, 50, 50)).astype(np.float16)
+    probs[0, 0, :4] = [0.0, 0.5, np.float16(0.5) - np.float16(0.0004), 1.0]
+    for threshold in (0.0, 0.25, 0.5, 0.9999, 1.0):
+        np.testing.assert_array_equal(_above(probs, threshold), probs >= threshold)
+    logits = (rng.random((2, 5, 5)) * 4 - 2).astype(np.float16)  # negative values: the plain comparison
+    np.testing.assert_array_equal(_above(logits, 0.5), logits >= 0.5)
