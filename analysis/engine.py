@@ -27,7 +27,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -165,6 +165,9 @@ class VolumeInput:
 class _Batch:
     x: torch.Tensor  # (N, C, H, W) float32, host
     targets: list[tuple[int, int]]  # (volume index, slice index) of each item
+    key: tuple[object, ...]  # the network's input shape (channels, rows, columns after preprocessing)
+    shape: tuple[int, int]  # rows, columns of the items as given
+    spacing: tuple[float, float]
 
 
 class InferenceEngine:
@@ -179,17 +182,19 @@ class InferenceEngine:
 
     def predict(
         self,
-        volumes: Sequence[VolumeInput],
+        volumes: Iterable[VolumeInput],
         *,
         deadline: float | None = None,
         on_done: Callable[[int, np.ndarray], None] | None = None,
     ) -> list[np.ndarray]:
         """Probabilities per volume: float16 arrays (K, slices, rows, columns) for K output channels.
 
-        A classification model gives (K,) per slice for 2D models, (K,) per volume for 3D.
+        A 2D classification model gives (K, slices): each slice's scores.
 
-        ``on_done(index, probabilities)`` is called as soon as a volume is complete, so its results
-        can be written while the next volumes run.
+        ``volumes`` may be a generator: a 2D model's loader thread takes the next volume (waiting for
+        its decoding, say) while the device computes on the ones before. ``on_done(index,
+        probabilities)`` is called as soon as a volume is complete, so its results can be written
+        while the next volumes run.
 
         Raises
         ------
@@ -199,101 +204,138 @@ class InferenceEngine:
             If the network's output does not match the manifest.
         """
         spec = self.warm.package.manifest.input
-        for v in volumes:
-            if v.image.ndim != 3:
-                raise AnalysisError(f"a volume has shape {v.image.shape}, expected (slices, rows, columns)")
-        crops = [_foreground_box(v, spec.foreground) for v in volumes] if spec.foreground else None
-        if crops is not None:
-            full = volumes
-            volumes = [VolumeInput(image=v.image[:, box[0], box[1]], spacing=v.spacing) for v, box in zip(full, crops)]
-            inner_done = on_done
-
-            done_full: dict[int, np.ndarray] = {}
-
-            def pasted(index: int, prob: np.ndarray) -> np.ndarray:
-                if index in done_full:
-                    return done_full[index]
-                if prob.ndim < 4:  # per-slice class scores: nothing spatial to put back
-                    return prob
-                out = np.zeros((prob.shape[0], *full[index].image.shape), dtype=prob.dtype)
-                out[:, :, crops[index][0], crops[index][1]] = prob
-                return out
-
-            def done(index: int, prob: np.ndarray) -> None:
-                done_full[index] = pasted(index, prob)
-                if inner_done is not None:
-                    inner_done(index, done_full[index])
-
-            on_done = done if inner_done is not None else None
         with self.warm.lock, torch.inference_mode():
             if spec.dims == "2d":
-                result = self._predict_2d(volumes, deadline, on_done)
-            else:
-                result = []
-                for index, volume in enumerate(volumes):
-                    result.append(self._predict_3d(volume, deadline))
-                    if on_done is not None:
-                        on_done(index, result[-1])
-        if crops is not None:
-            result = [pasted(i, prob) for i, prob in enumerate(result)]
-        return result
-
+                return self._predict_2d(volumes, deadline, on_done)
+            result = []
+            for index, volume in enumerate(volumes):
+                _check_volume(volume)
+                box = _foreground_box(volume, spec.foreground) if spec.foreground else None
+                inner = VolumeInput(image=volume.image[:, box[0], box[1]], spacing=volume.spacing) if box else volume
+                result.append(_paste(self._predict_3d(inner, deadline), volume, box))
+                if on_done is not None:
+                    on_done(index, result[-1])
+            return result
 
     # --- 2D: batches of slices across volumes ------------------------------------------------------
 
     def _predict_2d(
         self,
-        volumes: Sequence[VolumeInput],
+        volumes: Iterable[VolumeInput],
         deadline: float | None,
         on_done: Callable[[int, np.ndarray], None] | None,
     ) -> list[np.ndarray]:
         warm = self.warm
-        out_spec = warm.package.manifest.output
-        channels = warm.package.manifest.input.channels
-        outputs: list[np.ndarray | None] = [None] * len(volumes)
-        remaining = [v.image.shape[0] for v in volumes]
         stats = {"items": 0, "batches": 0, "model_s": 0.0, "wait_s": 0.0, "batch_size": 0}
-        # Volumes of one in-plane shape and spacing share batches; each group is one stream.
-        groups: dict[tuple[int, int, float, float], list[int]] = {}
-        for i, v in enumerate(volumes):
-            groups.setdefault((v.image.shape[1], v.image.shape[2], v.spacing[1], v.spacing[2]), []).append(i)
-        for (rows, cols, sr, sc), members in groups.items():
-            spacing = (float(sr), float(sc))
-            # Memory and speed depend on what the network sees: the preprocessed, padded slice.
-            grid = warm.preprocessor.spatial_shape_after((rows, cols), spacing)
-            multiple = warm.package.manifest.input.divisible_by
-            key = (channels, *(-(-int(n) // multiple) * multiple for n in grid))
-            batch_size = self._batch_size_2d(key, volumes[members[0]], spacing)
-            stats["batch_size"] = max(stats["batch_size"], batch_size)
-            stream = _Prefetch(
-                _slice_batches(volumes, members, channels, batch_size, pin=warm.device.type == "cuda"),
-                depth=self.options.prefetch_batches,
-            )
-            try:
-                for batch in stream:
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise InferenceTimeout("inference did not finish within the job's timeout")
-                    t0 = time.perf_counter()
-                    probs = self._run_2d(batch.x, spacing, (rows, cols), key)
+        arrived: dict[int, tuple[VolumeInput, tuple[slice, slice] | None]] = {}  # filled by the loader thread
+        outputs: dict[int, np.ndarray] = {}
+        remaining: dict[int, int] = {}
+        done: dict[int, np.ndarray] = {}
+        model_lock = threading.Lock()  # the loader's probes and the batches never run the network at once
+
+        def batch_size(key: tuple[object, ...], sample: VolumeInput, spacing: tuple[float, float]) -> int:
+            with model_lock:
+                size = self._batch_size_2d(key, sample, spacing)
+            stats["batch_size"] = max(stats["batch_size"], size)
+            return size
+
+        stream = _Prefetch(
+            self._slice_batches(volumes, arrived, batch_size, pin=warm.device.type == "cuda"),
+            depth=self.options.prefetch_batches,
+        )
+        try:
+            for batch in stream:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise InferenceTimeout("inference did not finish within the job's timeout")
+                t0 = time.perf_counter()
+                with model_lock:
+                    probs = self._run_2d(batch.x, batch.spacing, batch.shape, batch.key)
                     host = probs.to("cpu", torch.float16).numpy()
-                    stats["model_s"] += time.perf_counter() - t0
-                    stats["items"] += len(batch.targets)
-                    stats["batches"] += 1
-                    for j, (vi, si) in enumerate(batch.targets):
-                        out = outputs[vi]
-                        if out is None:
-                            depth = volumes[vi].image.shape[0]
-                            out = outputs[vi] = np.zeros((host.shape[1], depth, *host.shape[2:]), dtype=np.float16)
-                        out[:, si] = host[j]
-                        remaining[vi] -= 1
-                        if remaining[vi] == 0 and on_done is not None:
-                            on_done(vi, out)
-            finally:
-                stats["wait_s"] += stream.waited
-                stream.close()
+                stats["model_s"] += time.perf_counter() - t0
+                stats["items"] += len(batch.targets)
+                stats["batches"] += 1
+                for j, (vi, si) in enumerate(batch.targets):
+                    out = outputs.get(vi)
+                    if out is None:
+                        depth = arrived[vi][0].image.shape[0]
+                        out = outputs[vi] = np.zeros((host.shape[1], depth, *host.shape[2:]), dtype=np.float16)
+                        remaining[vi] = depth
+                    out[:, si] = host[j]
+                    remaining[vi] -= 1
+                    if remaining[vi] == 0:
+                        volume, box = arrived[vi]
+                        done[vi] = _paste(out, volume, box)
+                        del outputs[vi]
+                        if on_done is not None:
+                            on_done(vi, done[vi])
+        finally:
+            stats["wait_s"] += stream.waited
+            stream.close()
         self.stats = stats
-        result = [o if o is not None else np.zeros((out_spec.channels_needed, 0)) for o in outputs]
-        return result
+        return [done[i] for i in range(len(arrived))]
+
+    def _slice_batches(
+        self,
+        volumes: Iterable[VolumeInput],
+        arrived: dict[int, tuple[VolumeInput, tuple[slice, slice] | None]],
+        batch_size: Callable[[tuple[object, ...], VolumeInput, tuple[float, float]], int],
+        *,
+        pin: bool,
+    ) -> Iterator[_Batch]:
+        """Host batches (N, C, H, W) of slices with their neighbours as channels (edges repeat).
+
+        Runs in the loader thread: takes each volume as it comes, crops it to the foreground, and
+        fills batches; consecutive volumes of one network input shape share batches.
+        """
+        spec = self.warm.package.manifest.input
+        channels = spec.channels
+        half = channels // 2
+        multiple = spec.divisible_by
+        buf: list[np.ndarray] = []
+        targets: list[tuple[int, int]] = []
+        current: tuple[object, ...] | None = None
+        size = 1
+        shape: tuple[int, int] = (0, 0)
+        spacing: tuple[float, float] = (1.0, 1.0)
+
+        def flush() -> _Batch:
+            assert current is not None
+            x = torch.from_numpy(np.stack(buf).astype(np.float32, copy=False))
+            if pin:
+                x = x.pin_memory()
+            batch = _Batch(x=x, targets=list(targets), key=current, shape=shape, spacing=spacing)
+            buf.clear()
+            targets.clear()
+            return batch
+
+        for vi, volume in enumerate(volumes):
+            _check_volume(volume)
+            box = _foreground_box(volume, spec.foreground) if spec.foreground else None
+            image = volume.image[:, box[0], box[1]] if box else volume.image
+            arrived[vi] = (volume, box)
+            item_spacing = (float(volume.spacing[1]), float(volume.spacing[2]))
+            grid = self.warm.preprocessor.spatial_shape_after(image.shape[1:], item_spacing)
+            # Memory and speed depend on what the network sees: the preprocessed, padded slice.
+            key = (channels, *(-(-int(n) // multiple) * multiple for n in grid))
+            same = (key, image.shape[1:], item_spacing) == (current, shape, spacing)
+            if not same:
+                if buf:
+                    yield flush()
+                current, shape, spacing = key, (int(image.shape[1]), int(image.shape[2])), item_spacing
+                size = batch_size(key, VolumeInput(image=image, spacing=volume.spacing), item_spacing)
+            depth = image.shape[0]
+            for si in range(depth):
+                if half == 0:
+                    item = image[si : si + 1]
+                else:
+                    index = np.clip(np.arange(si - half, si + half + 1), 0, depth - 1)
+                    item = image[index]
+                buf.append(item)
+                targets.append((vi, si))
+                if len(buf) >= size:
+                    yield flush()
+        if buf:
+            yield flush()
 
     def _run_2d(
         self, x: torch.Tensor, spacing: tuple[float, float], shape: tuple[int, int], key: tuple[object, ...]
@@ -431,6 +473,20 @@ class InferenceEngine:
 # --- helpers -----------------------------------------------------------------------------------------
 
 
+def _check_volume(volume: VolumeInput) -> None:
+    if volume.image.ndim != 3 or 0 in volume.image.shape:
+        raise AnalysisError(f"a volume has shape {volume.image.shape}, expected (slices, rows, columns)")
+
+
+def _paste(prob: np.ndarray, volume: VolumeInput, box: tuple[slice, slice] | None) -> np.ndarray:
+    """A cropped volume's output placed in a full-size array (zeros outside the box); scores pass."""
+    if box is None or prob.ndim < 4:
+        return prob
+    out = np.zeros((prob.shape[0], *volume.image.shape), dtype=prob.dtype)
+    out[:, :, box[0], box[1]] = prob
+    return out
+
+
 def _foreground_box(volume: VolumeInput, crop: Any) -> tuple[slice, slice]:
     """In-plane (rows, columns) box of the voxels above the threshold in any slice, widened by the margin."""
     above = volume.image > crop.threshold
@@ -559,40 +615,6 @@ def _activation_bytes(warm: WarmModel, probe: torch.Tensor, spacing: tuple[float
     # Live tensors are a fraction of all module outputs, but CUDA allocator slack and the float copies
     # of input and output come on top: count everything once, plus the output twice.
     return int(measured + x.numel() * 4 + 2 * out.numel() * 4)
-
-
-def _slice_batches(
-    volumes: Sequence[VolumeInput], members: list[int], channels: int, batch_size: int, *, pin: bool
-) -> Iterator[_Batch]:
-    """Host batches (N, C, H, W) of slices with their neighbours as channels (edges repeat)."""
-    half = channels // 2
-    buf: list[np.ndarray] = []
-    targets: list[tuple[int, int]] = []
-
-    def flush() -> _Batch:
-        x = torch.from_numpy(np.stack(buf).astype(np.float32, copy=False))
-        if pin:
-            x = x.pin_memory()
-        batch = _Batch(x=x, targets=list(targets))
-        buf.clear()
-        targets.clear()
-        return batch
-
-    for vi in members:
-        image = volumes[vi].image
-        depth = image.shape[0]
-        for si in range(depth):
-            if half == 0:
-                item = image[si : si + 1]
-            else:
-                index = np.clip(np.arange(si - half, si + half + 1), 0, depth - 1)
-                item = image[index]
-            buf.append(item)
-            targets.append((vi, si))
-            if len(buf) == batch_size:
-                yield flush()
-    if buf:
-        yield flush()
 
 
 class _Prefetch:

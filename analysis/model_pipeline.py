@@ -9,14 +9,15 @@ classification model gives an SR with the probability of each class and an
 SC with the scores in a banner.
 
 ``run_many`` takes several jobs' inputs at once, so their slices share
-batches on the device; the studies are decoded in a thread beside the worker.
+batches on the device; the next study is decoded while the network runs on
+the one before, and each study's results are written while the next runs.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -134,66 +135,86 @@ class ModelPipeline(Pipeline):
         warm = warm_model(package, options, params.preprocessing)
         timings["model_load_s"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
         results: list[PipelineOutput | Exception | None] = [None] * len(inputs)
-        loaded: list[tuple[int, _Loaded]] = []
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pacsnode-decode") as pool:
-            futures = [pool.submit(self._load, item, params, package) for item in inputs]
-            for i, future in enumerate(futures):
-                try:
-                    loaded.append((i, future.result()))
-                except Exception as exc:  # noqa: BLE001 - one bad study must not fail the others
-                    results[i] = exc
-        timings["decode_s"] = time.perf_counter() - t0
+        loaded: list[tuple[int, _Loaded]] = []  # (job index, study) in the order the engine sees them
+        deadlines = [item.deadline for item in inputs if item.deadline is not None]
+        deadline = min(deadlines) if deadlines else None
+        engine = InferenceEngine(warm, options)
+        decode_s = 0.0
 
-        if loaded:
-            engine = InferenceEngine(warm, options)
-            deadlines = [item.inputs.deadline for _, item in loaded if item.inputs.deadline is not None]
-            deadline = min(deadlines) if deadlines else None
-            volumes = [VolumeInput(image=item.volume.hu, spacing=item.volume.spacing) for _, item in loaded]
-            # Each study's findings and DICOM results are built in a thread as soon as its last slice is
-            # through the network, while the next studies' slices run.
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pacsnode-write") as writer:
-                writes: dict[int, Future[PipelineOutput]] = {}
+        # Studies are decoded one after the other in a thread; the engine takes each as it is ready, so
+        # decoding the next study overlaps the network running on the one before. Each study's findings
+        # and DICOM results are built in another thread as soon as its last slice is through.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pacsnode-decode") as decoder, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="pacsnode-write") as writer:
+            futures = [decoder.submit(self._timed_load, item, params, package) for item in inputs]
+            writes: dict[int, Future[PipelineOutput]] = {}
 
-                def write(index: int, prob: np.ndarray) -> None:
-                    i, item = loaded[index]
-                    writes[index] = writer.submit(self._write, item, prob, params, package, timings, len(loaded))
-
-                t0 = time.perf_counter()
-                failed: dict[int, Exception] = {}
-                try:
-                    engine.predict(volumes, deadline=deadline, on_done=write)
-                except TimeoutError:
-                    raise  # the deadline is the batch's: every job is retried
-                except Exception as exc:
-                    if len(inputs) == 1:
-                        raise
-                    # One study's failure must not become every study's: the rest run one by one.
-                    logger.warning("batched inference failed (%s); running the studies one by one", exc)
-                    for index, volume in enumerate(volumes):
-                        if index in writes:
-                            continue
-                        try:
-                            engine.predict([volume], deadline=deadline, on_done=lambda _, p, k=index: write(k, p))
-                        except TimeoutError:
-                            raise
-                        except Exception as one:  # noqa: BLE001 - that study's own outcome
-                            failed[index] = one
-                timings["inference_s"] = time.perf_counter() - t0
-                timings.update({f"engine_{k}": float(v) for k, v in engine.stats.items()})
-                for index, (i, _) in enumerate(loaded):
-                    if index in failed:
-                        results[i] = failed[index]
-                        continue
+            def decoded() -> Iterator[VolumeInput]:
+                nonlocal decode_s
+                for i, future in enumerate(futures):
                     try:
-                        output = writes[index].result()
-                    except Exception as exc:  # noqa: BLE001 - that study's own outcome
+                        item, seconds = future.result()
+                    except Exception as exc:  # noqa: BLE001 - one bad study must not fail the others
                         results[i] = exc
                         continue
-                    output.summary["timings"].update({k: round(v, 3) for k, v in timings.items()})
-                    results[i] = output
+                    decode_s += seconds
+                    loaded.append((i, item))
+                    yield VolumeInput(image=item.volume.hu, spacing=item.volume.spacing)
+
+            def write(index: int, prob: np.ndarray) -> None:
+                _, item = loaded[index]
+                writes[index] = writer.submit(self._write, item, prob, params, package, dict(timings), len(inputs))
+
+            t0 = time.perf_counter()
+            failed: dict[int, Exception] = {}
+            try:
+                engine.predict(decoded(), deadline=deadline, on_done=write)
+            except TimeoutError:
+                for future in futures:
+                    future.cancel()
+                raise  # the deadline is the batch's: every job is retried
+            except Exception as exc:
+                if len(inputs) == 1:
+                    raise
+                # One study's failure must not become every study's: the others run one by one.
+                logger.warning("batched inference failed (%s); running the studies one by one", exc)
+                for i, future in enumerate(futures):  # the studies the stream had not reached yet
+                    if results[i] is None and all(i != j for j, _ in loaded):
+                        try:
+                            loaded.append((i, future.result()[0]))
+                        except Exception as one:  # noqa: BLE001
+                            results[i] = one
+                for index, (_, item) in enumerate(loaded):
+                    if index in writes:
+                        continue
+                    volume = VolumeInput(image=item.volume.hu, spacing=item.volume.spacing)
+                    try:
+                        engine.predict([volume], deadline=deadline, on_done=lambda _, p, k=index: write(k, p))
+                    except TimeoutError:
+                        raise
+                    except Exception as one:  # noqa: BLE001 - that study's own outcome
+                        failed[index] = one
+            timings["decode_s"] = decode_s
+            timings["inference_s"] = time.perf_counter() - t0
+            timings.update({f"engine_{k}": float(v) for k, v in engine.stats.items()})
+            for index, (i, _) in enumerate(loaded):
+                if index in failed:
+                    results[i] = failed[index]
+                    continue
+                try:
+                    output = writes[index].result()
+                except Exception as exc:  # noqa: BLE001 - that study's own outcome
+                    results[i] = exc
+                    continue
+                output.summary["timings"].update({k: round(v, 3) for k, v in timings.items()})
+                results[i] = output
         return [r if r is not None else InputError("no result") for r in results]
+
+    def _timed_load(self, inputs: PipelineInput, params: ModelParams, package: ModelPackage) -> tuple[_Loaded, float]:
+        t0 = time.perf_counter()
+        loaded = self._load(inputs, params, package)
+        return loaded, time.perf_counter() - t0
 
     def _load(self, inputs: PipelineInput, params: ModelParams, package: ModelPackage) -> _Loaded:
         from analysis.volume import load_series

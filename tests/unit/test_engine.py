@@ -179,3 +179,35 @@ def test_the_foreground_crop_runs_the_network_on_the_body_only(tmp_path: Path) -
     assert crop[0][:, 18:82, 22:86].all()
     # Inside the body, where the network's view reaches no edge of the box, the outputs agree.
     np.testing.assert_allclose(crop[0][:, 42:58, 46:62], full[0][:, 42:58, 46:62], atol=2e-3)
+
+
+def test_volumes_may_arrive_from_a_generator_and_each_is_handed_over_when_complete(tmp_path: Path) -> None:
+    root = make_package(tmp_path / "m")
+    engine = _engine(root, batch_size=4)
+    volumes = [_volume(20, depth=3), _volume(21, depth=6), _volume(22, depth=2)]
+    taken: list[int] = []
+    done: list[tuple[int, int]] = []
+
+    def arriving():  # type: ignore[no-untyped-def]
+        for i, v in enumerate(volumes):
+            taken.append(i)
+            yield v
+
+    out = engine.predict(arriving(), on_done=lambda i, p: done.append((i, p.shape[1])))
+    assert taken == [0, 1, 2]
+    assert done == [(0, 3), (1, 6), (2, 2)]
+    for volume, prob in zip(volumes, out, strict=True):
+        alone = _engine(root).predict([volume])[0]
+        np.testing.assert_allclose(prob.astype(np.float32), alone.astype(np.float32), atol=2e-3)
+
+
+def test_an_error_while_volumes_arrive_reaches_the_caller(tmp_path: Path) -> None:
+    root = make_package(tmp_path / "m")
+    done: list[int] = []
+
+    def arriving():  # type: ignore[no-untyped-def]
+        yield _volume(23, depth=2)
+        raise RuntimeError("decoder broke")
+
+    with pytest.raises(RuntimeError, match="decoder broke"):
+        _engine(root, batch_size=1).predict(arriving(), on_done=lambda i, p: done.append(i))
