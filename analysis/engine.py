@@ -23,19 +23,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from analysis.model_package import ModelError, ModelPackage
+from analysis.settings import EngineOptions
 from analysis.preprocess import Preprocessor, build_preprocessor
 from analysis.types import AnalysisError
 
@@ -54,20 +55,6 @@ logger = logging.getLogger(__name__)
 
 class InferenceTimeout(TimeoutError):
     """Inference went past the job's deadline (a transient failure: the job is retried)."""
-
-
-class EngineOptions(BaseModel):
-    """How a model runs; the ``engine`` key of a model pipeline's params."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    # auto: on CUDA the largest batch (up to 256) that fits the memory budget; on the CPU the fastest of
-    # 1..16 that fits, timed once per slice shape. A number: that many, unless the budget allows fewer.
-    batch_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = "auto"
-    memory_budget_mb: Annotated[float, Field(gt=0)] = 4096.0
-    prefetch_batches: Annotated[int, Field(ge=1, le=16)] = 2
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -209,9 +196,7 @@ class InferenceEngine:
                 return self._predict_2d(volumes, deadline, on_done)
             result = []
             for index, volume in enumerate(volumes):
-                _check_volume(volume)
-                box = _foreground_box(volume, spec.foreground) if spec.foreground else None
-                inner = VolumeInput(image=volume.image[:, box[0], box[1]], spacing=volume.spacing) if box else volume
+                inner, box = _cropped(volume, spec.foreground)
                 result.append(_paste(self._predict_3d(inner, deadline), volume, box))
                 if on_done is not None:
                     on_done(index, result[-1])
@@ -309,9 +294,8 @@ class InferenceEngine:
             return batch
 
         for vi, volume in enumerate(volumes):
-            _check_volume(volume)
-            box = _foreground_box(volume, spec.foreground) if spec.foreground else None
-            image = volume.image[:, box[0], box[1]] if box else volume.image
+            inner, box = _cropped(volume, spec.foreground)
+            image = inner.image
             arrived[vi] = (volume, box)
             item_spacing = (float(volume.spacing[1]), float(volume.spacing[2]))
             grid = self.warm.preprocessor.spatial_shape_after(image.shape[1:], item_spacing)
@@ -322,7 +306,7 @@ class InferenceEngine:
                 if buf:
                     yield flush()
                 current, shape, spacing = key, (int(image.shape[1]), int(image.shape[2])), item_spacing
-                size = batch_size(key, VolumeInput(image=image, spacing=volume.spacing), item_spacing)
+                size = batch_size(key, inner, item_spacing)
             depth = image.shape[0]
             for si in range(depth):
                 if half == 0:
@@ -478,6 +462,15 @@ def _check_volume(volume: VolumeInput) -> None:
         raise AnalysisError(f"a volume has shape {volume.image.shape}, expected (slices, rows, columns)")
 
 
+def _cropped(volume: VolumeInput, foreground: Any) -> tuple[VolumeInput, tuple[slice, slice] | None]:
+    """The checked volume cut to its foreground box when the model asks for one, and the box."""
+    _check_volume(volume)
+    if not foreground:
+        return volume, None
+    box = _foreground_box(volume, foreground)
+    return VolumeInput(image=volume.image[:, box[0], box[1]], spacing=volume.spacing), box
+
+
 def _paste(prob: np.ndarray, volume: VolumeInput, box: tuple[slice, slice] | None) -> np.ndarray:
     """A cropped volume's output placed in a full-size array (zeros outside the box); scores pass."""
     if box is None or prob.ndim < 4:
@@ -513,19 +506,11 @@ def _foreground_box(volume: VolumeInput, crop: Any) -> tuple[slice, slice]:
 _CROP_STEP = 32
 
 
-class _autocast:
-    def __init__(self, warm: WarmModel) -> None:
-        self._ctx = (
-            torch.autocast(device_type=warm.device.type, dtype=warm.autocast) if warm.autocast is not None else None
-        )
-
-    def __enter__(self) -> None:
-        if self._ctx is not None:
-            self._ctx.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
+def _autocast(warm: WarmModel) -> contextlib.AbstractContextManager[object]:
+    """Mixed precision when the warm model has an autocast dtype, else nothing."""
+    if warm.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=warm.device.type, dtype=warm.autocast)
 
 
 def _activate(logits: torch.Tensor, activation: str) -> torch.Tensor:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from analysis.model_package import LabelOutput, ModelError, ModelPackage, load_package
 from analysis.pipelines import Pipeline, PipelineInput, PipelineOutput
 from analysis.preprocess_steps import Step
+from analysis.settings import EngineOptions
 from analysis.types import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,18 +40,6 @@ __all__ = ["LungNodulePipeline", "ModelParams", "ModelPipeline", "find_component
 logger = logging.getLogger(__name__)
 
 
-class _EngineParams(BaseModel):
-    """Mirrors :class:`analysis.engine.EngineOptions` without importing torch when the config loads."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")] = "auto"
-    precision: str = Field("auto", pattern=r"^(auto|fp32|bf16|fp16)$")
-    batch_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = "auto"
-    memory_budget_mb: Annotated[float, Field(gt=0)] = 4096.0
-    prefetch_batches: Annotated[int, Field(ge=1, le=16)] = 2
-
-
 class ModelParams(BaseModel):
     """Params of the ``model`` pipeline (and ``ct-lung-nodule``, whose model is ``lung-nodule``)."""
 
@@ -59,7 +48,7 @@ class ModelParams(BaseModel):
     model: Annotated[str, Field(min_length=1)] = "lung-nodule"  # a built-in name or a package/bundle folder
     model_overrides: dict[str, Any] = {}  # manifest fields replacing the package's (bundles: sha256, labels)
     preprocessing: list[Step] | None = None  # replaces the manifest's steps
-    engine: _EngineParams = _EngineParams()
+    engine: EngineOptions = EngineOptions()
     min_slices: Annotated[int, Field(ge=1)] = 1
     series_number_base: Annotated[int, Field(ge=1, le=99999)] = 9100
     max_key_images: Annotated[int, Field(ge=0, le=50)] = 5
@@ -103,14 +92,13 @@ class ModelPipeline(Pipeline):
         """Build the network on the CPU and run one small input: wrong weights or outputs fail here."""
         import torch
 
-        from analysis.engine import EngineOptions, InferenceEngine, VolumeInput, warm_model
+        from analysis.engine import InferenceEngine, VolumeInput, warm_model
 
         assert isinstance(params, ModelParams)
-        options = EngineOptions.model_validate(
-            {**params.engine.model_dump(), "device": "cpu", "precision": "fp32", "batch_size": 1}
-        )
-        engine = InferenceEngine(warm_model(params.package(), options, params.preprocessing), options)
-        spec = params.package().manifest.input
+        options = params.engine.model_copy(update={"device": "cpu", "precision": "fp32", "batch_size": 1})
+        package = params.package()
+        engine = InferenceEngine(warm_model(package, options, params.preprocessing), options)
+        spec = package.manifest.input
         side = max([32, *(spec.roi_size or [])])
         with torch.inference_mode():
             engine.predict([VolumeInput(image=np.full((3 if spec.dims == "2d" else side, side, side), -500,
@@ -125,12 +113,12 @@ class ModelPipeline(Pipeline):
 
     def run_many(self, inputs: Sequence[PipelineInput], params: BaseModel) -> list[PipelineOutput | Exception]:
         """Run several jobs' inputs through one engine call; per job, its output or the error it met."""
-        from analysis.engine import EngineOptions, InferenceEngine, VolumeInput, warm_model
+        from analysis.engine import InferenceEngine, VolumeInput, warm_model
 
         assert isinstance(params, ModelParams)
         timings: dict[str, float] = {}
         package = params.package()
-        options = EngineOptions.model_validate(params.engine.model_dump())
+        options = params.engine
         t0 = time.perf_counter()
         warm = warm_model(package, options, params.preprocessing)
         timings["model_load_s"] = time.perf_counter() - t0

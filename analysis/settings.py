@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["AnalysisSettings", "Rule", "RuleMatch", "ReadyWhen"]
+__all__ = ["AnalysisSettings", "EngineOptions", "Rule", "RuleMatch", "ReadyWhen"]
 
 Seconds = Annotated[float, Field(gt=0)]
 
@@ -79,6 +79,18 @@ class ReadyWhen(_Strict):
             except re.error as exc:
                 raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from exc
         return values
+
+
+class EngineOptions(_Strict):
+    """How a model runs (:mod:`analysis.engine`); the ``engine`` key of a model pipeline's params."""
+
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # auto: on CUDA the largest batch (up to 256) that fits the memory budget; on the CPU the fastest of
+    # 1..16 that fits, timed once per slice shape. A number: that many, unless the budget allows fewer.
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = "auto"
+    memory_budget_mb: Annotated[float, Field(gt=0)] = 4096.0
+    prefetch_batches: Annotated[int, Field(ge=1, le=16)] = 2
 
 
 class Rule(_Strict):

@@ -53,7 +53,7 @@ import numpy as np
 import pydicom
 import torch
 
-from analysis.engine import EngineOptions, resolve_device, warm_model
+from analysis.engine import resolve_device, warm_model
 from analysis.model_package import load_package
 from analysis.model_pipeline import ModelParams, ModelPipeline, findings_from_probabilities
 from analysis.pipelines import PipelineInput, SeriesInput
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         args.studies, args.slices, args.runs = 1, 40, 1
     device = resolve_device(args.device)
     params = ModelParams(model="lung-nodule", engine={"device": args.device, "batch_size": args.batch_size if args.batch_size == "auto" else int(args.batch_size)})
-    options = EngineOptions.model_validate(params.engine.model_dump())
+    options = params.engine
     warm = warm_model(load_package(params.model), options)
     cpu = os.cpu_count()
     print(f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "

@@ -34,6 +34,7 @@ __all__ = [
     "find_instance",
     "list_studies",
     "is_valid_uid",
+    "utcnow",
 ]
 
 logger = logging.getLogger(__name__)
@@ -202,7 +203,8 @@ def _keyword_of(name: str) -> str:
     return name
 
 
-def _now() -> datetime:
+def utcnow() -> datetime:
+    """Naive UTC, as every timestamp in the index."""
     return datetime.now(UTC).replace(tzinfo=None)
 
 
@@ -242,7 +244,7 @@ def add_instance(
     ``is_result`` marks pacsnode's own analysis results: their series is
     flagged and the study's quiet-time clock (``last_received_at``) is left alone.
     """
-    now = _now()
+    now = utcnow()
     patient_key = meta.patient_id or ""
 
     patient = conn.execute(select(_patients).where(_patients.c.patient_id == patient_key)).first()

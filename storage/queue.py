@@ -26,13 +26,14 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, case, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from storage.db import WriteGate, read_connection
+from storage.index import utcnow
 from storage.models import Export, Job
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "JobRecord",
     "ExportRecord",
     "RetryPolicy",
+    "utcnow",
     "JobQueue",
     "ExportQueue",
 ]
@@ -49,11 +51,6 @@ logger = logging.getLogger(__name__)
 
 _jobs = Job.__table__
 _exports = Export.__table__
-
-
-def utcnow() -> datetime:
-    """Naive UTC, as every timestamp in the index."""
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class JobState(str, enum.Enum):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import subprocess
 import sys
@@ -20,6 +21,18 @@ from node.handlers import set_nodelay
 
 REPO = Path(__file__).resolve().parent.parent
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def _validator() -> Path:
+    """The shared dciodvfy + dsrdump wrapper: ``../shared`` beside the checkout, else the workplace's copy."""
+    candidates = [Path(p) for p in os.environ.get("PACSNODE_VALIDATOR", "").split(os.pathsep) if p]
+    candidates += [REPO.parent / "shared" / "tools" / "validate" / "validate_dicom.sh",
+                   Path("/work/shared/tools/validate/validate_dicom.sh")]
+    return next((c for c in candidates if c.is_file()), candidates[-1])
+
+
+#: ``validate_dicom.sh`` (shared/tools/validate); a clone placed anywhere on this machine finds it.
+VALIDATOR = _validator()
 
 
 def pydicom_data_files() -> Path:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tests.helpers import sha256_file
 
 TINY_UNET_2D: dict[str, Any] = {
     "name": "UNet",
@@ -37,10 +38,6 @@ def _trace(net: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the deprecation, and tracer warnings about shape checks
         torch.jit.trace(net, example).save(str(path))
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _network(architecture: dict[str, Any], seed: int) -> torch.nn.Module:
@@ -83,7 +80,7 @@ def make_package(
         "name": "tiny",
         "version": "0.1",
         "weights": {"file": "model.pt", "format": "torchscript" if torchscript else "state_dict",
-                    "sha256": sha256(weights)},
+                    "sha256": sha256_file(weights)},
         "input": {"modality": ["CT"], "dims": dims, "channels": channels, "divisible_by": divisible_by,
                   "preprocessing": preprocessing if preprocessing is not None
                   else [{"kind": "window", "center": -400, "width": 1500}]},
@@ -128,7 +125,7 @@ def make_bundle(root: Path, *, torchscript: bool = False, with_hash: bool = True
             "large_files:\n"
             f"  - path: \"{weights.relative_to(root).as_posix()}\"\n"
             "    url: \"https://example.invalid/model\"\n"
-            f"    hash_val: \"{sha256(weights)}\"\n"
+            f"    hash_val: \"{sha256_file(weights)}\"\n"
             "    hash_type: \"sha256\"\n"
         )
     return root

@@ -23,10 +23,9 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from analysis.synthetic import ChestTruth, write_chest_ct
 from tests.acceptance.test_serve import Served
-from tests.helpers import REPO, pydicom_data_files
+from tests.helpers import VALIDATOR, pydicom_data_files
 from tests.peers import StorescpPeer, require, require_private_netns
 
-VALIDATE = REPO.parent / "shared" / "tools" / "validate" / "validate_dicom.sh"
 SEG, SR, SC = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7"
 
 
@@ -101,7 +100,7 @@ def _numeric_values(ds: Dataset) -> dict[str, float]:
 
 def _validate(files: list[Path]) -> None:
     require("dciodvfy")
-    result = subprocess.run(["bash", str(VALIDATE), "-q", *map(str, files)], capture_output=True, text=True,
+    result = subprocess.run(["bash", str(VALIDATOR), "-q", *map(str, files)], capture_output=True, text=True,
                             timeout=300, check=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 

@@ -20,7 +20,7 @@ import yaml
 from analysis.synthetic import write_chest_ct
 from tests.acceptance.test_analysis import SC, SEG, SR, _by_class, _jobs_in, _storescu, _validate, _wait
 from tests.acceptance.test_serve import Served
-from tests.helpers import REPO, pacsnode_cmd
+from tests.helpers import REPO, pacsnode_cmd, sha256_file
 from tests.models import make_package
 from tests.peers import StorescpPeer
 
@@ -132,7 +132,7 @@ def test_check_config_refuses_a_model_whose_weights_do_not_match(tmp_path: Path)
     assert "analysis.rules.0" in bad.stderr and "wrong or damaged weights" in bad.stderr, bad.stderr
 
     # Right checksum, wrong architecture: the manifest validates, the deeper check builds the network and fails.
-    manifest["weights"]["sha256"] = __import__("hashlib").sha256((package / "model.pt").read_bytes()).hexdigest()
+    manifest["weights"]["sha256"] = sha256_file(package / "model.pt")
     manifest["architecture"]["params"]["channels"] = [8, 16]
     (package / "manifest.json").write_text(json.dumps(manifest))
     deep = subprocess.run(pacsnode_cmd("--config", str(config), "check-config"), cwd=REPO, capture_output=True,

@@ -34,6 +34,9 @@ from tests.helpers import (
 
 
 class Served:
+    #: Nodes started and not yet stopped; tests/acceptance/conftest.py stops what a failed test left.
+    running: set[Served] = set()
+
     def __init__(
         self, tmp_path: Path, processes: int = 1, sections: dict[str, object] | None = None, **node: object
     ) -> None:
@@ -64,6 +67,7 @@ class Served:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+        Served.running.add(self)
         wait_for_port(self.port, proc=self.proc)
 
     def stop(self) -> int:
@@ -72,6 +76,7 @@ class Served:
             self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout=30)
         self.proc = None
+        Served.running.discard(self)
         return code
 
     def kill(self) -> None:
@@ -79,6 +84,7 @@ class Served:
         self.proc.kill()
         self.proc.wait(timeout=10)
         self.proc = None
+        Served.running.discard(self)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -26,9 +26,8 @@ from analysis.lung import segment_lungs
 from analysis.synthetic import ChestPhantom, ChestTruth, make_chest_phantom, write_chest_ct
 from analysis.types import InputError, LungResult, Volume
 from analysis.volume import load_series
-from tests.helpers import pydicom_data_files
+from tests.helpers import VALIDATOR, pydicom_data_files
 
-VALIDATOR = Path("/work/shared/tools/validate/validate_dicom.sh")
 
 # The phantom every accuracy test uses: 80 slices of 128x128, 3.125 mm pixels, 3 mm slices.
 CHEST = {"slices": 80, "size": 128, "seed": 11, "blur_sigma_mm": 1.0, "noise_hu": 15.0}

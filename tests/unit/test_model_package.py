@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from analysis.model_package import BUILTIN_MODELS, ModelError, load_package
-from tests.models import TINY_UNET_3D, make_bundle, make_package, sha256
+from tests.helpers import sha256_file
+from tests.models import TINY_UNET_3D, make_bundle, make_package
 
 
 def _edit(root: Path, **changes: object) -> None:
@@ -20,7 +21,7 @@ def _edit(root: Path, **changes: object) -> None:
 def test_a_good_package_loads_and_builds(tmp_path: Path) -> None:
     package = load_package(make_package(tmp_path / "m"))
     assert package.manifest.name == "tiny"
-    assert package.manifest.weights.sha256 == sha256(tmp_path / "m" / "model.pt")
+    assert package.manifest.weights.sha256 == sha256_file(tmp_path / "m" / "model.pt")
     net = package.build("cpu")
     assert not net.training
 
@@ -115,7 +116,7 @@ def test_a_bundle_without_a_sha256_needs_one_from_the_config(tmp_path: Path) -> 
     root = make_bundle(tmp_path / "b", with_hash=False)
     with pytest.raises(ModelError, match="no SHA-256 for models/model.pt"):
         load_package(root)
-    package = load_package(root, overrides={"sha256": sha256(root / "models" / "model.pt")})
+    package = load_package(root, overrides={"sha256": sha256_file(root / "models" / "model.pt")})
     assert package.manifest.weights.file == "models/model.pt"
     with pytest.raises(ModelError, match="wrong or damaged weights"):
         load_package(root, overrides={"sha256": "ab" * 32})

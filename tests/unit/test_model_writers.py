@@ -28,8 +28,8 @@ from analysis.synthetic import write_chest_ct
 from analysis.types import AnalysisError, Volume
 from analysis.volume import load_series
 from analysis.writers import CODES, NOT_FOR_DIAGNOSTIC_USE
+from tests.helpers import VALIDATOR
 
-VALIDATOR = Path("/work/shared/tools/validate/validate_dicom.sh")
 SLICES, SIZE = 40, 128
 PIPELINE: dict[str, Any] = {"pipeline_name": "nodule-cnn", "pipeline_version": "0.3.1", "model_name": "unet-nodule",
             "model_version": "2024.1"}  # fmt: skip

@@ -19,8 +19,8 @@ from pydicom.uid import CTImageStorage, generate_uid
 
 from analysis.types import AnalysisError, LungResult, Volume
 from analysis.writers import CODES, LUNG_WINDOW, NOT_FOR_DIAGNOSTIC_USE, result_uid, write_lung_results
+from tests.helpers import VALIDATOR
 
-VALIDATOR = Path("/work/shared/tools/validate/validate_dicom.sh")
 PIPELINE_NAME = "lung-threshold"
 SLICES, ROWS, COLUMNS = 12, 64, 64
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
