@@ -1,12 +1,12 @@
 """Analysis: routing rules, pipelines, volumes, segmentation and result writers.
 
 No pynetdicom and no index access here: a pipeline gets file paths and
-returns datasets (:class:`analysis.pipelines.PipelineOutput`); the node's
+returns datasets (:class:`pacsnode.analysis.pipelines.PipelineOutput`); the node's
 workers store and export them. Heavy modules (scipy, highdicom) are imported
 by the pipelines when they run, not by this package.
 """
 
-from analysis.pipelines import (
+from pacsnode.analysis.pipelines import (
     BUILTIN_PIPELINES,
     Pipeline,
     PipelineError,
@@ -15,8 +15,8 @@ from analysis.pipelines import (
     SeriesInput,
     resolve_pipeline,
 )
-from analysis.settings import AnalysisSettings, ReadyWhen, Rule, RuleMatch
-from analysis.types import AnalysisError, InputError, LungResult, Volume
+from pacsnode.analysis.settings import AnalysisSettings, ReadyWhen, Rule, RuleMatch
+from pacsnode.analysis.types import AnalysisError, InputError, LungResult, Volume
 
 __all__ = [
     "AnalysisError",

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 from pydicom.dataset import Dataset
 
-from analysis.types import AnalysisError
+from pacsnode.analysis.types import AnalysisError
 
 __all__ = [
     "BUILTIN_PIPELINES",
@@ -32,9 +32,9 @@ __all__ = [
 ]
 
 BUILTIN_PIPELINES: dict[str, str] = {
-    "ct-lung": "analysis.ct_lung:CtLungPipeline",
-    "ct-lung-nodule": "analysis.model_pipeline:LungNodulePipeline",
-    "model": "analysis.model_pipeline:ModelPipeline",
+    "ct-lung": "pacsnode.analysis.lung.pipeline:CtLungPipeline",
+    "ct-lung-nodule": "pacsnode.analysis.cnn.pipeline:LungNodulePipeline",
+    "model": "pacsnode.analysis.cnn.pipeline:ModelPipeline",
 }
 
 

@@ -1,20 +1,27 @@
-"""Routing rules: does a rule apply to a series, and is the series or study ready for it."""
+"""Routing rules: which series a rule analyses, and whether the series or study is ready for it.
+
+:func:`select_series` is the one place that decides which series a rule
+takes. The scheduler (when it queues), the worker (when it runs a study-scope
+job) and ``pacsnode analyze`` all call it with the same image-size reader, so
+a size condition can never be skipped by one of them.
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
-from analysis.settings import AnalysisSettings, Rule
-from storage.activity import SeriesFacts, UnitFacts
+from pacsnode.analysis.settings import AnalysisSettings, Rule
+from pacsnode.storage.activity import SeriesFacts, UnitFacts
 
-__all__ = ["series_matches", "selected_series", "is_ready"]
+__all__ = ["ImageSize", "is_ready", "select_series", "series_matches"]
 
 ImageSize = Callable[[SeriesFacts], "tuple[int, int] | None"]
+"""Rows and Columns of a series' images, or None when they cannot be read."""
 
 
-def series_matches(rule: Rule, facts: SeriesFacts, image_size: ImageSize | None = None) -> bool:
+def series_matches(rule: Rule, facts: SeriesFacts, image_size: ImageSize) -> bool:
     """True when every condition of ``rule.match`` holds for the series."""
     m = rule.match
     if m.modality and (facts.modality or "").upper() not in {v.upper() for v in m.modality}:
@@ -34,7 +41,7 @@ def series_matches(rule: Rule, facts: SeriesFacts, image_size: ImageSize | None 
     if m.max_instances is not None and facts.num_instances > m.max_instances:
         return False
     if m.needs_image_size:
-        size = image_size(facts) if image_size is not None else None
+        size = image_size(facts)
         if size is None:
             return False
         rows, columns = size
@@ -45,9 +52,14 @@ def series_matches(rule: Rule, facts: SeriesFacts, image_size: ImageSize | None 
     return True
 
 
-def selected_series(rule: Rule, unit: UnitFacts, image_size: ImageSize | None = None) -> list[SeriesFacts]:
-    """The series of the unit that the rule analyses (empty: the rule does not apply)."""
-    return [facts for facts in unit.series if series_matches(rule, facts, image_size)]
+def select_series(rule: Rule, series: Sequence[SeriesFacts], image_size: ImageSize) -> list[SeriesFacts]:
+    """The series among ``series`` that ``rule`` analyses; empty when the rule does not apply.
+
+    Every condition of ``rule.match`` is applied, image sizes included. An
+    empty answer is never widened to "all series": a caller that finds
+    nothing must say so.
+    """
+    return [facts for facts in series if series_matches(rule, facts, image_size)]
 
 
 def is_ready(rule: Rule, unit: UnitFacts, settings: AnalysisSettings, now: datetime) -> bool:

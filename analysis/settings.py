@@ -82,7 +82,7 @@ class ReadyWhen(_Strict):
 
 
 class EngineOptions(_Strict):
-    """How a model runs (:mod:`analysis.engine`); the ``engine`` key of a model pipeline's params."""
+    """How a model runs (:mod:`pacsnode.analysis.cnn.engine`); the ``engine`` key of a model pipeline's params."""
 
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -110,7 +110,7 @@ class Rule(_Strict):
 
     @model_validator(mode="after")
     def _pipeline(self) -> Rule:
-        from analysis.pipelines import PipelineError, resolve_pipeline
+        from pacsnode.analysis.pipelines import PipelineError, resolve_pipeline
 
         try:
             pipeline = resolve_pipeline(self.pipeline)

@@ -1,4 +1,4 @@
-"""Load one CT series from its files into a :class:`~analysis.types.Volume` in Hounsfield units.
+"""Load one CT series from its files into a :class:`~pacsnode.analysis.types.Volume` in Hounsfield units.
 
 The loader reads every header first (``stop_before_pixels``) and refuses a
 series it cannot turn into a regular volume before decoding any pixel data:
@@ -22,9 +22,15 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
-from pydicom.uid import JPEG2000, UID, JPEG2000Lossless, JPEGLSLossless, JPEGLSNearLossless
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+)
 
-from analysis.types import InputError, Volume
+from pacsnode.analysis.types import InputError, Volume
 
 __all__ = ["load_series"]
 

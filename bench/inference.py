@@ -53,13 +53,14 @@ import numpy as np
 import pydicom
 import torch
 
-from analysis.engine import resolve_device, warm_model
-from analysis.model_package import load_package
-from analysis.model_pipeline import ModelParams, ModelPipeline, findings_from_probabilities
-from analysis.pipelines import PipelineInput, SeriesInput
-from analysis.preprocess import build_preprocessor
-from analysis.synthetic import write_chest_ct
-from analysis.types import Volume
+from pacsnode.analysis.cnn.engine import resolve_device, warm_model
+from pacsnode.analysis.cnn.findings import findings_from_probabilities
+from pacsnode.analysis.cnn.package import load_package
+from pacsnode.analysis.cnn.pipeline import ModelParams, ModelPipeline
+from pacsnode.analysis.cnn.preprocess import build_preprocessor
+from pacsnode.analysis.modeldev.synthetic import write_chest_ct
+from pacsnode.analysis.pipelines import PipelineInput, SeriesInput
+from pacsnode.analysis.types import Volume
 
 
 def _write_corpus(root: Path, studies: int, slices: int) -> list[Any]:
@@ -67,8 +68,15 @@ def _write_corpus(root: Path, studies: int, slices: int) -> list[Any]:
     for n in range(studies):
         truths.append(
             write_chest_ct(
-                root / f"study{n}", slices=slices, size=512, slice_thickness_mm=max(1.0, 300.0 / slices / 1.5),
-                seed=100 + n, nodules=8, vessel_spheres=False, blur_sigma_mm=0.5, noise_hu=15.0,
+                root / f"study{n}",
+                slices=slices,
+                size=512,
+                slice_thickness_mm=max(1.0, 300.0 / slices / 1.5),
+                seed=100 + n,
+                nodules=8,
+                vessel_spheres=False,
+                blur_sigma_mm=0.5,
+                noise_hu=15.0,
             )
         )
     return truths
@@ -77,9 +85,17 @@ def _write_corpus(root: Path, studies: int, slices: int) -> list[Any]:
 def _inputs(truths: list[Any]) -> list[PipelineInput]:
     return [
         PipelineInput(
-            job_id=n, study_instance_uid=t.study_instance_uid, uid_root="2.25",
-            series=(SeriesInput(series_instance_uid=t.series_instance_uid, modality="CT", series_description="bench",
-                                paths=tuple(t.paths)),),
+            job_id=n,
+            study_instance_uid=t.study_instance_uid,
+            uid_root="2.25",
+            series=(
+                SeriesInput(
+                    series_instance_uid=t.series_instance_uid,
+                    modality="CT",
+                    series_description="bench",
+                    paths=tuple(t.paths),
+                ),
+            ),
         )
         for n, t in enumerate(truths)
     ]
@@ -107,8 +123,8 @@ def run_engine(truths: list[Any], params: ModelParams) -> dict[str, float]:
 
 def run_loop(truths: list[Any], params: ModelParams) -> dict[str, float]:
     """The straightforward implementation, written as one would without the engine."""
-    from analysis.model_writers import write_segmentation_results
-    from analysis.model_pipeline import label_spec
+    from pacsnode.analysis.cnn.findings import label_spec
+    from pacsnode.analysis.cnn.writers import write_segmentation_results
 
     package = load_package(params.model)
     manifest = package.manifest
@@ -146,15 +162,22 @@ def run_loop(truths: list[Any], params: ModelParams) -> dict[str, float]:
         t0 = time.perf_counter()
         thickness = abs(slices[1][0] - slices[0][0])
         volume = Volume(
-            hu=image.astype(np.int16), spacing=(thickness, *spacing), origin=tuple(slices[0][2].ImagePositionPatient),
+            hu=image.astype(np.int16),
+            spacing=(thickness, *spacing),
+            origin=tuple(slices[0][2].ImagePositionPatient),
             row_direction=tuple(float(v) for v in slices[0][2].ImageOrientationPatient[:3]),
             column_direction=tuple(float(v) for v in slices[0][2].ImageOrientationPatient[3:]),
             datasets=tuple(s[2] for s in slices),
         )
         findings = findings_from_probabilities(prob, volume, manifest.output.labels, manifest.output.activation)
         write_segmentation_results(
-            volume, findings, [label_spec(label) for label in manifest.output.labels],
-            pipeline_name="loop", pipeline_version="1", model_name=manifest.name, model_version=manifest.version,
+            volume,
+            findings,
+            [label_spec(label) for label in manifest.output.labels],
+            pipeline_name="loop",
+            pipeline_version="1",
+            model_name=manifest.name,
+            model_version=manifest.version,
         )
         stats["findings"] += len(findings)
         stats["write_s"] += time.perf_counter() - t0
@@ -175,33 +198,47 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.studies, args.slices, args.runs = 1, 40, 1
     device = resolve_device(args.device)
-    params = ModelParams(model="lung-nodule", engine={"device": args.device, "batch_size": args.batch_size if args.batch_size == "auto" else int(args.batch_size)})
+    params = ModelParams(
+        model="lung-nodule",
+        engine={
+            "device": args.device,
+            "batch_size": args.batch_size if args.batch_size == "auto" else int(args.batch_size),
+        },
+    )
     options = params.engine
     warm = warm_model(load_package(params.model), options)
     cpu = os.cpu_count()
-    print(f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
-          f"{cpu} CPU cores, torch {torch.__version__}, engine precision {warm.autocast or 'fp32'}")
+    print(
+        f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+        f"{cpu} CPU cores, torch {torch.__version__}, engine precision {warm.autocast or 'fp32'}"
+    )
     slices = args.studies * args.slices
     with tempfile.TemporaryDirectory(prefix="pacsnode-bench-inference-") as tmp:
         t0 = time.perf_counter()
         truths = _write_corpus(Path(tmp), args.studies, args.slices)
-        print(f"corpus: {args.studies} studies x {args.slices} slices of 512x512 written in "
-              f"{time.perf_counter() - t0:.1f} s")
+        print(
+            f"corpus: {args.studies} studies x {args.slices} slices of 512x512 written in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
         run_engine(truths[:1], params)  # warm-up: model loaded, memory probe done, caches warm
         results: dict[str, list[dict[str, float]]] = {"pacsnode": [], "loop": []}
         for run in range(args.runs):
             for name, fn in (("pacsnode", run_engine), ("loop", run_loop)):
                 stats = fn(truths, params)
                 results[name].append(stats)
-                print(f"run {run + 1} {name:8s}: {stats['total_s']:.2f} s (decode {stats['decode_s']:.2f}, "
-                      f"preprocess+model {stats['infer_s']:.2f} [model {stats['model_s']:.2f}], "
-                      f"findings+write {stats['write_s']:.2f}; {int(stats['findings'])} findings)", flush=True)
+                print(
+                    f"run {run + 1} {name:8s}: {stats['total_s']:.2f} s (decode {stats['decode_s']:.2f}, "
+                    f"preprocess+model {stats['infer_s']:.2f} [model {stats['model_s']:.2f}], "
+                    f"findings+write {stats['write_s']:.2f}; {int(stats['findings'])} findings)",
+                    flush=True,
+                )
     med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
     rows = []
     for name in ("pacsnode", "loop"):
         m = med[name]
-        rows.append((name, m["total_s"], slices / m["total_s"], args.studies * 60 / m["total_s"],
-                     slices / m["model_s"]))
+        rows.append(
+            (name, m["total_s"], slices / m["total_s"], args.studies * 60 / m["total_s"], slices / m["model_s"])
+        )
     print()
     print(f"{'path':10s} {'median s':>9s} {'slices/s':>9s} {'studies/min':>12s} {'model step slices/s':>20s}")
     for name, total, sps, spm, model in rows:
@@ -209,16 +246,24 @@ def main(argv: list[str] | None = None) -> int:
     ratio_e2e = med["loop"]["total_s"] / med["pacsnode"]["total_s"]
     ratio_model = med["loop"]["model_s"] / med["pacsnode"]["model_s"]
     e2e_share = (slices / med["pacsnode"]["total_s"]) / (slices / med["pacsnode"]["model_s"])
-    print(f"\npacsnode / loop: end to end {ratio_e2e:.2f}x, model step {ratio_model:.2f}x; "
-          f"pacsnode end to end = {e2e_share:.0%} of its model step")
+    print(
+        f"\npacsnode / loop: end to end {ratio_e2e:.2f}x, model step {ratio_model:.2f}x; "
+        f"pacsnode end to end = {e2e_share:.0%} of its model step"
+    )
     if device.type == "cuda":
-        print(f"GPU model step: {slices / med['pacsnode']['model_s']:.0f} slices/s (target >= 2000 on an H100); "
-              f"end to end {e2e_share:.0%} of it (target >= 70%)")
+        print(
+            f"GPU model step: {slices / med['pacsnode']['model_s']:.0f} slices/s (target >= 2000 on an H100); "
+            f"end to end {e2e_share:.0%} of it (target >= 70%)"
+        )
     else:
         print("CPU: target end to end >= 2x the loop")
     if args.json:
-        args.json.write_text(json.dumps({"median": med, "runs": results, "device": str(device),
-                                         "studies": args.studies, "slices": args.slices}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"median": med, "runs": results, "device": str(device), "studies": args.studies, "slices": args.slices},
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -28,13 +28,16 @@ from pathlib import Path
 
 import yaml
 
-from bench.corpus import write_series
-from bench.netns import enter_private_netns, require_tool, stop_process, wait_port
+from pacsnode.node.testing.corpus import write_series
+from pacsnode.node.testing.netns import (
+    enter_private_netns,
+    require_tool,
+    stop_process,
+    wait_port,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-
 
 
 class Receiver:
@@ -56,13 +59,23 @@ class Pacsnode(Receiver):
 
     def start(self, work: Path) -> None:
         config = work / "pacsnode.yaml"
-        config.write_text(yaml.safe_dump({
-            "node": {"port": self.port, "acceptor_processes": self.processes},
-            "storage": {"root": str(work / "store"), "database_url": f"sqlite:///{work / 'index.db'}",
-                        "min_free_bytes": 0, "fsync": True},
-            "logging": {"level": "WARNING"},
-        }))
-        self.proc = subprocess.Popen([sys.executable, "-m", "node", "--config", str(config), "serve"], cwd=REPO, env=ENV)
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "node": {"port": self.port, "acceptor_processes": self.processes},
+                    "storage": {
+                        "root": str(work / "store"),
+                        "database_url": f"sqlite:///{work / 'index.db'}",
+                        "min_free_bytes": 0,
+                        "fsync": True,
+                    },
+                    "logging": {"level": "WARNING"},
+                }
+            )
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node", "--config", str(config), "serve"], cwd=REPO, env=ENV
+        )
         wait_port(self.port)
 
 
@@ -74,7 +87,9 @@ class Storescp(Receiver):
         out.mkdir()
         self.proc = subprocess.Popen(
             [require_tool("storescp"), "--fork", "-aet", self.aet, "-od", str(out), "+xa", str(self.port)],
-            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_port(self.port)
 
@@ -84,13 +99,27 @@ class Orthanc(Receiver):
 
     def start(self, work: Path) -> None:
         cfg = work / "orthanc.json"
-        cfg.write_text(json.dumps({
-            "Name": "bench", "StorageDirectory": str(work / "orthanc-db"), "IndexDirectory": str(work / "orthanc-db"),
-            "DicomAet": self.aet, "DicomPort": self.port, "HttpPort": 18042, "RemoteAccessAllowed": False,
-            "DicomCheckCalledAet": False, "Plugins": [], "ConcurrentJobs": 2, "DicomAlwaysAllowStore": True,
-            "AuthenticationEnabled": False,
-        }))
-        self.proc = subprocess.Popen(["Orthanc", str(cfg)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cfg.write_text(
+            json.dumps(
+                {
+                    "Name": "bench",
+                    "StorageDirectory": str(work / "orthanc-db"),
+                    "IndexDirectory": str(work / "orthanc-db"),
+                    "DicomAet": self.aet,
+                    "DicomPort": self.port,
+                    "HttpPort": 18042,
+                    "RemoteAccessAllowed": False,
+                    "DicomCheckCalledAet": False,
+                    "Plugins": [],
+                    "ConcurrentJobs": 2,
+                    "DicomAlwaysAllowStore": True,
+                    "AuthenticationEnabled": False,
+                }
+            )
+        )
+        self.proc = subprocess.Popen(
+            ["Orthanc", str(cfg)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         wait_port(self.port)
 
 
@@ -98,13 +127,17 @@ def _push(receiver: Receiver, files: list[Path], senders: int) -> float:
     chunks = [files[i::senders] for i in range(senders)]
     start = time.perf_counter()
     procs = [
-        subprocess.Popen([require_tool("storescu"), "-aec", receiver.aet, "127.0.0.1", str(receiver.port), *map(str, chunk)],
-                         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            [require_tool("storescu"), "-aec", receiver.aet, "127.0.0.1", str(receiver.port), *map(str, chunk)],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         for chunk in chunks
     ]
     errors = [p.communicate()[1] for p in procs]
     elapsed = time.perf_counter() - start
-    for p, err in zip(procs, errors):
+    for p, err in zip(procs, errors, strict=False):
         if p.returncode != 0:
             raise RuntimeError(f"storescu to {receiver.name} failed: {err.decode()[-500:]}")
     return elapsed
@@ -136,26 +169,35 @@ def _run(args: argparse.Namespace) -> None:
                         results.setdefault((corpus, senders, receiver.name), []).append(
                             (len(files) / elapsed, size_mb / elapsed)
                         )
-                        print(f"  {corpus:12s} {senders} sender(s) {receiver.name:9s} "
-                              f"{len(files) / elapsed:7.1f} inst/s {size_mb / elapsed:7.1f} MB/s", flush=True)
+                        print(
+                            f"  {corpus:12s} {senders} sender(s) {receiver.name:9s} "
+                            f"{len(files) / elapsed:7.1f} inst/s {size_mb / elapsed:7.1f} MB/s",
+                            flush=True,
+                        )
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
-    print(f"\nIngest, {args.count} instances per corpus, median of {args.repeat} run(s), "
-          f"pacsnode with {args.processes} acceptor process(es), fsync on")
+    print(
+        f"\nIngest, {args.count} instances per corpus, median of {args.repeat} run(s), "
+        f"pacsnode with {args.processes} acceptor process(es), fsync on"
+    )
     head = f"{'corpus':12s} {'senders':>7s} | {'pacsnode':>16s} | {'storescp':>16s} | {'orthanc':>16s} | {'vs storescp':>11s} {'vs orthanc':>10s}"
     print(head)
     print("-" * len(head))
     for corpus in corpora:
         for senders in (1, 4):
             med = {
-                name: (statistics.median(r[0] for r in results[(corpus, senders, name)]),
-                       statistics.median(r[1] for r in results[(corpus, senders, name)]))
+                name: (
+                    statistics.median(r[0] for r in results[(corpus, senders, name)]),
+                    statistics.median(r[1] for r in results[(corpus, senders, name)]),
+                )
                 for name in ("pacsnode", "storescp", "orthanc")
             }
             cells = " | ".join(f"{med[n][0]:6.1f}/s {med[n][1]:6.1f}MB/s" for n in ("pacsnode", "storescp", "orthanc"))
-            print(f"{corpus:12s} {senders:>7d} | {cells} | {med['pacsnode'][0] / med['storescp'][0]:10.2f}x "
-                  f"{med['pacsnode'][0] / med['orthanc'][0]:9.2f}x")
+            print(
+                f"{corpus:12s} {senders:>7d} | {cells} | {med['pacsnode'][0] / med['storescp'][0]:10.2f}x "
+                f"{med['pacsnode'][0] / med['orthanc'][0]:9.2f}x"
+            )
 
 
 def main() -> None:

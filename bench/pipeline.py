@@ -9,8 +9,8 @@ server binds loopback only and nothing leaves the machine)::
 
 What it does
 ------------
-1. Writes the synthetic chest phantom (:func:`analysis.synthetic.write_chest_ct`,
-   the parameters of :func:`~analysis.synthetic.make_benchmark_volume`: blur
+1. Writes the synthetic chest phantom (:func:`pacsnode.analysis.modeldev.synthetic.write_chest_ct`,
+   the parameters of :func:`~pacsnode.analysis.modeldev.synthetic.make_benchmark_volume`: blur
    0.5 mm, 25 vessels and 6 emphysema pockets per lung; slices spaced so the
    stack spans 300 mm) once, timed on its own. Each run gets a copy with fresh
    Study, Series, Frame of Reference and SOP Instance UIDs (a re-labelling,
@@ -89,7 +89,12 @@ import pydicom  # noqa: E402
 import yaml  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
-from bench.netns import enter_private_netns, require_tool, stop_process, wait_port  # noqa: E402
+from pacsnode.node.testing.netns import (  # noqa: E402
+    enter_private_netns,
+    require_tool,
+    stop_process,
+    wait_port,
+)
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 NODE_AET, NODE_PORT = "PACSNODE", 11112
@@ -111,8 +116,9 @@ class Proc:
         self.name = name
         self.log = log
         with log.open("ab") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=ENV,
-                                         start_new_session=True, **kwargs)
+            self.proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=ENV, start_new_session=True, **kwargs
+            )
 
     def wait_listening(self, port: int, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -140,8 +146,11 @@ class Proc:
 def _start_storescp(work: Path) -> tuple[Proc, Path]:
     received = work / "dest"
     received.mkdir()
-    proc = Proc("storescp", [require_tool("storescp"), "-v", "-aet", DEST_AET, "-od", str(received), "+xa", str(DEST_PORT)],
-                work / "storescp.log")
+    proc = Proc(
+        "storescp",
+        [require_tool("storescp"), "-v", "-aet", DEST_AET, "-od", str(received), "+xa", str(DEST_PORT)],
+        work / "storescp.log",
+    )
     proc.wait_listening(DEST_PORT)
     return proc, received
 
@@ -149,22 +158,38 @@ def _start_storescp(work: Path) -> tuple[Proc, Path]:
 def _start_node(work: Path, args: argparse.Namespace) -> tuple[Proc, Path]:
     config = work / "pacsnode.yaml"
     db = work / "index.db"
-    config.write_text(yaml.safe_dump({
-        "node": {"ae_title": NODE_AET, "port": NODE_PORT, "acceptor_processes": 1,
-                 "timeouts": {"shutdown_grace": 5}},
-        "storage": {"root": str(work / "store"), "database_url": f"sqlite:///{db}", "min_free_bytes": 0,
-                    "fsync": True},
-        "remote_nodes": {"DEST": {"ae_title": DEST_AET, "host": "127.0.0.1", "port": DEST_PORT}},
-        "analysis": {
-            "workers": 1, "quiet_seconds": args.quiet_seconds, "scan_interval_seconds": args.scan_interval,
-            "rules": [{"name": "lung", "pipeline": "ct-lung", "match": {"modality": ["CT"]},
-                       "destinations": ["DEST"]}],
-        },
-        "export": {"poll_seconds": 0.2},
-        "logging": {"level": "INFO"},
-    }))
-    proc = Proc("pacsnode serve", [sys.executable, "-m", "node", "--config", str(config), "serve"],
-                work / "serve.log", cwd=REPO)
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "node": {
+                    "ae_title": NODE_AET,
+                    "port": NODE_PORT,
+                    "acceptor_processes": 1,
+                    "timeouts": {"shutdown_grace": 5},
+                },
+                "storage": {
+                    "root": str(work / "store"),
+                    "database_url": f"sqlite:///{db}",
+                    "min_free_bytes": 0,
+                    "fsync": True,
+                },
+                "remote_nodes": {"DEST": {"ae_title": DEST_AET, "host": "127.0.0.1", "port": DEST_PORT}},
+                "analysis": {
+                    "workers": 1,
+                    "quiet_seconds": args.quiet_seconds,
+                    "scan_interval_seconds": args.scan_interval,
+                    "rules": [
+                        {"name": "lung", "pipeline": "ct-lung", "match": {"modality": ["CT"]}, "destinations": ["DEST"]}
+                    ],
+                },
+                "export": {"poll_seconds": 0.2},
+                "logging": {"level": "INFO"},
+            }
+        )
+    )
+    proc = Proc(
+        "pacsnode serve", [sys.executable, "-m", "node", "--config", str(config), "serve"], work / "serve.log", cwd=REPO
+    )
     proc.wait_listening(NODE_PORT)
     return proc, db
 
@@ -180,10 +205,18 @@ class Study:
 
 
 def _write_phantom(out: Path, slices: int, size: int) -> tuple[Study, float]:
-    from analysis.synthetic import write_chest_ct
+    from pacsnode.analysis.modeldev.synthetic import write_chest_ct
 
-    truth = write_chest_ct(out, slices=slices, size=size, slice_thickness_mm=_STACK_MM / slices,
-                           blur_sigma_mm=0.5, vessels=25, emphysema_pockets=6, seed=1)
+    truth = write_chest_ct(
+        out,
+        slices=slices,
+        size=size,
+        slice_thickness_mm=_STACK_MM / slices,
+        blur_sigma_mm=0.5,
+        vessels=25,
+        emphysema_pockets=6,
+        seed=1,
+    )
     return Study(truth.study_instance_uid, truth.series_instance_uid, list(truth.paths)), truth.total_volume_ml
 
 
@@ -205,8 +238,21 @@ def _relabel(source: Study, out: Path) -> Study:
 def _push(study: Study) -> float:
     start = time.perf_counter()
     result = subprocess.run(
-        [require_tool("storescu"), "-aec", NODE_AET, "-aet", "BENCH", "127.0.0.1", str(NODE_PORT), *map(str, study.paths)],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=_RUN_TIMEOUT_S, check=False,
+        [
+            require_tool("storescu"),
+            "-aec",
+            NODE_AET,
+            "-aet",
+            "BENCH",
+            "127.0.0.1",
+            str(NODE_PORT),
+            *map(str, study.paths),
+        ],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=_RUN_TIMEOUT_S,
+        check=False,
     )
     if result.returncode != 0:
         raise RuntimeError(f"storescu failed: {result.stderr.decode(errors='replace')[-1000:]}")
@@ -234,7 +280,9 @@ class Index:
         self.conn.close()
 
     def jobs(self, series_uid: str) -> list[sqlite3.Row]:
-        return self.conn.execute("SELECT * FROM jobs WHERE series_instance_uid = ? ORDER BY id", (series_uid,)).fetchall()
+        return self.conn.execute(
+            "SELECT * FROM jobs WHERE series_instance_uid = ? ORDER BY id", (series_uid,)
+        ).fetchall()
 
     def exports(self, job_id: int) -> list[sqlite3.Row]:
         return self.conn.execute("SELECT * FROM exports WHERE job_id = ?", (job_id,)).fetchall()
@@ -243,12 +291,15 @@ class Index:
         """(instances, newest received_at) of a series."""
         row = self.conn.execute(
             "SELECT COUNT(*) AS n, MAX(i.received_at) AS last FROM instances i JOIN series s ON i.series_fk = s.id "
-            "WHERE s.series_instance_uid = ?", (series_uid,),
+            "WHERE s.series_instance_uid = ?",
+            (series_uid,),
         ).fetchone()
         return int(row["n"]), _epoch(row["last"])
 
 
-def _wait_done(index: Index, study: Study, node: Proc, timeout: float = _RUN_TIMEOUT_S) -> tuple[sqlite3.Row, list[sqlite3.Row]]:
+def _wait_done(
+    index: Index, study: Study, node: Proc, timeout: float = _RUN_TIMEOUT_S
+) -> tuple[sqlite3.Row, list[sqlite3.Row]]:
     """Wait for the series' job to be done and its 5 exports sent; return them."""
     deadline = time.monotonic() + timeout
     while True:
@@ -332,8 +383,9 @@ def _one_run(study: Study, index: Index, node: Proc, dest: Path, dest_log: Path,
     jobs = index.jobs(study.series_uid)
     result = json.loads(job["result"])
     if result["slices"] != len(study.paths):
-        raise RuntimeError(f"the job analysed {result['slices']} of {len(study.paths)} slices "
-                           "(the quiet time passed during the push?)")
+        raise RuntimeError(
+            f"the job analysed {result['slices']} of {len(study.paths)} slices (the quiet time passed during the push?)"
+        )
     timings = result["timings"]
     created, started, finished = _epoch(job["created_at"]), _epoch(job["started_at"]), _epoch(job["finished_at"])
     sent = max(_epoch(e["sent_at"]) for e in exports)
@@ -341,13 +393,22 @@ def _one_run(study: Study, index: Index, node: Proc, dest: Path, dest_log: Path,
     job_s = finished - started
     steps = (timings["decode_hu_s"], timings["segment_measure_s"], timings["write_s"], timings["store_s"])
     return Run(
-        push_s=push_s, push_lag_s=push_end - last,
+        push_s=push_s,
+        push_lag_s=push_end - last,
         total_s=acked - quiet_end,
-        sched_s=started - quiet_end, scan_s=created - quiet_end, claim_s=started - created,
-        job_s=job_s, decode_s=steps[0], segment_s=steps[1], write_s=steps[2], store_s=steps[3],
+        sched_s=started - quiet_end,
+        scan_s=created - quiet_end,
+        claim_s=started - created,
+        job_s=job_s,
+        decode_s=steps[0],
+        segment_s=steps[1],
+        write_s=steps[2],
+        store_s=steps[3],
         other_s=job_s - sum(steps),
-        export_s=acked - finished, export_db_s=sent - finished,
-        jobs=len(jobs), volume_ml=float(result["total_lung_volume_ml"]),
+        export_s=acked - finished,
+        export_db_s=sent - finished,
+        jobs=len(jobs),
+        volume_ml=float(result["total_lung_volume_ml"]),
     )
 
 
@@ -360,9 +421,18 @@ def _clear_results(dest: Path, before: set[str]) -> None:
 # ------------------------------------------------------------------ report
 
 _COLUMNS = (
-    ("total", "total_s"), ("sched", "sched_s"), ("scan", "scan_s"), ("claim", "claim_s"), ("job", "job_s"),
-    ("decode", "decode_s"), ("segment", "segment_s"), ("write", "write_s"), ("store", "store_s"),
-    ("other", "other_s"), ("export", "export_s"), ("exp(db)", "export_db_s"),
+    ("total", "total_s"),
+    ("sched", "sched_s"),
+    ("scan", "scan_s"),
+    ("claim", "claim_s"),
+    ("job", "job_s"),
+    ("decode", "decode_s"),
+    ("segment", "segment_s"),
+    ("write", "write_s"),
+    ("store", "store_s"),
+    ("other", "other_s"),
+    ("export", "export_s"),
+    ("exp(db)", "export_db_s"),
 )
 
 
@@ -373,8 +443,10 @@ def _print_table(runs: list[Run]) -> None:
     for i, run in enumerate(runs, 1):
         print(f"{i:>6d} | " + " ".join(f"{getattr(run, key):7.2f}" for _, key in _COLUMNS))
     print("-" * len(head))
-    print(f"{'median':>6s} | " + " ".join(f"{statistics.median(getattr(r, key) for r in runs):7.2f}"
-                                           for _, key in _COLUMNS))
+    print(
+        f"{'median':>6s} | "
+        + " ".join(f"{statistics.median(getattr(r, key) for r in runs):7.2f}" for _, key in _COLUMNS)
+    )
 
 
 def _print_steps(runs: list[Run], quiet_s: float) -> None:
@@ -407,14 +479,20 @@ def _run(args: argparse.Namespace) -> None:
     procs: list[Proc] = []
     index: Index | None = None
     try:
-        print(f"Writing the phantom: {args.slices} slices of {args.size}x{args.size}, "
-              f"{_STACK_MM / args.slices:g} mm apart ...", flush=True)
+        print(
+            f"Writing the phantom: {args.slices} slices of {args.size}x{args.size}, "
+            f"{_STACK_MM / args.slices:g} mm apart ...",
+            flush=True,
+        )
         t = time.perf_counter()
         phantom, truth_ml = _write_phantom(base / "phantom", args.slices, args.size)
         write_s = time.perf_counter() - t
         size_mb = sum(p.stat().st_size for p in phantom.paths) / 1e6
-        print(f"  written in {write_s:.1f} s ({size_mb:.0f} MB; true lung volume {truth_ml:.0f} mL); "
-              "not part of the figures", flush=True)
+        print(
+            f"  written in {write_s:.1f} s ({size_mb:.0f} MB; true lung volume {truth_ml:.0f} mL); "
+            "not part of the figures",
+            flush=True,
+        )
 
         storescp, dest = _start_storescp(base)
         procs.append(storescp)
@@ -423,7 +501,7 @@ def _run(args: argparse.Namespace) -> None:
         index = Index(db)
 
         if args.warmup:
-            from analysis.synthetic import write_chest_ct
+            from pacsnode.analysis.modeldev.synthetic import write_chest_ct
 
             truth = write_chest_ct(base / "warmup", slices=40, size=128, slice_thickness_mm=7.5, seed=2)
             warm = Study(truth.study_instance_uid, truth.series_instance_uid, list(truth.paths))
@@ -444,9 +522,12 @@ def _run(args: argparse.Namespace) -> None:
             runs.append(run)
             _clear_results(dest, before)
             shutil.rmtree(base / f"run-{i}")
-            print(f"  run {i}: push {run.push_s:.1f} s ({len(study.paths) / run.push_s:.0f} inst/s), "
-                  f"then total {run.total_s:.2f} s beyond the quiet time "
-                  f"(job {run.job_s:.2f} s, lung volume {run.volume_ml:.0f} mL)", flush=True)
+            print(
+                f"  run {i}: push {run.push_s:.1f} s ({len(study.paths) / run.push_s:.0f} inst/s), "
+                f"then total {run.total_s:.2f} s beyond the quiet time "
+                f"(job {run.job_s:.2f} s, lung volume {run.volume_ml:.0f} mL)",
+                flush=True,
+            )
     finally:
         if index is not None:
             index.close()
@@ -454,23 +535,33 @@ def _run(args: argparse.Namespace) -> None:
             proc.stop()
         shutil.rmtree(base, ignore_errors=True)
 
-    print(f"\nAnalysis pipeline, {args.slices}-slice {args.size}x{args.size} CT ({size_mb:.0f} MB, "
-          f"{len(phantom.paths)} files), {len(runs)} run(s), one node throughout"
-          f"{', warmed up' if args.warmup else ', cold first run'}")
-    print(f"quiet_seconds {args.quiet_seconds:g}, scan_interval_seconds {args.scan_interval:g}, "
-          "export poll_seconds 0.2, analysis.workers 1, SQLite index, fsync on; destination DCMTK storescp")
-    print("Seconds from the last instance received (its received_at in the index) to the last of the 5 results "
-          "(SEG, SR, 3 SC) written by storescp, minus the quiet time:")
+    print(
+        f"\nAnalysis pipeline, {args.slices}-slice {args.size}x{args.size} CT ({size_mb:.0f} MB, "
+        f"{len(phantom.paths)} files), {len(runs)} run(s), one node throughout"
+        f"{', warmed up' if args.warmup else ', cold first run'}"
+    )
+    print(
+        f"quiet_seconds {args.quiet_seconds:g}, scan_interval_seconds {args.scan_interval:g}, "
+        "export poll_seconds 0.2, analysis.workers 1, SQLite index, fsync on; destination DCMTK storescp"
+    )
+    print(
+        "Seconds from the last instance received (its received_at in the index) to the last of the 5 results "
+        "(SEG, SR, 3 SC) written by storescp, minus the quiet time:"
+    )
     _print_table(runs)
     _print_steps(runs, args.quiet_seconds)
-    print(f"\nNot in the figures: phantom written in {write_s:.1f} s; re-labelled (new UIDs) in "
-          f"{statistics.median(relabel_s):.2f} s per run; pushed by storescu in {statistics.median(r.push_s for r in runs):.1f} s "
-          f"(median, {len(phantom.paths) / statistics.median(r.push_s for r in runs):.0f} inst/s); "
-          f"storescu exited {statistics.median(r.push_lag_s for r in runs):.3f} s after the last received_at.")
+    print(
+        f"\nNot in the figures: phantom written in {write_s:.1f} s; re-labelled (new UIDs) in "
+        f"{statistics.median(relabel_s):.2f} s per run; pushed by storescu in {statistics.median(r.push_s for r in runs):.1f} s "
+        f"(median, {len(phantom.paths) / statistics.median(r.push_s for r in runs):.0f} inst/s); "
+        f"storescu exited {statistics.median(r.push_lag_s for r in runs):.3f} s after the last received_at."
+    )
     extra = [r.jobs for r in runs if r.jobs != 1]
     if extra:
-        print(f"WARNING: {len(extra)} run(s) queued more than one job for the series (the quiet time ran out "
-              "during the push): raise --quiet-seconds")
+        print(
+            f"WARNING: {len(extra)} run(s) queued more than one job for the series (the quiet time ran out "
+            "during the push): raise --quiet-seconds"
+        )
     print("Absolute figures only: no other tool here runs this pipeline, so there is no peer to compare with.")
 
 
@@ -482,8 +573,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="rows = columns (default 512; --quick 256)")
     parser.add_argument("--quiet-seconds", type=float, default=2.0, help="analysis.quiet_seconds (default 2)")
     parser.add_argument("--scan-interval", type=float, default=0.2, help="analysis.scan_interval_seconds (default 0.2)")
-    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
-                        help="skip the untimed warm-up study: the first run then includes loading the pipeline")
+    parser.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="skip the untimed warm-up study: the first run then includes loading the pipeline",
+    )
     parser.add_argument("--workdir", default=None, help="where the phantom, index and store go (default: system temp)")
     args = parser.parse_args()
     args.runs = args.runs or (1 if args.quick else 3)

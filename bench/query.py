@@ -14,7 +14,7 @@ What it does
    numbers, 1-4 series per study (CT, MR, CR, DX, US, PT+CT, MG, NM) and
    instances spread over the series so that their total is ``--instances``.
 2. Fills pacsnode: every study but the first ``--real-files`` instances' worth
-   goes straight into the index with :func:`storage.index.add_instance` (rows
+   goes straight into the index with :func:`pacsnode.storage.index.add_instance` (rows
    whose ``file_path`` is a placeholder: C-FIND never reads files); the rest are
    written as small real files and pushed over DICOM with DCMTK ``storescu``
    to the running node.
@@ -83,16 +83,22 @@ from typing import Any
 import yaml
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, _config as pynetdicom_config, evt
+from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
-from bench.corpus import UID_PREFIX, make_dataset
-from bench.netns import enter_private_netns, require_tool, stop_process, wait_port
-from node.handlers import set_nodelay
-from storage.db import make_engine, migrate
-from storage.index import InstanceMeta, add_instance
+from pacsnode.node.dicom.handlers import set_nodelay
+from pacsnode.node.testing.corpus import UID_PREFIX, make_dataset
+from pacsnode.node.testing.netns import (
+    enter_private_netns,
+    require_tool,
+    stop_process,
+    wait_port,
+)
+from pacsnode.storage.db import make_engine, migrate
+from pacsnode.storage.index import InstanceMeta, add_instance
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -204,10 +210,14 @@ def generate(*, patients: int, studies: int, instances: int, seed: int) -> list[
         if rng.random() < 0.3:
             name += f"^{chr(65 + rng.randrange(26))}"
         birth = date(1930, 1, 1) + timedelta(days=rng.randrange(90 * 365))
-        people.append(PatientRec(
-            patient_id=f"P{seed:02d}{p + 1:07d}", patient_name=name,
-            birth_date=birth.strftime("%Y%m%d"), sex=rng.choice("MF"),
-        ))
+        people.append(
+            PatientRec(
+                patient_id=f"P{seed:02d}{p + 1:07d}",
+                patient_name=name,
+                birth_date=birth.strftime("%Y%m%d"),
+                sex=rng.choice("MF"),
+            )
+        )
     owners = list(range(patients)) + [rng.randrange(patients) for _ in range(studies - patients)]
     rng.shuffle(owners)
     first_day, span_days = date(2015, 1, 1), 11 * 365
@@ -228,20 +238,32 @@ def generate(*, patients: int, studies: int, instances: int, seed: int) -> list[
         series = []
         for i in range(len(sizes)):
             modality = modalities[i % len(modalities)]
-            series.append(SeriesRec(
-                series_instance_uid=f"{study_uid}.{i + 1}", modality=modality,
-                sop_class_uid=_SERIES_KINDS[modality][0], series_number=i + 1,
-                series_description=f"{description} {modality} {i + 1}", body_part=part,
-                num_instances=counts[pos + i],
-            ))
+            series.append(
+                SeriesRec(
+                    series_instance_uid=f"{study_uid}.{i + 1}",
+                    modality=modality,
+                    sop_class_uid=_SERIES_KINDS[modality][0],
+                    series_number=i + 1,
+                    series_description=f"{description} {modality} {i + 1}",
+                    body_part=part,
+                    num_instances=counts[pos + i],
+                )
+            )
         pos += len(sizes)
         day = first_day + timedelta(days=rng.randrange(span_days))
-        out.append(StudyRec(
-            patient=people[owner], study_instance_uid=study_uid, study_date=day.strftime("%Y%m%d"),
-            study_time=f"{rng.randrange(7, 20):02d}{rng.randrange(60):02d}{rng.randrange(60):02d}",
-            accession_number=f"A{seed:02d}{s + 1:08d}", study_id=str(s + 1), study_description=description,
-            referring_physician_name=f"DR^{rng.choice(_SURNAMES)}", series=tuple(series),
-        ))
+        out.append(
+            StudyRec(
+                patient=people[owner],
+                study_instance_uid=study_uid,
+                study_date=day.strftime("%Y%m%d"),
+                study_time=f"{rng.randrange(7, 20):02d}{rng.randrange(60):02d}{rng.randrange(60):02d}",
+                accession_number=f"A{seed:02d}{s + 1:08d}",
+                study_id=str(s + 1),
+                study_description=description,
+                referring_physician_name=f"DR^{rng.choice(_SURNAMES)}",
+                series=tuple(series),
+            )
+        )
     return out
 
 
@@ -262,15 +284,27 @@ def _apportion(weights: Sequence[float], total: int) -> list[int]:
 def _meta(study: StudyRec, series: SeriesRec, number: int) -> InstanceMeta:
     p = study.patient
     return InstanceMeta(
-        sop_class_uid=series.sop_class_uid, sop_instance_uid=series.sop_instance_uid(number),
-        study_instance_uid=study.study_instance_uid, series_instance_uid=series.series_instance_uid,
-        transfer_syntax_uid=ExplicitVRLittleEndian, specific_character_set="ISO_IR 100",
-        patient_id=p.patient_id, patient_name=p.patient_name, patient_birth_date=p.birth_date, patient_sex=p.sex,
-        study_date=study.study_date, study_time=study.study_time, accession_number=study.accession_number,
-        study_id=study.study_id, study_description=study.study_description,
-        referring_physician_name=study.referring_physician_name, modality=series.modality,
-        series_number=series.series_number, series_description=series.series_description,
-        body_part_examined=series.body_part, instance_number=number,
+        sop_class_uid=series.sop_class_uid,
+        sop_instance_uid=series.sop_instance_uid(number),
+        study_instance_uid=study.study_instance_uid,
+        series_instance_uid=series.series_instance_uid,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        specific_character_set="ISO_IR 100",
+        patient_id=p.patient_id,
+        patient_name=p.patient_name,
+        patient_birth_date=p.birth_date,
+        patient_sex=p.sex,
+        study_date=study.study_date,
+        study_time=study.study_time,
+        accession_number=study.accession_number,
+        study_id=study.study_id,
+        study_description=study.study_description,
+        referring_physician_name=study.referring_physician_name,
+        modality=series.modality,
+        series_number=series.series_number,
+        series_description=series.series_description,
+        body_part_examined=series.body_part,
+        instance_number=number,
     )
 
 
@@ -308,7 +342,7 @@ def _write_files(args: tuple[Path, Sequence[StudyRec]]) -> list[Path]:
         ds.BodyPartExamined = meta.body_part_examined
         ds.InstanceNumber = meta.instance_number
         ds.ImagePositionPatient = [0.0, 0.0, float(meta.instance_number or 0)]
-        path = directory / f"{meta.sop_instance_uid[len(_UID_ROOT):]}.dcm"
+        path = directory / f"{meta.sop_instance_uid[len(_UID_ROOT) :]}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
@@ -317,7 +351,7 @@ def _write_files(args: tuple[Path, Sequence[StudyRec]]) -> list[Path]:
 def write_files(directory: Path, studies: Sequence[StudyRec], workers: int) -> list[Path]:
     """Write the studies' instances as files, ``workers`` processes in parallel."""
     chunk = max(1, len(studies) // (workers * 8))
-    jobs = [(directory / f"{i // chunk:04d}", studies[i:i + chunk]) for i in range(0, len(studies), chunk)]
+    jobs = [(directory / f"{i // chunk:04d}", studies[i : i + chunk]) for i in range(0, len(studies), chunk)]
     with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
         return [path for paths in pool.map(_write_files, jobs) for path in paths]
 
@@ -350,38 +384,92 @@ def choose_queries(studies: Sequence[StudyRec], seed: int) -> list[Query]:
     multi = [s for s in studies if len(s.series) >= 3]
     series_study = rng.choice(multi or list(studies))
     every_series = [(st, se) for st in studies for se in st.series if se.num_instances <= 100]
-    image_study, image_series = min(every_series, key=lambda x: (abs(x[1].num_instances - 50), x[1].series_instance_uid))
+    image_study, image_series = min(
+        every_series, key=lambda x: (abs(x[1].num_instances - 50), x[1].series_instance_uid)
+    )
 
     def study_keys(**match: str) -> Dataset:
-        ds = _identifier("STUDY", [
-            "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-            "AccessionNumber", "StudyID", "StudyDescription", "StudyInstanceUID", "ModalitiesInStudy",
-            "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
-        ])
+        ds = _identifier(
+            "STUDY",
+            [
+                "PatientName",
+                "PatientID",
+                "PatientBirthDate",
+                "PatientSex",
+                "StudyDate",
+                "StudyTime",
+                "AccessionNumber",
+                "StudyID",
+                "StudyDescription",
+                "StudyInstanceUID",
+                "ModalitiesInStudy",
+                "NumberOfStudyRelatedSeries",
+                "NumberOfStudyRelatedInstances",
+            ],
+        )
         for keyword, value in match.items():
             setattr(ds, keyword, value)
         return ds
 
-    series_ds = _identifier("SERIES", [
-        "StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription",
-        "BodyPartExamined", "NumberOfSeriesRelatedInstances",
-    ])
+    series_ds = _identifier(
+        "SERIES",
+        [
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+            "Modality",
+            "SeriesNumber",
+            "SeriesDescription",
+            "BodyPartExamined",
+            "NumberOfSeriesRelatedInstances",
+        ],
+    )
     series_ds.StudyInstanceUID = series_study.study_instance_uid
-    image_ds = _identifier("IMAGE", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
-                                     "InstanceNumber"])
+    image_ds = _identifier(
+        "IMAGE", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "InstanceNumber"]
+    )
     image_ds.StudyInstanceUID = image_study.study_instance_uid
     image_ds.SeriesInstanceUID = image_series.series_instance_uid
     return [
-        Query(name="study-name", level="STUDY", identifier=study_keys(PatientName=pattern),
-              answer_key="StudyInstanceUID", expected=name_hits, note=f"PatientName={pattern}"),
-        Query(name="study-date", level="STUDY", identifier=study_keys(StudyDate=f"{low}-{high}"),
-              answer_key="StudyInstanceUID", expected=date_hits, note=f"StudyDate={low}-{high}"),
-        Query(name="study-acc", level="STUDY", identifier=study_keys(AccessionNumber=accession_study.accession_number),
-              answer_key="StudyInstanceUID", expected=1, note=f"AccessionNumber={accession_study.accession_number}"),
-        Query(name="series", level="SERIES", identifier=series_ds, answer_key="SeriesInstanceUID",
-              expected=len(series_study.series), note="StudyInstanceUID=<one study>"),
-        Query(name="image", level="IMAGE", identifier=image_ds, answer_key="SOPInstanceUID",
-              expected=image_series.num_instances, note="StudyInstanceUID+SeriesInstanceUID=<one series>"),
+        Query(
+            name="study-name",
+            level="STUDY",
+            identifier=study_keys(PatientName=pattern),
+            answer_key="StudyInstanceUID",
+            expected=name_hits,
+            note=f"PatientName={pattern}",
+        ),
+        Query(
+            name="study-date",
+            level="STUDY",
+            identifier=study_keys(StudyDate=f"{low}-{high}"),
+            answer_key="StudyInstanceUID",
+            expected=date_hits,
+            note=f"StudyDate={low}-{high}",
+        ),
+        Query(
+            name="study-acc",
+            level="STUDY",
+            identifier=study_keys(AccessionNumber=accession_study.accession_number),
+            answer_key="StudyInstanceUID",
+            expected=1,
+            note=f"AccessionNumber={accession_study.accession_number}",
+        ),
+        Query(
+            name="series",
+            level="SERIES",
+            identifier=series_ds,
+            answer_key="SeriesInstanceUID",
+            expected=len(series_study.series),
+            note="StudyInstanceUID=<one study>",
+        ),
+        Query(
+            name="image",
+            level="IMAGE",
+            identifier=image_ds,
+            answer_key="SOPInstanceUID",
+            expected=image_series.num_instances,
+            note="StudyInstanceUID+SeriesInstanceUID=<one series>",
+        ),
     ]
 
 
@@ -394,8 +482,6 @@ def _identifier(level: str, keywords: Sequence[str]) -> Dataset:
 
 
 # -------------------------------------------------------------------------------------------- servers
-
-
 
 
 class Server:
@@ -426,8 +512,14 @@ class Pacsnode(Server):
             while True:
                 with engine.begin() as conn:
                     for meta in metas:
-                        add_instance(conn, meta, file_path=f"bench-rows/{meta.sop_instance_uid}.dcm",
-                                     file_size=0, sha256="0" * 64, calling_ae_title="BENCH")
+                        add_instance(
+                            conn,
+                            meta,
+                            file_path=f"bench-rows/{meta.sop_instance_uid}.dcm",
+                            file_size=0,
+                            sha256="0" * 64,
+                            calling_ae_title="BENCH",
+                        )
                         n += 1
                         if n % _ROWS_PER_TRANSACTION == 0:
                             break
@@ -438,14 +530,27 @@ class Pacsnode(Server):
 
     def start(self) -> None:
         config = self.work / "pacsnode.yaml"
-        config.write_text(yaml.safe_dump({
-            "node": {"ae_title": self.aet, "port": self.port, "acceptor_processes": 2},
-            "storage": {"root": str(self.work / "store"), "database_url": self.database_url, "min_free_bytes": 0},
-            "logging": {"level": "WARNING"},
-        }))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "node": {"ae_title": self.aet, "port": self.port, "acceptor_processes": 2},
+                    "storage": {
+                        "root": str(self.work / "store"),
+                        "database_url": self.database_url,
+                        "min_free_bytes": 0,
+                    },
+                    "logging": {"level": "WARNING"},
+                }
+            )
+        )
         with open(self.work / "pacsnode.log", "wb") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen([sys.executable, "-m", "node", "--config", str(config), "serve"],
-                                         cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "node", "--config", str(config), "serve"],
+                cwd=REPO,
+                env=ENV,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         wait_port(self.port)
 
 
@@ -457,13 +562,26 @@ class Orthanc(Server):
 
     def start(self) -> None:
         cfg = self.work / "orthanc.json"
-        cfg.write_text(json.dumps({
-            "Name": "bench", "StorageDirectory": str(self.work / "db"), "IndexDirectory": str(self.work / "db"),
-            "DicomAet": self.aet, "DicomPort": self.port, "HttpPort": 18042, "RemoteAccessAllowed": False,
-            "DicomCheckCalledAet": False, "Plugins": [], "DicomAlwaysAllowStore": True,
-            "DicomAlwaysAllowFind": True, "DicomScpTimeout": 600, "AuthenticationEnabled": False,
-            "SaveJobs": False,
-        }))
+        cfg.write_text(
+            json.dumps(
+                {
+                    "Name": "bench",
+                    "StorageDirectory": str(self.work / "db"),
+                    "IndexDirectory": str(self.work / "db"),
+                    "DicomAet": self.aet,
+                    "DicomPort": self.port,
+                    "HttpPort": 18042,
+                    "RemoteAccessAllowed": False,
+                    "DicomCheckCalledAet": False,
+                    "Plugins": [],
+                    "DicomAlwaysAllowStore": True,
+                    "DicomAlwaysAllowFind": True,
+                    "DicomScpTimeout": 600,
+                    "AuthenticationEnabled": False,
+                    "SaveJobs": False,
+                }
+            )
+        )
         with open(self.work / "orthanc.log", "wb") as log:
             self.proc = subprocess.Popen(["Orthanc", str(cfg)], env=ENV, stdout=log, stderr=subprocess.STDOUT)
         wait_port(self.port)
@@ -472,11 +590,16 @@ class Orthanc(Server):
 def push(server: Server, files: Sequence[Path], senders: int) -> float:
     """C-STORE the files with ``senders`` storescu processes at a time; return seconds."""
     size = max(1, min(_FILES_PER_STORESCU, -(-len(files) // senders)))
-    chunks = [files[i:i + size] for i in range(0, len(files), size)]
+    chunks = [files[i : i + size] for i in range(0, len(files), size)]
 
     def send(chunk: Sequence[Path]) -> None:
-        p = subprocess.run([require_tool("storescu"), "-aec", server.aet, "127.0.0.1", str(server.port), *map(str, chunk)],
-                           env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+        p = subprocess.run(
+            [require_tool("storescu"), "-aec", server.aet, "127.0.0.1", str(server.port), *map(str, chunk)],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            check=False,
+        )
         if p.returncode != 0:
             raise RuntimeError(f"storescu to {server.name} failed: {p.stderr.decode()[-500:]}")
 
@@ -500,8 +623,9 @@ class FindClient:
         self.assoc: Association | None = None
 
     def associate(self) -> Association:
-        assoc = self.ae.associate("127.0.0.1", self.server.port, ae_title=self.server.aet,
-                                  evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+        assoc = self.ae.associate(
+            "127.0.0.1", self.server.port, ae_title=self.server.aet, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)]
+        )
         if not assoc.is_established:
             raise RuntimeError(f"association with {self.server.name} failed")
         return assoc
@@ -519,8 +643,9 @@ class FindClient:
             if code in (0xFF00, 0xFF01):
                 answers.append(identifier)
             elif code != 0x0000:
-                raise RuntimeError(f"{self.server.name}: C-FIND {query.name} ended with status "
-                                   f"{code if code is None else hex(code)}")
+                raise RuntimeError(
+                    f"{self.server.name}: C-FIND {query.name} ended with status {code if code is None else hex(code)}"
+                )
         return time.perf_counter() - start, answers
 
     def find_fresh(self, query: Query) -> float:
@@ -563,11 +688,20 @@ class RawFindClient:
 
     def associate(self) -> None:
         item = self._item
-        context = item(0x20, bytes([self._CONTEXT_ID, 0, 0, 0]) + item(0x30, self._SOP_CLASS.encode())
-                       + item(0x40, self._TS.encode()))
+        context = item(
+            0x20,
+            bytes([self._CONTEXT_ID, 0, 0, 0]) + item(0x30, self._SOP_CLASS.encode()) + item(0x40, self._TS.encode()),
+        )
         user = item(0x50, struct.pack(">BxHI", 0x51, 4, 1 << 20) + item(0x52, f"{UID_PREFIX}99".encode()))
-        body = (struct.pack(">HH", 1, 0) + self.server.aet.ljust(16).encode() + b"BENCHRAW".ljust(16)
-                + bytes(32) + item(0x10, b"1.2.840.10008.3.1.1.1") + context + user)
+        body = (
+            struct.pack(">HH", 1, 0)
+            + self.server.aet.ljust(16).encode()
+            + b"BENCHRAW".ljust(16)
+            + bytes(32)
+            + item(0x10, b"1.2.840.10008.3.1.1.1")
+            + context
+            + user
+        )
         self.sock = socket.create_connection(("127.0.0.1", self.server.port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = self.sock.makefile("rb")
@@ -599,7 +733,8 @@ class RawFindClient:
         uid = self._SOP_CLASS.encode()
         uid += b"\0" * (len(uid) % 2)
         elements = (
-            struct.pack("<HHI", 0, 0x0002, len(uid)) + uid
+            struct.pack("<HHI", 0, 0x0002, len(uid))
+            + uid
             + struct.pack("<HHIH", 0, 0x0100, 2, 0x0020)  # CommandField C-FIND-RQ
             + struct.pack("<HHIH", 0, 0x0110, 2, self.message_id)
             + struct.pack("<HHIH", 0, 0x0700, 2, 0)  # Priority MEDIUM
@@ -637,7 +772,7 @@ class RawFindClient:
             while pos < len(body):
                 length, _, control = struct.unpack_from(">IBB", body, pos)
                 if control & 0x01:
-                    command += body[pos + 6:pos + 4 + length]
+                    command += body[pos + 6 : pos + 4 + length]
                     if control & 0x02:
                         code, _ = self._status(command)
                         command = b""
@@ -701,8 +836,11 @@ def measure(queries: Sequence[Query], servers: Sequence[Server], *, repeat: int,
                 by_server[s.name] = {str(a.get(q.answer_key, "")): a for a in answers}
                 matches[(q.name, s.name)] = len(answers)
                 if len(answers) != q.expected:
-                    print(f"  WARNING {q.name}: {s.name} returned {len(answers)} matches, "
-                          f"the generator made {q.expected}", flush=True)
+                    print(
+                        f"  WARNING {q.name}: {s.name} returned {len(answers)} matches, "
+                        f"the generator made {q.expected}",
+                        flush=True,
+                    )
             _compare(q, by_server)
         for q in queries:
             for s in _rounds(repeat, servers):
@@ -717,8 +855,11 @@ def measure(queries: Sequence[Query], servers: Sequence[Server], *, repeat: int,
             for s in servers:
                 _, n = raw_clients[s.name].find(q)  # warm-up
                 if n != matches[(q.name, s.name)]:
-                    print(f"  WARNING {q.name}: {s.name} gave the bare client {n} matches, pynetdicom "
-                          f"{matches[(q.name, s.name)]}", flush=True)
+                    print(
+                        f"  WARNING {q.name}: {s.name} gave the bare client {n} matches, pynetdicom "
+                        f"{matches[(q.name, s.name)]}",
+                        flush=True,
+                    )
             for s in _rounds(repeat, servers):
                 raw.setdefault((q.name, s.name), []).append(raw_clients[s.name].find(q)[0] * 1000)
     finally:
@@ -739,11 +880,16 @@ def _compare(query: Query, by_server: dict[str, dict[str, Dataset]]) -> None:
     """Warn when the servers' answer sets differ; list the values that differ on common keys."""
     (a_name, a), (b_name, b) = list(by_server.items())[:2]
     if set(a) != set(b):
-        print(f"  WARNING {query.name}: answers differ: {len(set(a) - set(b))} only from {a_name}, "
-              f"{len(set(b) - set(a))} only from {b_name}", flush=True)
+        print(
+            f"  WARNING {query.name}: answers differ: {len(set(a) - set(b))} only from {a_name}, "
+            f"{len(set(b) - set(a))} only from {b_name}",
+            flush=True,
+        )
     requested = {e.keyword for e in query.identifier if e.keyword != "QueryRetrieveLevel"}
-    missing = {name: sorted(requested - {e.keyword for d in answers.values() for e in d})
-               for name, answers in by_server.items()}
+    missing = {
+        name: sorted(requested - {e.keyword for d in answers.values() for e in d})
+        for name, answers in by_server.items()
+    }
     for name, keys in missing.items():
         if keys and any(by_server[name].values()):
             print(f"  note {query.name}: {name} does not return {', '.join(keys)}", flush=True)
@@ -759,11 +905,14 @@ def _compare(query: Query, by_server: dict[str, dict[str, Dataset]]) -> None:
                 shown += 1
 
 
-def print_table(title: str, queries: Sequence[Query], times: dict[tuple[str, str], list[float]],
-                matches: dict[tuple[str, str], int]) -> None:
+def print_table(
+    title: str, queries: Sequence[Query], times: dict[tuple[str, str], list[float]], matches: dict[tuple[str, str], int]
+) -> None:
     print(f"\n{title}")
-    head = (f"{'query':10s} {'level':6s} {'matches p/o':>11s} | {'pacsnode med':>12s} {'p90':>7s} | "
-            f"{'orthanc med':>11s} {'p90':>7s} | {'p/o':>5s} | {'<50ms':5s} {'vs Orthanc':10s}")
+    head = (
+        f"{'query':10s} {'level':6s} {'matches p/o':>11s} | {'pacsnode med':>12s} {'p90':>7s} | "
+        f"{'orthanc med':>11s} {'p90':>7s} | {'p/o':>5s} | {'<50ms':5s} {'vs Orthanc':10s}"
+    )
     print(head)
     print("-" * len(head))
     for q in queries:
@@ -773,14 +922,18 @@ def print_table(title: str, queries: Sequence[Query], times: dict[tuple[str, str
         pm, om = statistics.median(p), statistics.median(o)
         small = max(matches[(q.name, "pacsnode")], matches[(q.name, "orthanc")]) <= 100
         target = ("OK" if pm < _TARGET_MS else "MISS") if small else "n/a"
-        print(f"{q.name:10s} {q.level:6s} {matches[(q.name, 'pacsnode')]:>5d}/{matches[(q.name, 'orthanc')]:<5d} | "
-              f"{pm:9.2f} ms {_p90(p):7.2f} | {om:8.2f} ms {_p90(o):7.2f} | {pm / om:5.2f} | "
-              f"{target:5s} {'OK' if pm <= om else 'MISS':10s}")
+        print(
+            f"{q.name:10s} {q.level:6s} {matches[(q.name, 'pacsnode')]:>5d}/{matches[(q.name, 'orthanc')]:<5d} | "
+            f"{pm:9.2f} ms {_p90(p):7.2f} | {om:8.2f} ms {_p90(o):7.2f} | {pm / om:5.2f} | "
+            f"{target:5s} {'OK' if pm <= om else 'MISS':10s}"
+        )
     if (_ASSOC_ONLY, "pacsnode") in times:
         p, o = times[(_ASSOC_ONLY, "pacsnode")], times[(_ASSOC_ONLY, "orthanc")]
         pm, om = statistics.median(p), statistics.median(o)
-        print(f"{'(associate + release only)':29s} | {pm:9.2f} ms {_p90(p):7.2f} | {om:8.2f} ms {_p90(o):7.2f} | "
-              f"{pm / om:5.2f} |")
+        print(
+            f"{'(associate + release only)':29s} | {pm:9.2f} ms {_p90(p):7.2f} | {om:8.2f} ms {_p90(o):7.2f} | "
+            f"{pm / om:5.2f} |"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -806,16 +959,22 @@ def _run(args: argparse.Namespace) -> None:
             cut += 1
         real, rows = studies[:cut], studies[cut:]
         n_series = sum(len(s.series) for s in studies)
-        print(f"generated {args.patients} patients, {len(studies)} studies, {n_series} series, "
-              f"{args.instances} instances in {time.perf_counter() - t:.1f} s", flush=True)
+        print(
+            f"generated {args.patients} patients, {len(studies)} studies, {n_series} series, "
+            f"{args.instances} instances in {time.perf_counter() - t:.1f} s",
+            flush=True,
+        )
         for q in queries:
             print(f"  {q.name:10s} {q.level:6s} {q.note}: {q.expected} expected matches")
 
         t = time.perf_counter()
         real_files = write_files(base / "files" / "real", real, workers)
         row_files = write_files(base / "files" / "rows", rows, workers)
-        print(f"wrote {len(real_files) + len(row_files)} small files in {time.perf_counter() - t:.1f} s "
-              f"({workers} processes)", flush=True)
+        print(
+            f"wrote {len(real_files) + len(row_files)} small files in {time.perf_counter() - t:.1f} s "
+            f"({workers} processes)",
+            flush=True,
+        )
 
         t = time.perf_counter()
         n_rows = pacsnode.fill_rows(rows)
@@ -823,14 +982,19 @@ def _run(args: argparse.Namespace) -> None:
         print(f"pacsnode: {n_rows} instances indexed as rows in {rows_s:.1f} s ({n_rows / rows_s:.0f}/s)", flush=True)
         pacsnode.start()
         real_s = push(pacsnode, real_files, args.senders)
-        print(f"pacsnode: {len(real_files)} real files pushed in {real_s:.1f} s "
-              f"({len(real_files) / real_s:.0f}/s, {args.senders} storescu)", flush=True)
+        print(
+            f"pacsnode: {len(real_files)} real files pushed in {real_s:.1f} s "
+            f"({len(real_files) / real_s:.0f}/s, {args.senders} storescu)",
+            flush=True,
+        )
 
         orthanc.start()
         orthanc_s = push(orthanc, real_files + row_files, args.senders)
         total = len(real_files) + len(row_files)
-        print(f"orthanc: {total} files pushed in {orthanc_s:.1f} s ({total / orthanc_s:.0f}/s, "
-              f"{args.senders} storescu)", flush=True)
+        print(
+            f"orthanc: {total} files pushed in {orthanc_s:.1f} s ({total / orthanc_s:.0f}/s, {args.senders} storescu)",
+            flush=True,
+        )
         if not args.keep:
             shutil.rmtree(base / "files", ignore_errors=True)
 
@@ -843,16 +1007,33 @@ def _run(args: argparse.Namespace) -> None:
         else:
             print(f"\nkept {base}")
 
-    print(f"\nFill: pacsnode {n_rows} rows {rows_s:.1f} s + {len(real_files)} files over DICOM {real_s:.1f} s "
-          f"= {rows_s + real_s:.1f} s; Orthanc {total} files over DICOM {orthanc_s:.1f} s")
+    print(
+        f"\nFill: pacsnode {n_rows} rows {rows_s:.1f} s + {len(real_files)} files over DICOM {real_s:.1f} s "
+        f"= {rows_s + real_s:.1f} s; Orthanc {total} files over DICOM {orthanc_s:.1f} s"
+    )
     size = f"{args.instances} instances / {len(studies)} studies / {args.patients} patients"
-    print_table(f"C-FIND, {size}, pynetdicom requestor, one association kept, {args.repeat} repetitions "
-                f"(ms; p/o = pacsnode/Orthanc, lower is better)", queries, result.kept, result.matches)
-    print_table(f"C-FIND, {size}, bare-socket requestor (no client decoding), one association kept, "
-                f"{args.repeat} repetitions (ms)", queries, result.raw, result.matches)
+    print_table(
+        f"C-FIND, {size}, pynetdicom requestor, one association kept, {args.repeat} repetitions "
+        f"(ms; p/o = pacsnode/Orthanc, lower is better)",
+        queries,
+        result.kept,
+        result.matches,
+    )
+    print_table(
+        f"C-FIND, {size}, bare-socket requestor (no client decoding), one association kept, "
+        f"{args.repeat} repetitions (ms)",
+        queries,
+        result.raw,
+        result.matches,
+    )
     if args.fresh_repeat:
-        print_table(f"C-FIND with a fresh pynetdicom association each time (associate + find + release), "
-                    f"{args.fresh_repeat} repetitions (ms)", queries, result.fresh, result.matches)
+        print_table(
+            f"C-FIND with a fresh pynetdicom association each time (associate + find + release), "
+            f"{args.fresh_repeat} repetitions (ms)",
+            queries,
+            result.fresh,
+            result.matches,
+        )
 
 
 def main() -> None:
@@ -860,11 +1041,16 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=2000)
     parser.add_argument("--studies", type=int, default=5000)
     parser.add_argument("--instances", type=int, default=100_000)
-    parser.add_argument("--real-files", type=int, default=2000,
-                        help="instances pushed to pacsnode as files over DICOM (whole studies); the rest are rows")
+    parser.add_argument(
+        "--real-files",
+        type=int,
+        default=2000,
+        help="instances pushed to pacsnode as files over DICOM (whole studies); the rest are rows",
+    )
     parser.add_argument("--repeat", type=int, default=20, help="timed runs of each query on each server")
-    parser.add_argument("--fresh-repeat", type=int, default=5,
-                        help="timed runs with a fresh association each (0: skip that table)")
+    parser.add_argument(
+        "--fresh-repeat", type=int, default=5, help="timed runs with a fresh association each (0: skip that table)"
+    )
     parser.add_argument("--senders", type=int, default=4, help="parallel storescu processes for the fills")
     parser.add_argument("--writers", type=int, default=0, help="processes writing the files (default: CPUs)")
     parser.add_argument("--seed", type=int, default=1)

@@ -21,21 +21,22 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-from pynetdicom import AE, _config as pynetdicom_config, evt
+from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.events import EventHandlerType
 
-from node.config import Settings
-from node.contexts import qr_contexts, scp_contexts
-from node.handlers import (
+from pacsnode.node.config import Settings
+from pacsnode.node.dicom.contexts import qr_contexts, scp_contexts
+from pacsnode.node.dicom.handlers import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     AssociationLog,
     StoreService,
     handle_echo,
 )
-from node.qr import QueryRetrieveService, handle_sop_extended
-from node.server import NodeServer, PeerPolicy
-from storage import Archive
+from pacsnode.node.dicom.qr import QueryRetrieveService, handle_sop_extended
+from pacsnode.node.dicom.server import NodeServer, PeerPolicy
+from pacsnode.storage import Archive
 
 __all__ = ["Node", "configure_pynetdicom", "serve", "open_listen_socket"]
 
@@ -154,7 +155,9 @@ class Node:
         self._thread.start()
         logger.info(
             "accepting associations as %r on %s:%d (pid %d)",
-            node.ae_title, *self.address, os.getpid(),
+            node.ae_title,
+            *self.address,
+            os.getpid(),
         )
         return self.address
 
@@ -176,6 +179,7 @@ class Node:
 
 
 # -- the serve process ---------------------------------------------------------------------------
+
 
 class _Stop:
     def __init__(self) -> None:
@@ -216,7 +220,12 @@ def serve(settings: Settings) -> int:
     workers = settings.analysis.workers
     logger.info(
         "pacsnode serving %r on %s:%d with %d acceptor process(es) and %d worker process(es); store %s; index %s",
-        node.ae_title, node.host, node.port, count, workers, settings.storage.root.resolve(),
+        node.ae_title,
+        node.host,
+        node.port,
+        count,
+        workers,
+        settings.storage.root.resolve(),
         _safe_url(settings.storage.database_url),
     )
     if not settings.analysis.rules and workers:
@@ -230,9 +239,7 @@ def run_workers(settings: Settings, count: int) -> int:
     """``pacsnode worker``: run ``count`` worker processes against the configured database."""
     archive = Archive.open(settings.storage)
     archive.close()
-    logger.info(
-        "pacsnode worker: %d process(es) on index %s", count, _safe_url(settings.storage.database_url)
-    )
+    logger.info("pacsnode worker: %d process(es) on index %s", count, _safe_url(settings.storage.database_url))
     return _supervise(settings, None, 0, count)
 
 
@@ -263,7 +270,7 @@ def _spawn(settings: Settings, listen_socket: socket.socket | None, share: int, 
     if role == "acceptor":
         assert listen_socket is not None
         return _fork(lambda: _run_acceptor(settings, listen_socket, share), "acceptor")
-    from node.worker import run_worker_process
+    from pacsnode.node.worker import run_worker_process
 
     return _fork(lambda: run_worker_process(settings), "worker")
 
@@ -324,7 +331,7 @@ def _supervise(settings: Settings, listen_socket: socket.socket | None, count: i
 
 
 def _timeout_exit() -> int:
-    from node.worker import TIMEOUT_EXIT
+    from pacsnode.node.worker import TIMEOUT_EXIT
 
     return TIMEOUT_EXIT
 
@@ -332,5 +339,3 @@ def _timeout_exit() -> int:
 def _describe(wait_status: int) -> str:
     code = os.waitstatus_to_exitcode(wait_status)
     return f"signal {-code}" if code < 0 else f"status {code}"
-
-

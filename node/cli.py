@@ -10,9 +10,9 @@ from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from node.config import Settings, load
-from node.errors import ConfigError, UnknownNodeError
-from node.logs import setup_logging
+from pacsnode.node.config import Settings, load
+from pacsnode.node.errors import ConfigError, UnknownNodeError
+from pacsnode.node.logs import setup_logging
 
 __all__ = ["main"]
 
@@ -53,17 +53,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("node", help="a name from remote_nodes, or AET@HOST:PORT")
     p.add_argument("--level", default="STUDY", type=str.upper, choices=["PATIENT", "STUDY", "SERIES", "IMAGE"])
     p.add_argument("--patient-root", action="store_true", help="use the Patient Root model (default: Study Root)")
-    p.add_argument("-k", "--key", action="append", default=[], metavar="KEYWORD[=VALUE]",
-                   help="a matching key (KEYWORD=VALUE) or return key (KEYWORD); repeatable")
+    p.add_argument(
+        "-k",
+        "--key",
+        action="append",
+        default=[],
+        metavar="KEYWORD[=VALUE]",
+        help="a matching key (KEYWORD=VALUE) or return key (KEYWORD); repeatable",
+    )
     p.add_argument("--json", action="store_true", help="one JSON array of answers")
     p = sub.add_parser("retrieve", help="pull a study (or series) from a remote node into this node")
     p.add_argument("node", help="a name from remote_nodes, or AET@HOST:PORT")
     p.add_argument("--study", required=True, metavar="UID", help="StudyInstanceUID")
     p.add_argument("--series", metavar="UID", help="only this SeriesInstanceUID")
-    p.add_argument("--method", choices=["get", "move"], default="get",
-                   help="get: C-GET, stored here directly (default); move: C-MOVE to --destination")
-    p.add_argument("--destination", metavar="AET",
-                   help="C-MOVE destination AE title (default: this node's, which must be serving)")
+    p.add_argument(
+        "--method",
+        choices=["get", "move"],
+        default="get",
+        help="get: C-GET, stored here directly (default); move: C-MOVE to --destination",
+    )
+    p.add_argument(
+        "--destination", metavar="AET", help="C-MOVE destination AE title (default: this node's, which must be serving)"
+    )
     p = sub.add_parser("studies", help="list the studies in the index")
     p.add_argument("--json", action="store_true", help="one JSON array instead of a table")
     p = sub.add_parser("worker", help="run analysis worker processes (jobs, exports, scheduling) until SIGTERM")
@@ -75,8 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON array instead of a table")
     p = sub.add_parser("analyze", help="queue analysis of a stored study now (no quiet time)")
     p.add_argument("study", metavar="STUDY_UID")
-    p.add_argument("--pipeline", metavar="NAME",
-                   help="a rule name or pipeline name (default: every enabled rule that matches the study)")
+    p.add_argument(
+        "--pipeline",
+        metavar="NAME",
+        help="a rule name or pipeline name (default: every enabled rule that matches the study)",
+    )
     p.add_argument("--series", metavar="UID", help="only this SeriesInstanceUID")
     p = sub.add_parser("retry", help="queue a failed job again")
     p.add_argument("job_id", type=int, metavar="JOB_ID")
@@ -94,7 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a nodule model on held-out generated studies and real CT images")
     p.add_argument("--model", default="lung-nodule", metavar="NAME|DIR", help="built-in model name or package folder")
     p.add_argument("--studies", type=int, default=5, help="generated studies (default 5)")
-    p.add_argument("--seed", type=int, default=None, help="first seed of the generated studies (default: held-out range)")
+    p.add_argument(
+        "--seed", type=int, default=None, help="first seed of the generated studies (default: held-out range)"
+    )
     p.add_argument("--slices", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-real", action="store_true", help="skip the real CT images of pydicom-data")
@@ -126,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from node.app import serve
-    from storage import StorageError
+    from pacsnode.node.app import serve
+    from pacsnode.storage import StorageError
 
     try:
         return serve(settings)
@@ -140,8 +156,8 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
-    from analysis import AnalysisError
-    from analysis.pipelines import resolve_pipeline
+    from pacsnode.analysis import AnalysisError
+    from pacsnode.analysis.pipelines import resolve_pipeline
 
     for rule in settings.analysis.rules:  # deeper checks a pipeline offers: e.g. build its model once
         pipeline = resolve_pipeline(rule.pipeline)
@@ -156,8 +172,8 @@ def _cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_echo(settings: Settings, args: argparse.Namespace) -> int:
-    from node.app import configure_pynetdicom
-    from node.export import echo, resolve_node
+    from pacsnode.node.app import configure_pynetdicom
+    from pacsnode.node.dicom.export import echo, resolve_node
 
     configure_pynetdicom()
     ok, message = echo(settings, resolve_node(settings, args.node))
@@ -168,8 +184,8 @@ def _cmd_echo(settings: Settings, args: argparse.Namespace) -> int:
 def _cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from node.app import configure_pynetdicom
-    from node.export import collect_files, send_files, resolve_node
+    from pacsnode.node.app import configure_pynetdicom
+    from pacsnode.node.dicom.export import collect_files, resolve_node, send_files
 
     configure_pynetdicom()
     remote = resolve_node(settings, args.node)
@@ -184,7 +200,9 @@ def _cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         bar.close()
     failed = [o for o in outcomes if not o.ok]
-    print(f"sent {len(outcomes) - len(failed)} of {len(outcomes)} file(s) to {remote.ae_title}@{remote.host}:{remote.port}")
+    print(
+        f"sent {len(outcomes) - len(failed)} of {len(outcomes)} file(s) to {remote.ae_title}@{remote.host}:{remote.port}"
+    )
     for o in failed:
         code = f"0x{o.status:04X}" if o.status is not None else "not sent"
         print(f"  FAILED {o.path}: {code}{': ' + o.error if o.error else ''}")
@@ -206,9 +224,9 @@ def _parse_keys(items: list[str]) -> dict[str, str]:
 
 
 def _cmd_find(settings: Settings, args: argparse.Namespace) -> int:
-    from node.app import configure_pynetdicom
-    from node.export import resolve_node
-    from node.retrieve import DEFAULT_RETURN_KEYS, find
+    from pacsnode.node.app import configure_pynetdicom
+    from pacsnode.node.dicom.export import resolve_node
+    from pacsnode.node.dicom.retrieve import DEFAULT_RETURN_KEYS, find
 
     configure_pynetdicom()
     remote = resolve_node(settings, args.node)
@@ -230,8 +248,10 @@ def _cmd_find(settings: Settings, args: argparse.Namespace) -> int:
         _print_table(list(keys), [[row[k] for k in keys] for row in rows])
     if result.status != 0:
         status = "no final status" if result.status is None else f"0x{result.status:04X}"
-        print(f"pacsnode: C-FIND ended with {status}{': ' + result.error_comment if result.error_comment else ''}",
-              file=sys.stderr)
+        print(
+            f"pacsnode: C-FIND ended with {status}{': ' + result.error_comment if result.error_comment else ''}",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     print(f"{len(rows)} match(es)", file=sys.stderr)
     return EXIT_OK
@@ -248,16 +268,16 @@ def _text(value: object) -> str:
 def _print_table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     for line in (header, *rows):
-        print("  ".join(col.ljust(w) for col, w in zip(line, widths)).rstrip())
+        print("  ".join(col.ljust(w) for col, w in zip(line, widths, strict=False)).rstrip())
 
 
 def _cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from node.app import configure_pynetdicom
-    from node.export import resolve_node
-    from node.retrieve import retrieve
-    from storage import Archive, StorageError
+    from pacsnode.node.app import configure_pynetdicom
+    from pacsnode.node.dicom.export import resolve_node
+    from pacsnode.node.dicom.retrieve import retrieve
+    from pacsnode.storage import Archive, StorageError
 
     configure_pynetdicom()
     remote = resolve_node(settings, args.node)
@@ -277,8 +297,14 @@ def _cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
 
     try:
         result = retrieve(
-            settings, remote, args.study, series_uid=args.series, method=args.method,
-            destination=args.destination, archive=archive, progress=_progress,
+            settings,
+            remote,
+            args.study,
+            series_uid=args.series,
+            method=args.method,
+            destination=args.destination,
+            archive=archive,
+            progress=_progress,
         )
     except ConnectionError as exc:
         print(f"pacsnode: {exc}", file=sys.stderr)
@@ -289,8 +315,10 @@ def _cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
             archive.close()
     status = "no final status" if result.status is None else f"0x{result.status:04X}"
     where = "stored here" if args.method == "get" else f"moved to {args.destination or settings.node.ae_title}"
-    print(f"retrieve from {remote.ae_title}: {status}; {result.completed} completed, {result.failed} failed, "
-          f"{result.warning} warning ({where}{': ' + str(result.stored_here) if args.method == 'get' else ''})")
+    print(
+        f"retrieve from {remote.ae_title}: {status}; {result.completed} completed, {result.failed} failed, "
+        f"{result.warning} warning ({where}{': ' + str(result.stored_here) if args.method == 'get' else ''})"
+    )
     if result.error_comment:
         print(f"  {result.error_comment}")
     for uid in result.failed_uids:
@@ -299,8 +327,8 @@ def _cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
-    from storage import Archive, StorageError
-    from storage.db import migrate
+    from pacsnode.storage import Archive, StorageError
+    from pacsnode.storage.db import migrate
 
     archive = Archive(settings.storage)
     try:
@@ -316,21 +344,28 @@ def _cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_OK
     header = ("PATIENT", "NAME", "DATE", "DESCRIPTION", "MODALITIES", "SERIES", "INSTANCES", "STUDY UID")
     rows = [
-        (s.patient_id, s.patient_name or "", s.study_date or "", s.study_description or "",
-         (s.modalities_in_study or "").replace("\\", ","), str(s.num_series), str(s.num_instances),
-         s.study_instance_uid)
+        (
+            s.patient_id,
+            s.patient_name or "",
+            s.study_date or "",
+            s.study_description or "",
+            (s.modalities_in_study or "").replace("\\", ","),
+            str(s.num_series),
+            str(s.num_instances),
+            s.study_instance_uid,
+        )
         for s in studies
     ]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     for line in (header, *rows):
-        print("  ".join(col.ljust(w) for col, w in zip(line, widths)).rstrip())
+        print("  ".join(col.ljust(w) for col, w in zip(line, widths, strict=False)).rstrip())
     print(f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'}")
     return EXIT_OK
 
 
 def _open_archive(settings: Settings):  # type: ignore[no-untyped-def]
-    from storage import Archive
-    from storage.db import migrate
+    from pacsnode.storage import Archive
+    from pacsnode.storage.db import migrate
 
     archive = Archive(settings.storage)
     migrate(archive.engine)
@@ -338,8 +373,8 @@ def _open_archive(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 def _cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from node.app import configure_pynetdicom, run_workers
-    from storage import StorageError
+    from pacsnode.node.app import configure_pynetdicom, run_workers
+    from pacsnode.storage import StorageError
 
     count = args.count if args.count is not None else max(1, settings.analysis.workers)
     if count < 1:
@@ -354,7 +389,7 @@ def _cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
-    from storage.queue import JobQueue
+    from pacsnode.storage.queue import JobQueue
 
     archive = _open_archive(settings)
     try:
@@ -369,30 +404,42 @@ def _cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
         took = ""
         if j.started_at and j.finished_at:
             took = f"{(j.finished_at - j.started_at).total_seconds():.1f}s"
-        rows.append([
-            str(j.id), j.state, j.pipeline, j.rule, f"{j.attempts}/{j.max_attempts}",
-            j.created_at.strftime("%Y-%m-%d %H:%M:%S"), took, j.study_instance_uid,
-            (j.last_error or "")[:80],
-        ])
+        rows.append(
+            [
+                str(j.id),
+                j.state,
+                j.pipeline,
+                j.rule,
+                f"{j.attempts}/{j.max_attempts}",
+                j.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                took,
+                j.study_instance_uid,
+                (j.last_error or "")[:80],
+            ]
+        )
     _print_table(["ID", "STATE", "PIPELINE", "RULE", "TRIES", "QUEUED (UTC)", "TOOK", "STUDY", "LAST ERROR"], rows)
     print(f"{len(jobs)} job(s)")
     return EXIT_OK
 
 
 def _cmd_analyze(settings: Settings, args: argparse.Namespace) -> int:
-    from analysis.pipelines import PipelineError, resolve_pipeline
-    from analysis.routing import series_matches
-    from storage.activity import series_of_study
-    from storage.db import read_connection
-    from storage.queue import JobQueue
+    from pacsnode.analysis.pipelines import PipelineError, resolve_pipeline
+    from pacsnode.analysis.routing import select_series
+    from pacsnode.node.scheduler import ImageSizes, enqueue_rule_jobs
+    from pacsnode.storage.activity import series_of_study
+    from pacsnode.storage.db import read_connection
+    from pacsnode.storage.queue import JobQueue
 
     archive = _open_archive(settings)
     try:
         with read_connection(archive.engine) as conn:
             series = series_of_study(conn, args.study, args.series or "")
         if not series:
-            print(f"pacsnode: no received series for study {args.study}"
-                  + (f" series {args.series}" if args.series else ""), file=sys.stderr)
+            print(
+                f"pacsnode: no received series for study {args.study}"
+                + (f" series {args.series}" if args.series else ""),
+                file=sys.stderr,
+            )
             return EXIT_FAILED
         analysis = settings.analysis
         rules = [r for r in analysis.rules if r.enabled]
@@ -400,6 +447,7 @@ def _cmd_analyze(settings: Settings, args: argparse.Namespace) -> int:
             rules = [r for r in analysis.rules if args.pipeline in (r.name, r.pipeline)]
         queue = JobQueue(archive.engine)
         queued: list[tuple[int, bool, str]] = []
+        skipped: list[str] = []
         if args.pipeline and not rules:
             try:
                 resolve_pipeline(args.pipeline)
@@ -407,28 +455,34 @@ def _cmd_analyze(settings: Settings, args: argparse.Namespace) -> int:
                 print(f"pacsnode: {exc}", file=sys.stderr)
                 return EXIT_CONFIG
             job_id, created = queue.enqueue(
-                rule="cli", pipeline=args.pipeline, study_instance_uid=args.study,
-                series_instance_uid=args.series or "", max_attempts=analysis.max_attempts,
+                rule="cli",
+                pipeline=args.pipeline,
+                study_instance_uid=args.study,
+                series_instance_uid=args.series or "",
+                max_attempts=analysis.max_attempts,
                 timeout_s=analysis.job_timeout_seconds,
             )
             queued.append((job_id, created, f"pipeline {args.pipeline} (no rule: results are not exported)"))
+        sizes = ImageSizes(archive)
         for rule in rules:
-            matching = [s for s in series if series_matches(rule, s)] if not args.pipeline else series
-            if not matching:
+            chosen = select_series(rule, series, sizes)
+            if not chosen:
+                skipped.append(rule.name)
                 continue
-            targets = [""] if rule.scope == "study" else [s.series_instance_uid for s in matching]
-            for series_uid in targets:
-                job_id, created = queue.enqueue(
-                    rule=rule.name, pipeline=rule.pipeline, study_instance_uid=args.study,
-                    series_instance_uid=series_uid, params=rule.params, destinations=rule.destinations,
-                    max_attempts=analysis.max_attempts,
-                    timeout_s=rule.timeout_seconds or analysis.job_timeout_seconds,
-                )
+            for job_id, created in enqueue_rule_jobs(
+                queue, rule, analysis, study_instance_uid=args.study, chosen=chosen
+            ):
                 queued.append((job_id, created, f"rule {rule.name} ({rule.pipeline})"))
     finally:
         archive.close()
     if not queued:
-        print(f"pacsnode: no enabled rule matches study {args.study}; name one with --pipeline", file=sys.stderr)
+        if skipped:
+            print(
+                f"pacsnode: no series of study {args.study} matches rule(s) {', '.join(skipped)}",
+                file=sys.stderr,
+            )
+        else:
+            print(f"pacsnode: no enabled rule matches study {args.study}; name one with --pipeline", file=sys.stderr)
         return EXIT_FAILED
     for job_id, created, what in queued:
         print(f"job {job_id}: {what}" + ("" if created else " (already pending)"))
@@ -436,7 +490,7 @@ def _cmd_analyze(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
-    from storage.queue import JobQueue
+    from pacsnode.storage.queue import JobQueue
 
     archive = _open_archive(settings)
     try:
@@ -451,7 +505,7 @@ def _cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_exports(settings: Settings, args: argparse.Namespace) -> int:
-    from storage.queue import ExportQueue
+    from pacsnode.storage.queue import ExportQueue
 
     archive = _open_archive(settings)
     try:
@@ -472,9 +526,16 @@ def _cmd_exports(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps([e.as_dict() for e in exports], indent=2))
         return EXIT_OK
     rows = [
-        [str(e.id), e.state, e.destination, f"{e.attempts}/{e.max_attempts}",
-         e.not_before.strftime("%H:%M:%S") if e.state == "pending" else "",
-         e.sop_instance_uid, str(e.job_id or ""), (e.last_error or "")[:80]]
+        [
+            str(e.id),
+            e.state,
+            e.destination,
+            f"{e.attempts}/{e.max_attempts}",
+            e.not_before.strftime("%H:%M:%S") if e.state == "pending" else "",
+            e.sop_instance_uid,
+            str(e.job_id or ""),
+            (e.last_error or "")[:80],
+        ]
         for e in exports
     ]
     _print_table(["ID", "STATE", "DESTINATION", "TRIES", "NEXT (UTC)", "SOP INSTANCE", "JOB", "LAST ERROR"], rows)
@@ -483,26 +544,28 @@ def _cmd_exports(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_train(settings: Settings | None, args: argparse.Namespace) -> int:
-    from analysis.training import TrainConfig, train
+    from pacsnode.analysis.modeldev.training import TrainConfig, train
 
     def progress(step: int, loss: float) -> None:
         print(f"step {step}/{args.steps}: loss {loss:.4f}", flush=True)
 
     manifest = train(args.out, TrainConfig(seed=args.seed, steps=args.steps), progress=progress)
     size = (args.out / manifest["weights"]["file"]).stat().st_size
-    print(f"wrote {args.out}/manifest.json and {manifest['weights']['file']} ({size / 1e6:.2f} MB), "
-          f"sha256 {manifest['weights']['sha256']}")
+    print(
+        f"wrote {args.out}/manifest.json and {manifest['weights']['file']} ({size / 1e6:.2f} MB), "
+        f"sha256 {manifest['weights']['sha256']}"
+    )
     return EXIT_OK
 
 
 def _cmd_evaluate(settings: Settings | None, args: argparse.Namespace) -> int:
-    from analysis.evaluation import (
+    from pacsnode.analysis.cnn.package import ModelError, load_package
+    from pacsnode.analysis.modeldev.evaluation import (
         HELD_OUT_SEED_BASE,
         evaluate_phantoms,
         evaluate_real_ct,
         pydicom_data_ct_files,
     )
-    from analysis.model_package import ModelError, load_package
 
     try:
         package = load_package(args.model)
@@ -522,14 +585,27 @@ def _cmd_evaluate(settings: Settings | None, args: argparse.Namespace) -> int:
     print(f"model {report.model}: {len(report.studies)} generated studies (seeds {seed}..{seed + args.studies - 1})")
     _print_table(
         ["seed", "nodules", "found", "false pos.", "Dice", "volume error %"],
-        [[str(s.seed), str(s.true_nodules), str(s.found), str(s.false_positives), f"{s.dice:.3f}",
-          " ".join(f"{e:+.0f}" for e in s.volume_errors_percent)] for s in report.studies],
+        [
+            [
+                str(s.seed),
+                str(s.true_nodules),
+                str(s.found),
+                str(s.false_positives),
+                f"{s.dice:.3f}",
+                " ".join(f"{e:+.0f}" for e in s.volume_errors_percent),
+            ]
+            for s in report.studies
+        ],
     )
-    print(f"Dice {report.dice:.3f}  sensitivity {report.sensitivity:.1%} "
-          f"({', '.join(f'{k}: {v}' for k, v in report.sensitivity_by_size.items())})  "
-          f"false positives/study {report.false_positives_per_study:.2f}  "
-          f"mean |volume error| {report.mean_abs_volume_error_percent:.1f}%")
+    print(
+        f"Dice {report.dice:.3f}  sensitivity {report.sensitivity:.1%} "
+        f"({', '.join(f'{k}: {v}' for k, v in report.sensitivity_by_size.items())})  "
+        f"false positives/study {report.false_positives_per_study:.2f}  "
+        f"mean |volume error| {report.mean_abs_volume_error_percent:.1f}%"
+    )
     if not args.no_real:
-        print(f"real CT (pydicom-data, no nodules marked): {report.real_ct_false_positives} findings "
-              f"on {report.real_ct_images} images")
+        print(
+            f"real CT (pydicom-data, no nodules marked): {report.real_ct_false_positives} findings "
+            f"on {report.real_ct_images} images"
+        )
     return EXIT_OK

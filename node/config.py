@@ -12,11 +12,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
-from node.errors import ConfigError
-from analysis.settings import AnalysisSettings
-from storage.settings import StorageSettings
+from pacsnode.analysis.settings import AnalysisSettings
+from pacsnode.node.errors import ConfigError
+from pacsnode.storage.settings import StorageSettings
 
 __all__ = [
     "Settings",

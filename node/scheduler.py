@@ -15,23 +15,93 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
 from pydicom import dcmread
 from sqlalchemy import Connection
 
-from analysis.routing import is_ready, selected_series
-from analysis.settings import Rule
-from node.config import Settings
-from storage import Archive
-from storage.activity import SeriesFacts, UnitFacts, mark_scheduled, unscheduled_series, unscheduled_studies
-from storage.queue import JobQueue, utcnow
+from pacsnode.analysis.routing import is_ready, select_series
+from pacsnode.analysis.settings import AnalysisSettings, Rule
+from pacsnode.node.config import Settings
+from pacsnode.storage import Archive
+from pacsnode.storage.activity import (
+    SeriesFacts,
+    UnitFacts,
+    mark_scheduled,
+    unscheduled_series,
+    unscheduled_studies,
+)
+from pacsnode.storage.queue import JobQueue, utcnow
 
-__all__ = ["Scheduler"]
+__all__ = ["ImageSizes", "Scheduler", "enqueue_rule_jobs"]
 
 logger = logging.getLogger(__name__)
+
+
+class ImageSizes:
+    """Rows and Columns of a series' images, read from one header and cached.
+
+    The image-size reader that :func:`pacsnode.analysis.routing.select_series`
+    takes. ``unreadable`` is set when a header could not be read (not cached,
+    so a later call tries again).
+    """
+
+    def __init__(self, archive: Archive, *, limit: int = 10_000) -> None:
+        self.archive = archive
+        self.unreadable = False
+        self._limit = limit
+        self._sizes: dict[str, tuple[int, int]] = {}
+
+    def __call__(self, facts: SeriesFacts) -> tuple[int, int] | None:
+        cached = self._sizes.get(facts.series_instance_uid)
+        if cached is not None:
+            return cached
+        path: Path = self.archive.instance_path(facts.sample_file)
+        try:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
+            size = (int(ds.Rows), int(ds.Columns))
+        except Exception as exc:  # not cached: tried again on the next call
+            self.unreadable = True
+            logger.warning("series %s: cannot read the image size from %s: %s", facts.series_instance_uid, path, exc)
+            return None
+        if len(self._sizes) >= self._limit:
+            self._sizes.clear()
+        self._sizes[facts.series_instance_uid] = size
+        return size
+
+
+def enqueue_rule_jobs(
+    jobs: JobQueue,
+    rule: Rule,
+    analysis: AnalysisSettings,
+    *,
+    study_instance_uid: str,
+    chosen: Sequence[SeriesFacts],
+    conn: Connection | None = None,
+) -> list[tuple[int, bool]]:
+    """Queue the jobs of ``rule`` for the series it selected; ``(job id, created)`` each.
+
+    A study-scope rule gets one job for the study (the worker selects the
+    same series again when it runs, with the instances received by then); a
+    series-scope rule gets one job per chosen series.
+    """
+    targets = [""] if rule.scope == "study" else [s.series_instance_uid for s in chosen]
+    return [
+        jobs.enqueue(
+            rule=rule.name,
+            pipeline=rule.pipeline,
+            study_instance_uid=study_instance_uid,
+            series_instance_uid=series_uid,
+            params=rule.params,
+            destinations=rule.destinations,
+            max_attempts=analysis.max_attempts,
+            timeout_s=rule.timeout_seconds or analysis.job_timeout_seconds,
+            conn=conn,
+        )
+        for series_uid in targets
+    ]
 
 
 class Scheduler:
@@ -47,16 +117,13 @@ class Scheduler:
         Called after a pass that queued jobs (wakes this process's job loop).
     """
 
-    def __init__(
-        self, settings: Settings, archive: Archive, *, on_queued: Callable[[], object] | None = None
-    ) -> None:
+    def __init__(self, settings: Settings, archive: Archive, *, on_queued: Callable[[], object] | None = None) -> None:
         self.settings = settings
         self._on_queued = on_queued
         self.archive = archive
         self.jobs = JobQueue(archive.engine)
         self.rules = [rule for rule in settings.analysis.rules if rule.enabled]
-        self._sizes: dict[str, tuple[int, int] | None] = {}
-        self._unreadable = False
+        self.image_sizes = ImageSizes(archive)
 
     def run(self, stop: threading.Event) -> None:
         """Scan every ``scan_interval_seconds`` until ``stop`` is set."""
@@ -89,15 +156,15 @@ class Scheduler:
 
     def _schedule(self, conn: Connection, unit: UnitFacts, now: datetime) -> list[int]:
         scope = "series" if unit.series_instance_uid else "study"
-        self._unreadable = False
+        self.image_sizes.unreadable = False
         applicable: list[tuple[Rule, list[SeriesFacts]]] = []
         for rule in self.rules:
             if rule.scope != scope:
                 continue
-            chosen = selected_series(rule, unit, self._image_size)
+            chosen = select_series(rule, unit.series, self.image_sizes)
             if chosen:
                 applicable.append((rule, chosen))
-        if self._unreadable:
+        if self.image_sizes.unreadable:
             return []  # an image size could not be read: decide on a later pass, do not mark
         if not all(is_ready(rule, unit, self.settings.analysis, now) for rule, _ in applicable):
             return []  # wait for the slowest rule's quiet time
@@ -106,7 +173,7 @@ class Scheduler:
             return []
         queued: list[int] = []
         analysis = self.settings.analysis
-        for rule, _chosen in applicable:
+        for rule, chosen in applicable:
             if not rule.reanalyze and self.jobs.ran_before(
                 conn,
                 rule=rule.name,
@@ -115,35 +182,14 @@ class Scheduler:
             ):
                 logger.info(
                     "rule %s: %s %s changed after its analysis; not analysed again (reanalyze: false)",
-                    rule.name, scope, unit.series_instance_uid or unit.study_instance_uid,
+                    rule.name,
+                    scope,
+                    unit.series_instance_uid or unit.study_instance_uid,
                 )
                 continue
-            job_id, created = self.jobs.enqueue(
-                rule=rule.name,
-                pipeline=rule.pipeline,
-                study_instance_uid=unit.study_instance_uid,
-                series_instance_uid=unit.series_instance_uid,
-                params=rule.params,
-                destinations=rule.destinations,
-                max_attempts=analysis.max_attempts,
-                timeout_s=rule.timeout_seconds or analysis.job_timeout_seconds,
-                conn=conn,
-            )
-            if created:
-                queued.append(job_id)
+            for job_id, created in enqueue_rule_jobs(
+                self.jobs, rule, analysis, study_instance_uid=unit.study_instance_uid, chosen=chosen, conn=conn
+            ):
+                if created:
+                    queued.append(job_id)
         return queued
-
-    def _image_size(self, facts: SeriesFacts) -> tuple[int, int] | None:
-        """Rows and Columns of one image of the series, read from its header (cached)."""
-        if facts.series_instance_uid not in self._sizes:
-            path: Path = self.archive.instance_path(facts.sample_file)
-            try:
-                ds = dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
-                self._sizes[facts.series_instance_uid] = (int(ds.Rows), int(ds.Columns))
-            except Exception as exc:  # not cached: tried again on the next pass
-                self._unreadable = True
-                logger.warning("series %s: cannot read the image size from %s: %s", facts.series_instance_uid, path, exc)
-                return None
-            if len(self._sizes) > 10_000:
-                self._sizes.clear()
-        return self._sizes[facts.series_instance_uid]

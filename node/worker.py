@@ -33,16 +33,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from analysis.pipelines import PipelineInput, SeriesInput, resolve_pipeline
-from analysis.routing import series_matches
-from analysis.types import AnalysisError
-from node.config import Settings
-from node.export import ExportOutcome, send_files
-from storage import Archive
-from storage.activity import series_of_study
-from storage.db import read_connection
-from storage.index import find_instance
-from storage.queue import ExportQueue, ExportRecord, JobQueue, JobRecord, RetryPolicy
+from pacsnode.analysis.pipelines import PipelineInput, SeriesInput, resolve_pipeline
+from pacsnode.analysis.routing import select_series
+from pacsnode.analysis.types import AnalysisError
+from pacsnode.node.config import Settings
+from pacsnode.node.dicom.export import ExportOutcome, send_files
+from pacsnode.node.scheduler import ImageSizes
+from pacsnode.storage import Archive
+from pacsnode.storage.activity import series_of_study
+from pacsnode.storage.db import read_connection
+from pacsnode.storage.index import find_instance
+from pacsnode.storage.queue import (
+    ExportQueue,
+    ExportRecord,
+    JobQueue,
+    JobRecord,
+    RetryPolicy,
+)
 
 __all__ = ["Worker", "run_worker_process", "TIMEOUT_EXIT"]
 
@@ -74,9 +81,7 @@ class Worker:
         (default: end the process with :data:`TIMEOUT_EXIT`).
     """
 
-    def __init__(
-        self, settings: Settings, archive: Archive, *, exit_process: Callable[[int], Any] = os._exit
-    ) -> None:
+    def __init__(self, settings: Settings, archive: Archive, *, exit_process: Callable[[int], Any] = os._exit) -> None:
         self.settings = settings
         self.archive = archive
         self.jobs = JobQueue(archive.engine)
@@ -93,6 +98,7 @@ class Worker:
             max_attempts=export.max_attempts, base_s=export.backoff_seconds, cap_s=export.backoff_max_seconds
         )
         self._pipelines: dict[str, Any] = {}  # loaded once per process, kept warm
+        self.image_sizes = ImageSizes(archive)  # the scheduler's reader: the same selection on both sides
         self.wake = threading.Event()  # set by the scheduler in this process when it queues a job
         self.export_wake = threading.Event()  # set when a job of this process queued exports
 
@@ -130,7 +136,10 @@ class Worker:
                 return more
             while len(more) < limit - 1:
                 other = self.jobs.claim(
-                    owner, lease_s=self.settings.analysis.lease_seconds, rule=job.rule, pipeline=job.pipeline,
+                    owner,
+                    lease_s=self.settings.analysis.lease_seconds,
+                    rule=job.rule,
+                    pipeline=job.pipeline,
                     first_attempt=True,
                 )
                 if other is None:
@@ -166,8 +175,13 @@ class Worker:
                             error = f"timed out after {timeout_s:g} s (attempt {job.attempts} of {job.max_attempts})"
                             try:
                                 state = self.jobs.fail(job.id, owner, error, retry=True, policy=self.job_retry)
-                                logger.error("job %d %s; now %s; restarting this worker", job.id, error, state,
-                                             extra={"action": "job", "job_id": job.id, "pipeline": job.pipeline})
+                                logger.error(
+                                    "job %d %s; now %s; restarting this worker",
+                                    job.id,
+                                    error,
+                                    state,
+                                    extra={"action": "job", "job_id": job.id, "pipeline": job.pipeline},
+                                )
                             except Exception:  # the lease will expire and another worker takes the job
                                 logger.exception("job %d %s; cannot record it; restarting this worker", job.id, error)
                     finally:
@@ -191,7 +205,11 @@ class Worker:
         for job in jobs:
             logger.info(
                 "job %d started: %s for study %s (attempt %d of %d)%s",
-                job.id, job.pipeline, job.study_instance_uid, job.attempts, job.max_attempts,
+                job.id,
+                job.pipeline,
+                job.study_instance_uid,
+                job.attempts,
+                job.max_attempts,
                 f", batched with {len(jobs) - 1} other job(s)" if len(jobs) > 1 else "",
                 extra={"action": "job", "job_id": job.id, "pipeline": job.pipeline},
             )
@@ -239,8 +257,13 @@ class Worker:
             state = self.jobs.fail(job.id, owner, error, retry=True, policy=self.job_retry)
             logger.log(
                 logging.ERROR if state == "failed" else logging.WARNING,
-                "job %d attempt %d failed (%s): %s", job.id, job.attempts, state, error,
-                exc_info=(type(outcome), outcome, outcome.__traceback__), extra=extra,
+                "job %d attempt %d failed (%s): %s",
+                job.id,
+                job.attempts,
+                state,
+                error,
+                exc_info=(type(outcome), outcome, outcome.__traceback__),
+                extra=extra,
             )
             return state
         summary, stored = outcome
@@ -258,22 +281,35 @@ class Worker:
             self.export_wake.set()
         logger.info(
             "job %d done in %.1f s: %d result object(s)%s",
-            job.id, summary["elapsed_s"], len(stored),
-            f", queued for {', '.join(job.destinations)}" if job.destinations else "", extra=extra,
+            job.id,
+            summary["elapsed_s"],
+            len(stored),
+            f", queued for {', '.join(job.destinations)}" if job.destinations else "",
+            extra=extra,
         )
         return "done"
 
     def _inputs(self, job: JobRecord, deadline: float) -> PipelineInput:
         with read_connection(self.archive.engine) as conn:
-            series = series_of_study(conn, job.study_instance_uid, job.series_instance_uid)
-        rule = next((r for r in self.settings.analysis.rules if r.name == job.rule), None)
-        if rule is not None and not job.series_instance_uid:
-            series = [s for s in series if series_matches(rule, s)] or series
-        if not series:
+            received = series_of_study(conn, job.study_instance_uid, job.series_instance_uid)
+        if not received:
             raise AnalysisError(
                 f"study {job.study_instance_uid} has no received series"
                 + (f" {job.series_instance_uid}" if job.series_instance_uid else "")
             )
+        series = received
+        rule = next((r for r in self.settings.analysis.rules if r.name == job.rule), None)
+        if rule is not None and not job.series_instance_uid:
+            # A study-scope job: the same selection the scheduler made, image sizes included.
+            self.image_sizes.unreadable = False
+            series = select_series(rule, received, self.image_sizes)
+            if not series and self.image_sizes.unreadable:
+                raise OSError(f"study {job.study_instance_uid}: an image header could not be read; trying again")
+            if not series:
+                raise AnalysisError(
+                    f"none of the {len(received)} series of study {job.study_instance_uid} "
+                    f"matches rule {rule.name!r} any more"
+                )
         return PipelineInput(
             job_id=job.id,
             study_instance_uid=job.study_instance_uid,
@@ -406,7 +442,11 @@ class Worker:
         if outcome.ok:
             self.exports.mark_sent(item, owner)
             logger.info(
-                "exported %s to %s (%s:%d)", item.sop_instance_uid, destination, remote.host, remote.port,
+                "exported %s to %s (%s:%d)",
+                item.sop_instance_uid,
+                destination,
+                remote.host,
+                remote.port,
                 extra={"action": "export", "destination": destination},
             )
             return
@@ -419,15 +459,21 @@ class Worker:
         state = self.exports.mark_failed(item, owner, error, policy=self.export_retry)
         level = logging.ERROR if state == "dead" else logging.WARNING
         logger.log(
-            level, "export of %s to %s failed (attempt %d of %d, now %s): %s",
-            item.sop_instance_uid, item.destination, item.attempts, item.max_attempts, state, error,
+            level,
+            "export of %s to %s failed (attempt %d of %d, now %s): %s",
+            item.sop_instance_uid,
+            item.destination,
+            item.attempts,
+            item.max_attempts,
+            state,
+            error,
             extra={"action": "export-failed", "destination": item.destination},
         )
 
 
 def run_worker_process(settings: Settings, *, scheduler: bool = True, exporter: bool = True) -> int:
     """Body of one worker process: job loop, exporter and scheduler threads, until SIGTERM/SIGINT."""
-    from node.scheduler import Scheduler
+    from pacsnode.node.scheduler import Scheduler
 
     stop = threading.Event()
 
@@ -447,8 +493,10 @@ def run_worker_process(settings: Settings, *, scheduler: bool = True, exporter: 
     if scheduler:
         threads.append(
             threading.Thread(
-                target=Scheduler(settings, archive, on_queued=worker.wake.set).run, args=(stop,),
-                name="scheduler", daemon=True,
+                target=Scheduler(settings, archive, on_queued=worker.wake.set).run,
+                args=(stop,),
+                name="scheduler",
+                daemon=True,
             )
         )
     for thread in threads:

@@ -3,17 +3,17 @@
 No pynetdicom and no torch here: bytes in, rows out.
 """
 
-from storage.archive import AddOutcome, AddResult, Archive
-from storage.errors import (
+from pacsnode.storage.archive import AddOutcome, AddResult, Archive
+from pacsnode.storage.errors import (
     DuplicateInstanceError,
     InvalidInstanceError,
     OutOfSpaceError,
     StorageError,
     UnreadableInstanceError,
 )
-from storage.files import InstanceStore, StagedFile
-from storage.index import InstanceMeta, StudySummary, read_header
-from storage.settings import DuplicatePolicy, StorageSettings
+from pacsnode.storage.files import InstanceStore, StagedFile
+from pacsnode.storage.index import InstanceMeta, StudySummary, read_header
+from pacsnode.storage.settings import DuplicatePolicy, StorageSettings
 
 __all__ = [
     "AddOutcome",

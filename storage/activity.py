@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Row, Select, or_, select, update
 
-from storage.models import Instance, Patient, Series, Study
+from pacsnode.storage.models import Instance, Patient, Series, Study
 
 __all__ = ["SeriesFacts", "UnitFacts", "unscheduled_series", "unscheduled_studies", "mark_scheduled", "series_of_study"]
 
@@ -77,10 +77,16 @@ def _facts(conn: Connection, series_rows: Sequence[Row[Any]], with_files: bool =
             sample = files[len(files) // 2]
         else:
             files = ()
-            sample = conn.execute(
-                select(_instances.c.file_path).where(of_series).order_by(*order)
-                .offset(row.num_instances // 2).limit(1)
-            ).scalar() or ""
+            sample = (
+                conn.execute(
+                    select(_instances.c.file_path)
+                    .where(of_series)
+                    .order_by(*order)
+                    .offset(row.num_instances // 2)
+                    .limit(1)
+                ).scalar()
+                or ""
+            )
         out.append(
             SeriesFacts(
                 study_instance_uid=row.study_instance_uid,
@@ -103,9 +109,16 @@ def _facts(conn: Connection, series_rows: Sequence[Row[Any]], with_files: bool =
 def _series_query() -> Select[Any]:
     return (
         select(
-            _series.c.id, _series.c.series_instance_uid, _series.c.modality, _series.c.body_part_examined,
-            _series.c.series_description, _series.c.num_instances, _series.c.last_received_at,
-            _series.c.scheduled_at, _studies.c.study_instance_uid, _patients.c.patient_id,
+            _series.c.id,
+            _series.c.series_instance_uid,
+            _series.c.modality,
+            _series.c.body_part_examined,
+            _series.c.series_description,
+            _series.c.num_instances,
+            _series.c.last_received_at,
+            _series.c.scheduled_at,
+            _studies.c.study_instance_uid,
+            _patients.c.patient_id,
         )
         .join(_studies, _studies.c.id == _series.c.study_fk)
         .join(_patients, _patients.c.id == _studies.c.patient_fk)

@@ -20,12 +20,12 @@ from pydicom.dataset import Dataset
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from storage import index, query
-from storage.db import WriteGate, make_engine, migrate, read_connection
-from storage.errors import DuplicateInstanceError, StorageError
-from storage.files import InstanceStore, StagedFile
-from storage.index import InstanceMeta, StudySummary
-from storage.settings import DuplicatePolicy, StorageSettings
+from pacsnode.storage import index, query
+from pacsnode.storage.db import WriteGate, make_engine, migrate, read_connection
+from pacsnode.storage.errors import DuplicateInstanceError, StorageError
+from pacsnode.storage.files import InstanceStore, StagedFile
+from pacsnode.storage.index import InstanceMeta, StudySummary
+from pacsnode.storage.settings import DuplicatePolicy, StorageSettings
 
 __all__ = ["Archive", "AddOutcome"]
 
@@ -191,13 +191,12 @@ class Archive:
                         "rejected instance %s: already stored with other content (policy reject)",
                         meta.sop_instance_uid,
                     )
-                    raise DuplicateInstanceError(
-                        f"already stored with different content: {meta.sop_instance_uid}"
-                    )
+                    raise DuplicateInstanceError(f"already stored with different content: {meta.sop_instance_uid}")
                 if policy is DuplicatePolicy.KEEP_FIRST:
                     logger.warning(
                         "ignored instance %s from %s: already stored with other content (policy keep_first)",
-                        meta.sop_instance_uid, calling_ae_title,
+                        meta.sop_instance_uid,
+                        calling_ae_title,
                     )
                     return AddResult(outcome=AddOutcome.KEPT_FIRST, file_path=existing.file_path)
                 index.remove_instance(conn, existing)
@@ -214,7 +213,8 @@ class Archive:
         if old_file is not None:
             logger.warning(
                 "overwrote instance %s with other content from %s (policy overwrite)",
-                meta.sop_instance_uid, calling_ae_title,
+                meta.sop_instance_uid,
+                calling_ae_title,
             )
             if old_file != relative:
                 self.store.remove(old_file)
@@ -227,7 +227,7 @@ class Archive:
             return index.list_studies(conn)
 
     def find(self, parsed: query.FindQuery, *, limit: int | None) -> list[dict[str, Any]]:
-        """Answer a parsed C-FIND from the index (see :mod:`storage.query`)."""
+        """Answer a parsed C-FIND from the index (see :mod:`pacsnode.storage.query`)."""
         try:
             with read_connection(self.engine) as conn:
                 return query.find(conn, parsed, limit=limit)

@@ -16,7 +16,7 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
-from storage.errors import StorageError
+from pacsnode.storage.errors import StorageError
 
 __all__ = ["READ_ONLY", "make_engine", "migrate", "read_connection", "WriteGate"]
 
@@ -91,7 +91,6 @@ def migrate(engine: Engine) -> None:
         command.upgrade(_alembic_config(engine), "head")
     except Exception as exc:
         raise StorageError(f"cannot migrate the index database: {exc}") from exc
-
 
 
 class WriteGate:

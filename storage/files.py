@@ -25,8 +25,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.errors import OutOfSpaceError, StorageError
-from storage.settings import StorageSettings
+from pacsnode.storage.errors import OutOfSpaceError, StorageError
+from pacsnode.storage.settings import StorageSettings
 
 __all__ = ["InstanceStore", "StagedFile", "uid_digest"]
 
@@ -76,8 +76,7 @@ class InstanceStore:
         free = shutil.disk_usage(self.root).free
         if free - incoming_bytes < self.min_free_bytes:
             raise OutOfSpaceError(
-                f"free-space floor reached: {free} bytes free, {incoming_bytes} incoming, "
-                f"floor {self.min_free_bytes}"
+                f"free-space floor reached: {free} bytes free, {incoming_bytes} incoming, floor {self.min_free_bytes}"
             )
 
     # -- writing -----------------------------------------------------------------------------

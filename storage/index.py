@@ -21,9 +21,9 @@ from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 from sqlalchemy import Connection, Row, func, select, update
 
-from storage.errors import InvalidInstanceError, UnreadableInstanceError
-from storage.models import Instance, Patient, Series, Study
-from storage.query import pn_search_key
+from pacsnode.storage.errors import InvalidInstanceError, UnreadableInstanceError
+from pacsnode.storage.models import Instance, Patient, Series, Study
+from pacsnode.storage.query import pn_search_key
 
 __all__ = [
     "InstanceMeta",
@@ -164,10 +164,7 @@ def read_header(
     """
     try:
         ds: Dataset = dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
-        values = {
-            name: _text(ds.get(keyword), limit)
-            for keyword, (name, limit) in _TRANSLATION.items()
-        }
+        values = {name: _text(ds.get(keyword), limit) for keyword, (name, limit) in _TRANSLATION.items()}
     except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError) as exc:
         raise UnreadableInstanceError(f"cannot parse the dataset: {exc}") from exc
     except Exception as exc:  # pydicom raises a wide range on hostile bytes
@@ -210,9 +207,7 @@ def utcnow() -> datetime:
 
 def find_instance(conn: Connection, sop_instance_uid: str) -> Row[Any] | None:
     """Return the instance row for a SOP Instance UID, or ``None``."""
-    return conn.execute(
-        select(_instances).where(_instances.c.sop_instance_uid == sop_instance_uid)
-    ).first()
+    return conn.execute(select(_instances).where(_instances.c.sop_instance_uid == sop_instance_uid)).first()
 
 
 def _log_conflicts(level: str, uid: str, row: Row[Any], meta: InstanceMeta, names: tuple[str, ...]) -> None:
@@ -222,7 +217,11 @@ def _log_conflicts(level: str, uid: str, row: Row[Any], meta: InstanceMeta, name
         if new is not None and old is not None and new != old:
             logger.warning(
                 "%s %s: %s %r differs from the indexed %r (kept the indexed value)",
-                level, uid, name, new, old,
+                level,
+                uid,
+                name,
+                new,
+                old,
             )
 
 
@@ -297,16 +296,19 @@ def add_instance(
             logger.warning(
                 "study %s: instance %s names PatientID %r but the study is indexed under another patient "
                 "(kept the indexed patient)",
-                meta.study_instance_uid, meta.sop_instance_uid, patient_key,
+                meta.study_instance_uid,
+                meta.sop_instance_uid,
+                patient_key,
             )
         _log_conflicts(
-            "study", meta.study_instance_uid, study, meta,
+            "study",
+            meta.study_instance_uid,
+            study,
+            meta,
             ("study_date", "accession_number", "study_description"),
         )
 
-    series = conn.execute(
-        select(_series.c.id).where(_series.c.series_instance_uid == meta.series_instance_uid)
-    ).first()
+    series = conn.execute(select(_series.c.id).where(_series.c.series_instance_uid == meta.series_instance_uid)).first()
     if series is None:
         series_fk = conn.execute(
             _series.insert().values(
@@ -321,12 +323,16 @@ def add_instance(
                 is_result=is_result,
             )
         ).inserted_primary_key[0]
-        modalities = conn.execute(
-            select(_series.c.modality)
-            .where(_series.c.study_fk == study_fk, _series.c.modality.is_not(None))
-            .distinct()
-            .order_by(_series.c.modality)
-        ).scalars().all()
+        modalities = (
+            conn.execute(
+                select(_series.c.modality)
+                .where(_series.c.study_fk == study_fk, _series.c.modality.is_not(None))
+                .distinct()
+                .order_by(_series.c.modality)
+            )
+            .scalars()
+            .all()
+        )
         study_values: dict[str, Any] = {
             "num_series": _studies.c.num_series + 1,
             "num_instances": _studies.c.num_instances + 1,
@@ -374,12 +380,16 @@ def remove_instance(conn: Connection, row: Row[Any]) -> None:
     conn.execute(select(_studies.c.id).where(_studies.c.id == series.study_fk).with_for_update())
     if series.num_instances <= 1:
         conn.execute(_series.delete().where(_series.c.id == series.id))
-        modalities = conn.execute(
-            select(_series.c.modality)
-            .where(_series.c.study_fk == series.study_fk, _series.c.modality.is_not(None))
-            .distinct()
-            .order_by(_series.c.modality)
-        ).scalars().all()
+        modalities = (
+            conn.execute(
+                select(_series.c.modality)
+                .where(_series.c.study_fk == series.study_fk, _series.c.modality.is_not(None))
+                .distinct()
+                .order_by(_series.c.modality)
+            )
+            .scalars()
+            .all()
+        )
         conn.execute(
             update(_studies)
             .where(_studies.c.id == series.study_fk)
@@ -390,13 +400,9 @@ def remove_instance(conn: Connection, row: Row[Any]) -> None:
             )
         )
     else:
+        conn.execute(update(_series).where(_series.c.id == series.id).values(num_instances=_series.c.num_instances - 1))
         conn.execute(
-            update(_series).where(_series.c.id == series.id).values(num_instances=_series.c.num_instances - 1)
-        )
-        conn.execute(
-            update(_studies)
-            .where(_studies.c.id == series.study_fk)
-            .values(num_instances=_studies.c.num_instances - 1)
+            update(_studies).where(_studies.c.id == series.study_fk).values(num_instances=_studies.c.num_instances - 1)
         )
     study = conn.execute(select(_studies).where(_studies.c.id == series.study_fk)).one()
     if study.num_series <= 0:

@@ -1,14 +1,25 @@
 """ORM models of the index: one table per Query/Retrieve level.
 
 Attribute names are the snake_case form of the DICOM keywords; the mapping from
-keywords lives in :mod:`storage.index` only.
+keywords lives in :mod:`pacsnode.storage.index` only.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = ["Base", "Patient", "Study", "Series", "Instance", "Job", "Export"]
@@ -31,7 +42,7 @@ class Patient(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     patient_id: Mapped[str] = mapped_column(String(_LO), unique=True)
     patient_name: Mapped[str | None] = mapped_column(String(_PN))
-    # Folded form for case-insensitive Person Name matching (storage.query.pn_search_key).
+    # Folded form for case-insensitive Person Name matching (pacsnode.storage.query.pn_search_key).
     patient_name_key: Mapped[str | None] = mapped_column(String(_PN))
     patient_birth_date: Mapped[str | None] = mapped_column(String(8))
     patient_sex: Mapped[str | None] = mapped_column(String(_CS))
@@ -155,7 +166,9 @@ class Job(Base):
         Index("ix_jobs_study", "study_instance_uid"),
         Index(
             "ux_jobs_one_pending",
-            "pipeline", "study_instance_uid", "series_instance_uid",
+            "pipeline",
+            "study_instance_uid",
+            "series_instance_uid",
             unique=True,
             sqlite_where=text("state = 'pending'"),
             postgresql_where=text("state = 'pending'"),

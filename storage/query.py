@@ -35,8 +35,8 @@ from sqlalchemy import (
     true,
 )
 
-from storage.errors import StorageError
-from storage.models import Instance, Patient, Series, Study
+from pacsnode.storage.errors import StorageError
+from pacsnode.storage.models import Instance, Patient, Series, Study
 
 __all__ = [
     "FindQuery",
@@ -175,7 +175,9 @@ _ATTRIBUTES: dict[str, _Attribute] = {
 }
 
 # Keys answered by the caller, not by the index.
-_HANDLED_ELSEWHERE = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle", "InstanceAvailability"})
+_HANDLED_ELSEWHERE = frozenset(
+    {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle", "InstanceAvailability"}
+)
 
 _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
@@ -192,6 +194,7 @@ def _level_of(keyword: str, model: Model) -> Level | None:
 
 
 # -- values -------------------------------------------------------------------------------------
+
 
 def _pn_alphabetic(value: str) -> str:
     """The alphabetic component group, without padding and empty trailing components."""
@@ -298,6 +301,7 @@ class InstanceLocation:
 
 
 # -- parsing ------------------------------------------------------------------------------------
+
 
 def _parse_level(identifier: Dataset, model: Model) -> Level:
     raw = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
@@ -526,7 +530,9 @@ def _conditions(query: FindQuery, dialect: str) -> list[ColumnElement[bool]]:
                     exists(
                         select(literal(1))
                         .select_from(_series)
-                        .where(_series.c.study_fk == _studies.c.id, _text_condition(_series.c.modality, values, dialect))
+                        .where(
+                            _series.c.study_fk == _studies.c.id, _text_condition(_series.c.modality, values, dialect)
+                        )
                     )
                 )
             case _Kind.DERIVED:

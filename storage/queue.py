@@ -1,6 +1,6 @@
 """Durable job and export queues in the index database.
 
-Both queues are tables (:class:`storage.models.Job`, :class:`storage.models.Export`)
+Both queues are tables (:class:`pacsnode.storage.models.Job`, :class:`pacsnode.storage.models.Export`)
 and every transition is one short transaction, so a crash at any moment leaves
 each row in a state some worker can pick up again:
 
@@ -14,7 +14,7 @@ each row in a state some worker can pick up again:
 - On PostgreSQL the claim uses ``SELECT ... FOR UPDATE SKIP LOCKED``, so many
   workers on many machines claim different rows without waiting on each other.
   On SQLite every write transaction starts with ``BEGIN IMMEDIATE`` (see
-  :mod:`storage.db`), which serialises claims. Either way the claim's UPDATE
+  :mod:`pacsnode.storage.db`), which serialises claims. Either way the claim's UPDATE
   re-checks the state it read, so a row is never claimed twice.
 """
 
@@ -32,9 +32,9 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, case, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from storage.db import WriteGate, read_connection
-from storage.index import utcnow
-from storage.models import Export, Job
+from pacsnode.storage.db import WriteGate, read_connection
+from pacsnode.storage.index import utcnow
+from pacsnode.storage.models import Export, Job
 
 __all__ = [
     "JobState",
@@ -192,9 +192,15 @@ class JobQueue(_Queue):
         if conn is None:
             with self.transaction() as own:
                 return self.enqueue(
-                    rule=rule, pipeline=pipeline, study_instance_uid=study_instance_uid,
-                    series_instance_uid=series_instance_uid, params=params, destinations=destinations,
-                    max_attempts=max_attempts, timeout_s=timeout_s, conn=own,
+                    rule=rule,
+                    pipeline=pipeline,
+                    study_instance_uid=study_instance_uid,
+                    series_instance_uid=series_instance_uid,
+                    params=params,
+                    destinations=destinations,
+                    max_attempts=max_attempts,
+                    timeout_s=timeout_s,
+                    conn=own,
                 )
         key = and_(
             _jobs.c.pipeline == pipeline,
@@ -210,12 +216,19 @@ class JobQueue(_Queue):
             with conn.begin_nested():
                 job_id = conn.execute(
                     _jobs.insert().values(
-                        rule=rule, pipeline=pipeline, study_instance_uid=study_instance_uid,
-                        series_instance_uid=series_instance_uid, state=JobState.PENDING.value, attempts=0,
-                        max_attempts=max_attempts, timeout_s=timeout_s,
+                        rule=rule,
+                        pipeline=pipeline,
+                        study_instance_uid=study_instance_uid,
+                        series_instance_uid=series_instance_uid,
+                        state=JobState.PENDING.value,
+                        attempts=0,
+                        max_attempts=max_attempts,
+                        timeout_s=timeout_s,
                         params=json.dumps(params or {}, sort_keys=True),
                         destinations=json.dumps(list(destinations)),
-                        created_at=now, updated_at=now, not_before=now,
+                        created_at=now,
+                        updated_at=now,
+                        not_before=now,
                     )
                 ).inserted_primary_key[0]
         except IntegrityError:  # another scheduler queued it between our read and our insert
@@ -225,7 +238,10 @@ class JobQueue(_Queue):
             return int(existing), False
         logger.info(
             "queued job %d: pipeline %s (rule %s) for study %s%s",
-            job_id, pipeline, rule, study_instance_uid,
+            job_id,
+            pipeline,
+            rule,
+            study_instance_uid,
             f" series {series_instance_uid}" if series_instance_uid else "",
             extra={"action": "job-queued", "job_id": job_id, "pipeline": pipeline},
         )
@@ -271,7 +287,9 @@ class JobQueue(_Queue):
                 )
                 if rule is not None or pipeline is not None or first_attempt:
                     claimable = and_(
-                        _jobs.c.state == JobState.PENDING.value, _jobs.c.not_before <= now, ~busy,
+                        _jobs.c.state == JobState.PENDING.value,
+                        _jobs.c.not_before <= now,
+                        ~busy,
                         *([_jobs.c.rule == rule] if rule is not None else []),
                         *([_jobs.c.pipeline == pipeline] if pipeline is not None else []),
                         *([_jobs.c.attempts == 0] if first_attempt else []),
@@ -288,9 +306,15 @@ class JobQueue(_Queue):
                         f"{row.attempts} of {row.max_attempts}; {row.last_error or ''}".rstrip("; ")
                     )
                     conn.execute(
-                        update(_jobs).where(_jobs.c.id == row.id, _jobs.c.state == JobState.RUNNING.value).values(
-                            state=JobState.FAILED.value, last_error=error, finished_at=now, updated_at=now,
-                            lease_owner=None, lease_expires_at=None,
+                        update(_jobs)
+                        .where(_jobs.c.id == row.id, _jobs.c.state == JobState.RUNNING.value)
+                        .values(
+                            state=JobState.FAILED.value,
+                            last_error=error,
+                            finished_at=now,
+                            updated_at=now,
+                            lease_owner=None,
+                            lease_expires_at=None,
                         )
                     )
                     logger.error("job %d failed: %s", row.id, error, extra={"action": "job-failed", "job_id": row.id})
@@ -298,7 +322,10 @@ class JobQueue(_Queue):
                 if row.state == JobState.RUNNING.value:
                     logger.warning(
                         "job %d: worker %s stopped renewing its lease; %s takes the job over",
-                        row.id, row.lease_owner, owner, extra={"action": "job-reclaimed", "job_id": row.id},
+                        row.id,
+                        row.lease_owner,
+                        owner,
+                        extra={"action": "job-reclaimed", "job_id": row.id},
                     )
                 done = conn.execute(
                     update(_jobs)
@@ -308,8 +335,12 @@ class JobQueue(_Queue):
                         _jobs.c.attempts == row.attempts,
                     )
                     .values(
-                        state=JobState.RUNNING.value, attempts=row.attempts + 1, lease_owner=owner,
-                        lease_expires_at=now + timedelta(seconds=lease_s), started_at=now, updated_at=now,
+                        state=JobState.RUNNING.value,
+                        attempts=row.attempts + 1,
+                        lease_owner=owner,
+                        lease_expires_at=now + timedelta(seconds=lease_s),
+                        started_at=now,
+                        updated_at=now,
                         finished_at=None,
                     )
                 )
@@ -328,9 +359,7 @@ class JobQueue(_Queue):
             )
         return done.rowcount == 1
 
-    def complete(
-        self, job_id: int, owner: str, result: dict[str, Any], *, conn: Connection | None = None
-    ) -> bool:
+    def complete(self, job_id: int, owner: str, result: dict[str, Any], *, conn: Connection | None = None) -> bool:
         """Mark the job done with its result summary; False if the lease was lost meanwhile.
 
         Pass ``conn`` to make it part of a larger transaction (the job's exports).
@@ -343,8 +372,13 @@ class JobQueue(_Queue):
             update(_jobs)
             .where(_jobs.c.id == job_id, _jobs.c.lease_owner == owner, _jobs.c.state == JobState.RUNNING.value)
             .values(
-                state=JobState.DONE.value, result=json.dumps(result, sort_keys=True, default=str),
-                last_error=None, finished_at=now, updated_at=now, lease_owner=None, lease_expires_at=None,
+                state=JobState.DONE.value,
+                result=json.dumps(result, sort_keys=True, default=str),
+                last_error=None,
+                finished_at=now,
+                updated_at=now,
+                lease_owner=None,
+                lease_expires_at=None,
             )
         )
         return done.rowcount == 1
@@ -376,7 +410,10 @@ class JobQueue(_Queue):
                 ).scalar()
                 again = other is None
             values: dict[str, Any] = {
-                "last_error": error[:4000], "updated_at": now, "lease_owner": None, "lease_expires_at": None,
+                "last_error": error[:4000],
+                "updated_at": now,
+                "lease_owner": None,
+                "lease_expires_at": None,
             }
             if again:
                 values.update(
@@ -419,8 +456,13 @@ class JobQueue(_Queue):
             try:
                 with conn.begin_nested():
                     conn.execute(
-                        update(_jobs).where(_jobs.c.id == job_id).values(
-                            state=JobState.PENDING.value, attempts=0, not_before=now, updated_at=now,
+                        update(_jobs)
+                        .where(_jobs.c.id == job_id)
+                        .values(
+                            state=JobState.PENDING.value,
+                            attempts=0,
+                            not_before=now,
+                            updated_at=now,
                             finished_at=None,
                         )
                     )
@@ -434,21 +476,28 @@ class JobQueue(_Queue):
 
     def ran_before(self, conn: Connection, *, rule: str, study_instance_uid: str, series_instance_uid: str) -> bool:
         """Whether a job of ``rule`` for this study/series is done or running (in the caller's transaction)."""
-        return conn.execute(
-            select(_jobs.c.id).where(
-                _jobs.c.rule == rule,
-                _jobs.c.study_instance_uid == study_instance_uid,
-                _jobs.c.series_instance_uid == series_instance_uid,
-                _jobs.c.state.in_([JobState.DONE.value, JobState.RUNNING.value]),
-            ).limit(1)
-        ).first() is not None
+        return (
+            conn.execute(
+                select(_jobs.c.id)
+                .where(
+                    _jobs.c.rule == rule,
+                    _jobs.c.study_instance_uid == study_instance_uid,
+                    _jobs.c.series_instance_uid == series_instance_uid,
+                    _jobs.c.state.in_([JobState.DONE.value, JobState.RUNNING.value]),
+                )
+                .limit(1)
+            ).first()
+            is not None
+        )
 
     def get(self, job_id: int) -> JobRecord | None:
         with read_connection(self.engine) as conn:
             row = conn.execute(select(_jobs).where(_jobs.c.id == job_id)).first()
         return None if row is None else JobRecord.from_row(row)
 
-    def list(self, *, state: str | None = None, study_instance_uid: str | None = None, limit: int = 1000) -> list[JobRecord]:
+    def list(
+        self, *, state: str | None = None, study_instance_uid: str | None = None, limit: int = 1000
+    ) -> list[JobRecord]:
         stmt = select(_jobs).order_by(_jobs.c.id.desc()).limit(limit)
         if state:
             stmt = stmt.where(_jobs.c.state == state)
@@ -478,9 +527,7 @@ class ExportQueue(_Queue):
         """
         if conn is None:
             with self.transaction() as own:
-                return self.enqueue(
-                    sop_instance_uids, destinations, max_attempts=max_attempts, job_id=job_id, conn=own
-                )
+                return self.enqueue(sop_instance_uids, destinations, max_attempts=max_attempts, job_id=job_id, conn=own)
         now = utcnow()
         count = 0
         for destination in destinations:
@@ -493,17 +540,31 @@ class ExportQueue(_Queue):
                 if row is None:
                     conn.execute(
                         _exports.insert().values(
-                            sop_instance_uid=uid, destination=destination, job_id=job_id,
-                            state=ExportState.PENDING.value, generation=0, attempts=0, max_attempts=max_attempts,
-                            created_at=now, updated_at=now, not_before=now,
+                            sop_instance_uid=uid,
+                            destination=destination,
+                            job_id=job_id,
+                            state=ExportState.PENDING.value,
+                            generation=0,
+                            attempts=0,
+                            max_attempts=max_attempts,
+                            created_at=now,
+                            updated_at=now,
+                            not_before=now,
                         )
                     )
                 else:
                     # A row being sent right now keeps its lease; the bumped generation sends it again after.
                     conn.execute(
-                        update(_exports).where(_exports.c.id == row.id).values(
-                            job_id=job_id, generation=_exports.c.generation + 1, attempts=0,
-                            max_attempts=max_attempts, not_before=now, updated_at=now, last_error=None,
+                        update(_exports)
+                        .where(_exports.c.id == row.id)
+                        .values(
+                            job_id=job_id,
+                            generation=_exports.c.generation + 1,
+                            attempts=0,
+                            max_attempts=max_attempts,
+                            not_before=now,
+                            updated_at=now,
+                            last_error=None,
                             state=_pending_unless_sending(),
                         )
                     )
@@ -538,8 +599,13 @@ class ExportQueue(_Queue):
                 if row.state == ExportState.SENDING.value and row.attempts >= row.max_attempts:
                     # Its sender died on the last attempt (crash or hang while sending): dead, not again.
                     conn.execute(
-                        update(_exports).where(_exports.c.id == row.id, _exports.c.state == row.state).values(
-                            state=ExportState.DEAD.value, updated_at=now, lease_owner=None, lease_expires_at=None,
+                        update(_exports)
+                        .where(_exports.c.id == row.id, _exports.c.state == row.state)
+                        .values(
+                            state=ExportState.DEAD.value,
+                            updated_at=now,
+                            lease_owner=None,
+                            lease_expires_at=None,
                             last_error=f"sender {row.lease_owner} stopped responding on the last attempt",
                         )
                     )
@@ -548,8 +614,11 @@ class ExportQueue(_Queue):
                     update(_exports)
                     .where(_exports.c.id == row.id, _exports.c.state == row.state, _exports.c.attempts == row.attempts)
                     .values(
-                        state=ExportState.SENDING.value, attempts=row.attempts + 1, lease_owner=owner,
-                        lease_expires_at=now + timedelta(seconds=lease_s), updated_at=now,
+                        state=ExportState.SENDING.value,
+                        attempts=row.attempts + 1,
+                        lease_owner=owner,
+                        lease_expires_at=now + timedelta(seconds=lease_s),
+                        updated_at=now,
                     )
                 )
                 if done.rowcount == 1:
@@ -565,8 +634,11 @@ class ExportQueue(_Queue):
         with self.transaction() as conn:
             conn.execute(
                 update(_exports)
-                .where(_exports.c.id.in_(list(export_ids)), _exports.c.lease_owner == owner,
-                       _exports.c.state == ExportState.SENDING.value)
+                .where(
+                    _exports.c.id.in_(list(export_ids)),
+                    _exports.c.lease_owner == owner,
+                    _exports.c.state == ExportState.SENDING.value,
+                )
                 .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
             )
 
@@ -582,8 +654,12 @@ class ExportQueue(_Queue):
                     _exports.c.generation == export.generation,
                 )
                 .values(
-                    state=ExportState.DONE.value, sent_at=now, updated_at=now, last_error=None,
-                    lease_owner=None, lease_expires_at=None,
+                    state=ExportState.DONE.value,
+                    sent_at=now,
+                    updated_at=now,
+                    last_error=None,
+                    lease_owner=None,
+                    lease_expires_at=None,
                 )
             )
             if done.rowcount != 1:
@@ -613,8 +689,14 @@ class ExportQueue(_Queue):
                 state = ExportState.PENDING.value
                 values = {"not_before": now + timedelta(seconds=policy.delay(row.attempts))}
             conn.execute(
-                update(_exports).where(_exports.c.id == export.id).values(
-                    state=state, last_error=error[:4000], updated_at=now, lease_owner=None, lease_expires_at=None,
+                update(_exports)
+                .where(_exports.c.id == export.id)
+                .values(
+                    state=state,
+                    last_error=error[:4000],
+                    updated_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
                     **values,
                 )
             )
@@ -633,7 +715,9 @@ class ExportQueue(_Queue):
                 stmt.values(state=ExportState.PENDING.value, attempts=0, not_before=now, updated_at=now)
             )
         if done.rowcount:
-            logger.info("%d dead export(s) queued again by an operator", done.rowcount, extra={"action": "export-retry"})
+            logger.info(
+                "%d dead export(s) queued again by an operator", done.rowcount, extra={"action": "export-retry"}
+            )
         return int(done.rowcount)
 
     def list(self, *, state: str | None = None, limit: int = 1000) -> list[ExportRecord]:

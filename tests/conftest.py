@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from node.app import Node, configure_pynetdicom
-from node.config import Settings
-from storage import Archive
+from pacsnode.node.app import Node, configure_pynetdicom
+from pacsnode.node.config import Settings
+from pacsnode.storage import Archive
 from tests.helpers import make_settings
 from tests.peers import Modality, OrthancPeer, StorescpPeer, require_private_netns
 

@@ -1,6 +1,6 @@
 """A small, deterministic Query/Retrieve corpus: 6 patients, 10 studies, CT, MR and SR.
 
-Every run writes the same bytes: UIDs come from :data:`bench.corpus.UID_PREFIX` with
+Every run writes the same bytes: UIDs come from :data:`pacsnode.node.testing.corpus.UID_PREFIX` with
 fixed entropy sources, and the images are 8x8 with seeded pixels. The attributes that
 C-FIND matches on vary on purpose: names in mixed case, in UTF-8 (``ISO_IR 192``) and in
 Latin-1 (``ISO_IR 100``), study dates over 2024-2026, accession numbers, descriptions,
@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
 
-from bench.corpus import UID_PREFIX, make_dataset
+from pacsnode.node.testing.corpus import UID_PREFIX, make_dataset
 
 __all__ = [
     "PATIENTS",
@@ -81,43 +81,125 @@ _MR = "MR"
 _SR = "SR"
 
 STUDIES: tuple[Study, ...] = (
-    Study(patient=0, date="20240115", time="083000", accession="ACC1001", study_id="1001",
-          description="CT CHEST", referring="Ref^Alpha",
-          series=(Series(modality=_CT, number=1, description="Axial 5mm", body_part="CHEST", instances=2),
-                  Series(modality=_CT, number=2, description="Axial 1mm", body_part="CHEST", instances=3))),
-    Study(patient=0, date="20250620", time="141500", accession="ACC1002", study_id="1002",
-          description="MR BRAIN", referring="Ref^Beta",
-          series=(Series(modality=_MR, number=1, description="T1 sag", body_part="HEAD", instances=3),
-                  Series(modality=_SR, number=99, description="Report", body_part="HEAD", instances=2))),
-    Study(patient=1, date="20240301", time="101010", accession="ACC2001", study_id="2001",
-          description="CT ABDOMEN", referring="Ref^Alpha",
-          series=(Series(modality=_CT, number=3, description="Portal venous", body_part="ABDOMEN", instances=4),)),
-    Study(patient=1, date="20251111", time="070000", accession="ACC2002", study_id="2002",
-          description="MR KNEE", referring="Gamma^Ref",
-          series=(Series(modality=_MR, number=1, description="PD fat sat", body_part="KNEE", instances=2),
-                  Series(modality=_MR, number=2, description="T2 cor", body_part="KNEE", instances=3),
-                  Series(modality=_SR, number=3, description="Report", body_part="KNEE", instances=2))),
-    Study(patient=2, date="20260105", time="120000", accession="ACC3001", study_id="3001",
-          description="CT HEAD", referring="Ref^Beta",
-          series=(Series(modality=_CT, number=1, description="Brain window", body_part="HEAD", instances=2),
-                  Series(modality=_SR, number=2, description="Report", body_part="HEAD", instances=2))),
-    Study(patient=2, date="20241231", time="235959", accession="ACC3002", study_id="3002",
-          description="MR SPINE", referring="",
-          series=(Series(modality=_MR, number=5, description="T2 sag", body_part="LSPINE", instances=4),)),
-    Study(patient=3, date="20250101", time="000000", accession="ACC4001", study_id="4001",
-          description="CT CHEST", referring="Ref^Alpha",
-          series=(Series(modality=_CT, number=1, description="Lung", body_part="CHEST", instances=3),
-                  Series(modality=_CT, number=2, description="Mediastinum", body_part="CHEST", instances=2))),
-    Study(patient=4, date="20260228", time="093000", accession="ACC5001", study_id="5001",
-          description="MR BRAIN", referring="Delta^Ref",
-          series=(Series(modality=_MR, number=1, description="FLAIR", body_part="HEAD", instances=2),)),
-    Study(patient=5, date="20250315", time="160000", accession="ACC6001", study_id="6001",
-          description="CT ABDOMEN", referring="Ref^Beta",
-          series=(Series(modality=_CT, number=1, description="Arterial", body_part="ABDOMEN", instances=3),
-                  Series(modality=_MR, number=2, description="Liver T1", body_part="ABDOMEN", instances=2))),
-    Study(patient=5, date="20261231", time="080000", accession="ACC6002", study_id="6002",
-          description="SR ONLY", referring="Ref^Alpha",
-          series=(Series(modality=_SR, number=1, description="Follow-up note", body_part="ABDOMEN", instances=2),)),
+    Study(
+        patient=0,
+        date="20240115",
+        time="083000",
+        accession="ACC1001",
+        study_id="1001",
+        description="CT CHEST",
+        referring="Ref^Alpha",
+        series=(
+            Series(modality=_CT, number=1, description="Axial 5mm", body_part="CHEST", instances=2),
+            Series(modality=_CT, number=2, description="Axial 1mm", body_part="CHEST", instances=3),
+        ),
+    ),
+    Study(
+        patient=0,
+        date="20250620",
+        time="141500",
+        accession="ACC1002",
+        study_id="1002",
+        description="MR BRAIN",
+        referring="Ref^Beta",
+        series=(
+            Series(modality=_MR, number=1, description="T1 sag", body_part="HEAD", instances=3),
+            Series(modality=_SR, number=99, description="Report", body_part="HEAD", instances=2),
+        ),
+    ),
+    Study(
+        patient=1,
+        date="20240301",
+        time="101010",
+        accession="ACC2001",
+        study_id="2001",
+        description="CT ABDOMEN",
+        referring="Ref^Alpha",
+        series=(Series(modality=_CT, number=3, description="Portal venous", body_part="ABDOMEN", instances=4),),
+    ),
+    Study(
+        patient=1,
+        date="20251111",
+        time="070000",
+        accession="ACC2002",
+        study_id="2002",
+        description="MR KNEE",
+        referring="Gamma^Ref",
+        series=(
+            Series(modality=_MR, number=1, description="PD fat sat", body_part="KNEE", instances=2),
+            Series(modality=_MR, number=2, description="T2 cor", body_part="KNEE", instances=3),
+            Series(modality=_SR, number=3, description="Report", body_part="KNEE", instances=2),
+        ),
+    ),
+    Study(
+        patient=2,
+        date="20260105",
+        time="120000",
+        accession="ACC3001",
+        study_id="3001",
+        description="CT HEAD",
+        referring="Ref^Beta",
+        series=(
+            Series(modality=_CT, number=1, description="Brain window", body_part="HEAD", instances=2),
+            Series(modality=_SR, number=2, description="Report", body_part="HEAD", instances=2),
+        ),
+    ),
+    Study(
+        patient=2,
+        date="20241231",
+        time="235959",
+        accession="ACC3002",
+        study_id="3002",
+        description="MR SPINE",
+        referring="",
+        series=(Series(modality=_MR, number=5, description="T2 sag", body_part="LSPINE", instances=4),),
+    ),
+    Study(
+        patient=3,
+        date="20250101",
+        time="000000",
+        accession="ACC4001",
+        study_id="4001",
+        description="CT CHEST",
+        referring="Ref^Alpha",
+        series=(
+            Series(modality=_CT, number=1, description="Lung", body_part="CHEST", instances=3),
+            Series(modality=_CT, number=2, description="Mediastinum", body_part="CHEST", instances=2),
+        ),
+    ),
+    Study(
+        patient=4,
+        date="20260228",
+        time="093000",
+        accession="ACC5001",
+        study_id="5001",
+        description="MR BRAIN",
+        referring="Delta^Ref",
+        series=(Series(modality=_MR, number=1, description="FLAIR", body_part="HEAD", instances=2),),
+    ),
+    Study(
+        patient=5,
+        date="20250315",
+        time="160000",
+        accession="ACC6001",
+        study_id="6001",
+        description="CT ABDOMEN",
+        referring="Ref^Beta",
+        series=(
+            Series(modality=_CT, number=1, description="Arterial", body_part="ABDOMEN", instances=3),
+            Series(modality=_MR, number=2, description="Liver T1", body_part="ABDOMEN", instances=2),
+        ),
+    ),
+    Study(
+        patient=5,
+        date="20261231",
+        time="080000",
+        accession="ACC6002",
+        study_id="6002",
+        description="SR ONLY",
+        referring="Ref^Alpha",
+        series=(Series(modality=_SR, number=1, description="Follow-up note", body_part="ABDOMEN", instances=2),),
+    ),
 )
 
 _ENTROPY = "pacsnode-tests-corpus-qr"
@@ -231,7 +313,9 @@ def _complete_image(ds: Dataset, study_index: int, series_index: int, instance_i
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.Manufacturer = "pacsnode tests"
     ds.PatientPosition = "HFS"
-    ds.FrameOfReferenceUID = generate_uid(UID_PREFIX, entropy_srcs=[_ENTROPY, "for", str(study_index), str(series_index)])
+    ds.FrameOfReferenceUID = generate_uid(
+        UID_PREFIX, entropy_srcs=[_ENTROPY, "for", str(study_index), str(series_index)]
+    )
     ds.PositionReferenceIndicator = ""
     ds.AcquisitionNumber = 1
     if ds.Modality == _CT:

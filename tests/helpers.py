@@ -16,8 +16,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
-from node.config import Settings
-from node.handlers import set_nodelay
+from pacsnode.node.config import Settings
+from pacsnode.node.dicom.handlers import set_nodelay
 
 REPO = Path(__file__).resolve().parent.parent
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -26,8 +26,10 @@ PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 def _validator() -> Path:
     """The shared dciodvfy + dsrdump wrapper: ``../shared`` beside the checkout, else the workplace's copy."""
     candidates = [Path(p) for p in os.environ.get("PACSNODE_VALIDATOR", "").split(os.pathsep) if p]
-    candidates += [REPO.parent / "shared" / "tools" / "validate" / "validate_dicom.sh",
-                   Path("/work/shared/tools/validate/validate_dicom.sh")]
+    candidates += [
+        REPO.parent / "shared" / "tools" / "validate" / "validate_dicom.sh",
+        Path("/work/shared/tools/validate/validate_dicom.sh"),
+    ]
     return next((c for c in candidates if c.is_file()), candidates[-1])
 
 
@@ -134,4 +136,4 @@ def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[Any] 
 
 
 def pacsnode_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "node", *args]
+    return [sys.executable, "-m", "pacsnode.node", *args]

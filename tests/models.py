@@ -14,19 +14,30 @@ from tests.helpers import sha256_file
 TINY_UNET_2D: dict[str, Any] = {
     "name": "UNet",
     "params": {
-        "spatial_dims": 2, "in_channels": 3, "out_channels": 1,
-        "channels": [4, 8], "strides": [2], "num_res_units": 0, "norm": "batch",
+        "spatial_dims": 2,
+        "in_channels": 3,
+        "out_channels": 1,
+        "channels": [4, 8],
+        "strides": [2],
+        "num_res_units": 0,
+        "norm": "batch",
     },
 }
 TINY_UNET_3D: dict[str, Any] = {
     "name": "UNet",
     "params": {
-        "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
-        "channels": [4, 8], "strides": [2], "num_res_units": 0, "norm": "instance",
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": 2,
+        "channels": [4, 8],
+        "strides": [2],
+        "num_res_units": 0,
+        "norm": "instance",
     },
 }
 NODULE = {
-    "value": 1, "name": "nodule",
+    "value": 1,
+    "name": "nodule",
     "category": {"scheme": "SCT", "value": "49755003", "meaning": "Morphologically Altered Structure"},
     "type": {"scheme": "SCT", "value": "27925004", "meaning": "Nodule"},
     "threshold": 0.5,
@@ -79,11 +90,20 @@ def make_package(
         "schema_version": 1,
         "name": "tiny",
         "version": "0.1",
-        "weights": {"file": "model.pt", "format": "torchscript" if torchscript else "state_dict",
-                    "sha256": sha256_file(weights)},
-        "input": {"modality": ["CT"], "dims": dims, "channels": channels, "divisible_by": divisible_by,
-                  "preprocessing": preprocessing if preprocessing is not None
-                  else [{"kind": "window", "center": -400, "width": 1500}]},
+        "weights": {
+            "file": "model.pt",
+            "format": "torchscript" if torchscript else "state_dict",
+            "sha256": sha256_file(weights),
+        },
+        "input": {
+            "modality": ["CT"],
+            "dims": dims,
+            "channels": channels,
+            "divisible_by": divisible_by,
+            "preprocessing": preprocessing
+            if preprocessing is not None
+            else [{"kind": "window", "center": -400, "width": 1500}],
+        },
         "output": output or {"kind": "segmentation", "activation": "sigmoid", "labels": [NODULE]},
     }
     if not torchscript:
@@ -110,11 +130,27 @@ def make_bundle(root: Path, *, torchscript: bool = False, with_hash: bool = True
         "name": "Tiny spleen segmentation",
         "description": "a test bundle",
         "network_data_format": {
-            "inputs": {"image": {"type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
-                                 "spatial_shape": [16, 16, 16], "dtype": "float32", "is_patch_data": True}},
-            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": 2,
-                                 "spatial_shape": [16, 16, 16], "dtype": "float32",
-                                 "channel_def": {"0": "background", "1": "spleen"}}},
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "hounsfield",
+                    "modality": "CT",
+                    "num_channels": 1,
+                    "spatial_shape": [16, 16, 16],
+                    "dtype": "float32",
+                    "is_patch_data": True,
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "image",
+                    "format": "segmentation",
+                    "num_channels": 2,
+                    "spatial_shape": [16, 16, 16],
+                    "dtype": "float32",
+                    "channel_def": {"0": "background", "1": "spleen"},
+                }
+            },
         },
     }
     (root / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2))
@@ -123,9 +159,9 @@ def make_bundle(root: Path, *, torchscript: bool = False, with_hash: bool = True
     if with_hash:
         (root / "large_files.yml").write_text(
             "large_files:\n"
-            f"  - path: \"{weights.relative_to(root).as_posix()}\"\n"
-            "    url: \"https://example.invalid/model\"\n"
-            f"    hash_val: \"{sha256_file(weights)}\"\n"
-            "    hash_type: \"sha256\"\n"
+            f'  - path: "{weights.relative_to(root).as_posix()}"\n'
+            '    url: "https://example.invalid/model"\n'
+            f'    hash_val: "{sha256_file(weights)}"\n'
+            '    hash_type: "sha256"\n'
         )
     return root

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from bench.netns import system_tool
+from pacsnode.node.testing.netns import system_tool
 from tests.helpers import free_port, wait_for_port
 
 __all__ = [
@@ -302,22 +302,17 @@ class OrthancPeer:
         answers = self.rest("GET", f"/queries/{query_id}/answers?expand&simplify")
         return query_id, list(answers)
 
-    def move(
-        self, modality: str, level: str, resources: list[Mapping[str, str]], target_aet: str
-    ) -> Any:
+    def move(self, modality: str, level: str, resources: list[Mapping[str, str]], target_aet: str) -> Any:
         """Ask ``modality`` to C-MOVE ``resources`` (each a dict of UIDs) to ``target_aet``; synchronous."""
         return self.rest(
             "POST",
             f"/modalities/{modality}/move",
-            {"Level": level, "Resources": [dict(r) for r in resources], "TargetAet": target_aet,
-             "Synchronous": True},
+            {"Level": level, "Resources": [dict(r) for r in resources], "TargetAet": target_aet, "Synchronous": True},
         )
 
     def retrieve_answers(self, query_id: str, target_aet: str) -> Any:
         """C-MOVE every answer of an earlier :meth:`query` to ``target_aet``; synchronous."""
-        return self.rest(
-            "POST", f"/queries/{query_id}/retrieve", {"TargetAet": target_aet, "Synchronous": True}
-        )
+        return self.rest("POST", f"/queries/{query_id}/retrieve", {"TargetAet": target_aet, "Synchronous": True})
 
 
 class StorescpPeer:
@@ -346,7 +341,9 @@ class StorescpPeer:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [binary, "-v", "-aet", self.ae_title, "-od", str(self.received_dir), "+xa", str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT, env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
             )
         try:
             wait_for_port(self.port, timeout=_START_TIMEOUT, proc=self.proc)

@@ -88,9 +88,20 @@ def _system_user() -> pwd.struct_passwd | None:
         pass
     useradd = shutil.which("useradd") or "/usr/sbin/useradd"
     result = subprocess.run(
-        [useradd, "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
-         "--shell", "/usr/sbin/nologin", _SYSTEM_USER],
-        capture_output=True, text=True, check=False,
+        [
+            useradd,
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            _SYSTEM_USER,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
         raise PostgresError(f"cannot create the {_SYSTEM_USER!r} system user: {result.stderr.strip()}")
@@ -206,10 +217,21 @@ class PostgresServer:
     def _initdb(self) -> None:
         result = subprocess.run(
             [
-                str(self.bindir / "initdb"), "-D", str(self.data_dir), "-U", _SUPERUSER, "--auth=trust",
-                "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync", "--no-instructions",
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                _SUPERUSER,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+                "--no-instructions",
             ],
-            capture_output=True, timeout=120, check=False, **self._popen_kwargs(),
+            capture_output=True,
+            timeout=120,
+            check=False,
+            **self._popen_kwargs(),
         )
         if result.returncode != 0:
             output = (result.stdout + result.stderr).decode(errors="replace")
@@ -229,8 +251,15 @@ class PostgresServer:
             **self.settings,
         }
         command = [
-            str(self.bindir / "postgres"), "-D", str(self.data_dir), "-k", str(self.socket_dir),
-            "-h", self.host, "-p", str(self.port),
+            str(self.bindir / "postgres"),
+            "-D",
+            str(self.data_dir),
+            "-k",
+            str(self.socket_dir),
+            "-h",
+            self.host,
+            "-p",
+            str(self.port),
         ]
         setpriv = shutil.which("setpriv")
         if setpriv:
@@ -253,7 +282,9 @@ class PostgresServer:
                 return True
             time.sleep(0.05)
         self._stop_process()
-        raise PostgresError(f"postgres did not accept connections within {self.start_timeout:.0f} s:\n{self._log_tail()}")
+        raise PostgresError(
+            f"postgres did not accept connections within {self.start_timeout:.0f} s:\n{self._log_tail()}"
+        )
 
     def _accepts_connections(self) -> bool:
         import psycopg
@@ -330,7 +361,7 @@ class PostgresServer:
         """
         if not _NAME.match(name):
             raise ValueError(f"database name {name!r}: use lower-case letters, digits and _ (at most 63)")
-        sql = f'CREATE DATABASE "{name}" TEMPLATE template0 ENCODING \'UTF8\''
+        sql = f"CREATE DATABASE \"{name}\" TEMPLATE template0 ENCODING 'UTF8'"
         if icu_locale is not None:
             if not re.fullmatch(r"[A-Za-z0-9@=;_-]+", icu_locale):
                 raise ValueError(f"ICU locale {icu_locale!r}")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from analysis.pipelines import Pipeline, PipelineInput, PipelineOutput
-from analysis.types import InputError
+from pacsnode.analysis.pipelines import Pipeline, PipelineInput, PipelineOutput
+from pacsnode.analysis.types import InputError
 
 
 class RecordParams(BaseModel):

@@ -1,1 +1,1 @@
-"""Alembic migrations of the index schema (run by :func:`storage.db.migrate`)."""
+"""Alembic migrations of the index schema (run by :func:`pacsnode.storage.db.migrate`)."""

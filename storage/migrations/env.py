@@ -1,10 +1,10 @@
-"""Alembic environment: runs against the engine handed over by :func:`storage.db.migrate`."""
+"""Alembic environment: runs against the engine handed over by :func:`pacsnode.storage.db.migrate`."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from storage.models import Base
+from pacsnode.storage.models import Base
 
 engine = context.config.attributes["engine"]
 

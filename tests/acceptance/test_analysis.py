@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
-from analysis.synthetic import ChestTruth, write_chest_ct
+from pacsnode.analysis.modeldev.synthetic import ChestTruth, write_chest_ct
 from tests.acceptance.test_serve import Served
 from tests.helpers import VALIDATOR, pydicom_data_files
 from tests.peers import StorescpPeer, require, require_private_netns
@@ -43,12 +43,20 @@ def _wait(what: str, check: Callable[[], Any], timeout: float, served: Served | 
 
 def _node(tmp_path: Path, dest: StorescpPeer | None, **analysis: object) -> Served:
     rule: dict[str, Any] = {
-        "name": "lung", "pipeline": "ct-lung", "match": {"modality": ["CT"]},
+        "name": "lung",
+        "pipeline": "ct-lung",
+        "match": {"modality": ["CT"]},
         "destinations": ["DEST"] if dest is not None else [],
     }
     sections: dict[str, Any] = {
-        "analysis": {"workers": 1, "quiet_seconds": 1.5, "scan_interval_seconds": 0.3, "lease_seconds": 10,
-                     "rules": [rule], **analysis},
+        "analysis": {
+            "workers": 1,
+            "quiet_seconds": 1.5,
+            "scan_interval_seconds": 0.3,
+            "lease_seconds": 10,
+            "rules": [rule],
+            **analysis,
+        },
         "export": {"backoff_seconds": 0.5, "backoff_max_seconds": 2, "poll_seconds": 0.2, "max_attempts": 100},
     }
     if dest is not None:
@@ -61,7 +69,11 @@ def _node(tmp_path: Path, dest: StorescpPeer | None, **analysis: object) -> Serv
 def _storescu(port: int, files: list[Path]) -> None:
     result = subprocess.run(
         [require("storescu"), "-aec", "PACSNODE", "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True, text=True, timeout=120, check=False, env={"TCP_NODELAY": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={"TCP_NODELAY": "1"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -100,8 +112,9 @@ def _numeric_values(ds: Dataset) -> dict[str, float]:
 
 def _validate(files: list[Path]) -> None:
     require("dciodvfy")
-    result = subprocess.run(["bash", str(VALIDATOR), "-q", *map(str, files)], capture_output=True, text=True,
-                            timeout=300, check=False)
+    result = subprocess.run(
+        ["bash", str(VALIDATOR), "-q", *map(str, files)], capture_output=True, text=True, timeout=300, check=False
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 
@@ -125,8 +138,7 @@ def test_pushed_chest_ct_comes_back_as_valid_seg_sr_sc_and_a_late_instance_repla
     _storescu(served.port, first)
     (job,) = _jobs_in(served, {"done", "failed"})
     assert job["state"] == "done", job["last_error"]
-    received = _wait("5 results at the destination", lambda: len(dest.received()) >= 5 and dest.received(),
-                     60, served)
+    received = _wait("5 results at the destination", lambda: len(dest.received()) >= 5 and dest.received(), 60, served)
     classes = _by_class(received)
     assert classes == Counter({SEG: 1, SR: 1, SC: 3}), classes
     _validate(received)
@@ -136,9 +148,11 @@ def test_pushed_chest_ct_comes_back_as_valid_seg_sr_sc_and_a_late_instance_repla
     truth80 = write_chest_ct(tmp_path / "ct80", slices=80, size=128, seed=7)
     result = job["result"]
     assert result["slices"] == 80
-    for key, expected in (("right_lung_volume_ml", truth80.right_volume_ml),
-                          ("left_lung_volume_ml", truth80.left_volume_ml),
-                          ("total_lung_volume_ml", truth80.total_volume_ml)):
+    for key, expected in (
+        ("right_lung_volume_ml", truth80.right_volume_ml),
+        ("left_lung_volume_ml", truth80.left_volume_ml),
+        ("total_lung_volume_ml", truth80.total_volume_ml),
+    ):
         assert abs(result[key] - expected) <= 0.03 * expected, (key, result[key], expected)
     assert abs(result["laa950_percent"] - truth80.laa950_percent) <= 1.0
     sr = next(pydicom.dcmread(f) for f in received if str(pydicom.dcmread(f).SOPClassUID) == SR)
@@ -159,7 +173,8 @@ def test_pushed_chest_ct_comes_back_as_valid_seg_sr_sc_and_a_late_instance_repla
     query.SeriesInstanceUID = ""
     query.Modality = ""
     modalities = sorted(
-        str(ident.Modality) for status, ident in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
+        str(ident.Modality)
+        for status, ident in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
         if status is not None and status.Status in (0xFF00, 0xFF01)
     )
     assoc.release()
@@ -205,8 +220,10 @@ def test_destination_down_then_up_gets_every_result_exactly_once(tmp_path: Path)
         exports = _wait(
             "every export done",
             lambda: (lambda e: e if all(x["state"] == "done" for x in e) else None)(
-                json.loads(served.cli("exports", "--json").stdout)),
-            30, served,
+                json.loads(served.cli("exports", "--json").stdout)
+            ),
+            30,
+            served,
         )
         assert len(exports) == 5
         time.sleep(2)  # nothing more may arrive
@@ -219,9 +236,17 @@ def test_destination_down_then_up_gets_every_result_exactly_once(tmp_path: Path)
 
 @pytest.mark.dcmtk
 def test_single_real_ct_slice_fails_the_job_with_not_enough_slices(tmp_path: Path) -> None:
-    served = _node(tmp_path, None, rules=[{
-        "name": "lung", "pipeline": "ct-lung", "match": {"modality": ["CT"]},
-    }])
+    served = _node(
+        tmp_path,
+        None,
+        rules=[
+            {
+                "name": "lung",
+                "pipeline": "ct-lung",
+                "match": {"modality": ["CT"]},
+            }
+        ],
+    )
     _storescu(served.port, [pydicom_data_files() / "693_UNCI.dcm"])
     (job,) = _jobs_in(served, {"done", "failed"})
     assert job["state"] == "failed" and job["attempts"] == 1
@@ -232,9 +257,14 @@ def test_single_real_ct_slice_fails_the_job_with_not_enough_slices(tmp_path: Pat
     # The operator's commands: retry the failed job, and queue an analysis by hand.
     retried = served.cli("retry", str(job["id"]))
     assert f"job {job['id']} queued again" in retried.stdout
-    _wait("the retried job to fail again",
-          lambda: (lambda j: j if j["state"] == "failed" and j["finished_at"] != job["finished_at"] else None)(
-              _jobs(served)[0]), 60, served)
+    _wait(
+        "the retried job to fail again",
+        lambda: (lambda j: j if j["state"] == "failed" and j["finished_at"] != job["finished_at"] else None)(
+            _jobs(served)[0]
+        ),
+        60,
+        served,
+    )
     assert served.cli("retry", "999", check=False).returncode == 1
     study = str(pydicom.dcmread(pydicom_data_files() / "693_UNCI.dcm", stop_before_pixels=True).StudyInstanceUID)
     queued = served.cli("analyze", study, "--pipeline", "ct-lung")

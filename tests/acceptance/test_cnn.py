@@ -17,8 +17,17 @@ import pydicom
 import pytest
 import yaml
 
-from analysis.synthetic import write_chest_ct
-from tests.acceptance.test_analysis import SC, SEG, SR, _by_class, _jobs_in, _storescu, _validate, _wait
+from pacsnode.analysis.modeldev.synthetic import write_chest_ct
+from tests.acceptance.test_analysis import (
+    SC,
+    SEG,
+    SR,
+    _by_class,
+    _jobs_in,
+    _storescu,
+    _validate,
+    _wait,
+)
 from tests.acceptance.test_serve import Served
 from tests.helpers import REPO, pacsnode_cmd, sha256_file
 from tests.models import make_package
@@ -26,14 +35,27 @@ from tests.peers import StorescpPeer
 
 
 def _node(tmp_path: Path, dest: StorescpPeer, params: dict[str, Any]) -> Served:
-    rule = {"name": "nodules", "pipeline": "ct-lung-nodule", "match": {"modality": ["CT"]},
-            "params": params, "destinations": ["DEST"]}
-    served = Served(tmp_path, sections={
-        "analysis": {"workers": 1, "quiet_seconds": 1.5, "scan_interval_seconds": 0.3, "lease_seconds": 10,
-                     "rules": [rule]},
-        "export": {"backoff_seconds": 0.5, "poll_seconds": 0.2},
-        "remote_nodes": {"DEST": {"ae_title": dest.ae_title, "host": "127.0.0.1", "port": dest.port}},
-    })
+    rule = {
+        "name": "nodules",
+        "pipeline": "ct-lung-nodule",
+        "match": {"modality": ["CT"]},
+        "params": params,
+        "destinations": ["DEST"],
+    }
+    served = Served(
+        tmp_path,
+        sections={
+            "analysis": {
+                "workers": 1,
+                "quiet_seconds": 1.5,
+                "scan_interval_seconds": 0.3,
+                "lease_seconds": 10,
+                "rules": [rule],
+            },
+            "export": {"backoff_seconds": 0.5, "poll_seconds": 0.2},
+            "remote_nodes": {"DEST": {"ae_title": dest.ae_title, "host": "127.0.0.1", "port": dest.port}},
+        },
+    )
     served.start()
     return served
 
@@ -65,8 +87,17 @@ def _long_axis_and_volume(sr: pydicom.Dataset) -> list[tuple[float, float]]:
 def test_pushed_ct_with_nodules_comes_back_with_each_nodule_measured(
     tmp_path: Path, storescp_factory: Callable[..., StorescpPeer]
 ) -> None:
-    truth = write_chest_ct(tmp_path / "ct", slices=28, size=512, slice_thickness_mm=2.0, seed=11, nodules=3,
-                           nodule_diameter_mm=(12.0, 20.0), nodule_kinds=("solid",), vessel_spheres=False)
+    truth = write_chest_ct(
+        tmp_path / "ct",
+        slices=28,
+        size=512,
+        slice_thickness_mm=2.0,
+        seed=11,
+        nodules=3,
+        nodule_diameter_mm=(12.0, 20.0),
+        nodule_kinds=("solid",),
+        vessel_spheres=False,
+    )
     assert len(truth.nodules) == 3
     dest = storescp_factory(ae_title="DEST")
     served = _node(tmp_path, dest, {"engine": {"device": "cpu"}, "max_key_images": 5})
@@ -77,8 +108,12 @@ def test_pushed_ct_with_nodules_comes_back_with_each_nodule_measured(
     findings = job["result"]["findings"]
     assert findings, job["result"]
     expected = 2 + min(len(findings), 5)  # SEG, SR and one key image per finding
-    received = _wait(f"{expected} results at the destination",
-                     lambda: len(dest.received()) >= expected and dest.received(), 60, served)
+    received = _wait(
+        f"{expected} results at the destination",
+        lambda: len(dest.received()) >= expected and dest.received(),
+        60,
+        served,
+    )
     classes = _by_class(received)
     assert classes == Counter({SEG: 1, SR: 1, SC: expected - 2}), classes
     _validate(received)
@@ -100,7 +135,9 @@ def test_pushed_ct_with_nodules_comes_back_with_each_nodule_measured(
     # some nodules against the pleura (see `pacsnode evaluate`), so two of the three must agree.
     agree = 0
     for nodule in truth.nodules:
-        nearest = min(range(len(findings)), key=lambda i: float(np.linalg.norm(centres[i] - np.array(nodule.centre_mm))))
+        nearest = min(
+            range(len(findings)), key=lambda i: float(np.linalg.norm(centres[i] - np.array(nodule.centre_mm)))
+        )
         volume_ml, long_axis = measured[nearest]
         agree += 0.5 * nodule.volume_ml < volume_ml < 2.0 * nodule.volume_ml and long_axis > 0.7 * nodule.diameter_mm
     assert agree >= 2, (truth.nodules, findings)
@@ -115,19 +152,36 @@ def test_check_config_refuses_a_model_whose_weights_do_not_match(tmp_path: Path)
     package = make_package(tmp_path / "model")
     config = tmp_path / "pacsnode.yaml"
     rule = {"name": "cnn", "pipeline": "model", "params": {"model": str(package)}}
-    config.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "s"),
-                                                  "database_url": f"sqlite:///{tmp_path / 'i.db'}"},
-                                      "analysis": {"rules": [rule]}}))
-    ok = subprocess.run(pacsnode_cmd("--config", str(config), "check-config"), cwd=REPO, capture_output=True,
-                        text=True, timeout=120, check=False)
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {"root": str(tmp_path / "s"), "database_url": f"sqlite:///{tmp_path / 'i.db'}"},
+                "analysis": {"rules": [rule]},
+            }
+        )
+    )
+    ok = subprocess.run(
+        pacsnode_cmd("--config", str(config), "check-config"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout.split("\n", 1)[1])["analysis"]["rules"][0]["pipeline"] == "model"
 
     manifest = json.loads((package / "manifest.json").read_text())
     manifest["weights"]["sha256"] = "1" * 64
     (package / "manifest.json").write_text(json.dumps(manifest))
-    bad = subprocess.run(pacsnode_cmd("--config", str(config), "check-config"), cwd=REPO, capture_output=True,
-                         text=True, timeout=120, check=False)
+    bad = subprocess.run(
+        pacsnode_cmd("--config", str(config), "check-config"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert bad.returncode == 2
     assert "analysis.rules.0" in bad.stderr and "wrong or damaged weights" in bad.stderr, bad.stderr
 
@@ -135,7 +189,13 @@ def test_check_config_refuses_a_model_whose_weights_do_not_match(tmp_path: Path)
     manifest["weights"]["sha256"] = sha256_file(package / "model.pt")
     manifest["architecture"]["params"]["channels"] = [8, 16]
     (package / "manifest.json").write_text(json.dumps(manifest))
-    deep = subprocess.run(pacsnode_cmd("--config", str(config), "check-config"), cwd=REPO, capture_output=True,
-                          text=True, timeout=120, check=False)
+    deep = subprocess.run(
+        pacsnode_cmd("--config", str(config), "check-config"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert deep.returncode == 2
     assert "analysis.rules[cnn]" in deep.stderr and "cannot load model.pt" in deep.stderr, deep.stderr

@@ -18,11 +18,15 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
-from node.handlers import set_nodelay
+from pacsnode.node.dicom.handlers import set_nodelay
 from tests.conftest import RunningNode
-from tests.peers import require
-from tests.helpers import PYDICOM_FILES, make_settings, pydicom_data_files, store_datasets
-from tests.peers import OrthancPeer, StorescpPeer
+from tests.helpers import (
+    PYDICOM_FILES,
+    make_settings,
+    pydicom_data_files,
+    store_datasets,
+)
+from tests.peers import OrthancPeer, StorescpPeer, require
 
 pytestmark = pytest.mark.dcmtk
 
@@ -58,16 +62,34 @@ def test_findscu_study_query(node: RunningNode, tmp_path: Path) -> None:
     out = tmp_path / "find"
     out.mkdir()
     result = _dcmtk(
-        "findscu", "-S", "-aec", "PACSNODE", "-X", "-od", str(out),
-        "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID", "-k", "PatientName",
-        "-k", "NumberOfStudyRelatedInstances", "-k", f"StudyDate=-{'20991231'}",
-        "127.0.0.1", str(node.port),
+        "findscu",
+        "-S",
+        "-aec",
+        "PACSNODE",
+        "-X",
+        "-od",
+        str(out),
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "StudyInstanceUID",
+        "-k",
+        "PatientName",
+        "-k",
+        "NumberOfStudyRelatedInstances",
+        "-k",
+        f"StudyDate=-{'20991231'}",
+        "127.0.0.1",
+        str(node.port),
     )
     assert result.returncode == 0, result.stderr
     answers = [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
     by_uid = {a.StudyInstanceUID: a for a in answers}
-    expected = {_study(p): pydicom.dcmread(p, stop_before_pixels=True) for p in files.values()
-                if pydicom.dcmread(p, stop_before_pixels=True).get("StudyDate")}
+    expected = {
+        _study(p): pydicom.dcmread(p, stop_before_pixels=True)
+        for p in files.values()
+        if pydicom.dcmread(p, stop_before_pixels=True).get("StudyDate")
+    }
     assert set(by_uid) == set(expected)
     for uid, ds in expected.items():
         assert str(by_uid[uid].PatientName) == str(ds.PatientName)
@@ -80,9 +102,18 @@ def test_getscu_receives_decompressed_when_it_proposes_only_uncompressed(node: R
     out = tmp_path / "get"
     out.mkdir()
     result = _dcmtk(
-        "getscu", "-S", "-aec", "PACSNODE", "-od", str(out),
-        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={source.StudyInstanceUID}",
-        "127.0.0.1", str(node.port),
+        "getscu",
+        "-S",
+        "-aec",
+        "PACSNODE",
+        "-od",
+        str(out),
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"StudyInstanceUID={source.StudyInstanceUID}",
+        "127.0.0.1",
+        str(node.port),
     )
     assert result.returncode == 0, result.stderr
     (received,) = [pydicom.dcmread(p) for p in out.iterdir() if p.is_file()]
@@ -97,10 +128,21 @@ def test_getscu_receives_stored_bytes_when_it_accepts_the_stored_syntax(node: Ru
     out = tmp_path / "get"
     out.mkdir()
     result = _dcmtk(
-        "getscu", "-S", "-aec", "PACSNODE", "-od", str(out), "+xs",
-        "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={source.StudyInstanceUID}",
-        "-k", f"SeriesInstanceUID={source.SeriesInstanceUID}",
-        "127.0.0.1", str(node.port),
+        "getscu",
+        "-S",
+        "-aec",
+        "PACSNODE",
+        "-od",
+        str(out),
+        "+xs",
+        "-k",
+        "QueryRetrieveLevel=SERIES",
+        "-k",
+        f"StudyInstanceUID={source.StudyInstanceUID}",
+        "-k",
+        f"SeriesInstanceUID={source.SeriesInstanceUID}",
+        "127.0.0.1",
+        str(node.port),
     )
     assert result.returncode == 0, result.stderr
     (received,) = [pydicom.dcmread(p) for p in out.iterdir() if p.is_file()]
@@ -112,9 +154,19 @@ def test_getscu_for_nothing_stored_is_success(node: RunningNode, tmp_path: Path)
     out = tmp_path / "get"
     out.mkdir()
     result = _dcmtk(
-        "getscu", "-S", "-aec", "PACSNODE", "-od", str(out), "-v",
-        "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.3.4.5.6.7",
-        "127.0.0.1", str(node.port),
+        "getscu",
+        "-S",
+        "-aec",
+        "PACSNODE",
+        "-od",
+        str(out),
+        "-v",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        "StudyInstanceUID=1.2.3.4.5.6.7",
+        "127.0.0.1",
+        str(node.port),
     )
     assert result.returncode == 0, result.stderr
     assert list(out.iterdir()) == []
@@ -125,17 +177,24 @@ def _node_with_destination(start_node: Any, tmp_path: Path, name: str, ae_title:
     return start_node(settings)
 
 
-def test_movescu_to_storescp(
-    start_node: Any, storescp_factory: Callable[..., StorescpPeer], tmp_path: Path
-) -> None:
+def test_movescu_to_storescp(start_node: Any, storescp_factory: Callable[..., StorescpPeer], tmp_path: Path) -> None:
     storescp = storescp_factory(ae_title="STORESCP")
     node = _node_with_destination(start_node, tmp_path, "archive", "STORESCP", storescp.port)
     files = _filled(node)
     for key in ("explicit", "j2k_lossless"):
         result = _dcmtk(
-            "movescu", "-S", "-aec", "PACSNODE", "-aem", "STORESCP",
-            "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={_study(files[key])}",
-            "127.0.0.1", str(node.port),
+            "movescu",
+            "-S",
+            "-aec",
+            "PACSNODE",
+            "-aem",
+            "STORESCP",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={_study(files[key])}",
+            "127.0.0.1",
+            str(node.port),
         )
         assert result.returncode == 0, result.stderr
     received = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in storescp.received()}
@@ -150,9 +209,19 @@ def test_movescu_to_storescp(
 def test_movescu_unknown_destination_is_refused(node: RunningNode) -> None:
     _filled(node)
     result = _dcmtk(
-        "movescu", "-v", "-S", "-aec", "PACSNODE", "-aem", "NOWHERE",
-        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={_study(_files()['explicit'])}",
-        "127.0.0.1", str(node.port),
+        "movescu",
+        "-v",
+        "-S",
+        "-aec",
+        "PACSNODE",
+        "-aem",
+        "NOWHERE",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"StudyInstanceUID={_study(_files()['explicit'])}",
+        "127.0.0.1",
+        str(node.port),
     )
     assert "Refused: MoveDestinationUnknown" in result.stdout + result.stderr
     assert store_datasets(node.port, [_files()["explicit"]]) == [0]  # still serving
@@ -202,10 +271,13 @@ def test_orthanc_queries_and_retrieves_from_pacsnode(
     settings = make_settings(tmp_path)
     port = settings.node.port
     orthanc = orthanc_factory(ae_title="ORTHANC", modalities={"pacsnode": ("PACSNODE", "127.0.0.1", port)})
-    node = start_node(make_settings(
-        tmp_path, node={"port": port},
-        remote_nodes={"orthanc": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}},
-    ))
+    node = start_node(
+        make_settings(
+            tmp_path,
+            node={"port": port},
+            remote_nodes={"orthanc": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}},
+        )
+    )
     files = _filled(node)
     query_id, answers = orthanc.query("pacsnode", "Study", {"PatientName": "*", "StudyInstanceUID": ""})
     assert {a["StudyInstanceUID"] for a in answers} == {_study(p) for p in files.values()}
@@ -225,8 +297,9 @@ def _write_config(tmp_path: Path, settings: Any) -> Path:
 def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     from tests.helpers import pacsnode_cmd
 
-    return subprocess.run(pacsnode_cmd("--config", str(config), *args), capture_output=True, text=True,
-                          timeout=120, check=False)
+    return subprocess.run(
+        pacsnode_cmd("--config", str(config), *args), capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 def test_cli_find_and_retrieve_from_orthanc(
@@ -239,7 +312,8 @@ def test_cli_find_and_retrieve_from_orthanc(
     files = _files()
     orthanc.upload(files.values())
     settings = make_settings(
-        tmp_path, node={"port": port},
+        tmp_path,
+        node={"port": port},
         remote_nodes={"orthanc": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}},
     )
     config = _write_config(tmp_path, settings)
@@ -268,7 +342,7 @@ def test_cli_find_and_retrieve_from_orthanc(
     assert {s.study_instance_uid for s in node.archive.studies()} == {jpeg, ct}
     stored = pydicom.dcmread(files["jpeg_lossless"])
     with node.archive.engine.connect() as conn:
-        from storage.index import find_instance
+        from pacsnode.storage.index import find_instance
 
         row = find_instance(conn, str(stored.SOPInstanceUID))
     assert row is not None

@@ -19,9 +19,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import create_engine, select
 
-from bench.corpus import UID_PREFIX, make_dataset, write_series
-from storage.models import Instance
-from tests.peers import require
+from pacsnode.node.testing.corpus import UID_PREFIX, make_dataset, write_series
+from pacsnode.storage.models import Instance
 from tests.helpers import (
     PYDICOM_FILES,
     REPO,
@@ -31,6 +30,7 @@ from tests.helpers import (
     sha256_file,
     wait_for_port,
 )
+from tests.peers import require
 
 
 class Served:
@@ -88,8 +88,12 @@ class Served:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            pacsnode_cmd("--config", str(self.config), *args), cwd=REPO, capture_output=True, text=True,
-            check=check, timeout=120,
+            pacsnode_cmd("--config", str(self.config), *args),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
         )
 
     def rows(self) -> dict[str, Instance]:
@@ -111,7 +115,9 @@ def served(tmp_path: Path) -> Iterator[Served]:
 
 
 def _dcmtk(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=300, env={**os.environ, "TCP_NODELAY": "1"})
+    return subprocess.run(
+        list(args), capture_output=True, text=True, timeout=300, env={**os.environ, "TCP_NODELAY": "1"}
+    )
 
 
 # (storescu option proposing the file's transfer syntax, files)
@@ -135,7 +141,9 @@ def test_dcmtk_echo_and_push_of_every_encoding(served: Served) -> None:
     assert result.returncode == 0, result.stderr
     expected: dict[str, Path] = {}
     for option, files in DCMTK_PUSHES:
-        result = _dcmtk(storescu, option, "-aec", "PACSNODE", "-aet", "DCMTK", "127.0.0.1", str(served.port), *map(str, files))
+        result = _dcmtk(
+            storescu, option, "-aec", "PACSNODE", "-aet", "DCMTK", "127.0.0.1", str(served.port), *map(str, files)
+        )
         assert result.returncode == 0, f"{option}: {result.stderr}"
         for f in files:
             expected[str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)] = f
@@ -192,7 +200,9 @@ def test_broken_config_exits_2_with_one_message(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("node:\n  port: not-a-port\n")
     for command in ("serve", "check-config", "studies"):
-        result = subprocess.run(pacsnode_cmd("--config", str(bad), command), cwd=REPO, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            pacsnode_cmd("--config", str(bad), command), cwd=REPO, capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 2
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1

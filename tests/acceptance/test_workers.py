@@ -17,10 +17,10 @@ import pytest
 import yaml
 from sqlalchemy import Engine
 
-from storage import Archive, StorageSettings
-from storage.db import migrate
-from storage.index import InstanceMeta, add_instance
-from storage.queue import JobQueue, JobRecord
+from pacsnode.storage import Archive, StorageSettings
+from pacsnode.storage.db import migrate
+from pacsnode.storage.index import InstanceMeta, add_instance
+from pacsnode.storage.queue import JobQueue, JobRecord
 from tests.helpers import REPO, pacsnode_cmd
 
 
@@ -32,8 +32,7 @@ class Workers:
         config = {
             "storage": {"root": str(tmp_path / "store"), "database_url": database_url, "min_free_bytes": 0},
             "node": {"timeouts": {"shutdown_grace": 5}},
-            "analysis": {"lease_seconds": 2, "retry_backoff_seconds": 0.2, "retry_backoff_max_seconds": 1,
-                         **analysis},
+            "analysis": {"lease_seconds": 2, "retry_backoff_seconds": 0.2, "retry_backoff_max_seconds": 1, **analysis},
         }
         self.config.write_text(yaml.safe_dump(config))
         self.log = tmp_path / f"{name}.log"
@@ -43,7 +42,9 @@ class Workers:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 pacsnode_cmd("--config", str(self.config), "worker", "--count", str(count)),
-                cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
 
     def stop(self) -> None:
@@ -83,10 +84,19 @@ def _study(engine: Engine, n: int) -> str:
     with engine.begin() as conn:
         add_instance(
             conn,
-            InstanceMeta(sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=f"{study}.1.1",
-                         study_instance_uid=study, series_instance_uid=f"{study}.1",
-                         transfer_syntax_uid="1.2.840.10008.1.2.1", patient_id="P", modality="CT"),
-            file_path=f"x/{n}", file_size=0, sha256="0" * 64, calling_ae_title="CT",
+            InstanceMeta(
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                sop_instance_uid=f"{study}.1.1",
+                study_instance_uid=study,
+                series_instance_uid=f"{study}.1",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                patient_id="P",
+                modality="CT",
+            ),
+            file_path=f"x/{n}",
+            file_size=0,
+            sha256="0" * 64,
+            calling_ae_title="CT",
         )
     return study
 
@@ -107,8 +117,14 @@ def _run_many(tmp_path: Path, url: str, workers, supervisors: int, per: int, job
     queue = JobQueue(engine)
     log = tmp_path / "runs.log"
     ids = [
-        queue.enqueue(rule="r", pipeline="tests.pipelines:Record", study_instance_uid=_study(engine, n),
-                      params={"log": str(log), "seconds": 0.05}, max_attempts=3, timeout_s=60)[0]
+        queue.enqueue(
+            rule="r",
+            pipeline="tests.pipelines:Record",
+            study_instance_uid=_study(engine, n),
+            params={"log": str(log), "seconds": 0.05},
+            max_attempts=3,
+            timeout_s=60,
+        )[0]
         for n in range(jobs)
     ]
     for s in range(supervisors):
@@ -137,8 +153,14 @@ def test_kill_9_of_a_worker_mid_job_the_job_completes_after_restart(tmp_path: Pa
     engine = _index(tmp_path, url)
     queue = JobQueue(engine)
     log = tmp_path / "runs.log"
-    job_id, _ = queue.enqueue(rule="r", pipeline="tests.pipelines:Record", study_instance_uid=_study(engine, 1),
-                              params={"log": str(log), "seconds": 3}, max_attempts=3, timeout_s=60)
+    job_id, _ = queue.enqueue(
+        rule="r",
+        pipeline="tests.pipelines:Record",
+        study_instance_uid=_study(engine, 1),
+        params={"log": str(log), "seconds": 3},
+        max_attempts=3,
+        timeout_s=60,
+    )
     w = workers(url, 1)
     (running,) = _wait_jobs(queue, [job_id], {"running"}, timeout=30)
     victim = int((running.lease_owner or "").split(":")[1])
@@ -157,8 +179,14 @@ def test_a_job_past_its_timeout_is_stopped_and_retried_then_failed(tmp_path: Pat
     url = f"sqlite:///{tmp_path / 'index.db'}"
     engine = _index(tmp_path, url)
     queue = JobQueue(engine)
-    job_id, _ = queue.enqueue(rule="r", pipeline="tests.pipelines:Record", study_instance_uid=_study(engine, 1),
-                              params={"seconds": 60}, max_attempts=2, timeout_s=1.5)
+    job_id, _ = queue.enqueue(
+        rule="r",
+        pipeline="tests.pipelines:Record",
+        study_instance_uid=_study(engine, 1),
+        params={"seconds": 60},
+        max_attempts=2,
+        timeout_s=1.5,
+    )
     w = workers(url, 1)
     (failed,) = _wait_jobs(queue, [job_id], {"failed", "done"}, timeout=60)
     assert failed.state == "failed" and failed.attempts == 2

@@ -9,11 +9,18 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from bench.corpus import UID_PREFIX, make_dataset
-from node.handlers import _file_header
-from storage import AddOutcome, Archive, DuplicateInstanceError, DuplicatePolicy, StorageSettings, read_header
-from storage.index import count_rows
-from storage.models import Instance, Patient, Study
+from pacsnode.node.dicom.handlers import _file_header
+from pacsnode.node.testing.corpus import UID_PREFIX, make_dataset
+from pacsnode.storage import (
+    AddOutcome,
+    Archive,
+    DuplicateInstanceError,
+    DuplicatePolicy,
+    StorageSettings,
+    read_header,
+)
+from pacsnode.storage.index import count_rows
+from pacsnode.storage.models import Instance, Patient, Study
 from tests.helpers import sha256_file
 
 
@@ -57,7 +64,7 @@ def test_counts_and_modalities_follow_the_instances(tmp_path: Path) -> None:
     ct_series, mr_series = generate_uid(UID_PREFIX), generate_uid(UID_PREFIX)
     for i in range(3):
         _add(archive, make_dataset(rows=8, columns=8, study_uid=study, series_uid=ct_series, instance_number=i))
-    for i in range(2):
+    for _ in range(2):
         _add(archive, make_dataset(rows=8, columns=8, modality="MR", study_uid=study, series_uid=mr_series))
     [summary] = archive.studies()
     assert summary.num_series == 2
@@ -83,7 +90,9 @@ def test_identical_duplicate_is_success_without_second_copy(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("policy", list(DuplicatePolicy))
-def test_different_duplicate_follows_policy(tmp_path: Path, policy: DuplicatePolicy, caplog: pytest.LogCaptureFixture) -> None:
+def test_different_duplicate_follows_policy(
+    tmp_path: Path, policy: DuplicatePolicy, caplog: pytest.LogCaptureFixture
+) -> None:
     archive = _archive(tmp_path, policy)
     ds = make_dataset(rows=8, columns=8, seed=1)
     first = _add(archive, ds)

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from node.config import Settings
-from node.scheduler import Scheduler
-from node.worker import Worker
-from storage import Archive
-from storage.db import migrate
-from storage.index import InstanceMeta, add_instance
-from storage.queue import ExportQueue, JobQueue, RetryPolicy, utcnow
+from pacsnode.node.config import Settings
+from pacsnode.node.scheduler import Scheduler
+from pacsnode.node.worker import Worker
+from pacsnode.storage import Archive
+from pacsnode.storage.db import migrate
+from pacsnode.storage.index import InstanceMeta, add_instance
+from pacsnode.storage.queue import ExportQueue, JobQueue, RetryPolicy, utcnow
 from tests.helpers import make_settings
 
 POLICY = RetryPolicy(max_attempts=3, base_s=0.0, cap_s=0.0)
@@ -22,7 +22,9 @@ POLICY = RetryPolicy(max_attempts=3, base_s=0.0, cap_s=0.0)
 
 def _settings(tmp_path: Path, **analysis: object) -> Settings:
     rule = {
-        "name": "rec", "pipeline": "tests.pipelines:Record", "match": {"modality": ["CT"]},
+        "name": "rec",
+        "pipeline": "tests.pipelines:Record",
+        "match": {"modality": ["CT"]},
         "params": {"log": str(tmp_path / "runs.log")},
     }
     section = {"quiet_seconds": 5, "workers": 0, "rules": [rule], **analysis}
@@ -41,12 +43,15 @@ def _add(archive: Archive, study: str, series: str, n: int, *, modality: str = "
     with archive.engine.begin() as conn:
         for i in range(start, start + n):
             meta = InstanceMeta(
-                sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=f"{series}.{i}",
-                study_instance_uid=study, series_instance_uid=series,
-                transfer_syntax_uid="1.2.840.10008.1.2.1", patient_id="P1", modality=modality,
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                sop_instance_uid=f"{series}.{i}",
+                study_instance_uid=study,
+                series_instance_uid=series,
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                patient_id="P1",
+                modality=modality,
             )
-            add_instance(conn, meta, file_path=f"x/{series}.{i}", file_size=0, sha256="0" * 64,
-                         calling_ae_title="CT1")
+            add_instance(conn, meta, file_path=f"x/{series}.{i}", file_size=0, sha256="0" * 64, calling_ae_title="CT1")
 
 
 def test_one_pending_job_per_pipeline_study_and_series(archive: Archive) -> None:
@@ -132,7 +137,7 @@ def test_scheduler_waits_for_quiet_then_queues_once_and_again_after_new_instance
     queued = scheduler.scan_once(later)
     assert len(queued) == 1
     assert scheduler.scan_once(later + timedelta(seconds=60)) == []  # marked: not again
-    from storage.activity import mark_scheduled, unscheduled_series
+    from pacsnode.storage.activity import mark_scheduled, unscheduled_series
 
     _add(archive, "1.2.3", "1.2.3.9", 1, modality="OT")
     with archive.engine.begin() as conn:  # a second scheduler that read the unit before the mark loses
@@ -151,10 +156,17 @@ def test_scheduler_waits_for_quiet_then_queues_once_and_again_after_new_instance
 
 
 def test_ready_when_instance_count_skips_the_quiet_time(tmp_path: Path, archive: Archive) -> None:
-    settings = _settings(tmp_path, rules=[{
-        "name": "rec", "pipeline": "tests.pipelines:Record", "match": {"modality": ["CT"], "min_instances": 3},
-        "ready_when": {"instances": 4},
-    }])
+    settings = _settings(
+        tmp_path,
+        rules=[
+            {
+                "name": "rec",
+                "pipeline": "tests.pipelines:Record",
+                "match": {"modality": ["CT"], "min_instances": 3},
+                "ready_when": {"instances": 4},
+            }
+        ],
+    )
     scheduler = Scheduler(settings, archive)
     _add(archive, "1.2.4", "1.2.4.1", 2)
     assert scheduler.scan_once() == []  # below min_instances and not quiet
@@ -166,16 +178,36 @@ def test_worker_runs_the_job_once_and_records_failures(tmp_path: Path, archive: 
     settings = _settings(tmp_path)
     _add(archive, "1.2.5", "1.2.5.1", 3)
     queue = JobQueue(archive.engine)
-    ok_id, _ = queue.enqueue(rule="rec", pipeline="tests.pipelines:Record", study_instance_uid="1.2.5",
-                             series_instance_uid="1.2.5.1", params={"log": str(tmp_path / "runs.log")},
-                             max_attempts=3, timeout_s=60)
-    bad_id, _ = queue.enqueue(rule="x", pipeline="tests.pipelines:Record", study_instance_uid="1.2.5",
-                              params={"fail": "input"}, max_attempts=3, timeout_s=60)
-    crash_id, _ = queue.enqueue(rule="y", pipeline="tests.pipelines:Record", study_instance_uid="1.2.6",
-                                params={"fail": "crash"}, max_attempts=3, timeout_s=60)
+    ok_id, _ = queue.enqueue(
+        rule="rec",
+        pipeline="tests.pipelines:Record",
+        study_instance_uid="1.2.5",
+        series_instance_uid="1.2.5.1",
+        params={"log": str(tmp_path / "runs.log")},
+        max_attempts=3,
+        timeout_s=60,
+    )
+    bad_id, _ = queue.enqueue(
+        rule="x",
+        pipeline="tests.pipelines:Record",
+        study_instance_uid="1.2.5",
+        params={"fail": "input"},
+        max_attempts=3,
+        timeout_s=60,
+    )
+    crash_id, _ = queue.enqueue(
+        rule="y",
+        pipeline="tests.pipelines:Record",
+        study_instance_uid="1.2.6",
+        params={"fail": "crash"},
+        max_attempts=3,
+        timeout_s=60,
+    )
     _add(archive, "1.2.6", "1.2.6.1", 1)
-    worker = Worker(settings.model_copy(update={"analysis": settings.analysis.model_copy(
-        update={"retry_backoff_seconds": 3600})}), archive)
+    worker = Worker(
+        settings.model_copy(update={"analysis": settings.analysis.model_copy(update={"retry_backoff_seconds": 3600})}),
+        archive,
+    )
     for _ in range(3):
         job = queue.claim("w", lease_s=30)
         assert job is not None
@@ -215,12 +247,20 @@ def test_exports_cli_lists_dead_exports_and_queues_them_again(
 
     import yaml
 
-    from node.cli import main
+    from pacsnode.node.cli import main
 
     config = tmp_path / "pacsnode.yaml"
-    config.write_text(yaml.safe_dump({"storage": {
-        "root": str(tmp_path / "store"), "database_url": str(archive.engine.url), "min_free_bytes": 0,
-    }}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {
+                    "root": str(tmp_path / "store"),
+                    "database_url": str(archive.engine.url),
+                    "min_free_bytes": 0,
+                }
+            }
+        )
+    )
     exports = ExportQueue(archive.engine)
     exports.enqueue(["1.9.1", "1.9.2"], ["PACS"], max_attempts=1)
     for item in exports.claim("e", lease_s=30, limit=1):
@@ -244,14 +284,32 @@ def test_a_batching_pipeline_gets_pending_jobs_of_its_rule_in_one_pass(tmp_path:
     ids = []
     for n in range(4):
         _add(archive, f"1.3.{n}", f"1.3.{n}.1", 2)
-        job_id, _ = queue.enqueue(rule="cnn", pipeline="tests.pipelines:BatchRecord", study_instance_uid=f"1.3.{n}",
-                                  params={"log": str(log)}, max_attempts=3, timeout_s=60)
+        job_id, _ = queue.enqueue(
+            rule="cnn",
+            pipeline="tests.pipelines:BatchRecord",
+            study_instance_uid=f"1.3.{n}",
+            params={"log": str(log)},
+            max_attempts=3,
+            timeout_s=60,
+        )
         ids.append(job_id)
     _add(archive, "1.3.50", "1.3.50.1", 1)
-    other, _ = queue.enqueue(rule="other", pipeline="tests.pipelines:BatchRecord", study_instance_uid="1.3.50",
-                             params={"log": str(log)}, max_attempts=3, timeout_s=60)
-    missing, _ = queue.enqueue(rule="cnn", pipeline="tests.pipelines:BatchRecord", study_instance_uid="1.3.99",
-                               params={"log": str(log)}, max_attempts=3, timeout_s=60)
+    other, _ = queue.enqueue(
+        rule="other",
+        pipeline="tests.pipelines:BatchRecord",
+        study_instance_uid="1.3.50",
+        params={"log": str(log)},
+        max_attempts=3,
+        timeout_s=60,
+    )
+    missing, _ = queue.enqueue(
+        rule="cnn",
+        pipeline="tests.pipelines:BatchRecord",
+        study_instance_uid="1.3.99",
+        params={"log": str(log)},
+        max_attempts=3,
+        timeout_s=60,
+    )
     worker = Worker(settings, archive)
     stop = threading.Event()
     runner = threading.Thread(target=worker.run_jobs, args=(stop,), kwargs={"poll_s": 0.05})

@@ -34,17 +34,23 @@ from alembic.script import ScriptDirectory
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-import storage.db
-from bench.corpus import UID_PREFIX, make_dataset
-from storage import index
-from storage.db import make_engine, migrate
-from storage.index import InstanceMeta
-from storage.models import Base, Study
-from storage.query import Model, parse_find
+import pacsnode.storage.db
+from pacsnode.node.testing.corpus import UID_PREFIX, make_dataset
+from pacsnode.storage import index
+from pacsnode.storage.db import make_engine, migrate
+from pacsnode.storage.index import InstanceMeta
+from pacsnode.storage.models import Base, Study
+from pacsnode.storage.query import Model, parse_find
 from tests.conftest import RunningNode
 from tests.corpus_qr import write_corpus
 from tests.helpers import make_settings, store_datasets
-from tests.interop.test_find_differential import QUERIES, FindQuery, FindResult, Peer, by_unique_key
+from tests.interop.test_find_differential import (
+    QUERIES,
+    FindQuery,
+    FindResult,
+    Peer,
+    by_unique_key,
+)
 from tests.pg import PostgresServer
 
 _SUCCESS = 0x0000
@@ -53,26 +59,77 @@ _SUCCESS = 0x0000
 # literal-prefix range where SQLite uses GLOB, and text bounds compared in the database's
 # collation. Counts worked out by hand from the corpus (see tests/data/find_queries.yaml).
 PROBES = [
-    FindQuery(name="probe-name-prefix-ends-in-caret", model="study", level="STUDY",
-              keys={"PatientName": "Doe^*", "PatientID": ""}, count=6),  # Doe^John, DOE^JANE, doe^jonathan
-    FindQuery(name="probe-referring-prefix-ends-in-caret", model="study", level="STUDY",
-              keys={"ReferringPhysicianName": "Ref^*", "AccessionNumber": ""}, count=7),  # all but 3, 5, 7
-    FindQuery(name="probe-description-prefix-ends-in-space", model="study", level="STUDY",
-              keys={"StudyDescription": "CT *", "AccessionNumber": ""}, count=5),  # 0, 2, 4, 6, 8
-    FindQuery(name="probe-time-range-short-bounds", model="study", level="STUDY",
-              keys={"StudyTime": "0800-1200", "StudyDate": ""}, count=5),  # 0, 2, 4 (120000), 7, 9
-    FindQuery(name="probe-time-open-start-short-bound", model="study", level="STUDY",
-              keys={"StudyTime": "-1200", "AccessionNumber": ""}, count=7),  # all but 1, 5, 8
-    FindQuery(name="probe-like-underscore-is-literal", model="study", level="STUDY",
-              keys={"AccessionNumber": "ACC_00*", "StudyDate": ""}, count=0),
-    FindQuery(name="probe-like-percent-is-literal", model="study", level="STUDY",
-              keys={"StudyDescription": "CT%", "AccessionNumber": ""}, count=0),
-    FindQuery(name="probe-like-backslash-free-wildcards", model="study", level="STUDY",
-              keys={"AccessionNumber": "*100?", "StudyID": ""}, count=2),  # ACC1001, ACC1002
-    FindQuery(name="probe-name-non-ascii-prefix", model="study", level="STUDY", charset="ISO_IR 192",
-              keys={"PatientName": "Gó*", "PatientID": ""}, count=1),
-    FindQuery(name="probe-patient-id-prefix-range", model="patient", level="PATIENT",
-              keys={"PatientID": "PID00*", "PatientName": ""}, count=6),
+    FindQuery(
+        name="probe-name-prefix-ends-in-caret",
+        model="study",
+        level="STUDY",
+        keys={"PatientName": "Doe^*", "PatientID": ""},
+        count=6,
+    ),  # Doe^John, DOE^JANE, doe^jonathan
+    FindQuery(
+        name="probe-referring-prefix-ends-in-caret",
+        model="study",
+        level="STUDY",
+        keys={"ReferringPhysicianName": "Ref^*", "AccessionNumber": ""},
+        count=7,
+    ),  # all but 3, 5, 7
+    FindQuery(
+        name="probe-description-prefix-ends-in-space",
+        model="study",
+        level="STUDY",
+        keys={"StudyDescription": "CT *", "AccessionNumber": ""},
+        count=5,
+    ),  # 0, 2, 4, 6, 8
+    FindQuery(
+        name="probe-time-range-short-bounds",
+        model="study",
+        level="STUDY",
+        keys={"StudyTime": "0800-1200", "StudyDate": ""},
+        count=5,
+    ),  # 0, 2, 4 (120000), 7, 9
+    FindQuery(
+        name="probe-time-open-start-short-bound",
+        model="study",
+        level="STUDY",
+        keys={"StudyTime": "-1200", "AccessionNumber": ""},
+        count=7,
+    ),  # all but 1, 5, 8
+    FindQuery(
+        name="probe-like-underscore-is-literal",
+        model="study",
+        level="STUDY",
+        keys={"AccessionNumber": "ACC_00*", "StudyDate": ""},
+        count=0,
+    ),
+    FindQuery(
+        name="probe-like-percent-is-literal",
+        model="study",
+        level="STUDY",
+        keys={"StudyDescription": "CT%", "AccessionNumber": ""},
+        count=0,
+    ),
+    FindQuery(
+        name="probe-like-backslash-free-wildcards",
+        model="study",
+        level="STUDY",
+        keys={"AccessionNumber": "*100?", "StudyID": ""},
+        count=2,
+    ),  # ACC1001, ACC1002
+    FindQuery(
+        name="probe-name-non-ascii-prefix",
+        model="study",
+        level="STUDY",
+        charset="ISO_IR 192",
+        keys={"PatientName": "Gó*", "PatientID": ""},
+        count=1,
+    ),
+    FindQuery(
+        name="probe-patient-id-prefix-range",
+        model="patient",
+        level="PATIENT",
+        keys={"PatientID": "PID00*", "PatientName": ""},
+        count=6,
+    ),
 ]
 
 # Known PostgreSQL incompatibilities of storage/query.py under a linguistic (ICU/glibc national)
@@ -86,12 +143,13 @@ BACKENDS = {
 
 def _alembic(engine: sa.Engine) -> AlembicConfig:
     cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(Path(storage.db.__file__).parent / "migrations"))
+    cfg.set_main_option("script_location", str(Path(pacsnode.storage.db.__file__).parent / "migrations"))
     cfg.attributes["engine"] = engine
     return cfg
 
 
 # -- schema ------------------------------------------------------------------------------------
+
 
 def test_migrations_build_exactly_the_models(postgres_url: str) -> None:
     engine = make_engine(postgres_url)
@@ -113,13 +171,17 @@ def test_upgrade_backfills_person_name_keys(postgres_url: str) -> None:
     try:
         command.upgrade(_alembic(engine), "0001")
         with engine.begin() as conn:
-            conn.execute(sa.text(
-                "INSERT INTO patients (id, patient_id, patient_name, num_studies) VALUES (1, 'P1', 'MÜLLER^Jürgen^^', 1)"
-            ))
-            conn.execute(sa.text(
-                "INSERT INTO studies (id, patient_fk, study_instance_uid, referring_physician_name, num_series, "
-                "num_instances, created_at, last_received_at) VALUES (1, 1, '1.2.3', 'Ref^Alpha', 0, 0, now(), now())"
-            ))
+            conn.execute(
+                sa.text(
+                    "INSERT INTO patients (id, patient_id, patient_name, num_studies) VALUES (1, 'P1', 'MÜLLER^Jürgen^^', 1)"
+                )
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO studies (id, patient_fk, study_instance_uid, referring_physician_name, num_series, "
+                    "num_instances, created_at, last_received_at) VALUES (1, 1, '1.2.3', 'Ref^Alpha', 0, 0, now(), now())"
+                )
+            )
         migrate(engine)
         with engine.connect() as conn:
             patient_key = conn.execute(sa.text("SELECT patient_name_key FROM patients")).scalar_one()
@@ -130,6 +192,7 @@ def test_upgrade_backfills_person_name_keys(postgres_url: str) -> None:
 
 
 # -- C-FIND: SQLite and PostgreSQL answer alike -------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
@@ -150,9 +213,7 @@ def find_nodes(
     nodes: dict[str, RunningNode] = {}
     try:
         for name, url in urls.items():
-            settings = make_settings(
-                tmp_path_factory.mktemp(name), storage={"database_url": url, "fsync": False}
-            )
+            settings = make_settings(tmp_path_factory.mktemp(name), storage={"database_url": url, "fsync": False})
             node = nodes[name] = RunningNode(settings)
             statuses = store_datasets(node.port, list(corpus), called=settings.node.ae_title)
             assert statuses == [_SUCCESS] * len(corpus), f"{name}: the corpus was not stored: {statuses}"
@@ -166,9 +227,7 @@ def find_nodes(
 
 @pytest.fixture(scope="module")
 def find_peers(find_nodes: dict[str, RunningNode]) -> dict[str, Peer]:
-    return {
-        name: Peer(name, node.port, node.settings.node.ae_title) for name, node in find_nodes.items()
-    }
+    return {name: Peer(name, node.port, node.settings.node.ae_title) for name, node in find_nodes.items()}
 
 
 _reference: dict[str, FindResult] = {}
@@ -223,6 +282,8 @@ COMBINED_DATETIME = {
     "combined-year-morning": ({"StudyDate": "20250101-20251231", "StudyTime": "0800-1200"}, 3),  # 1, 3, 8
     "combined-lower-day-time": ({"StudyDate": "20250620-", "StudyTime": "141500-"}, 5),  # 1, 3, 4, 7, 9
 }
+
+
 def _combined_cases() -> list[Any]:
     cases = []
     for backend in BACKENDS:
@@ -258,9 +319,7 @@ def test_combined_datetime_same_on_sqlite_and_postgresql(
 _MODALITIES = ("CT", "MR", "PT", "NM", "US", "DX", "CR", "XA")
 
 
-def test_concurrent_new_series_keep_study_counts(
-    postgres_url: str, tmp_path: Path, start_node: Any
-) -> None:
+def test_concurrent_new_series_keep_study_counts(postgres_url: str, tmp_path: Path, start_node: Any) -> None:
     """Each association sends a new series of the same studies at once: all stored, counts right.
 
     On PostgreSQL writers are not serialised by pacsnode (no write gate): concurrent first
@@ -322,8 +381,9 @@ def _meta(study: str, modality: str) -> InstanceMeta:
 
 
 def _add(conn: sa.Connection, meta: InstanceMeta) -> None:
-    index.add_instance(conn, meta, file_path=f"x/{meta.sop_instance_uid}", file_size=1, sha256="0" * 64,
-                       calling_ae_title="SCU")
+    index.add_instance(
+        conn, meta, file_path=f"x/{meta.sop_instance_uid}", file_size=1, sha256="0" * 64, calling_ae_title="SCU"
+    )
 
 
 def test_modalities_of_two_new_series_written_at_once(postgres_url: str) -> None:
@@ -351,10 +411,12 @@ def test_modalities_of_two_new_series_written_at_once(postgres_url: str) -> None
         with engine.connect() as watcher:  # wait until the second writer blocks on a lock (or finishes)
             deadline = time.monotonic() + 10
             while thread.is_alive() and time.monotonic() < deadline:
-                waiting = watcher.execute(sa.text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND wait_event_type = 'Lock'"
-                )).scalar_one()
+                waiting = watcher.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock'"
+                    )
+                ).scalar_one()
                 watcher.rollback()
                 if waiting:
                     break

@@ -14,8 +14,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from node.handlers import set_nodelay
-from storage.index import InstanceMeta, add_instance
+from pacsnode.node.dicom.handlers import set_nodelay
+from pacsnode.storage.index import InstanceMeta, add_instance
 from tests.conftest import RunningNode
 from tests.helpers import make_settings
 
@@ -24,16 +24,41 @@ PATIENT_ROOT = PatientRootQueryRetrieveInformationModelFind
 
 # (patient id, name, birth date, study uid, date, time, accession, description, [(series uid, modality, number, n)])
 CORPUS: list[tuple[str, str, str, str, str, str, str, str, list[tuple[str, str, int, int]]]] = [
-    ("P1", "Doe^John", "19600101", "1.2.3.1", "20240105", "081500", "ACC1", "CT chest",
-     [("1.2.3.1.1", "CT", 1, 3), ("1.2.3.1.2", "SR", 2, 1)]),
-    ("P1", "Doe^John", "19600101", "1.2.3.2", "20250310", "140000", "ACC2", "CT abdomen",
-     [("1.2.3.2.1", "CT", 1, 2)]),
-    ("P2", "DOE^JANE", "19700202", "1.2.3.3", "20250311", "093000", "ACC3", "MR brain",
-     [("1.2.3.3.1", "MR", 1, 2), ("1.2.3.3.2", "MR", 2, 2)]),
-    ("P3", "Müller^Jürgen", "19800303", "1.2.3.4", "20260101", "000001", "ACC4", "Röntgen Thorax",
-     [("1.2.3.4.1", "CR", 1, 1)]),
-    ("P4", "Gómez^Ana", "19900404", "1.2.3.5", "20261231", "235959", "ACC5", "CT head",
-     [("1.2.3.5.1", "CT", 3, 1)]),
+    (
+        "P1",
+        "Doe^John",
+        "19600101",
+        "1.2.3.1",
+        "20240105",
+        "081500",
+        "ACC1",
+        "CT chest",
+        [("1.2.3.1.1", "CT", 1, 3), ("1.2.3.1.2", "SR", 2, 1)],
+    ),
+    ("P1", "Doe^John", "19600101", "1.2.3.2", "20250310", "140000", "ACC2", "CT abdomen", [("1.2.3.2.1", "CT", 1, 2)]),
+    (
+        "P2",
+        "DOE^JANE",
+        "19700202",
+        "1.2.3.3",
+        "20250311",
+        "093000",
+        "ACC3",
+        "MR brain",
+        [("1.2.3.3.1", "MR", 1, 2), ("1.2.3.3.2", "MR", 2, 2)],
+    ),
+    (
+        "P3",
+        "Müller^Jürgen",
+        "19800303",
+        "1.2.3.4",
+        "20260101",
+        "000001",
+        "ACC4",
+        "Röntgen Thorax",
+        [("1.2.3.4.1", "CR", 1, 1)],
+    ),
+    ("P4", "Gómez^Ana", "19900404", "1.2.3.5", "20261231", "235959", "ACC5", "CT head", [("1.2.3.5.1", "CT", 3, 1)]),
 ]
 
 
@@ -43,30 +68,57 @@ def _fill(node: RunningNode, extra_studies: int = 0) -> None:
         charset = "ISO_IR 192" if not name.isascii() else None
         for series, modality, number, count in series_list:
             for i in range(1, count + 1):
-                rows.append(InstanceMeta(
-                    sop_class_uid="1.2.840.10008.5.1.4.1.1.2" if modality != "SR" else "1.2.840.10008.5.1.4.1.1.88.11",
-                    sop_instance_uid=f"{series}.{i}",
-                    study_instance_uid=study,
-                    series_instance_uid=series,
-                    transfer_syntax_uid="1.2.840.10008.1.2.1",
-                    specific_character_set=charset,
-                    patient_id=pid, patient_name=name, patient_birth_date=birth, patient_sex="O",
-                    study_date=date, study_time=time, accession_number=acc, study_id="1",
-                    study_description=desc, referring_physician_name="Ref^Doc",
-                    modality=modality, series_number=number, series_description=f"{modality} series",
-                    body_part_examined="CHEST", instance_number=i,
-                ))
+                rows.append(
+                    InstanceMeta(
+                        sop_class_uid="1.2.840.10008.5.1.4.1.1.2"
+                        if modality != "SR"
+                        else "1.2.840.10008.5.1.4.1.1.88.11",
+                        sop_instance_uid=f"{series}.{i}",
+                        study_instance_uid=study,
+                        series_instance_uid=series,
+                        transfer_syntax_uid="1.2.840.10008.1.2.1",
+                        specific_character_set=charset,
+                        patient_id=pid,
+                        patient_name=name,
+                        patient_birth_date=birth,
+                        patient_sex="O",
+                        study_date=date,
+                        study_time=time,
+                        accession_number=acc,
+                        study_id="1",
+                        study_description=desc,
+                        referring_physician_name="Ref^Doc",
+                        modality=modality,
+                        series_number=number,
+                        series_description=f"{modality} series",
+                        body_part_examined="CHEST",
+                        instance_number=i,
+                    )
+                )
     for n in range(extra_studies):
-        rows.append(InstanceMeta(
-            sop_class_uid="1.2.840.10008.5.1.4.1.1.2", sop_instance_uid=f"9.9.{n}.1.1",
-            study_instance_uid=f"9.9.{n}", series_instance_uid=f"9.9.{n}.1",
-            transfer_syntax_uid="1.2.840.10008.1.2.1", patient_id="BULK", patient_name="Bulk^Patient",
-            modality="OT", accession_number=f"B{n}",
-        ))
+        rows.append(
+            InstanceMeta(
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                sop_instance_uid=f"9.9.{n}.1.1",
+                study_instance_uid=f"9.9.{n}",
+                series_instance_uid=f"9.9.{n}.1",
+                transfer_syntax_uid="1.2.840.10008.1.2.1",
+                patient_id="BULK",
+                patient_name="Bulk^Patient",
+                modality="OT",
+                accession_number=f"B{n}",
+            )
+        )
     with node.archive.engine.begin() as conn:
         for meta in rows:
-            add_instance(conn, meta, file_path=f"none/{meta.sop_instance_uid}", file_size=0, sha256="0" * 64,
-                         calling_ae_title="TEST")
+            add_instance(
+                conn,
+                meta,
+                file_path=f"none/{meta.sop_instance_uid}",
+                file_size=0,
+                sha256="0" * 64,
+                calling_ae_title="TEST",
+            )
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +141,13 @@ class FindClient:
             item.sop_class_uid = uid
             item.service_class_application_information = info
             ext_neg.append(item)
-        self.assoc = ae.associate("127.0.0.1", port, ae_title="PACSNODE", ext_neg=ext_neg or None,
-                                  evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+        self.assoc = ae.associate(
+            "127.0.0.1",
+            port,
+            ae_title="PACSNODE",
+            ext_neg=ext_neg or None,
+            evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+        )
         assert self.assoc.is_established
 
     def find(self, keys: dict[str, Any], model: str = STUDY_ROOT) -> tuple[int, list[Dataset], Dataset | None]:
@@ -159,15 +216,27 @@ def test_study_level_matching(client: FindClient, keys: dict[str, Any], expected
 
 
 def test_returns_exactly_the_requested_keys_with_derived_values(client: FindClient) -> None:
-    code, matches, _ = client.find({
-        **STUDY, "StudyInstanceUID": "1.2.3.1", "PatientName": "", "StudyDate": "",
-        "ModalitiesInStudy": "", "NumberOfStudyRelatedSeries": "", "NumberOfStudyRelatedInstances": "",
-    })
+    code, matches, _ = client.find(
+        {
+            **STUDY,
+            "StudyInstanceUID": "1.2.3.1",
+            "PatientName": "",
+            "StudyDate": "",
+            "ModalitiesInStudy": "",
+            "NumberOfStudyRelatedSeries": "",
+            "NumberOfStudyRelatedInstances": "",
+        }
+    )
     assert code == 0
     (match,) = matches
     assert {e.keyword for e in match} == {
-        "QueryRetrieveLevel", "StudyInstanceUID", "PatientName", "StudyDate", "ModalitiesInStudy",
-        "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
+        "QueryRetrieveLevel",
+        "StudyInstanceUID",
+        "PatientName",
+        "StudyDate",
+        "ModalitiesInStudy",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
     }
     assert str(match.PatientName) == "Doe^John"
     assert match.StudyDate == "20240105"
@@ -182,26 +251,44 @@ def test_supported_keys_give_plain_pending(client: FindClient) -> None:
 
 
 def test_series_and_image_levels(client: FindClient) -> None:
-    code, series, _ = client.find({
-        "QueryRetrieveLevel": "SERIES", "StudyInstanceUID": "1.2.3.3", "SeriesInstanceUID": "",
-        "Modality": "", "SeriesNumber": "", "NumberOfSeriesRelatedInstances": "",
-    })
+    code, series, _ = client.find(
+        {
+            "QueryRetrieveLevel": "SERIES",
+            "StudyInstanceUID": "1.2.3.3",
+            "SeriesInstanceUID": "",
+            "Modality": "",
+            "SeriesNumber": "",
+            "NumberOfSeriesRelatedInstances": "",
+        }
+    )
     assert code == 0
-    assert [(s.SeriesInstanceUID, s.Modality, int(s.SeriesNumber), int(s.NumberOfSeriesRelatedInstances))
-            for s in series] == [("1.2.3.3.1", "MR", 1, 2), ("1.2.3.3.2", "MR", 2, 2)]
-    code, images, _ = client.find({
-        "QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": "1.2.3.1", "SeriesInstanceUID": "1.2.3.1.1",
-        "SOPInstanceUID": "", "InstanceNumber": "2", "SOPClassUID": "",
-    })
+    assert [
+        (s.SeriesInstanceUID, s.Modality, int(s.SeriesNumber), int(s.NumberOfSeriesRelatedInstances)) for s in series
+    ] == [("1.2.3.3.1", "MR", 1, 2), ("1.2.3.3.2", "MR", 2, 2)]
+    code, images, _ = client.find(
+        {
+            "QueryRetrieveLevel": "IMAGE",
+            "StudyInstanceUID": "1.2.3.1",
+            "SeriesInstanceUID": "1.2.3.1.1",
+            "SOPInstanceUID": "",
+            "InstanceNumber": "2",
+            "SOPClassUID": "",
+        }
+    )
     assert code == 0
     assert [(i.SOPInstanceUID, int(i.InstanceNumber)) for i in images] == [("1.2.3.1.1.2", 2)]
 
 
 def test_patient_root_patient_level_with_counts(client: FindClient) -> None:
     code, patients, _ = client.find(
-        {"QueryRetrieveLevel": "PATIENT", "PatientID": "P1", "PatientName": "",
-         "NumberOfPatientRelatedStudies": "", "NumberOfPatientRelatedSeries": "",
-         "NumberOfPatientRelatedInstances": ""},
+        {
+            "QueryRetrieveLevel": "PATIENT",
+            "PatientID": "P1",
+            "PatientName": "",
+            "NumberOfPatientRelatedStudies": "",
+            "NumberOfPatientRelatedSeries": "",
+            "NumberOfPatientRelatedInstances": "",
+        },
         PATIENT_ROOT,
     )
     assert code == 0
@@ -213,8 +300,7 @@ def test_patient_root_patient_level_with_counts(client: FindClient) -> None:
 
 def test_non_ascii_names_round_trip(client: FindClient) -> None:
     for uid, name in (("1.2.3.4", "Müller^Jürgen"), ("1.2.3.5", "Gómez^Ana")):
-        code, matches, _ = client.find({**STUDY, "StudyInstanceUID": uid, "PatientName": "",
-                                        "StudyDescription": ""})
+        code, matches, _ = client.find({**STUDY, "StudyInstanceUID": uid, "PatientName": "", "StudyDescription": ""})
         assert code == 0
         (match,) = matches
         assert str(match.PatientName) == name
@@ -306,10 +392,31 @@ def test_cancel_stops_the_responses(start_node, tmp_path) -> None:  # type: igno
     out = tmp_path / "answers"
     out.mkdir()
     result = subprocess.run(
-        [require("findscu"), "-v", "-S", "-aec", "PACSNODE", "--cancel", "1", "-X", "-od", str(out),
-         "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID", "-k", "PatientID=BULK",
-         "127.0.0.1", str(node.port)],
-        capture_output=True, text=True, timeout=120, env={"TCP_NODELAY": "1"}, check=False,
+        [
+            require("findscu"),
+            "-v",
+            "-S",
+            "-aec",
+            "PACSNODE",
+            "--cancel",
+            "1",
+            "-X",
+            "-od",
+            str(out),
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            "StudyInstanceUID",
+            "-k",
+            "PatientID=BULK",
+            "127.0.0.1",
+            str(node.port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"TCP_NODELAY": "1"},
+        check=False,
     )
     log = result.stdout + result.stderr
     assert "Received Final Find Response (Cancel" in log, log[-2000:]

@@ -12,17 +12,24 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
-from bench.corpus import UID_PREFIX, make_dataset
-from node import status
-from storage.index import count_rows
-from storage.models import Instance
+from pacsnode.node.dicom import status
+from pacsnode.node.testing.corpus import UID_PREFIX, make_dataset
+from pacsnode.storage.index import count_rows
+from pacsnode.storage.models import Instance
 from tests.conftest import RunningNode
-from tests.helpers import PYDICOM_FILES, echo_status, make_settings, pydicom_data_files, sha256_file, store_datasets
+from tests.helpers import (
+    PYDICOM_FILES,
+    echo_status,
+    make_settings,
+    pydicom_data_files,
+    sha256_file,
+    store_datasets,
+)
 
 SAMPLES = [
     PYDICOM_FILES / "CT_small.dcm",  # explicit VR LE
@@ -48,7 +55,7 @@ def _dataset_bytes(path: Path) -> bytes:
     """The bytes after the File Meta Information: what travels over the network."""
     raw = path.read_bytes()
     ds = pydicom.dcmread(BytesIO(raw), stop_before_pixels=True)
-    return raw[132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength):]
+    return raw[132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength) :]
 
 
 def _rows(node: RunningNode) -> dict[str, Instance]:

@@ -27,7 +27,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
 
-from node.handlers import set_nodelay
+from pacsnode.node.dicom.handlers import set_nodelay
 from tests.conftest import RunningNode
 from tests.corpus_qr import PATIENTS, Patient, resolve, write_corpus
 from tests.helpers import make_settings, store_datasets
@@ -126,9 +126,7 @@ def send_find(port: int, called_ae_title: str, model: str, identifier: Dataset) 
     sop_class = _MODELS[model]
     ae = AE(ae_title=CALLING_AE_TITLE)
     ae.add_requested_context(sop_class)
-    assoc = ae.associate(
-        "127.0.0.1", port, ae_title=called_ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)]
-    )
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
     assert assoc.is_established, f"no association with {called_ae_title} on port {port}"
     statuses: list[int] = []
     identifiers: list[Dataset] = []

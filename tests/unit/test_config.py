@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from node.config import load
-from node.errors import ConfigError
-from storage import DuplicatePolicy
+from pacsnode.node.config import load
+from pacsnode.node.errors import ConfigError
+from pacsnode.storage import DuplicatePolicy
 from tests.helpers import REPO
 
 
@@ -38,20 +38,34 @@ def _write(tmp_path: Path, text: str) -> Path:
         ("node:\n  prot: 104\n", "node.prot: Extra inputs are not permitted"),
         ("storage:\n  duplicate_policy: sometimes\n", "storage.duplicate_policy"),
         ("remote_nodes:\n  PACS:\n    host: x\n    port: 104\n", "remote_nodes.PACS.ae_title: Field required"),
-        ("analysis:\n  rules:\n    - name: r\n      pipeline: ct-lungs\n",
-         "analysis.rules.0: Value error, unknown pipeline 'ct-lungs': built-in pipelines are ct-lung"),
-        ("analysis:\n  rules:\n    - name: r\n      pipeline: nosuch.module:Thing\n",
-         "cannot import module 'nosuch.module'"),
-        ("analysis:\n  rules:\n    - name: r\n      pipeline: ct-lung\n      params: {min_slice: 3}\n",
-         "params of pipeline 'ct-lung'"),
-        ("analysis:\n  rules:\n    - name: r\n      pipeline: ct-lung\n      match: {series_description: '(lung'}\n",
-         "analysis.rules.0.match.series_description: Value error, not a valid regular expression"),
-        ("analysis:\n  rules:\n    - name: r\n      pipeline: ct-lung\n      match: {sop_class: [CTImage]}\n",
-         "unknown SOP class 'CTImage'"),
-        ("analysis:\n  rules:\n    - name: r\n      pipeline: ct-lung\n      destinations: [PACS]\n",
-         "rule 'r' sends results to 'PACS', which is not in remote_nodes (none defined)"),
-        ("analysis:\n  rules:\n    - {name: r, pipeline: ct-lung}\n    - {name: r, pipeline: ct-lung}\n",
-         "rule name 'r' is used more than once"),
+        (
+            "analysis:\n  rules:\n    - name: r\n      pipeline: ct-lungs\n",
+            "analysis.rules.0: Value error, unknown pipeline 'ct-lungs': built-in pipelines are ct-lung",
+        ),
+        (
+            "analysis:\n  rules:\n    - name: r\n      pipeline: nosuch.module:Thing\n",
+            "cannot import module 'nosuch.module'",
+        ),
+        (
+            "analysis:\n  rules:\n    - name: r\n      pipeline: ct-lung\n      params: {min_slice: 3}\n",
+            "params of pipeline 'ct-lung'",
+        ),
+        (
+            "analysis:\n  rules:\n    - name: r\n      pipeline: ct-lung\n      match: {series_description: '(lung'}\n",
+            "analysis.rules.0.match.series_description: Value error, not a valid regular expression",
+        ),
+        (
+            "analysis:\n  rules:\n    - name: r\n      pipeline: ct-lung\n      match: {sop_class: [CTImage]}\n",
+            "unknown SOP class 'CTImage'",
+        ),
+        (
+            "analysis:\n  rules:\n    - name: r\n      pipeline: ct-lung\n      destinations: [PACS]\n",
+            "rule 'r' sends results to 'PACS', which is not in remote_nodes (none defined)",
+        ),
+        (
+            "analysis:\n  rules:\n    - {name: r, pipeline: ct-lung}\n    - {name: r, pipeline: ct-lung}\n",
+            "rule name 'r' is used more than once",
+        ),
         ("analysis:\n  uid_root: 1.2.x\n", "analysis.uid_root"),
         ("policy:\n  allowed_peers:\n    - ae_title: ''\n", "policy.allowed_peers.0.ae_title"),
         ("node: [1, 2\n", "not valid YAML"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.engine import (
+from pacsnode.analysis.cnn.engine import (
     EngineOptions,
     InferenceEngine,
     InferenceTimeout,
@@ -18,7 +18,7 @@ from analysis.engine import (
     resolve_precision,
     warm_model,
 )
-from analysis.model_package import ModelError, load_package
+from pacsnode.analysis.cnn.package import ModelError, load_package
 from tests.models import make_bundle, make_package
 
 FP32 = EngineOptions(device="cpu", precision="fp32", batch_size=1)
@@ -92,7 +92,8 @@ def test_a_passed_deadline_stops_inference(tmp_path: Path) -> None:
 
 def test_a_network_with_too_few_outputs_is_refused(tmp_path: Path) -> None:
     two_labels = {
-        "kind": "segmentation", "activation": "sigmoid",
+        "kind": "segmentation",
+        "activation": "sigmoid",
         "labels": [{"value": 1, "name": "a"}, {"value": 2, "name": "b"}],
     }
     root = make_package(tmp_path / "m", output=two_labels)

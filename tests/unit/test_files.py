@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from storage import InstanceStore, OutOfSpaceError, StorageSettings
-from storage.files import uid_digest
+from pacsnode.storage import InstanceStore, OutOfSpaceError, StorageSettings
+from pacsnode.storage.files import uid_digest
 
 
 @pytest.fixture

@@ -6,14 +6,23 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from analysis.model_package import LabelOutput
-from analysis.model_pipeline import find_components, findings_from_probabilities, longest_diameter_mm
-from analysis.types import Volume
+from pacsnode.analysis.cnn.findings import (
+    find_components,
+    findings_from_probabilities,
+    longest_diameter_mm,
+)
+from pacsnode.analysis.cnn.package import LabelOutput
+from pacsnode.analysis.types import Volume
 
-LABEL = LabelOutput.model_validate({
-    "value": 1, "name": "nodule", "threshold": 0.5, "lateralize": True,
-    "finding_site": {"scheme": "SCT", "value": "39607008", "meaning": "Lung"},
-})
+LABEL = LabelOutput.model_validate(
+    {
+        "value": 1,
+        "name": "nodule",
+        "threshold": 0.5,
+        "lateralize": True,
+        "finding_site": {"scheme": "SCT", "value": "39607008", "meaning": "Lung"},
+    }
+)
 
 
 def _volume(shape: tuple[int, int, int], *, body_centre_col: int, origin_x: float = -100.0) -> Volume:
@@ -25,8 +34,14 @@ def _volume(shape: tuple[int, int, int], *, body_centre_col: int, origin_x: floa
         ds = Dataset()
         ds.InstanceNumber = k + 1
         datasets.append(ds)
-    return Volume(hu=hu, spacing=(1.0, 1.0, 1.0), origin=(origin_x, -100.0, 0.0), row_direction=(1.0, 0.0, 0.0),
-                  column_direction=(0.0, 1.0, 0.0), datasets=tuple(datasets))
+    return Volume(
+        hu=hu,
+        spacing=(1.0, 1.0, 1.0),
+        origin=(origin_x, -100.0, 0.0),
+        row_direction=(1.0, 0.0, 0.0),
+        column_direction=(0.0, 1.0, 0.0),
+        datasets=tuple(datasets),
+    )
 
 
 def _ball(shape: tuple[int, int, int], centre: tuple[int, int, int], radius: float) -> np.ndarray:
@@ -82,7 +97,7 @@ def test_longest_diameter_of_a_line_of_voxels() -> None:
 
 
 def test_thresholding_float16_probabilities_as_integers_matches_the_float_comparison() -> None:
-    from analysis.model_pipeline import _above
+    from pacsnode.analysis.cnn.findings import _above
 
     rng = np.random.default_rng(0)
     probs = rng.random((4, 50, 50)).astype(np.float16)

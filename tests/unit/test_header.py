@@ -5,8 +5,12 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 
-from node.handlers import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, _file_header
-from storage.index import is_valid_uid
+from pacsnode.node.dicom.handlers import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    _file_header,
+)
+from pacsnode.storage.index import is_valid_uid
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Tests of analysis.volume, analysis.lung and analysis.synthetic: phantom -> files -> HU volume -> lungs.
+"""Tests of pacsnode.analysis.volume, pacsnode.analysis.lung.segmentation and pacsnode.analysis.modeldev.synthetic: phantom -> files -> HU volume -> lungs.
 
 The phantom's truth (volumes, LAA-950, mean density) comes from its exact voxel
 masks; the segmentation of the written files must find it within 3 % (volumes)
@@ -22,12 +22,16 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import get_encoder
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
 
-from analysis.lung import segment_lungs
-from analysis.synthetic import ChestPhantom, ChestTruth, make_chest_phantom, write_chest_ct
-from analysis.types import InputError, LungResult, Volume
-from analysis.volume import load_series
+from pacsnode.analysis.lung.segmentation import segment_lungs
+from pacsnode.analysis.modeldev.synthetic import (
+    ChestPhantom,
+    ChestTruth,
+    make_chest_phantom,
+    write_chest_ct,
+)
+from pacsnode.analysis.types import InputError, LungResult, Volume
+from pacsnode.analysis.volume import load_series
 from tests.helpers import VALIDATOR, pydicom_data_files
-
 
 # The phantom every accuracy test uses: 80 slices of 128x128, 3.125 mm pixels, 3 mm slices.
 CHEST = {"slices": 80, "size": 128, "seed": 11, "blur_sigma_mm": 1.0, "noise_hu": 15.0}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.model_package import BUILTIN_MODELS, ModelError, load_package
+from pacsnode.analysis.cnn.package import BUILTIN_MODELS, ModelError, load_package
 from tests.helpers import sha256_file
 from tests.models import TINY_UNET_3D, make_bundle, make_package
 

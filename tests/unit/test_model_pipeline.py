@@ -7,10 +7,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from analysis.model_pipeline import ModelParams, ModelPipeline
-from analysis.pipelines import PipelineInput, PipelineOutput, SeriesInput
-from analysis.synthetic import write_chest_ct
-from analysis.types import InputError
+from pacsnode.analysis.cnn.pipeline import ModelParams, ModelPipeline
+from pacsnode.analysis.modeldev.synthetic import write_chest_ct
+from pacsnode.analysis.pipelines import PipelineInput, PipelineOutput, SeriesInput
+from pacsnode.analysis.types import InputError
 from tests.models import make_package
 
 CLASSIFIER = {
@@ -18,12 +18,21 @@ CLASSIFIER = {
     "params": {"in_shape": [3, 32, 32], "classes": 2, "channels": [4, 8], "strides": [2, 2]},
 }
 CLASSES = {
-    "kind": "classification", "activation": "sigmoid",
+    "kind": "classification",
+    "activation": "sigmoid",
     "classes": [
-        {"index": 0, "name": "nodule", "code": {"scheme": "SCT", "value": "27925004", "meaning": "Nodule"},
-         "threshold": 0.5},
-        {"index": 1, "name": "emphysema", "code": {"scheme": "SCT", "value": "87433001", "meaning": "Emphysema"},
-         "threshold": 0.9},
+        {
+            "index": 0,
+            "name": "nodule",
+            "code": {"scheme": "SCT", "value": "27925004", "meaning": "Nodule"},
+            "threshold": 0.5,
+        },
+        {
+            "index": 1,
+            "name": "emphysema",
+            "code": {"scheme": "SCT", "value": "87433001", "meaning": "Emphysema"},
+            "threshold": 0.9,
+        },
     ],
 }
 SR, SC = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7"
@@ -31,8 +40,9 @@ SR, SC = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7"
 
 def _inputs(tmp_path: Path, name: str, slices: int = 8, seed: int = 0) -> PipelineInput:
     truth = write_chest_ct(tmp_path / name, slices=slices, size=64, seed=seed)
-    series = SeriesInput(series_instance_uid=truth.series_instance_uid, modality="CT", series_description="",
-                         paths=tuple(truth.paths))
+    series = SeriesInput(
+        series_instance_uid=truth.series_instance_uid, modality="CT", series_description="", paths=tuple(truth.paths)
+    )
     return PipelineInput(job_id=seed, study_instance_uid=truth.study_instance_uid, series=(series,), uid_root="2.25")
 
 

@@ -1,4 +1,4 @@
-"""Tests of analysis.model_writers: SEG, SR and key images of CNN model outputs on the synthetic chest phantom."""
+"""Tests of pacsnode.analysis.cnn.writers: SEG, SR and key images of CNN model outputs on the synthetic chest phantom."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from analysis.model_writers import (
+from pacsnode.analysis.cnn.writers import (
     MODEL_CODES,
     ClassScore,
     Finding,
@@ -24,10 +24,10 @@ from analysis.model_writers import (
     write_classification_results,
     write_segmentation_results,
 )
-from analysis.synthetic import write_chest_ct
-from analysis.types import AnalysisError, Volume
-from analysis.volume import load_series
-from analysis.writers import CODES, NOT_FOR_DIAGNOSTIC_USE
+from pacsnode.analysis.modeldev.synthetic import write_chest_ct
+from pacsnode.analysis.results.core import CODES, NOT_FOR_DIAGNOSTIC_USE
+from pacsnode.analysis.types import AnalysisError, Volume
+from pacsnode.analysis.volume import load_series
 from tests.helpers import VALIDATOR
 
 SLICES, SIZE = 40, 128
@@ -307,9 +307,7 @@ def test_classification_sr_and_key_image(volume: Volume, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("scenario", ["segmentation", "no findings", "classification"])
-def test_every_object_passes_the_validator(
-    scenario: str, volume: Volume, files: list[Path], tmp_path: Path
-) -> None:
+def test_every_object_passes_the_validator(scenario: str, volume: Volume, files: list[Path], tmp_path: Path) -> None:
     if shutil.which("dciodvfy") is None or shutil.which("dsrdump") is None:
         pytest.skip(f"dciodvfy/dsrdump not installed (see {VALIDATOR.parent / 'README.md'})")
     if scenario == "segmentation":

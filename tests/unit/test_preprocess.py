@@ -1,4 +1,4 @@
-"""Tests of analysis.preprocess: step configuration, every step on 2D and 3D batches, restore.
+"""Tests of pacsnode.analysis.cnn.preprocess: step configuration, every step on 2D and 3D batches, restore.
 
 Items of a batch are made deliberately different (scale, offset) so that a
 step computing statistics across the batch would give another result than
@@ -16,7 +16,7 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from analysis.preprocess import (
+from pacsnode.analysis.cnn.preprocess import (
     BilateralDenoiseStep,
     ClaheStep,
     ContrastStretchStep,
@@ -33,7 +33,7 @@ from analysis.preprocess import (
     build_preprocessor,
     parse_steps,
 )
-from analysis.types import InputError
+from pacsnode.analysis.types import InputError
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
@@ -294,7 +294,7 @@ def test_constant_items_do_not_fail_or_warn() -> None:
 def test_contrast_stretch_maps_the_percentiles_per_item() -> None:
     x = _batch(5, 2, 1, (64, 64))
     out, _ = build_preprocessor([STEPS_2D["contrast_stretch"]])(x, (1.0, 1.0))
-    for item_in, item in zip(x, out):
+    for item_in, item in zip(x, out, strict=False):
         assert float(item.min()) == 0.0 and float(item.max()) == 1.0
         # 2 % at or below the 2nd percentile -> 0, 2 % at or above the 98th -> 1
         assert float((item == 0).float().mean()) == pytest.approx(0.02, abs=0.005)
@@ -309,7 +309,7 @@ def test_histeq_flattens_the_histogram_within_the_item_range() -> None:
     x = torch.as_tensor(rng.exponential(1.0, (2, 1, 64, 64)), dtype=torch.float32)
     x[1] = x[1] * 100 - 50
     out, _ = build_preprocessor([STEPS_2D["histeq"]])(x, (1.0, 1.0))
-    for item_in, item in zip(x, out):
+    for item_in, item in zip(x, out, strict=False):
         low, high = float(item_in.min()), float(item_in.max())
         assert float(item.min()) == pytest.approx(low, abs=1e-3 * (high - low))
         assert float(item.max()) == pytest.approx(high, abs=1e-3 * (high - low))
@@ -329,7 +329,7 @@ def test_clahe_enhances_local_contrast_within_the_item_range() -> None:
         step = ClaheStep(method="clahe", clip_limit=clip, tile_grid=(2, 2))
         out, _ = build_preprocessor([step])(x, (1.0, 1.0))
         assert out.shape == x.shape and out.dtype == torch.float32
-        for item_in, item in zip(x, out):
+        for item_in, item in zip(x, out, strict=False):
             assert float(item.min()) >= float(item_in.min()) - 1e-4
             assert float(item.max()) <= float(item_in.max()) + 1e-4
         outputs[clip] = out

@@ -9,9 +9,17 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from pydicom.dataset import Dataset
 
-from storage.db import make_engine, migrate
-from storage.models import Base
-from storage.query import IdentifierError, Level, Model, QueryValueError, parse_find, parse_retrieve, pn_search_key
+from pacsnode.storage.db import make_engine, migrate
+from pacsnode.storage.models import Base
+from pacsnode.storage.query import (
+    IdentifierError,
+    Level,
+    Model,
+    QueryValueError,
+    parse_find,
+    parse_retrieve,
+    pn_search_key,
+)
 
 
 @pytest.mark.parametrize(

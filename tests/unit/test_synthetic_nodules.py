@@ -1,4 +1,4 @@
-"""Tests of the lung nodules of the synthetic chest phantom (analysis.synthetic).
+"""Tests of the lung nodules of the synthetic chest phantom (pacsnode.analysis.modeldev.synthetic).
 
 Asking for no nodules must leave the phantom exactly as it was before nodules
 existed (hashes taken from the code before they were added); asked for, the
@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from analysis.synthetic import ChestPhantom, NoduleTruth, make_benchmark_volume, make_chest_phantom, write_chest_ct
+from pacsnode.analysis.modeldev.synthetic import (
+    ChestPhantom,
+    NoduleTruth,
+    make_benchmark_volume,
+    make_chest_phantom,
+    write_chest_ct,
+)
 
 # sha256 of make_chest_phantom(slices=20, size=64, seed=3).hu / .labels, taken before nodules were added.
 HU_SHA256 = "ddc0fadb660ac29d9ce6e8df0ff1311c621b1c896d0fae9519e32ee4149fe609"
@@ -192,7 +198,10 @@ def test_vessel_spheres_off_keeps_only_tubes() -> None:
     np.testing.assert_array_equal(spheres.labels, tubes.labels)  # vessels are inside the lungs
     assert np.array_equal(make_chest_phantom(**kwargs, vessel_spheres=True).hu, spheres.hu)  # type: ignore[arg-type]
     with_nodules = make_chest_phantom(
-        **kwargs, vessel_spheres=False, nodules=2, nodule_diameter_mm=(12.0, 20.0)  # type: ignore[arg-type]
+        **kwargs,
+        vessel_spheres=False,
+        nodules=2,
+        nodule_diameter_mm=(12.0, 20.0),  # type: ignore[arg-type]
     )
     assert len(with_nodules.nodules) == 2
 

@@ -6,8 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
-from analysis.model_package import load_package
-from analysis.training import TrainConfig, train
+from pacsnode.analysis.cnn.package import load_package
+from pacsnode.analysis.modeldev.training import TrainConfig, train
 from tests.helpers import REPO, pacsnode_cmd
 
 TINY = {"steps": 3, "batch_size": 2, "crop": 64, "studies_in_pool": 1, "slices": 6, "nodules_per_study": 2}
@@ -35,7 +35,11 @@ def test_the_shipped_weights_come_from_pacsnode_train() -> None:
 def test_evaluate_reports_phantom_scores_and_real_ct_false_positives() -> None:
     result = subprocess.run(
         pacsnode_cmd("evaluate", "--studies", "1", "--slices", "12", "--device", "cpu", "--json"),
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)

@@ -1,4 +1,4 @@
-"""Tests of analysis.writers: SEG, SR and key images built from a small synthetic CT."""
+"""Tests of pacsnode.analysis.results.core: SEG, SR and key images built from a small synthetic CT."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, generate_uid
 
-from analysis.types import AnalysisError, LungResult, Volume
-from analysis.writers import CODES, LUNG_WINDOW, NOT_FOR_DIAGNOSTIC_USE, result_uid, write_lung_results
+from pacsnode.analysis.lung.writers import LUNG_WINDOW, write_lung_results
+from pacsnode.analysis.results.core import CODES, NOT_FOR_DIAGNOSTIC_USE, result_uid
+from pacsnode.analysis.types import AnalysisError, LungResult, Volume
 from tests.helpers import VALIDATOR
 
 PIPELINE_NAME = "lung-threshold"
@@ -86,9 +87,7 @@ def make_ct_headers(
     return tuple(headers)
 
 
-def make_volume(
-    n: int = SLICES, rows: int = ROWS, columns: int = COLUMNS, *, series_uid: str | None = None
-) -> Volume:
+def make_volume(n: int = SLICES, rows: int = ROWS, columns: int = COLUMNS, *, series_uid: str | None = None) -> Volume:
     headers = make_ct_headers(n, rows, columns, series_uid=series_uid)
     rng = np.random.default_rng(7)
     hu = rng.integers(-60, 60, size=(n, rows, columns), dtype=np.int16)
@@ -263,14 +262,8 @@ def test_rerun_gives_same_uids_even_with_more_source_slices(volume: Volume, resu
 def test_other_series_or_version_gives_other_uids(volume: Volume, result: LungResult) -> None:
     first = {uid for pair in uids_of(write(volume, result)) for uid in pair}
     other_volume = make_volume()
-    other_series = {
-        uid for pair in uids_of(write(other_volume, result)) for uid in pair
-    }
-    other_version = {
-        uid
-        for pair in uids_of(write(volume, result, version="2"))
-        for uid in pair
-    }
+    other_series = {uid for pair in uids_of(write(other_volume, result)) for uid in pair}
+    other_version = {uid for pair in uids_of(write(volume, result, version="2")) for uid in pair}
     assert not first & other_series
     assert not first & other_version
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from storage.query import pn_search_key
+from pacsnode.storage.query import pn_search_key
 
 revision = "0002"
 down_revision = "0001"

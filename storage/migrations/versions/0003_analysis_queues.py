@@ -48,8 +48,12 @@ def upgrade() -> None:
     op.create_index("ix_jobs_state_not_before", "jobs", ["state", "not_before"])
     op.create_index("ix_jobs_study", "jobs", ["study_instance_uid"])
     op.create_index(
-        "ux_jobs_one_pending", "jobs", ["pipeline", "study_instance_uid", "series_instance_uid"], unique=True,
-        sqlite_where=sa.text("state = 'pending'"), postgresql_where=sa.text("state = 'pending'"),
+        "ux_jobs_one_pending",
+        "jobs",
+        ["pipeline", "study_instance_uid", "series_instance_uid"],
+        unique=True,
+        sqlite_where=sa.text("state = 'pending'"),
+        postgresql_where=sa.text("state = 'pending'"),
     )
     op.create_table(
         "exports",

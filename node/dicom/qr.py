@@ -1,6 +1,6 @@
 """Query/Retrieve SCP: C-FIND, C-MOVE and C-GET answered from the index.
 
-The handlers parse the identifier (:mod:`storage.query`), let the database do
+The handlers parse the identifier (:mod:`pacsnode.storage.query`), let the database do
 the matching, and turn every failure into the PS3.4 C.4 status with an Error
 Comment: 0xA900 for an identifier that does not fit the model, 0xC000 for a
 value that cannot be matched, 0xA700 when the match cap is exceeded, 0xA801
@@ -26,14 +26,15 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
 from pynetdicom.presentation import PresentationContext
-from node import status
-from node.config import Settings
-from node.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
-from node.handlers import failure_status, set_nodelay
-from storage import Archive, StorageError
-from storage.query import (
+from pynetdicom.sop_class import Verification
+
+from pacsnode.node.config import Settings
+from pacsnode.node.dicom import status
+from pacsnode.node.dicom.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
+from pacsnode.node.dicom.handlers import failure_status, set_nodelay
+from pacsnode.storage import Archive, StorageError
+from pacsnode.storage.query import (
     IdentifierError,
     InstanceLocation,
     Model,
@@ -54,7 +55,7 @@ _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _MAX_CONTEXTS = 128
 _MAX_SUBOPERATIONS = 65535  # the sub-operation counters are US
 
-# How each refusal from storage.query reads as a DIMSE status; any other storage error is 0xC000.
+# How each refusal from pacsnode.storage.query reads as a DIMSE status; any other storage error is 0xC000.
 _FAILURE_STATUS: dict[type[Exception], int] = {
     IdentifierError: status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
     QueryValueError: status.UNABLE_TO_PROCESS,
@@ -146,7 +147,10 @@ class QueryRetrieveService:
         pending = status.PENDING_WARNING if parsed.unsupported else status.PENDING
         logger.info(
             "C-FIND from %r: %s level, %s root, %d match(es)%s",
-            peer, parsed.level.value, model.value, len(rows),
+            peer,
+            parsed.level.value,
+            model.value,
+            len(rows),
             f"; keys not supported: {', '.join(parsed.unsupported)}" if parsed.unsupported else "",
             extra={"action": "c-find", "level": parsed.level.value, "matches": len(rows)},
         )
@@ -165,7 +169,11 @@ class QueryRetrieveService:
             code = status.OUT_OF_RESOURCES_MATCHES  # C-MOVE / C-GET: unable to calculate the number of matches
         comment = str(exc)
         logger.warning(
-            "%s from %r refused with 0x%04X: %s", service, peer, code, comment,
+            "%s from %r refused with 0x%04X: %s",
+            service,
+            peer,
+            code,
+            comment,
             extra={"action": service.lower(), "status": code},
         )
         return failure_status(code, comment)
@@ -222,13 +230,13 @@ class QueryRetrieveService:
         """EVT_C_MOVE: resolve the destination, then one store association with the needed contexts."""
         peer = event.assoc.requestor.ae_title
         destination_ae = (event.move_destination or "").strip()
-        remote = next(
-            (node for node in self.settings.remote_nodes.values() if node.ae_title == destination_ae), None
-        )
+        remote = next((node for node in self.settings.remote_nodes.values() if node.ae_title == destination_ae), None)
         if remote is None:
             logger.warning(
                 "C-MOVE from %r refused with 0xA801: move destination %r is not a known remote node",
-                peer, destination_ae, extra={"action": "c-move", "status": status.MOVE_DESTINATION_UNKNOWN},
+                peer,
+                destination_ae,
+                extra={"action": "c-move", "status": status.MOVE_DESTINATION_UNKNOWN},
             )
             yield None, None
             return
@@ -239,17 +247,25 @@ class QueryRetrieveService:
             store_assoc.append(store_event.assoc)
 
         contexts = _store_contexts(located) if isinstance(located, list) else [build_context(Verification)]
-        yield remote.host, remote.port, {
-            "contexts": contexts,
-            "evt_handlers": [(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_ESTABLISHED, _established)],
-        }
+        yield (
+            remote.host,
+            remote.port,
+            {
+                "contexts": contexts,
+                "evt_handlers": [(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_ESTABLISHED, _established)],
+            },
+        )
         if isinstance(located, Dataset):
             yield 1  # pynetdicom sends failures only once the sub-association exists
             yield located, None
             return
         logger.info(
             "C-MOVE from %r: %d instance(s) to %r at %s:%d",
-            peer, len(located), destination_ae, remote.host, remote.port,
+            peer,
+            len(located),
+            destination_ae,
+            remote.host,
+            remote.port,
             extra={"action": "c-move", "instances": len(located), "destination": destination_ae},
         )
         yield len(located)
@@ -264,7 +280,9 @@ class QueryRetrieveService:
             yield located, None
             return
         logger.info(
-            "C-GET from %r: %d instance(s)", peer, len(located),
+            "C-GET from %r: %d instance(s)",
+            peer,
+            len(located),
             extra={"action": "c-get", "instances": len(located)},
         )
         yield len(located)
@@ -296,14 +314,17 @@ class QueryRetrieveService:
         if not syntaxes:
             logger.warning(
                 "instance %s not sent: the peer accepted no context for SOP class %s",
-                location.sop_instance_uid, location.sop_class_uid,
+                location.sop_instance_uid,
+                location.sop_class_uid,
             )
             return _unsendable(location.sop_instance_uid)
         uncompressed = [ts for ts in _UNCOMPRESSED if ts in syntaxes]
         if not uncompressed:
             logger.warning(
                 "instance %s not sent: stored as %s, the peer accepted only %s",
-                location.sop_instance_uid, stored, ", ".join(sorted(syntaxes)),
+                location.sop_instance_uid,
+                stored,
+                ", ".join(sorted(syntaxes)),
             )
             return _unsendable(location.sop_instance_uid)
         ts = UID(stored)
@@ -311,7 +332,9 @@ class QueryRetrieveService:
             try:
                 ds.decompress(generate_instance_uid=False)
             except Exception as exc:
-                logger.warning("instance %s not sent: cannot decompress %s: %s", location.sop_instance_uid, ts.name, exc)
+                logger.warning(
+                    "instance %s not sent: cannot decompress %s: %s", location.sop_instance_uid, ts.name, exc
+                )
                 return _unsendable(location.sop_instance_uid)
             logger.info("instance %s decompressed from %s for the peer", location.sop_instance_uid, ts.name)
         elif not ts.is_little_endian:
@@ -357,7 +380,9 @@ def _store_contexts(located: list[InstanceLocation]) -> list[PresentationContext
             break
         contexts.append(build_context(sop_class, list(_UNCOMPRESSED)))
     if len(contexts) > _MAX_CONTEXTS:
-        logger.warning("a retrieve needs %d presentation contexts; proposing the first %d", len(contexts), _MAX_CONTEXTS)
+        logger.warning(
+            "a retrieve needs %d presentation contexts; proposing the first %d", len(contexts), _MAX_CONTEXTS
+        )
     return contexts[:_MAX_CONTEXTS] or [build_context(Verification)]
 
 

@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from analysis.types import InputError, LungResult, Volume
+from pacsnode.analysis.types import InputError, LungResult, Volume
 
 __all__ = ["LAA_THRESHOLD_HU", "segment_lungs"]
 

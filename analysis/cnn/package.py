@@ -31,10 +31,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from analysis.preprocess_steps import Step
-from analysis.types import AnalysisError
+from pacsnode.analysis.cnn.steps import Step
+from pacsnode.analysis.types import AnalysisError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -275,7 +282,9 @@ class ModelPackage:
         except ModelError:
             raise
         except Exception as exc:
-            raise ModelError(f"model {self.manifest.name}: cannot load {self.weights_path.name}: {_short(exc)}") from exc
+            raise ModelError(
+                f"model {self.manifest.name}: cannot load {self.weights_path.name}: {_short(exc)}"
+            ) from exc
         return module.eval().to(device)
 
     def _architecture(self) -> torch.nn.Module:
@@ -406,7 +415,9 @@ def _bundle_manifest(root: Path, overrides: dict[str, Any]) -> tuple[dict[str, A
         file, fmt, config = "models/model.ts", "torchscript", None
     elif (models / "model.pt").is_file():
         file, fmt = "models/model.pt", "state_dict"
-        config = next((c for c in (root / "configs").glob("inference.*") if c.suffix in (".json", ".yaml", ".yml")), None)
+        config = next(
+            (c for c in (root / "configs").glob("inference.*") if c.suffix in (".json", ".yaml", ".yml")), None
+        )
         if config is None:
             raise ModelError(f"bundle {root.name}: models/model.pt needs configs/inference.json with network_def")
     else:

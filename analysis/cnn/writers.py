@@ -1,10 +1,10 @@
 """Results of CNN models as DICOM: Segmentations, Comprehensive 3D SRs and key images.
 
-Generic counterparts of :mod:`analysis.writers` for any model: a segmentation
+Generic counterparts of :mod:`pacsnode.analysis.results.core` for any model: a segmentation
 model reports connected :class:`Finding` objects of its output labels
 (:class:`LabelSpec`), a classification model reports a :class:`ClassScore` per
 output. Every object belongs to the study of the source series, each kind in
-a new series of its own, with UIDs from :func:`analysis.writers.result_uid`,
+a new series of its own, with UIDs from :func:`pacsnode.analysis.results.core.result_uid`,
 so rerunning the same pipeline version on the same series replaces the
 earlier results in a PACS.
 
@@ -45,28 +45,28 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from analysis.types import AnalysisError, Volume
-from analysis.writers import (
-    _BANNER_TEXT_RGB,
-    _BANNER_WARNING_RGB,
-    _LO_MAX_LENGTH,
-    _UUID_ROOT,
+from pacsnode.analysis.results.core import (
+    BANNER_TEXT_RGB,
+    BANNER_WARNING_RGB,
     CODES,
     DEFAULT_DEVICE_SERIAL,
     DEFAULT_SOFTWARE_VERSION,
+    LO_MAX_LENGTH,
     NOT_FOR_DIAGNOSTIC_USE,
     PRIVATE_SCHEME,
-    _banner,
-    _Common,
-    _key_image_pixels,
-    _measurement_report_sr,
-    _nfdu,
-    _secondary_capture,
-    _segment_description,
-    _segmentation,
-    _UidFactory,
+    UUID_ROOT,
+    ResultContext,
+    UidFactory,
+    key_image_pixels,
+    measurement_report_sr,
+    not_for_diagnostic_use,
+    render_banner,
     result_uid,
+    secondary_capture,
+    segment_description,
+    segmentation,
 )
+from pacsnode.analysis.types import AnalysisError, Volume
 
 __all__ = [
     "ClassScore",
@@ -209,8 +209,8 @@ class EquipmentOptions(TypedDict, total=False):
 class _Run:
     """What one call of a writer shares between its objects."""
 
-    common: _Common
-    uid: _UidFactory
+    common: ResultContext
+    uid: UidFactory
     model_name: str
     model_version: str
     procedure: Code
@@ -231,8 +231,8 @@ class _Run:
     def banner_header(self) -> _BannerLines:
         return [
             [(f"{self.common.pipeline_name} {self.common.pipeline_version} - {NOT_FOR_DIAGNOSTIC_USE}",
-              _BANNER_WARNING_RGB)],
-            [(f"Model {self.model_name} {self.model_version}", _BANNER_TEXT_RGB)],
+              BANNER_WARNING_RGB)],
+            [(f"Model {self.model_name} {self.model_version}", BANNER_TEXT_RGB)],
         ]  # fmt: skip
 
     def derivation(self, burned_in: str) -> str:
@@ -249,7 +249,7 @@ def write_segmentation_results(
     pipeline_version: str,
     model_name: str,
     model_version: str,
-    uid_root: str = _UUID_ROOT,
+    uid_root: str = UUID_ROOT,
     series_number_base: int = 9100,
     max_key_images: int = 5,
     window: tuple[float, float] = DEFAULT_WINDOW,
@@ -272,7 +272,7 @@ def write_segmentation_results(
     model_name, model_version
         The model, named in the algorithm identification of segments and measurements.
     uid_root
-        Root of every UID created, see :func:`analysis.writers.result_uid`.
+        Root of every UID created, see :func:`pacsnode.analysis.results.core.result_uid`.
     series_number_base
         The SEG, SR and key image series get numbers base + 1, + 2 and + 3.
     max_key_images
@@ -332,7 +332,7 @@ def write_classification_results(
     pipeline_version: str,
     model_name: str,
     model_version: str,
-    uid_root: str = _UUID_ROOT,
+    uid_root: str = UUID_ROOT,
     series_number_base: int = 9100,
     key_slice: int | None = None,
     window: tuple[float, float] = DEFAULT_WINDOW,
@@ -393,7 +393,7 @@ def write_classification_results(
         equipment,
     )  # fmt: skip
     try:
-        sr = _measurement_report_sr(
+        sr = measurement_report_sr(
             list(volume.datasets), [_score_group(score, run) for score in scores], run.procedure, run.common, run.uid,
             series_number_base + 2, kind="SR",
         )  # fmt: skip
@@ -476,12 +476,12 @@ def _run(
     def uid(role: str, index: str) -> str:
         return result_uid(uid_root, source_series_uid, pipeline_name, pipeline_version, role_prefix + role, index)
 
-    common = _Common(
+    common = ResultContext(
         uid_root=uid_root,
         pipeline_name=pipeline_name,
         pipeline_version=pipeline_version,
         manufacturer=equipment.get("manufacturer", "pacsnode"),
-        device_serial=equipment.get("device_serial", DEFAULT_DEVICE_SERIAL)[:_LO_MAX_LENGTH],
+        device_serial=equipment.get("device_serial", DEFAULT_DEVICE_SERIAL)[:LO_MAX_LENGTH],
         software_version=equipment.get("software_version", DEFAULT_SOFTWARE_VERSION),
         algorithm_family=equipment.get("algorithm_family", MODEL_CODES.algorithm_family),
         now=datetime.datetime.now(),
@@ -516,7 +516,7 @@ def _findings_seg(volume: Volume, findings: list[Finding], run: _Run, series_num
     descriptions = []
     for number, finding in enumerate(findings, start=1):
         label = finding.label
-        description = _segment_description(
+        description = segment_description(
             number, finding.tracking_id, category=label.category, property_type=label.type,
             modifier=label.modifier, rgb=label.color, algorithm=run.algorithm,
             tracking_uid=run.uid("tracking", str(finding.number)),
@@ -527,7 +527,7 @@ def _findings_seg(volume: Volume, findings: list[Finding], run: _Run, series_num
                 region.AnatomicRegionModifierSequence = [hd.sr.CodedConcept.from_code(finding.laterality)]
             description.AnatomicRegionSequence = [region]
         descriptions.append(description)
-    return _segmentation(
+    return segmentation(
         volume, _segment_pixels([finding.mask for finding in findings]), descriptions, run.common, run.uid,
         series_number,
         content_description=f"Findings of {run.model_name} {run.model_version}",
@@ -566,7 +566,7 @@ def _findings_sr(
     found = {finding.label.value for finding in findings}
     groups.extend(_absent_group(label, run) for label in labels if label.value not in found)
     evidence = [*volume.datasets, *([seg] if seg is not None else [])]
-    return _measurement_report_sr(evidence, groups, run.procedure, run.common, run.uid, series_number, kind="SR")
+    return measurement_report_sr(evidence, groups, run.procedure, run.common, run.uid, series_number, kind="SR")
 
 
 def _finding_group(
@@ -585,8 +585,9 @@ def _finding_group(
             sop_class_uid=seg.SOPClassUID,
             sop_instance_uid=seg.SOPInstanceUID,
             segment_number=segment_number,
-            source_images=[hd.sr.SourceImageForSegmentation.from_source_image(volume.datasets[k])
-                           for k in with_finding],
+            source_images=[
+                hd.sr.SourceImageForSegmentation.from_source_image(volume.datasets[k]) for k in with_finding
+            ],
         ),  # fmt: skip
         finding_type=finding.label.type,
         finding_category=finding.label.category,
@@ -599,7 +600,7 @@ def _finding_group(
             ),
             hd.sr.Measurement(name=MODEL_CODES.probability, value=finding.probability, unit=MODEL_CODES.no_units),
         ],
-        qualitative_evaluations=[_presence(finding.label.type, True), *_nfdu()],
+        qualitative_evaluations=[_presence(finding.label.type, True), *not_for_diagnostic_use()],
     )
     x, y, z = finding.centroid_patient_mm
     centroid = f"centroid x {x:.1f}, y {y:.1f}, z {z:.1f} mm"
@@ -639,7 +640,7 @@ def _evaluation_group(
         finding_category=category,
         algorithm_id=run.sr_algorithm(),
         measurements=measurements,
-        qualitative_evaluations=[_presence(concept, present), *_nfdu()],
+        qualitative_evaluations=[_presence(concept, present), *not_for_diagnostic_use()],
     )
 
 
@@ -695,7 +696,7 @@ def _score_line(score: ClassScore) -> tuple[str, tuple[int, int, int]]:
     """``<name>: p=0.93 (threshold 0.50) POSITIVE``, positive ones in red."""
     verdict = "POSITIVE" if score.positive else "NEGATIVE"
     text = f"{score.name}: p={score.probability:.2f} (threshold {score.threshold:.2f}) {verdict}"
-    return (text, _POSITIVE_RGB if score.positive else _BANNER_TEXT_RGB)
+    return (text, _POSITIVE_RGB if score.positive else BANNER_TEXT_RGB)
 
 
 def _key_image(
@@ -710,9 +711,9 @@ def _key_image(
     burned_in: str,
 ) -> hd.sc.SCImage:
     """SC ``number``: slice ``index`` in the run's window with ``contours``, below a banner of ``lines``."""
-    banner = _banner(volume.hu.shape[2], [*run.banner_header(), *lines])
-    pixels = _key_image_pixels(volume.hu[index], run.window, contours, banner)
-    return _secondary_capture(
+    banner = render_banner(volume.hu.shape[2], [*run.banner_header(), *lines])
+    pixels = key_image_pixels(volume.hu[index], run.window, contours, banner)
+    return secondary_capture(
         volume, index, pixels, run.common, run.uid, series_number, number,
         kind="SC", derivation=run.derivation(burned_in),
     )  # fmt: skip

@@ -23,7 +23,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from storage.query import Model
+from pacsnode.storage.query import Model
 
 __all__ = [
     "FIND_MODELS",

@@ -19,7 +19,7 @@ Conventions: spacings are in mm, (row, column) for 2D items and (slice, row,
 column) for 3D items, the order of the tensor's spatial axes. A per-axis value
 (size, spacing, sigma, radius) given with 2 entries on a 3D item applies in
 the plane of each slice and leaves the slice axis alone; 3 entries on a 2D
-item are an :class:`~analysis.types.InputError`.
+item are an :class:`~pacsnode.analysis.types.InputError`.
 
 The step models are plain pydantic models; nothing is built at import time.
 """
@@ -37,8 +37,7 @@ import torch
 from monai.data import MetaTensor
 from monai.networks.layers import gaussian_1d, separable_filtering
 
-from analysis.preprocess_steps import (  # noqa: F401 - re-exported
-    Interpolation,
+from pacsnode.analysis.cnn.steps import (  # noqa: F401 - re-exported
     BilateralDenoiseStep,
     ClaheStep,
     ContrastStretchStep,
@@ -47,6 +46,7 @@ from analysis.preprocess_steps import (  # noqa: F401 - re-exported
     EnhanceStep,
     GaussianDenoiseStep,
     HistEqStep,
+    Interpolation,
     MedianDenoiseStep,
     NormalizeStep,
     ResampleStep,
@@ -56,7 +56,7 @@ from analysis.preprocess_steps import (  # noqa: F401 - re-exported
     WindowStep,
     parse_steps,
 )
-from analysis.types import InputError
+from pacsnode.analysis.types import InputError
 
 __all__ = [
     "BilateralDenoiseStep",
@@ -138,7 +138,7 @@ def _resize(x: torch.Tensor, shape: tuple[int, ...], mode: str, anti_aliasing: b
         return x
     if anti_aliasing:
         # skimage's (and MONAI Resize's) choice of sigma, with replicated borders
-        sigma = [max(0.0, (n / m - 1) / 2) for n, m in zip(x.shape[2:], shape)]
+        sigma = [max(0.0, (n / m - 1) / 2) for n, m in zip(x.shape[2:], shape, strict=False)]
         if any(s > 0 for s in sigma):
             x = _per_channel(lambda flat: _smooth(flat, sigma), x)
     return _per_channel(mt.Resize(spatial_size=shape, mode=_interp(mode, len(shape))), x)
@@ -147,7 +147,7 @@ def _resize(x: torch.Tensor, shape: tuple[int, ...], mode: str, anti_aliasing: b
 def _crop_pad_plan(before: tuple[int, ...], after: tuple[int, ...]) -> list[tuple[int, int]]:
     """Per axis ``(start, pad)``: where ``ResizeWithPadOrCrop`` starts a centered crop, and its leading pad."""
     plan = []
-    for size, target in zip(before, after):
+    for size, target in zip(before, after, strict=False):
         start = size // 2 - target // 2 if size > target else 0
         pad = (target - size) // 2 if target > size else 0
         plan.append((start, pad))
@@ -166,7 +166,7 @@ def _geometry(
     if isinstance(step, ResampleStep):
         _per_axis(step.spacing, ndim, "resample spacing")
         target = (*spacing[: ndim - len(step.spacing)], *step.spacing)
-        new = tuple(max(1, math.floor(n * s / t + 0.5)) for n, s, t in zip(shape, spacing, target))
+        new = tuple(max(1, math.floor(n * s / t + 0.5)) for n, s, t in zip(shape, spacing, target, strict=False))
     elif isinstance(step, ResizeStep):
         _per_axis(step.size, ndim, "resize size")
         new = (*shape[: ndim - len(step.size)], *step.size)
@@ -175,7 +175,7 @@ def _geometry(
         return (*shape[: ndim - len(step.size)], *step.size), spacing
     else:
         return shape, spacing
-    return new, tuple(s * n / m for s, n, m in zip(spacing, shape, new))
+    return new, tuple(s * n / m for s, n, m in zip(spacing, shape, new, strict=False))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -285,10 +285,10 @@ def _uncrop_pad(x: torch.Tensor, before: tuple[int, ...], value: float) -> torch
         return x
     plan = _crop_pad_plan(before, after)
     starts = [pad for _, pad in plan]
-    ends = [pad + min(n, m) for (_, pad), n, m in zip(plan, before, after)]
+    ends = [pad + min(n, m) for (_, pad), n, m in zip(plan, before, after, strict=False)]
     x = _per_channel(mt.SpatialCrop(roi_start=starts, roi_end=ends), x)
     border: list[int] = []
-    for (start, _), n, m in zip(plan, before, after):
+    for (start, _), n, m in zip(plan, before, after, strict=False):
         kept = min(n, m)
         border += [start, n - kept - start]
     return _per_channel(mt.BorderPad(spatial_border=border, value=value), x)

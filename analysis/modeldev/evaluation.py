@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis.model_package import ModelPackage
+from pacsnode.analysis.cnn.package import ModelPackage
 
 __all__ = ["EvaluationReport", "StudyScore", "evaluate_phantoms", "evaluate_real_ct", "pydicom_data_ct_files"]
 
@@ -58,7 +58,7 @@ class EvaluationReport:
 
 
 def _engine(package: ModelPackage, device: str) -> tuple[Any, Any]:
-    from analysis.engine import EngineOptions, InferenceEngine, warm_model
+    from pacsnode.analysis.cnn.engine import EngineOptions, InferenceEngine, warm_model
 
     options = EngineOptions(device=device)
     warm = warm_model(package, options)
@@ -76,9 +76,9 @@ def evaluate_phantoms(
     report: EvaluationReport | None = None,
 ) -> EvaluationReport:
     """Score the model on ``studies`` generated chest CTs with known nodules."""
-    from analysis.engine import VolumeInput
-    from analysis.model_pipeline import findings_from_probabilities
-    from analysis.synthetic import make_chest_phantom
+    from pacsnode.analysis.cnn.engine import VolumeInput
+    from pacsnode.analysis.cnn.findings import findings_from_probabilities
+    from pacsnode.analysis.modeldev.synthetic import make_chest_phantom
 
     started = time.perf_counter()
     report = report or EvaluationReport(model=f"{package.manifest.name} {package.manifest.version}")
@@ -131,8 +131,14 @@ def evaluate_phantoms(
                 volume_errors_percent=[round(e, 1) for e in errors],
             )
         )
-        logger.info("phantom %d: %d/%d nodules found, %d false positives, Dice %.3f",
-                    study_seed, found, len(phantom.nodules), false_positives, study_dice)
+        logger.info(
+            "phantom %d: %d/%d nodules found, %d false positives, Dice %.3f",
+            study_seed,
+            found,
+            len(phantom.nodules),
+            false_positives,
+            study_dice,
+        )
     true_total = sum(s.true_nodules for s in report.studies)
     found_total = sum(s.found for s in report.studies)
     all_errors = [abs(e) for s in report.studies for e in s.volume_errors_percent]
@@ -174,10 +180,10 @@ def evaluate_real_ct(
     package: ModelPackage, files: Sequence[Path], *, device: str = "auto", report: EvaluationReport | None = None
 ) -> EvaluationReport:
     """Run the model on single real CT images; every finding counts as a false positive."""
-    from analysis.engine import VolumeInput
-    from analysis.model_pipeline import findings_from_probabilities
-    from analysis.types import AnalysisError
-    from analysis.volume import load_series
+    from pacsnode.analysis.cnn.engine import VolumeInput
+    from pacsnode.analysis.cnn.findings import findings_from_probabilities
+    from pacsnode.analysis.types import AnalysisError
+    from pacsnode.analysis.volume import load_series
 
     started = time.perf_counter()
     report = report or EvaluationReport(model=f"{package.manifest.name} {package.manifest.version}")

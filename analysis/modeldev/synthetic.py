@@ -24,7 +24,7 @@ measurements), :class:`NoduleTruth` (one nodule), :func:`make_chest_phantom`,
 
 Tests and benchmarks use :func:`write_chest_ct` (files on disk, for the loader)
 and :func:`make_chest_phantom` (in memory; ``ChestPhantom.to_volume`` gives a
-:class:`~analysis.types.Volume` without touching the disk).
+:class:`~pacsnode.analysis.types.Volume` without touching the disk).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from analysis.types import Volume
+from pacsnode.analysis.types import Volume
 
 __all__ = [
     "ChestPhantom",
@@ -144,7 +144,7 @@ class ChestTruth(LungTruth):
     """What a correct lung segmentation of a written phantom should report.
 
     ``paths[i]`` is the file of slice ``i``, slices in ascending patient z
-    (the order :func:`analysis.volume.load_series` sorts them into); the file
+    (the order :func:`pacsnode.analysis.volume.load_series` sorts them into); the file
     names themselves are shuffled unless ``shuffle_files=False``.
     Volumes in mL, densities in HU, LAA-950 in percent of lung voxels.
     ``nodules`` is the truth of the nodules, as ``ChestPhantom.nodules``.
@@ -168,7 +168,7 @@ class ChestPhantom(LungTruth):
     ``hu`` is int16 (slices, rows, columns), slices ascending along the slice
     normal; ``labels`` is the truth, uint8, 1 right lung, 2 left lung, vessels
     and emphysema inside the lungs included (nodules too: a nodule voxel keeps
-    its lung's label). Geometry as in :class:`~analysis.types.Volume`.
+    its lung's label). Geometry as in :class:`~pacsnode.analysis.types.Volume`.
 
     ``nodule_labels`` is None unless nodules were asked for (``nodules > 0``);
     then it is uint16 of the shape of ``hu``, 0 background and ``k`` the
@@ -193,7 +193,7 @@ class ChestPhantom(LungTruth):
         return (float(position[0]), float(position[1]), float(position[2]))
 
     def to_volume(self) -> Volume:
-        """The phantom as a :class:`~analysis.types.Volume`, with minimal CT headers.
+        """The phantom as a :class:`~pacsnode.analysis.types.Volume`, with minimal CT headers.
 
         Returns
         -------
@@ -449,7 +449,7 @@ def make_benchmark_volume(
     Returns
     -------
     tuple
-        The :class:`~analysis.types.Volume` and the :class:`ChestPhantom` with the truth.
+        The :class:`~pacsnode.analysis.types.Volume` and the :class:`ChestPhantom` with the truth.
     """
     phantom = make_chest_phantom(
         slices=slices,
@@ -1054,7 +1054,7 @@ def _common_header(
     ds.PositionReferenceIndicator = ""
     # General Equipment
     ds.Manufacturer = "pacsnode"
-    ds.ManufacturerModelName = "analysis.synthetic"
+    ds.ManufacturerModelName = "pacsnode.analysis.modeldev.synthetic"
     ds.SoftwareVersions = "1"
     # General Acquisition / General Image
     ds.AcquisitionNumber = 1

@@ -19,9 +19,9 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 
-from node import status
-from node.config import NodeSettings
-from storage import (
+from pacsnode.node.config import NodeSettings
+from pacsnode.node.dicom import status
+from pacsnode.storage import (
     AddOutcome,
     Archive,
     DuplicateInstanceError,
@@ -31,7 +31,7 @@ from storage import (
     UnreadableInstanceError,
     read_header,
 )
-from storage.index import is_valid_uid
+from pacsnode.storage.index import is_valid_uid
 
 __all__ = [
     "IMPLEMENTATION_CLASS_UID",
@@ -203,9 +203,7 @@ class StoreService:
         try:
             with buffer.getbuffer() as view:
                 size = view.nbytes
-                code, comment = self._store(
-                    view, size, sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling
-                )
+                code, comment = self._store(view, size, sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling)
         except Exception as exc:  # a bug must cost one instance, not the association
             logger.exception("unexpected error storing %.80s", sop_instance_uid)
             code, comment = status.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}"
@@ -215,7 +213,10 @@ class StoreService:
         self.assoc_log.record(event, size=size, failure=f"0x{code:04X}")
         logger.warning(
             "C-STORE of %.80s from %r failed with 0x%04X: %s",
-            sop_instance_uid, calling, code, comment,
+            sop_instance_uid,
+            calling,
+            code,
+            comment,
             extra={"action": "c-store", "status": code, "sop_instance_uid": sop_instance_uid[:80]},
         )
         return failure_status(code, comment)
@@ -291,13 +292,15 @@ def _file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid:
     The unit tests check the bytes against pydicom's own encoding.
     """
     version = IMPLEMENTATION_VERSION_NAME.encode("ascii")
-    body = b"".join((
-        _element((0x0002, 0x0001), b"OB", b"\x00\x01"),
-        _element((0x0002, 0x0002), b"UI", _ui(sop_class_uid)),
-        _element((0x0002, 0x0003), b"UI", _ui(sop_instance_uid)),
-        _element((0x0002, 0x0010), b"UI", _ui(transfer_syntax_uid)),
-        _element((0x0002, 0x0012), b"UI", _ui(IMPLEMENTATION_CLASS_UID)),
-        _element((0x0002, 0x0013), b"SH", version + b" " * (len(version) % 2)),
-    ))
+    body = b"".join(
+        (
+            _element((0x0002, 0x0001), b"OB", b"\x00\x01"),
+            _element((0x0002, 0x0002), b"UI", _ui(sop_class_uid)),
+            _element((0x0002, 0x0003), b"UI", _ui(sop_instance_uid)),
+            _element((0x0002, 0x0010), b"UI", _ui(transfer_syntax_uid)),
+            _element((0x0002, 0x0012), b"UI", _ui(IMPLEMENTATION_CLASS_UID)),
+            _element((0x0002, 0x0013), b"SH", version + b" " * (len(version) % 2)),
+        )
+    )
     group_length = _element((0x0002, 0x0000), b"UL", struct.pack("<I", len(body)))
     return _PREAMBLE + group_length + body

@@ -23,11 +23,11 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from node.config import RemoteNode, Settings
-from node.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
-from node.export import make_ae, why_not_established
-from node.handlers import AssociationLog, StoreService, set_nodelay
-from storage import Archive
+from pacsnode.node.config import RemoteNode, Settings
+from pacsnode.node.dicom.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from pacsnode.node.dicom.export import make_ae, why_not_established
+from pacsnode.node.dicom.handlers import AssociationLog, StoreService, set_nodelay
+from pacsnode.storage import Archive
 
 __all__ = ["DEFAULT_RETURN_KEYS", "FindResult", "RetrieveResult", "find", "retrieve"]
 
@@ -36,29 +36,67 @@ logger = logging.getLogger(__name__)
 DEFAULT_RETURN_KEYS: dict[str, tuple[str, ...]] = {
     "PATIENT": ("PatientID", "PatientName", "PatientBirthDate", "NumberOfPatientRelatedStudies"),
     "STUDY": (
-        "PatientID", "PatientName", "StudyDate", "AccessionNumber", "StudyDescription",
-        "ModalitiesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances", "StudyInstanceUID",
+        "PatientID",
+        "PatientName",
+        "StudyDate",
+        "AccessionNumber",
+        "StudyDescription",
+        "ModalitiesInStudy",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+        "StudyInstanceUID",
     ),
-    "SERIES": ("StudyInstanceUID", "SeriesNumber", "Modality", "SeriesDescription",
-               "NumberOfSeriesRelatedInstances", "SeriesInstanceUID"),
+    "SERIES": (
+        "StudyInstanceUID",
+        "SeriesNumber",
+        "Modality",
+        "SeriesDescription",
+        "NumberOfSeriesRelatedInstances",
+        "SeriesInstanceUID",
+    ),
     "IMAGE": ("StudyInstanceUID", "SeriesInstanceUID", "InstanceNumber", "SOPClassUID", "SOPInstanceUID"),
 }
 
 # C-GET can request at most 128 contexts: the Get model plus the storage classes met in practice.
 _GET_STORAGE_CLASSES = (
-    "CTImageStorage", "EnhancedCTImageStorage", "MRImageStorage", "EnhancedMRImageStorage",
-    "ComputedRadiographyImageStorage", "DigitalXRayImageStorageForPresentation",
-    "DigitalXRayImageStorageForProcessing", "DigitalMammographyXRayImageStorageForPresentation",
-    "DigitalMammographyXRayImageStorageForProcessing", "UltrasoundImageStorage",
-    "UltrasoundMultiFrameImageStorage", "XRayAngiographicImageStorage", "XRayRadiofluoroscopicImageStorage",
-    "NuclearMedicineImageStorage", "PositronEmissionTomographyImageStorage", "EnhancedPETImageStorage",
-    "SecondaryCaptureImageStorage", "MultiFrameGrayscaleByteSecondaryCaptureImageStorage",
-    "MultiFrameGrayscaleWordSecondaryCaptureImageStorage", "MultiFrameTrueColorSecondaryCaptureImageStorage",
-    "BasicTextSRStorage", "EnhancedSRStorage", "ComprehensiveSRStorage", "Comprehensive3DSRStorage",
-    "KeyObjectSelectionDocumentStorage", "SegmentationStorage", "GrayscaleSoftcopyPresentationStateStorage",
-    "EncapsulatedPDFStorage", "RTImageStorage", "RTDoseStorage", "RTStructureSetStorage", "RTPlanStorage",
-    "VLPhotographicImageStorage", "VLWholeSlideMicroscopyImageStorage", "BreastTomosynthesisImageStorage",
-    "XRay3DAngiographicImageStorage", "TwelveLeadECGWaveformStorage", "RawDataStorage",
+    "CTImageStorage",
+    "EnhancedCTImageStorage",
+    "MRImageStorage",
+    "EnhancedMRImageStorage",
+    "ComputedRadiographyImageStorage",
+    "DigitalXRayImageStorageForPresentation",
+    "DigitalXRayImageStorageForProcessing",
+    "DigitalMammographyXRayImageStorageForPresentation",
+    "DigitalMammographyXRayImageStorageForProcessing",
+    "UltrasoundImageStorage",
+    "UltrasoundMultiFrameImageStorage",
+    "XRayAngiographicImageStorage",
+    "XRayRadiofluoroscopicImageStorage",
+    "NuclearMedicineImageStorage",
+    "PositronEmissionTomographyImageStorage",
+    "EnhancedPETImageStorage",
+    "SecondaryCaptureImageStorage",
+    "MultiFrameGrayscaleByteSecondaryCaptureImageStorage",
+    "MultiFrameGrayscaleWordSecondaryCaptureImageStorage",
+    "MultiFrameTrueColorSecondaryCaptureImageStorage",
+    "BasicTextSRStorage",
+    "EnhancedSRStorage",
+    "ComprehensiveSRStorage",
+    "Comprehensive3DSRStorage",
+    "KeyObjectSelectionDocumentStorage",
+    "SegmentationStorage",
+    "GrayscaleSoftcopyPresentationStateStorage",
+    "EncapsulatedPDFStorage",
+    "RTImageStorage",
+    "RTDoseStorage",
+    "RTStructureSetStorage",
+    "RTPlanStorage",
+    "VLPhotographicImageStorage",
+    "VLWholeSlideMicroscopyImageStorage",
+    "BreastTomosynthesisImageStorage",
+    "XRay3DAngiographicImageStorage",
+    "TwelveLeadECGWaveformStorage",
+    "RawDataStorage",
 )
 
 
@@ -201,4 +239,3 @@ def retrieve(
     finally:
         assoc.release()
     return result
-

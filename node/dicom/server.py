@@ -1,6 +1,6 @@
 """The association server: socket options and association policy on top of pynetdicom.
 
-* accepted sockets get ``TCP_NODELAY`` (see :func:`node.handlers.set_nodelay`);
+* accepted sockets get ``TCP_NODELAY`` (see :func:`pacsnode.node.dicom.handlers.set_nodelay`);
 * a listening socket can be handed in, so several acceptor processes share one port;
 * the calling-AE allow list may also name the host each AE must come from; a peer
   that does not match gets A-ASSOCIATE-RJ "calling AE title not recognised"
@@ -19,7 +19,7 @@ from pynetdicom.acse import ACSE
 from pynetdicom.events import EVT_REJECTED, trigger
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from node.config import PolicySettings
+from pacsnode.node.config import PolicySettings
 
 __all__ = ["NodeServer", "PeerPolicy"]
 
@@ -62,7 +62,8 @@ class _PolicyACSE(ACSE):
                 self.requestor.ae_title = calling
                 logger.warning(
                     "rejected association from %s: calling AE title %r is not allowed from this host",
-                    host, calling,
+                    host,
+                    calling,
                 )
                 self.send_reject(_RJ_PERMANENT, _RJ_SOURCE_SERVICE_USER, _RJ_CALLING_AE_NOT_RECOGNISED)
                 trigger(self.assoc, EVT_REJECTED, {})
@@ -128,7 +129,12 @@ class NodeServer(ThreadedAssociationServer):
         self._listen_socket = listen_socket
         self.policy = policy
         super().__init__(
-            ae, address, ae_title, _SupportedContexts(contexts), ssl_context, evt_handlers,
+            ae,
+            address,
+            ae_title,
+            _SupportedContexts(contexts),
+            ssl_context,
+            evt_handlers,
             request_handler=_NodeRequestHandler,
         )
 

@@ -69,8 +69,9 @@ def enter_private_netns(module: str, tools: tuple[str, ...]) -> None:
     if os.environ.get(_NS_FLAG) != "1":
         for tool in (*tools, "unshare", "ip"):
             require_tool(tool)
-        os.execvpe("unshare", ["unshare", "-n", sys.executable, "-m", module, *sys.argv[1:]],
-                   {**os.environ, _NS_FLAG: "1"})
+        os.execvpe(
+            "unshare", ["unshare", "-n", sys.executable, "-m", module, *sys.argv[1:]], {**os.environ, _NS_FLAG: "1"}
+        )
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
 

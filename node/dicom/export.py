@@ -18,10 +18,14 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
-from node import status
-from node.config import RemoteNode, Settings
-from node.errors import UnknownNodeError
-from node.handlers import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, set_nodelay
+from pacsnode.node.config import RemoteNode, Settings
+from pacsnode.node.dicom import status
+from pacsnode.node.dicom.handlers import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    set_nodelay,
+)
+from pacsnode.node.errors import UnknownNodeError
 
 __all__ = ["ExportOutcome", "resolve_node", "echo", "collect_files", "send_files", "make_ae", "why_not_established"]
 
@@ -51,9 +55,7 @@ def resolve_node(settings: Settings, name: str) -> RemoteNode:
         return settings.remote_nodes[name]
     match = _AD_HOC.match(name)
     if match:
-        return RemoteNode(
-            ae_title=match["aet"], host=match["host"].strip("[]"), port=int(match["port"])
-        )
+        return RemoteNode(ae_title=match["aet"], host=match["host"].strip("[]"), port=int(match["port"]))
     known = ", ".join(sorted(settings.remote_nodes)) or "none configured"
     raise UnknownNodeError(f"unknown node {name!r} (known: {known}; or write AET@HOST:PORT)")
 
@@ -74,7 +76,9 @@ def echo(settings: Settings, remote: RemoteNode) -> tuple[bool, str]:
     """C-ECHO the remote; return (ok, message)."""
     ae = make_ae(settings)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(remote.host, remote.port, ae_title=remote.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    assoc = ae.associate(
+        remote.host, remote.port, ae_title=remote.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)]
+    )
     if not assoc.is_established:
         return False, why_not_established(assoc, remote)
     try:
@@ -124,7 +128,9 @@ def _identify(path: Path) -> _Identity | ExportOutcome:
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
         return ExportOutcome(path=path, sop_instance_uid=None, status=None, error=f"not a readable DICOM file: {exc}")
     if not ts or not sop_class or not sop_inst:
-        return ExportOutcome(path=path, sop_instance_uid=None, status=None, error="no File Meta transfer syntax or SOP UIDs")
+        return ExportOutcome(
+            path=path, sop_instance_uid=None, status=None, error="no File Meta transfer syntax or SOP UIDs"
+        )
     return _Identity(path, str(sop_class), str(sop_inst), str(ts))
 
 
@@ -182,26 +188,56 @@ def send_files(
         try:
             for item in batch:
                 if not assoc.is_established:
-                    done(ExportOutcome(path=item.path, sop_instance_uid=item.sop_instance_uid, status=None,
-                                       error="association lost"))
+                    done(
+                        ExportOutcome(
+                            path=item.path,
+                            sop_instance_uid=item.sop_instance_uid,
+                            status=None,
+                            error="association lost",
+                        )
+                    )
                     continue
                 if (item.sop_class_uid, item.transfer_syntax_uid) not in accepted:
-                    done(ExportOutcome(path=item.path, sop_instance_uid=item.sop_instance_uid, status=None,
-                                       error="the peer accepted no context for this SOP class and transfer syntax"))
+                    done(
+                        ExportOutcome(
+                            path=item.path,
+                            sop_instance_uid=item.sop_instance_uid,
+                            status=None,
+                            error="the peer accepted no context for this SOP class and transfer syntax",
+                        )
+                    )
                     continue
                 try:
                     rsp = assoc.send_c_store(item.path)
                 except Exception as exc:  # pynetdicom raises on a file it cannot send
-                    done(ExportOutcome(path=item.path, sop_instance_uid=item.sop_instance_uid, status=None,
-                                       error=f"{type(exc).__name__}: {exc}"))
+                    done(
+                        ExportOutcome(
+                            path=item.path,
+                            sop_instance_uid=item.sop_instance_uid,
+                            status=None,
+                            error=f"{type(exc).__name__}: {exc}",
+                        )
+                    )
                     continue
                 if "Status" in rsp:
                     comment = rsp.get("ErrorComment")
-                    done(ExportOutcome(path=item.path, sop_instance_uid=item.sop_instance_uid,
-                                       status=int(rsp.Status), error=str(comment) if comment else None))
+                    done(
+                        ExportOutcome(
+                            path=item.path,
+                            sop_instance_uid=item.sop_instance_uid,
+                            status=int(rsp.Status),
+                            error=str(comment) if comment else None,
+                        )
+                    )
                 else:
-                    done(ExportOutcome(path=item.path, sop_instance_uid=item.sop_instance_uid, status=None,
-                                       error="no response (timeout or association aborted)"))
+                    done(
+                        ExportOutcome(
+                            path=item.path,
+                            sop_instance_uid=item.sop_instance_uid,
+                            status=None,
+                            error="no response (timeout or association aborted)",
+                        )
+                    )
         finally:
             if assoc.is_established:
                 assoc.release()

@@ -2,14 +2,14 @@
 
 Plain pydantic models with no heavy imports, so that loading the config (and
 validating a model package's manifest) does not import torch or MONAI;
-:mod:`analysis.preprocess` runs them.
+:mod:`pacsnode.analysis.cnn.preprocess` runs them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import cache
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
@@ -199,12 +199,10 @@ class UnsharpStep(_Strict):
     amount: PositiveFloat = 1.0
 
 
-DenoiseStep = Annotated[
-    Union[GaussianDenoiseStep, MedianDenoiseStep, BilateralDenoiseStep], Field(discriminator="method")
-]
-EnhanceStep = Annotated[Union[HistEqStep, ClaheStep, ContrastStretchStep, UnsharpStep], Field(discriminator="method")]
+DenoiseStep = Annotated[GaussianDenoiseStep | MedianDenoiseStep | BilateralDenoiseStep, Field(discriminator="method")]
+EnhanceStep = Annotated[HistEqStep | ClaheStep | ContrastStretchStep | UnsharpStep, Field(discriminator="method")]
 Step = Annotated[
-    Union[WindowStep, NormalizeStep, ResampleStep, ResizeStep, CropPadStep, DenoiseStep, EnhanceStep],
+    WindowStep | NormalizeStep | ResampleStep | ResizeStep | CropPadStep | DenoiseStep | EnhanceStep,
     Field(discriminator="kind"),
 ]
 

@@ -1,6 +1,6 @@
 """``pacsnode train``: the shipped lung-nodule model, trained on generated chest CT.
 
-The data are synthetic chest CT phantoms (:mod:`analysis.synthetic`) with
+The data are synthetic chest CT phantoms (:mod:`pacsnode.analysis.modeldev.synthetic`) with
 nodules of varied size (4 to 24 mm), kind (solid, part-solid, ground-glass)
 and position (some touching the pleura), vessels as tubes, emphysema, and
 per study a random noise level (8 to 30 HU) and in-plane blur (0 to 1 mm),
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis.model_package import MANIFEST_NAME, sha256_of
+from pacsnode.analysis.cnn.package import MANIFEST_NAME, sha256_of
 
 __all__ = ["TrainConfig", "default_manifest", "train"]
 
@@ -117,7 +117,7 @@ class _Study:
 
 
 def _make_study(rng: np.random.Generator, config: TrainConfig) -> _Study:
-    from analysis.synthetic import make_chest_phantom
+    from pacsnode.analysis.modeldev.synthetic import make_chest_phantom
 
     phantom = make_chest_phantom(
         slices=config.slices,
@@ -140,7 +140,9 @@ def _make_study(rng: np.random.Generator, config: TrainConfig) -> _Study:
     return _Study(image=phantom.hu.astype(np.float32), target=target, positives=positives, body=lung)
 
 
-def _crop(study: _Study, rng: np.random.Generator, config: TrainConfig, positive: bool) -> tuple[np.ndarray, np.ndarray]:
+def _crop(
+    study: _Study, rng: np.random.Generator, config: TrainConfig, positive: bool
+) -> tuple[np.ndarray, np.ndarray]:
     depth, rows, cols = study.image.shape
     pool = study.positives if positive and len(study.positives) else study.body
     if len(pool) == 0:
@@ -175,8 +177,8 @@ def train(
     import torch
     from monai.losses import DiceCELoss
 
-    from analysis.model_package import Manifest
-    from analysis.preprocess import build_preprocessor
+    from pacsnode.analysis.cnn.package import Manifest
+    from pacsnode.analysis.cnn.preprocess import build_preprocessor
 
     started = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -191,7 +193,9 @@ def train(
 
     net = UNet(**ARCHITECTURE["params"])
     optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps, eta_min=config.learning_rate / 30)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=config.steps, eta_min=config.learning_rate / 30
+    )
     loss_fn = DiceCELoss(sigmoid=True, smooth_nr=1e-3, smooth_dr=1e-3, batch=True)
 
     pool = [_make_study(rng, config) for _ in range(config.studies_in_pool)]
@@ -229,7 +233,7 @@ def train(
         "command": "pacsnode train",
         "config": asdict(config),
         "data": (
-            "synthetic chest CT phantoms (analysis.synthetic) with solid, part-solid and ground-glass nodules "
+            "synthetic chest CT phantoms (pacsnode.analysis.modeldev.synthetic) with solid, part-solid and ground-glass nodules "
             "of 4-24 mm, noise 8-30 HU, blur 0-1 mm, slice thickness 1-2.5 mm; no patient data"
         ),
         "final_loss": round(float(np.mean(losses[-50:])), 4),

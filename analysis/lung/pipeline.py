@@ -1,8 +1,8 @@
 """CT lung analysis, classical (no trained weights): lung volumes, density, LAA-950.
 
-Decode -> HU volume (:mod:`analysis.volume`) -> lung segmentation and
-measurements (:mod:`analysis.lung`) -> SEG + TID 1500 SR + SC key images
-(:mod:`analysis.writers`).
+Decode -> HU volume (:mod:`pacsnode.analysis.volume`) -> lung segmentation and
+measurements (:mod:`pacsnode.analysis.lung.segmentation`) -> SEG + TID 1500 SR + SC key images
+(:mod:`pacsnode.analysis.results.core`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from analysis.pipelines import Pipeline, PipelineInput, PipelineOutput
-from analysis.types import InputError
+from pacsnode.analysis.pipelines import Pipeline, PipelineInput, PipelineOutput
+from pacsnode.analysis.types import InputError
 
 __all__ = ["CtLungPipeline", "CtLungParams"]
 
@@ -38,9 +38,9 @@ class CtLungPipeline(Pipeline):
     Params = CtLungParams
 
     def run(self, inputs: PipelineInput, params: BaseModel) -> PipelineOutput:
-        from analysis.lung import segment_lungs
-        from analysis.volume import load_series
-        from analysis.writers import write_lung_results
+        from pacsnode.analysis.lung.segmentation import segment_lungs
+        from pacsnode.analysis.lung.writers import write_lung_results
+        from pacsnode.analysis.volume import load_series
 
         assert isinstance(params, CtLungParams)
         if not inputs.series:

@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from analysis.model_package import ModelError, ModelPackage
-from analysis.settings import EngineOptions
-from analysis.preprocess import Preprocessor, build_preprocessor
-from analysis.types import AnalysisError
+from pacsnode.analysis.cnn.package import ModelError, ModelPackage
+from pacsnode.analysis.cnn.preprocess import Preprocessor, build_preprocessor
+from pacsnode.analysis.settings import EngineOptions
+from pacsnode.analysis.types import AnalysisError
 
 __all__ = [
     "EngineOptions",
@@ -108,7 +108,9 @@ _WARM: dict[tuple[str, str, str, str], WarmModel] = {}
 _WARM_LOCK = threading.Lock()
 
 
-def warm_model(package: ModelPackage, options: EngineOptions, preprocessing: Sequence[object] | None = None) -> WarmModel:
+def warm_model(
+    package: ModelPackage, options: EngineOptions, preprocessing: Sequence[object] | None = None
+) -> WarmModel:
     """The package's network on the options' device, built on first use and kept for the process."""
     device = resolve_device(options.device)
     autocast = resolve_precision(options.precision, device)
@@ -375,7 +377,9 @@ class InferenceEngine:
             size = warm.cpu_batch.get(key) or 0
             if not size:
                 size = warm.cpu_batch[key] = self._fastest_cpu_batch(sample, channels, spacing, fits)
-        logger.debug("batch size %d (%.1f MB per slice, budget %.0f MB)", size, per_item / 2**20, self._budget() / 2**20)
+        logger.debug(
+            "batch size %d (%.1f MB per slice, budget %.0f MB)", size, per_item / 2**20, self._budget() / 2**20
+        )
         return size
 
     def _fastest_cpu_batch(self, sample: VolumeInput, channels: int, spacing: tuple[float, float], fits: int) -> int:
@@ -384,15 +388,22 @@ class InferenceEngine:
         best, best_rate = candidates[0], 0.0
         for size in candidates:
             index = np.clip(np.arange(size * channels) % max(depth, 1), 0, depth - 1)
-            x = torch.from_numpy(sample.image[index].astype(np.float32).reshape(size, channels, *sample.image.shape[1:]))
+            x = torch.from_numpy(
+                sample.image[index].astype(np.float32).reshape(size, channels, *sample.image.shape[1:])
+            )
             self._forward_2d(x, spacing, sample.image.shape[1:])  # warm-up of this shape
             t0 = time.perf_counter()
             self._forward_2d(x, spacing, sample.image.shape[1:])
             rate = size / (time.perf_counter() - t0)
             if rate > best_rate * 1.05:  # a larger batch must be clearly faster
                 best, best_rate = size, rate
-        logger.info("CPU batch size %d for %dx%d slices (%.0f slices/s in the probe)", best,
-                    sample.image.shape[1], sample.image.shape[2], best_rate)
+        logger.info(
+            "CPU batch size %d for %dx%d slices (%.0f slices/s in the probe)",
+            best,
+            sample.image.shape[1],
+            sample.image.shape[2],
+            best_rate,
+        )
         return best
 
     # --- 3D: sliding window ------------------------------------------------------------------------
@@ -527,7 +538,9 @@ def _check_output(logits: object, warm: WarmModel, x: torch.Tensor) -> torch.Ten
     if isinstance(logits, dict):
         logits = next(iter(logits.values()))
     if not isinstance(logits, torch.Tensor):
-        raise ModelError(f"model {warm.package.manifest.name}: the network returned {type(logits).__name__}, not a tensor")
+        raise ModelError(
+            f"model {warm.package.manifest.name}: the network returned {type(logits).__name__}, not a tensor"
+        )
     spec = warm.package.manifest.output
     if spec.kind == "segmentation" and (logits.ndim != x.ndim or logits.shape[2:] != x.shape[2:]):
         raise ModelError(
