@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["AnalysisSettings", "EngineOptions", "Rule", "RuleMatch", "ReadyWhen"]
 
@@ -16,14 +16,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _none_is_any(value: object) -> object:
+    return [] if value is None else value
+
+
+AnyOf = Annotated[list[str], BeforeValidator(_none_is_any)]
+"""A list of accepted values; an empty list or null (YAML ``~``) means any value."""
+
+
 class RuleMatch(_Strict):
     """Conditions on a series; all given ones must hold (an empty list or null = any)."""
 
-    modality: list[str] = []
-    body_part: list[str] = []  # BodyPartExamined, case-insensitive
-    sop_class: list[str] = []  # UIDs or keywords such as CTImageStorage
+    modality: AnyOf = []
+    body_part: AnyOf = []  # BodyPartExamined, case-insensitive
+    sop_class: AnyOf = []  # UIDs or keywords such as CTImageStorage
     series_description: str | None = None  # regular expression, searched case-insensitively
-    calling_ae: list[str] = []  # the AE title that sent the series
+    calling_ae: AnyOf = []  # the AE title that sent the series
     min_instances: Annotated[int, Field(ge=1)] = 1
     max_instances: Annotated[int, Field(ge=1)] | None = None
     min_rows: Annotated[int, Field(ge=1)] | None = None

@@ -6,9 +6,11 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 from pacsnode.node.config import Settings, load
 from pacsnode.node.errors import ConfigError, UnknownNodeError
@@ -30,26 +32,38 @@ def _version() -> str:
         return "unknown"
 
 
+Command = Callable[[Any, argparse.Namespace], int]
+
+
+def _command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, func: Command, *, help: str
+) -> argparse.ArgumentParser:
+    """A subcommand that runs ``func``; it takes ``--config`` after its name as well."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=_CONFIG_HELP)
+    p.set_defaults(func=func)
+    return p
+
+
+_CONFIG_HELP = "config file (default: $PACSNODE_CONFIG, else config/pacsnode.yaml)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pacsnode",
         description="DICOM node: receives, stores and indexes studies.",
     )
     parser.add_argument("--version", action="version", version=f"pacsnode {_version()}")
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        help="config file (default: $PACSNODE_CONFIG, else config/pacsnode.yaml)",
-    )
+    parser.add_argument("--config", metavar="FILE", help=_CONFIG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("serve", help="run the node until SIGTERM/SIGINT")
-    sub.add_parser("check-config", help="validate the config file and print the effective settings")
-    p = sub.add_parser("echo", help="C-ECHO a remote node")
+    _command(sub, "serve", _cmd_serve, help="run the node until SIGTERM/SIGINT")
+    _command(sub, "check-config", _cmd_check_config, help="validate the config file and print the effective settings")
+    p = _command(sub, "echo", _cmd_echo, help="C-ECHO a remote node")
     p.add_argument("node", help="a name from remote_nodes, or AET@HOST:PORT")
-    p = sub.add_parser("send", help="C-STORE files and folders to a remote node")
+    p = _command(sub, "send", _cmd_send, help="C-STORE files and folders to a remote node")
     p.add_argument("node", help="a name from remote_nodes, or AET@HOST:PORT")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
-    p = sub.add_parser("find", help="C-FIND a remote node")
+    p = _command(sub, "find", _cmd_find, help="C-FIND a remote node")
     p.add_argument("node", help="a name from remote_nodes, or AET@HOST:PORT")
     p.add_argument("--level", default="STUDY", type=str.upper, choices=["PATIENT", "STUDY", "SERIES", "IMAGE"])
     p.add_argument("--patient-root", action="store_true", help="use the Patient Root model (default: Study Root)")
@@ -62,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a matching key (KEYWORD=VALUE) or return key (KEYWORD); repeatable",
     )
     p.add_argument("--json", action="store_true", help="one JSON array of answers")
-    p = sub.add_parser("retrieve", help="pull a study (or series) from a remote node into this node")
+    p = _command(sub, "retrieve", _cmd_retrieve, help="pull a study (or series) from a remote node into this node")
     p.add_argument("node", help="a name from remote_nodes, or AET@HOST:PORT")
     p.add_argument("--study", required=True, metavar="UID", help="StudyInstanceUID")
     p.add_argument("--series", metavar="UID", help="only this SeriesInstanceUID")
@@ -75,16 +89,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--destination", metavar="AET", help="C-MOVE destination AE title (default: this node's, which must be serving)"
     )
-    p = sub.add_parser("studies", help="list the studies in the index")
+    p = _command(sub, "studies", _cmd_studies, help="list the studies in the index")
     p.add_argument("--json", action="store_true", help="one JSON array instead of a table")
-    p = sub.add_parser("worker", help="run analysis worker processes (jobs, exports, scheduling) until SIGTERM")
+    p = _command(
+        sub, "worker", _cmd_worker, help="run analysis worker processes (jobs, exports, scheduling) until SIGTERM"
+    )
     p.add_argument("--count", type=int, metavar="N", help="worker processes (default: analysis.workers, at least 1)")
-    p = sub.add_parser("jobs", help="list analysis jobs")
+    p = _command(sub, "jobs", _cmd_jobs, help="list analysis jobs")
     p.add_argument("--state", choices=["pending", "running", "done", "failed"])
     p.add_argument("--study", metavar="UID", help="only jobs of this StudyInstanceUID")
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--json", action="store_true", help="one JSON array instead of a table")
-    p = sub.add_parser("analyze", help="queue analysis of a stored study now (no quiet time)")
+    p = _command(sub, "analyze", _cmd_analyze, help="queue analysis of a stored study now (no quiet time)")
     p.add_argument("study", metavar="STUDY_UID")
     p.add_argument(
         "--pipeline",
@@ -92,20 +108,22 @@ def _parser() -> argparse.ArgumentParser:
         help="a rule name or pipeline name (default: every enabled rule that matches the study)",
     )
     p.add_argument("--series", metavar="UID", help="only this SeriesInstanceUID")
-    p = sub.add_parser("retry", help="queue a failed job again")
+    p = _command(sub, "retry", _cmd_retry, help="queue a failed job again")
     p.add_argument("job_id", type=int, metavar="JOB_ID")
-    p = sub.add_parser("exports", help="list result exports; re-queue dead ones")
+    p = _command(sub, "exports", _cmd_exports, help="list result exports; re-queue dead ones")
     p.add_argument("--failed", action="store_true", help="only dead exports and those waiting after a failure")
     p.add_argument("--state", choices=["pending", "sending", "done", "dead"])
     p.add_argument("--retry", type=int, metavar="EXPORT_ID", help="queue this dead export again")
     p.add_argument("--retry-dead", action="store_true", help="queue every dead export again")
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--json", action="store_true", help="one JSON array instead of a table")
-    p = sub.add_parser("train", help="train the lung-nodule demonstration model on generated chest CT")
+    p = _command(sub, "train", _cmd_train, help="train the lung-nodule demonstration model on generated chest CT")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for manifest.json and model.pt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=2000)
-    p = sub.add_parser("evaluate", help="score a nodule model on held-out generated studies and real CT images")
+    p = _command(
+        sub, "evaluate", _cmd_evaluate, help="score a nodule model on held-out generated studies and real CT images"
+    )
     p.add_argument("--model", default="lung-nodule", metavar="NAME|DIR", help="built-in model name or package folder")
     p.add_argument("--studies", type=int, default=5, help="generated studies (default 5)")
     p.add_argument(
@@ -125,17 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in _NO_CONFIG:  # model tools: they must run while the config names a model not yet made
         setup_logging("INFO", "text")
-        return int(globals()[f"_cmd_{args.command}"](None, args))
+        return int(args.func(None, args))
     try:
         settings = load(args.config)
     except ConfigError as exc:
         print(f"pacsnode: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(settings.logging.level, settings.logging.format)
-    command = args.command.replace("-", "_")
-    handler = globals()[f"_cmd_{command}"]
     try:
-        return int(handler(settings, args))
+        return int(args.func(settings, args))
     except UnknownNodeError as exc:
         print(f"pacsnode: {exc}", file=sys.stderr)
         return EXIT_CONFIG

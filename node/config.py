@@ -159,6 +159,44 @@ def _key_path(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "(top level)"
 
 
+def _anchored(value: object, base: Path) -> object:
+    """``value`` resolved against ``base`` when it is a relative path; anything else unchanged."""
+    if isinstance(value, str) and value and not Path(value).is_absolute():
+        return os.path.normpath(base / value)
+    return value
+
+
+def _anchor_paths(data: dict[str, Any], base: Path) -> None:
+    """Make the relative paths written in a config file relative to the file's own folder.
+
+    So ``pacsnode --config /etc/pacsnode/pacsnode.yaml studies`` finds the same
+    store from any working directory. Touched: ``storage.root``, the file of a
+    ``sqlite:///`` database URL, and a rule's ``params.model`` when it names a
+    folder (contains a path separator or starts with a dot) rather than a
+    built-in model. Defaults that the file does not set stay relative to the
+    working directory.
+    """
+    storage = data.get("storage")
+    if isinstance(storage, dict):
+        if "root" in storage:
+            storage["root"] = _anchored(storage["root"], base)
+        url = storage.get("database_url")
+        if isinstance(url, str) and url.startswith(_SQLITE_PREFIX):
+            db_path = url[len(_SQLITE_PREFIX) :]
+            if db_path and db_path != ":memory:" and not db_path.startswith("file:"):
+                storage["database_url"] = _SQLITE_PREFIX + str(_anchored(db_path, base))
+    analysis = data.get("analysis")
+    rules = analysis.get("rules") if isinstance(analysis, dict) else None
+    for rule in rules if isinstance(rules, list) else []:
+        params = rule.get("params") if isinstance(rule, dict) else None
+        model = params.get("model") if isinstance(params, dict) else None
+        if isinstance(model, str) and ("/" in model or model.startswith(".")):
+            params["model"] = _anchored(model, base)
+
+
+_SQLITE_PREFIX = "sqlite:///"
+
+
 def load(path: str | os.PathLike[str] | None = None) -> Settings:
     """Read and validate a config file.
 
@@ -183,6 +221,7 @@ def load(path: str | os.PathLike[str] | None = None) -> Settings:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: (top level): expected a mapping of sections, got {type(data).__name__}")
+    _anchor_paths(data, file.resolve().parent)
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:

@@ -67,6 +67,60 @@ def _owner(role: str) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{role}"
 
 
+class _Batch:
+    """Claimed jobs run together, and what the heartbeat thread and the runner know of each.
+
+    ``lost`` (another worker took the lease) and ``recorded`` (the outcome is
+    committed) are written from both threads, so every access holds the lock.
+    """
+
+    def __init__(self, *, jobs: list[JobRecord], owner: str, lease_s: float) -> None:
+        self.jobs = jobs
+        self.owner = owner
+        self.lease_s = lease_s
+        self.started = time.monotonic()
+        self.timeout_s = min(job.timeout_s for job in jobs)
+        self.beat_s = min(lease_s / 3, 5.0)
+        # The pipeline gets a clean deadline a little before the heartbeat's hard timeout.
+        self.deadline = self.started + self.timeout_s - min(2 * self.beat_s, self.timeout_s / 10)
+        self.ids = ", ".join(str(job.id) for job in jobs)
+        self._lock = threading.Lock()
+        self._lost: set[int] = set()
+        self._recorded: set[int] = set()
+
+    def timed_out(self) -> bool:
+        return time.monotonic() - self.started > self.timeout_s
+
+    def mark_lost(self, job_id: int) -> bool:
+        """Mark a job lost unless its outcome was recorded meanwhile; True when it was marked."""
+        with self._lock:
+            if job_id in self._recorded:
+                return False
+            self._lost.add(job_id)
+            return True
+
+    def mark_recorded(self, job_id: int) -> None:
+        with self._lock:
+            self._recorded.add(job_id)
+
+    def is_lost(self, job_id: int) -> bool:
+        with self._lock:
+            return job_id in self._lost
+
+    def unrecorded(self) -> list[JobRecord]:
+        with self._lock:
+            return [job for job in self.jobs if job.id not in self._recorded]
+
+    def unsettled(self) -> list[JobRecord]:
+        """Jobs neither recorded nor lost: the ones whose leases still need renewing."""
+        with self._lock:
+            return [job for job in self.jobs if job.id not in self._recorded and job.id not in self._lost]
+
+    def settled(self) -> bool:
+        with self._lock:
+            return len(self._lost | self._recorded) == len(self.jobs)
+
+
 class Worker:
     """The loops of one worker process, over one archive.
 
@@ -159,49 +213,38 @@ class Worker:
         A heartbeat thread renews every lease; the batch answers to its strictest timeout. Returns each
         job's new state (None where its lease was lost).
         """
-        lease_s = self.settings.analysis.lease_seconds
+        batch = _Batch(jobs=jobs, owner=owner, lease_s=self.settings.analysis.lease_seconds)
         finished = threading.Event()
-        lost: set[int] = set()
-        recorded: set[int] = set()  # jobs whose outcome is recorded: no more renewing, nothing to time out
-        started = time.monotonic()
-        timeout_s = min(job.timeout_s for job in jobs)
-        ids = ", ".join(str(job.id) for job in jobs)
-
-        def heartbeat() -> None:
-            while not finished.wait(min(lease_s / 3, 5.0)):
-                if time.monotonic() - started > timeout_s:
-                    try:
-                        for job in (j for j in jobs if j.id not in recorded):
-                            error = f"timed out after {timeout_s:g} s (attempt {job.attempts} of {job.max_attempts})"
-                            try:
-                                state = self.jobs.fail(job.id, owner, error, retry=True, policy=self.job_retry)
-                                logger.error(
-                                    "job %d %s; now %s; restarting this worker",
-                                    job.id,
-                                    error,
-                                    state,
-                                    extra={"action": "job", "job_id": job.id, "pipeline": job.pipeline},
-                                )
-                            except Exception:  # the lease will expire and another worker takes the job
-                                logger.exception("job %d %s; cannot record it; restarting this worker", job.id, error)
-                    finally:
-                        logging.shutdown()
-                        self._exit_process(TIMEOUT_EXIT)
-                    return
-                for job in jobs:
-                    if job.id in lost or job.id in recorded:
-                        continue
-                    try:
-                        if not self.jobs.heartbeat(job.id, owner, lease_s=lease_s) and job.id not in recorded:
-                            logger.error("job %d: lease lost to another worker; its result will be discarded", job.id)
-                            lost.add(job.id)
-                    except Exception as exc:  # database briefly unavailable: the lease is long enough to retry
-                        logger.warning("job %d: heartbeat failed: %s", job.id, exc)
-                if len(lost | recorded) == len(jobs):
-                    return
-
-        beat = threading.Thread(target=heartbeat, name=f"jobs-{ids}-heartbeat", daemon=True)
+        beat = threading.Thread(
+            target=self._heartbeat, args=(batch, finished), name=f"jobs-{batch.ids}-heartbeat", daemon=True
+        )
         beat.start()
+        self._log_started(jobs)
+        states: dict[int, str | None] = {}
+        errors: list[BaseException] = []
+
+        def still_ours(job: JobRecord) -> bool:
+            return not batch.is_lost(job.id) and self.jobs.heartbeat(job.id, owner, lease_s=batch.lease_s)
+
+        def finish(job: JobRecord, outcome: tuple[dict[str, Any], list[str]] | BaseException) -> None:
+            """Record each job as soon as its outcome is known, while the heartbeat still renews the others."""
+            try:
+                states[job.id] = self._finish(job, owner, outcome, batch.started)
+            except Exception as exc:  # the database is away: this job's lease expires and it runs again
+                logger.exception("job %d: cannot record its outcome", job.id)
+                errors.append(exc)
+            else:
+                batch.mark_recorded(job.id)
+
+        try:
+            self._execute_batch(jobs, still_ours, finish, deadline=batch.deadline)
+        finally:
+            finished.set()
+        if errors and len(jobs) == 1:
+            raise errors[0]
+        return [states.get(job.id) for job in jobs]
+
+    def _log_started(self, jobs: list[JobRecord]) -> None:
         for job in jobs:
             logger.info(
                 "job %d started: %s for study %s (attempt %d of %d)%s",
@@ -214,31 +257,45 @@ class Worker:
                 extra={"action": "job", "job_id": job.id, "pipeline": job.pipeline},
             )
 
-        def still_ours(job: JobRecord) -> bool:
-            return job.id not in lost and self.jobs.heartbeat(job.id, owner, lease_s=lease_s)
+    def _heartbeat(self, batch: _Batch, finished: threading.Event) -> None:
+        """Renew the leases of the batch until it is finished; past its timeout, end the process."""
+        while not finished.wait(batch.beat_s):
+            if batch.timed_out():
+                self._time_out(batch)
+                return
+            self._renew(batch)
+            if batch.settled():
+                return
 
-        states: dict[int, str | None] = {}
-        errors: list[BaseException] = []
-
-        def finish(job: JobRecord, outcome: tuple[dict[str, Any], list[str]] | BaseException) -> None:
-            """Record each job as soon as its outcome is known, while the heartbeat still renews the others."""
+    def _renew(self, batch: _Batch) -> None:
+        for job in batch.unsettled():
             try:
-                states[job.id] = self._finish(job, owner, outcome, started)
-            except Exception as exc:  # the database is away: this job's lease expires and it runs again
-                logger.exception("job %d: cannot record its outcome", job.id)
-                errors.append(exc)
-            else:
-                recorded.add(job.id)
+                renewed = self.jobs.heartbeat(job.id, batch.owner, lease_s=batch.lease_s)
+            except Exception as exc:  # database briefly unavailable: the lease is long enough to retry
+                logger.warning("job %d: heartbeat failed: %s", job.id, exc)
+                continue
+            if not renewed and batch.mark_lost(job.id):
+                logger.error("job %d: lease lost to another worker; its result will be discarded", job.id)
 
-        # The pipeline gets a clean deadline a little before the hard timeout of the heartbeat thread.
-        margin = min(2 * min(lease_s / 3, 5.0), timeout_s / 10)
+    def _time_out(self, batch: _Batch) -> None:
+        """Record a timeout for every job not yet recorded, then exit the process (the supervisor restarts it)."""
         try:
-            self._execute_batch(jobs, still_ours, finish, deadline=started + timeout_s - margin)
+            for job in batch.unrecorded():
+                error = f"timed out after {batch.timeout_s:g} s (attempt {job.attempts} of {job.max_attempts})"
+                try:
+                    state = self.jobs.fail(job.id, batch.owner, error, retry=True, policy=self.job_retry)
+                    logger.error(
+                        "job %d %s; now %s; restarting this worker",
+                        job.id,
+                        error,
+                        state,
+                        extra={"action": "job", "job_id": job.id, "pipeline": job.pipeline},
+                    )
+                except Exception:  # the lease will expire and another worker takes the job
+                    logger.exception("job %d %s; cannot record it; restarting this worker", job.id, error)
         finally:
-            finished.set()
-        if errors and len(jobs) == 1:
-            raise errors[0]
-        return [states.get(job.id) for job in jobs]
+            logging.shutdown()
+            self._exit_process(TIMEOUT_EXIT)
 
     def _finish(
         self, job: JobRecord, owner: str, outcome: tuple[dict[str, Any], list[str]] | BaseException, started: float

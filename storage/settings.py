@@ -25,7 +25,10 @@ class StorageSettings(BaseModel):
 
     root: Path = Field(
         default=Path("var/store"),
-        description="Directory of the file store; relative paths resolve against the working directory.",
+        description=(
+            "Directory of the file store; a relative path in a config file resolves against the file's "
+            "folder, the default against the working directory."
+        ),
     )
     database_url: str = Field(
         default="sqlite:///var/pacsnode.db",

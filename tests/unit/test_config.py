@@ -7,14 +7,16 @@ import pytest
 from pacsnode.node.config import load
 from pacsnode.node.errors import ConfigError
 from pacsnode.storage import DuplicatePolicy
-from tests.helpers import REPO
+from tests.support.helpers import REPO
 
 
 def test_shipped_default_config_is_valid_and_matches_the_defaults() -> None:
     settings = load(REPO / "config" / "pacsnode.yaml")
     assert settings.node.ae_title == "PACSNODE"
     assert (settings.node.host, settings.node.port) == ("127.0.0.1", 11112)
-    assert settings.storage.database_url.startswith("sqlite:///var/")
+    # Relative paths in the file resolve against config/, and point at var/ in the repository root.
+    assert settings.storage.database_url == f"sqlite:///{REPO / 'var' / 'pacsnode.db'}"
+    assert settings.storage.root == REPO / "var" / "store"
     assert settings.storage.duplicate_policy is DuplicatePolicy.KEEP_FIRST
     assert settings.policy.allowed_peers == []
 
@@ -95,3 +97,58 @@ def test_environment_variable_selects_the_file(tmp_path: Path, monkeypatch: pyte
 
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     assert load(_write(tmp_path, "")).node.port == 11112
+
+
+def test_relative_paths_resolve_against_the_files_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    etc = tmp_path / "etc" / "pacsnode"
+    etc.mkdir(parents=True)
+    config = etc / "pacsnode.yaml"
+    config.write_text(
+        "storage:\n  root: ../../srv/store\n  database_url: sqlite:///index.db\n"
+        "analysis:\n  rules:\n"
+        "    - {name: a, pipeline: model, params: {model: lung-nodule}}\n"
+    )
+    elsewhere = tmp_path / "somewhere" / "else"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    settings = load(config)
+    assert settings.storage.root == tmp_path / "srv" / "store"
+    assert settings.storage.database_url == f"sqlite:///{etc / 'index.db'}"
+    assert settings.analysis.rules[0].params["model"] == "lung-nodule"  # a built-in name, not a path
+    # Absolute paths, other databases and defaults the file does not set are left alone.
+    config.write_text("storage:\n  root: /srv/x\n  database_url: postgresql+psycopg://u@h/db\n")
+    settings = load(config)
+    assert settings.storage.root == Path("/srv/x") and settings.storage.database_url.startswith("postgresql")
+    config.write_text("node: {port: 11113}\n")
+    assert load(config).storage.root == Path("var/store")
+
+
+def test_a_model_folder_in_a_rule_resolves_against_the_files_folder(tmp_path: Path) -> None:
+    from pacsnode.node.config import _anchor_paths
+
+    data = {"analysis": {"rules": [{"name": "m", "params": {"model": "./models/spleen"}}]}}
+    _anchor_paths(data, tmp_path)
+    assert data["analysis"]["rules"][0]["params"]["model"] == str(tmp_path / "models" / "spleen")
+
+
+def test_null_means_any_where_the_comments_say_so(tmp_path: Path) -> None:
+    settings = load(
+        _write(
+            tmp_path,
+            "analysis:\n  rules:\n    - name: r\n      pipeline: ct-lung\n"
+            "      match: {modality: [CT], body_part: null, sop_class: null, calling_ae: ~}\n",
+        )
+    )
+    match = settings.analysis.rules[0].match
+    assert (match.body_part, match.sop_class, match.calling_ae) == ([], [], [])
+
+
+def test_config_is_accepted_after_the_subcommand(tmp_path: Path) -> None:
+    from pacsnode.node.cli import _parser
+
+    config = str(_write(tmp_path, "node: {port: 11113}\n"))
+    assert _parser().parse_args(["studies", "--config", config]).config == config
+    assert _parser().parse_args(["--config", config, "studies"]).config == config
+    assert _parser().parse_args(["studies"]).config is None
