@@ -1,0 +1,1 @@
+"""Shared code for the tests: peers, servers, data builders and wait helpers."""
