@@ -21,11 +21,13 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
+from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.events import EventHandlerType
+from pynetdicom.presentation import PresentationContext
 
-from pacsnode.node.config import Settings
+from pacsnode.node.config import Settings, redact_url
 from pacsnode.node.dicom.contexts import qr_contexts, scp_contexts
 from pacsnode.node.dicom.handlers import (
     IMPLEMENTATION_CLASS_UID,
@@ -52,6 +54,13 @@ def configure_pynetdicom() -> None:
     """
     pynetdicom_config.LOG_HANDLER_LEVEL = "none"
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def _abstract_syntax(cx: PresentationContext) -> UID:
+    """The SOP class of one of our own contexts (built with one, so never ``None``)."""
+    if cx.abstract_syntax is None:
+        raise ValueError(f"presentation context without an abstract syntax: {cx}")
+    return cx.abstract_syntax
 
 
 def open_listen_socket(host: str, port: int, backlog: int = 128) -> socket.socket:
@@ -111,9 +120,9 @@ class Node:
         ae.require_called_aet = self.settings.policy.require_called_ae_title
         for cx in scp_contexts():
             # Both roles: a C-GET requestor proposes the SCP role for the storage classes it takes.
-            ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax, scu_role=True, scp_role=True)
+            ae.add_supported_context(_abstract_syntax(cx), cx.transfer_syntax, scu_role=True, scp_role=True)
         for cx in qr_contexts():
-            ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax)
+            ae.add_supported_context(_abstract_syntax(cx), cx.transfer_syntax)
         return ae
 
     def _handlers(self) -> list[EventHandlerType]:
@@ -149,6 +158,8 @@ class Node:
             listen_socket=self._listen_socket,
             policy=PeerPolicy(self.settings.policy),
         )
+        if not isinstance(server, NodeServer):  # make_server returns server_class | ThreadedAssociationServer
+            raise TypeError(f"make_server returned a {type(server).__name__}, not a NodeServer")
         self.ae._servers.append(server)
         self.server = server
         self._thread = threading.Thread(target=server.serve_forever, name="pacsnode-acceptor", daemon=True)
@@ -226,7 +237,7 @@ def serve(settings: Settings) -> int:
         count,
         workers,
         settings.storage.root.resolve(),
-        _safe_url(settings.storage.database_url),
+        redact_url(settings.storage.database_url),
     )
     if not settings.analysis.rules and workers:
         logger.info("no analysis rules configured: workers only export what is queued")
@@ -239,14 +250,8 @@ def run_workers(settings: Settings, count: int) -> int:
     """``pacsnode worker``: run ``count`` worker processes against the configured database."""
     archive = Archive.open(settings.storage)
     archive.close()
-    logger.info("pacsnode worker: %d process(es) on index %s", count, _safe_url(settings.storage.database_url))
+    logger.info("pacsnode worker: %d process(es) on index %s", count, redact_url(settings.storage.database_url))
     return _supervise(settings, None, 0, count)
-
-
-def _safe_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def _fork(body: Callable[[], int], what: str) -> int:

@@ -12,9 +12,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from pacsnode.node.config import Settings, load
+from pacsnode.node.config import Settings, load, redacted
 from pacsnode.node.errors import ConfigError, UnknownNodeError
-from pacsnode.node.logs import setup_logging
+from pacsnode.node.logs import printable, setup_logging
 
 __all__ = ["main"]
 
@@ -183,7 +183,7 @@ def _cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
             print(f"pacsnode: config error: {settings.source}: analysis.rules[{rule.name}]: {exc}", file=sys.stderr)
             return EXIT_CONFIG
     print(f"{settings.source}: OK")
-    print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    print(json.dumps(redacted(settings.model_dump(mode="json")), indent=2))
     return EXIT_OK
 
 
@@ -193,7 +193,7 @@ def _cmd_echo(settings: Settings, args: argparse.Namespace) -> int:
 
     configure_pynetdicom()
     ok, message = echo(settings, resolve_node(settings, args.node))
-    print(message)
+    print(printable(message))
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -221,7 +221,7 @@ def _cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     )
     for o in failed:
         code = f"0x{o.status:04X}" if o.status is not None else "not sent"
-        print(f"  FAILED {o.path}: {code}{': ' + o.error if o.error else ''}")
+        print(f"  FAILED {o.path}: {code}" + (f": {printable(o.error)}" if o.error else ""))
     return EXIT_OK if not failed else EXIT_FAILED
 
 
@@ -265,7 +265,8 @@ def _cmd_find(settings: Settings, args: argparse.Namespace) -> int:
     if result.status != 0:
         status = "no final status" if result.status is None else f"0x{result.status:04X}"
         print(
-            f"pacsnode: C-FIND ended with {status}{': ' + result.error_comment if result.error_comment else ''}",
+            f"pacsnode: C-FIND ended with {status}"
+            + (f": {printable(result.error_comment)}" if result.error_comment else ""),
             file=sys.stderr,
         )
         return EXIT_FAILED
@@ -274,14 +275,18 @@ def _cmd_find(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _text(value: object) -> str:
+    from pydicom.multival import MultiValue
+
     if value is None:
         return ""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)  # type: ignore[union-attr]
+    if isinstance(value, list | tuple | MultiValue):
+        return "\\".join(str(v) for v in value)
     return str(value)
 
 
 def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    """Aligned columns; control characters from the index or a peer are escaped, never sent to the terminal."""
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     for line in (header, *rows):
         print("  ".join(col.ljust(w) for col, w in zip(line, widths, strict=False)).rstrip())
@@ -336,9 +341,9 @@ def _cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
         f"{result.warning} warning ({where}{': ' + str(result.stored_here) if args.method == 'get' else ''})"
     )
     if result.error_comment:
-        print(f"  {result.error_comment}")
+        print(f"  {printable(result.error_comment)}")
     for uid in result.failed_uids:
-        print(f"  FAILED {uid}")
+        print(f"  FAILED {printable(uid)}")
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
@@ -372,9 +377,7 @@ def _cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
         )
         for s in studies
     ]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    for line in (header, *rows):
-        print("  ".join(col.ljust(w) for col, w in zip(line, widths, strict=False)).rstrip())
+    _print_table(list(header), [list(row) for row in rows])
     print(f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'}")
     return EXIT_OK
 
@@ -439,7 +442,8 @@ def _cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(settings: Settings, args: argparse.Namespace) -> int:
-    from pacsnode.analysis.pipelines import PipelineError, resolve_pipeline
+    from pacsnode.analysis.errors import PipelineError
+    from pacsnode.analysis.pipelines import resolve_pipeline
     from pacsnode.analysis.routing import select_series
     from pacsnode.node.scheduler import ImageSizes, enqueue_rule_jobs
     from pacsnode.storage.activity import series_of_study
@@ -575,7 +579,8 @@ def _cmd_train(settings: Settings | None, args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(settings: Settings | None, args: argparse.Namespace) -> int:
-    from pacsnode.analysis.cnn.package import ModelError, load_package
+    from pacsnode.analysis.cnn.package import load_package
+    from pacsnode.analysis.errors import ModelError
     from pacsnode.analysis.modeldev.evaluation import (
         HELD_OUT_SEED_BASE,
         evaluate_phantoms,

@@ -14,8 +14,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     AfterValidator,
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     model_validator,
@@ -23,6 +21,7 @@ from pydantic import (
 
 from pacsnode.analysis.settings import AnalysisSettings
 from pacsnode.node.errors import ConfigError
+from pacsnode.storage.model_base import StrictModel
 from pacsnode.storage.settings import StorageSettings
 
 __all__ = [
@@ -35,6 +34,8 @@ __all__ = [
     "ExportSettings",
     "Timeouts",
     "load",
+    "redact_url",
+    "redacted",
     "resolve_path",
     "DEFAULT_CONFIG",
 ]
@@ -58,18 +59,14 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Timeouts(_Strict):
+class Timeouts(StrictModel):
     acse: Seconds = 30.0
     dimse: Seconds = 60.0
     network: Seconds = 60.0
     shutdown_grace: Seconds = 30.0
 
 
-class NodeSettings(_Strict):
+class NodeSettings(StrictModel):
     ae_title: AETitle = "PACSNODE"
     host: str = "127.0.0.1"
     port: Port = 11112
@@ -80,28 +77,28 @@ class NodeSettings(_Strict):
     timeouts: Timeouts = Timeouts()
 
 
-class AllowedPeer(_Strict):
+class AllowedPeer(StrictModel):
     ae_title: AETitle
     host: str | None = None
 
 
-class PolicySettings(_Strict):
+class PolicySettings(StrictModel):
     require_called_ae_title: bool = True
     allowed_peers: list[AllowedPeer] = []
 
 
-class RemoteNode(_Strict):
+class RemoteNode(StrictModel):
     ae_title: AETitle
     host: str
     port: Port
 
 
-class QuerySettings(_Strict):
+class QuerySettings(StrictModel):
     max_matches: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
     case_insensitive_names: bool = True
 
 
-class ExportSettings(_Strict):
+class ExportSettings(StrictModel):
     """The durable export queue: how results are sent to remote nodes, and retried."""
 
     max_attempts: Annotated[int, Field(ge=1, le=1000)] = 30
@@ -112,12 +109,12 @@ class ExportSettings(_Strict):
     poll_seconds: Seconds = 1.0
 
 
-class LoggingSettings(_Strict):
+class LoggingSettings(StrictModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
 
 
-class Settings(_Strict):
+class Settings(StrictModel):
     node: NodeSettings = NodeSettings()
     policy: PolicySettings = PolicySettings()
     remote_nodes: dict[str, RemoteNode] = {}
@@ -142,6 +139,26 @@ class Settings(_Strict):
                         f"which is not in remote_nodes ({known})"
                     )
         return self
+
+
+def redact_url(url: str) -> str:
+    """A database URL with its password replaced by ``***``, for showing to anyone."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can parse: show nothing of it
+        return "***"
+
+
+def redacted(dumped: dict[str, Any]) -> dict[str, Any]:
+    """Settings dumped for display (``check-config``) with every secret replaced by ``***``."""
+    out = dict(dumped)
+    storage = dict(out.get("storage") or {})
+    if isinstance(storage.get("database_url"), str):
+        storage["database_url"] = redact_url(storage["database_url"])
+    out["storage"] = storage
+    return out
 
 
 def resolve_path(explicit: str | os.PathLike[str] | None) -> Path:
@@ -189,7 +206,9 @@ def _anchor_paths(data: dict[str, Any], base: Path) -> None:
     rules = analysis.get("rules") if isinstance(analysis, dict) else None
     for rule in rules if isinstance(rules, list) else []:
         params = rule.get("params") if isinstance(rule, dict) else None
-        model = params.get("model") if isinstance(params, dict) else None
+        if not isinstance(params, dict):
+            continue
+        model = params.get("model")
         if isinstance(model, str) and ("/" in model or model.startswith(".")):
             params["model"] = _anchored(model, base)
 

@@ -7,7 +7,26 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-__all__ = ["setup_logging"]
+__all__ = ["printable", "setup_logging"]
+
+# C0 controls, DEL and C1 controls: what a terminal or a log reader would
+# act on. A peer can put any of them in an AE title, a UID or a PatientName.
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROL.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\x1b``): safe for one log line or a terminal."""
+    return text.translate(_CONTROL)
+
+
+class _TextFormatter(logging.Formatter):
+    """One line per record: the message's control characters are escaped (tracebacks stay as they are)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
 
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -37,7 +56,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s"))
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s"))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -28,6 +28,19 @@ READ_ONLY = "pacsnode_read_only"
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
+def _create_private(database: Path) -> None:
+    """Create the SQLite file (and missing folders) readable by the owner only, before SQLite does.
+
+    The index holds names, IDs and birth dates. SQLite gives its WAL and shared-memory files the
+    database file's permissions, so they stay private too. An existing file keeps its mode.
+    """
+    database.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
 def make_engine(database_url: str) -> Engine:
     """Create the process's engine for ``database_url``.
 
@@ -40,7 +53,7 @@ def make_engine(database_url: str) -> Engine:
     kwargs: dict[str, Any] = {}
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            _create_private(Path(url.database))
         kwargs["connect_args"] = {"timeout": 60, "check_same_thread": False}
     else:
         kwargs["pool_pre_ping"] = True

@@ -41,6 +41,10 @@ def uid_digest(uid: str) -> str:
     return hashlib.sha256(uid.encode("ascii", "backslashreplace")).hexdigest()
 
 
+_PRIVATE_DIR = 0o700
+_PRIVATE_FILE = 0o600
+
+
 @dataclass(frozen=True, kw_only=True)
 class StagedFile:
     """A complete file in the store's ``tmp/``: written, not yet durable or visible."""
@@ -65,10 +69,12 @@ class InstanceStore:
         self.fsync = settings.fsync
         self.tmp_dir = self.root / _TMP
         self.objects_dir = self.root / _OBJECTS
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.objects_dir.mkdir(parents=True, exist_ok=True)
+        # Owner-only: the store holds patient data. An existing folder keeps its mode.
+        self.root.mkdir(mode=_PRIVATE_DIR, parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(mode=_PRIVATE_DIR, exist_ok=True)
+        self.objects_dir.mkdir(mode=_PRIVATE_DIR, exist_ok=True)
         for i in range(256):
-            (self.objects_dir / f"{i:02x}").mkdir(exist_ok=True)
+            (self.objects_dir / f"{i:02x}").mkdir(mode=_PRIVATE_DIR, exist_ok=True)
 
     # -- space -------------------------------------------------------------------------------
     def check_space(self, incoming_bytes: int) -> None:
@@ -90,7 +96,7 @@ class InstanceStore:
         digest = hashlib.sha256()
         size = 0
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _PRIVATE_FILE)
         except OSError as exc:
             raise self._os_error("cannot create a file in the store", exc) from exc
         try:
@@ -179,7 +185,7 @@ class InstanceStore:
             d = d.parent
         for d in reversed(missing):
             try:
-                d.mkdir()
+                d.mkdir(mode=_PRIVATE_DIR)
             except FileExistsError:
                 continue
             if self.fsync:
