@@ -1,25 +1,30 @@
 """The index: from a header-only read of each stored file to rows per Q/R level.
 
 :func:`read_header` turns a stored file into an :class:`InstanceMeta`, the one
-place where DICOM keywords map to our snake_case names (``_TRANSLATION``).
-:func:`add_instance` writes the rows of one instance in the caller's
-transaction and keeps the derived counts correct. The hot path uses SQLAlchemy
-Core statements: one C-STORE costs a handful of indexed lookups and inserts.
+place where DICOM keywords map to our snake_case names (``_TRANSLATION``); it
+also keeps the whole header, bulk data left out, in the DICOM JSON model
+(:func:`header_json`). :func:`add_instance` writes the rows of one instance in
+the caller's transaction and keeps the derived counts correct; a new patient,
+study or series keeps that first header in its ``dicom_json``, and every
+instance keeps its own. The hot path uses SQLAlchemy Core statements: one
+C-STORE costs a handful of indexed lookups and inserts.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.tag import Tag
-from sqlalchemy import Connection, Row, func, select, update
+from pydicom.tag import BaseTag
+from sqlalchemy import Connection, CursorResult, Row, func, select, update
 
 from pacsnode.storage.errors import InvalidInstanceError, UnreadableInstanceError
 from pacsnode.storage.models import Instance, Patient, Series, Study
@@ -29,6 +34,7 @@ __all__ = [
     "InstanceMeta",
     "StudySummary",
     "read_header",
+    "header_json",
     "add_instance",
     "remove_instance",
     "find_instance",
@@ -67,8 +73,13 @@ _TRANSLATION: dict[str, tuple[str, int | None]] = {
     "BodyPartExamined": ("body_part_examined", 16),
     "InstanceNumber": ("instance_number", None),
 }
-_TAGS = [Tag(keyword) for keyword in _TRANSLATION]
 _UID_CHARS = frozenset("0123456789.")
+
+# What header_json leaves out: binary values, and any element (sequences included) larger than
+# this many bytes as stored or characters as JSON. dcmread defers the larger values, unread.
+_JSON_VALUE_LIMIT = 4096
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+_STRING_NUMBER_VRS = frozenset({"DS", "IS"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +107,8 @@ class InstanceMeta:
     series_description: str | None = None
     body_part_examined: str | None = None
     instance_number: int | None = None
+    # The header in the DICOM JSON model, bulk data left out (header_json); None: not kept.
+    dicom_json: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,12 +127,20 @@ class StudySummary:
 
 
 def is_valid_uid(value: str) -> bool:
-    """A UID we accept: 1-64 characters of digits and dots (PS3.5 9.1).
+    """A UID we accept, as received: 1-64 characters of digits and dots, no empty component (PS3.5 9.1).
 
+    Never repaired: a longer value is not cut to 64 characters (two distinct
+    UIDs would merge), and a leading, trailing or doubled dot is refused.
     Leading zeros in a component are tolerated: real devices send them and
     refusing their studies would lose data.
     """
-    return 0 < len(value) <= 64 and _UID_CHARS.issuperset(value) and ".." not in value
+    return (
+        0 < len(value) <= 64
+        and _UID_CHARS.issuperset(value)
+        and ".." not in value
+        and not value.startswith(".")
+        and not value.endswith(".")
+    )
 
 
 def _text(value: Any, limit: int | None) -> str | int | None:
@@ -145,6 +166,9 @@ def read_header(
 ) -> InstanceMeta:
     """Read the header of a stored file (no pixel data) and check its identity.
 
+    The same read gives the header for ``dicom_json`` (:func:`header_json`); values
+    larger than its limit are deferred by dcmread and never loaded.
+
     Parameters
     ----------
     path
@@ -163,7 +187,7 @@ def read_header(
         A required UID is missing, malformed or differs from the request's.
     """
     try:
-        ds: Dataset = dcmread(path, stop_before_pixels=True, specific_tags=_TAGS)
+        ds: Dataset = dcmread(path, stop_before_pixels=True, defer_size=_JSON_VALUE_LIMIT)
         values = {name: _text(ds.get(keyword), limit) for keyword, (name, limit) in _TRANSLATION.items()}
     except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError) as exc:
         raise UnreadableInstanceError(f"cannot parse the dataset: {exc}") from exc
@@ -174,12 +198,12 @@ def read_header(
     if not any(values[name] for name in identity):
         raise UnreadableInstanceError("no identifying attribute could be parsed: not a DICOM dataset")
     for name in identity:
-        value = values[name]
         keyword = _keyword_of(name)
-        if not value:
+        if not values[name]:
             raise InvalidInstanceError(f"{keyword} missing or empty")
-        if not is_valid_uid(str(value)):
-            raise InvalidInstanceError(f"{keyword} not a valid UID: {str(value)[:80]!r}")
+        received = str(ds.get(keyword)).strip()  # as received: the index column would cut it to 64
+        if not is_valid_uid(received):
+            raise InvalidInstanceError(f"{keyword} not a valid UID: {received[:80]!r}")
     if values["sop_class_uid"] != expected_sop_class_uid:
         raise InvalidInstanceError(
             f"SOPClassUID differs from the request: dataset {values['sop_class_uid']}, "
@@ -190,12 +214,115 @@ def read_header(
             f"SOPInstanceUID differs from the request: dataset {values['sop_instance_uid']}, "
             f"Affected SOP Instance UID {expected_sop_instance_uid}"
         )
-    return InstanceMeta(transfer_syntax_uid=transfer_syntax_uid, **values)  # type: ignore[arg-type]
+    return InstanceMeta(
+        transfer_syntax_uid=transfer_syntax_uid,
+        dicom_json=header_json(ds),
+        **values,  # type: ignore[arg-type]
+    )
+
+
+def header_json(ds: Dataset) -> dict[str, Any]:
+    """The attributes of a dataset read by :func:`read_header`, in the DICOM JSON model (PS3.18 F.2).
+
+    Left out: group lengths, File Meta Information (group 0002), private
+    elements, binary values (OB, OD, OF, OL, OV, OW, UN, also inside sequences),
+    and any top-level element, a sequence included, larger than 4 KiB as stored
+    or as JSON. Values that dcmread deferred are skipped, so the file is not read
+    again. DS and IS values keep the text they were written with (not JSON
+    numbers), so an answer gives them back unchanged. An element pydicom cannot
+    decode is left out; this never raises for a dataset dcmread accepted.
+    """
+    out: dict[str, Any] = {}
+    for tag in list(ds.keys()):
+        if not _kept(ds, tag):
+            continue
+        try:
+            document = _element_json(ds, tag)
+        except _TooLarge:
+            continue
+        if document is None:
+            continue
+        try:
+            size = len(json.dumps(document, ensure_ascii=False, allow_nan=False))
+        except (TypeError, ValueError):  # NaN or infinity in FL/FD, or a value JSON cannot hold
+            continue
+        if size <= _JSON_VALUE_LIMIT:
+            out[f"{tag:08X}"] = document
+    return out
+
+
+def _kept(ds: Dataset, tag: BaseTag) -> bool:
+    """Whether an element may go into the JSON: public, not a group length, not File Meta, read already."""
+    if tag.is_private or tag.element == 0 or tag.group == 0x0002:
+        return False
+    # Typed DataElement by pydicom's overload, but an element not read yet comes back raw.
+    raw: DataElement | RawDataElement = ds.get_item(tag, keep_deferred=True)
+    if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF:
+        return raw.length <= _JSON_VALUE_LIMIT  # a longer value was deferred: reading it would open the file
+    return True
+
+
+class _TooLarge(Exception):
+    """A sequence outgrew the limit while it was converted: the top-level element is left out whole."""
+
+
+def _element_json(ds: Dataset, tag: BaseTag, budget: int = _JSON_VALUE_LIMIT) -> dict[str, Any] | None:
+    """One element in the DICOM JSON model, or None for binary or undecodable values.
+
+    Raises :class:`_TooLarge` when a sequence needs more than ``budget`` characters.
+    """
+    try:
+        element = ds[tag]
+        vr = str(element.VR)
+        if any(part in _BINARY_VRS for part in vr.split(" or ")):
+            return None
+        if vr == "SQ":
+            return _sequence_json(element, budget)
+        if vr in _STRING_NUMBER_VRS:
+            return _string_number_json(element)
+        document: dict[str, Any] = element.to_json_dict(None, 0)
+        return document
+    except _TooLarge:
+        raise
+    except Exception:  # pydicom raises a wide range on malformed values
+        return None
+
+
+def _sequence_json(element: DataElement, budget: int) -> dict[str, Any]:
+    """A sequence item by item, given up as soon as it outgrows ``budget`` (a long per-frame
+    sequence costs a few items, not all of them)."""
+    items: list[dict[str, Any]] = []
+    used = 0
+    for item in element.value:
+        document = _item_json(item, budget - used)
+        used += len(json.dumps(document, ensure_ascii=False))
+        if used > budget:
+            raise _TooLarge
+        items.append(document)
+    return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+
+
+def _item_json(item: Dataset, budget: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for tag in list(item.keys()):
+        if _kept(item, tag):
+            document = _element_json(item, tag, budget)
+            if document is not None:
+                out[f"{tag:08X}"] = document
+    return out
+
+
+def _string_number_json(element: DataElement) -> dict[str, Any]:
+    """DS / IS as the strings they were written with: ``80`` stays ``80``, not ``80.0``."""
+    if element.is_empty:
+        return {"vr": element.VR}
+    values = element.value if element.VM > 1 else [element.value]
+    return {"vr": element.VR, "Value": [None if v is None or str(v) == "" else str(v).strip() for v in values]}
 
 
 def _keyword_of(name: str) -> str:
-    for keyword, (field, _) in _TRANSLATION.items():
-        if field == name:
+    for keyword, (meta_field, _) in _TRANSLATION.items():
+        if meta_field == name:
             return keyword
     return name
 
@@ -203,6 +330,14 @@ def _keyword_of(name: str) -> str:
 def utcnow() -> datetime:
     """Naive UTC, as every timestamp in the index."""
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def inserted_id(result: CursorResult[Any]) -> int:
+    """The integer primary key of the row a single-row INSERT made."""
+    key = result.inserted_primary_key
+    if key is None:
+        raise RuntimeError("the INSERT reported no primary key")
+    return int(key[0])
 
 
 def find_instance(conn: Connection, sop_instance_uid: str) -> Row[Any] | None:
@@ -242,13 +377,39 @@ def add_instance(
     conflicts with rows already indexed are logged and the indexed value kept.
     ``is_result`` marks pacsnode's own analysis results: their series is
     flagged and the study's quiet-time clock (``last_received_at``) is left alone.
+    A patient, study or series created here keeps ``meta.dicom_json`` (its first header).
     """
     now = utcnow()
-    patient_key = meta.patient_id or ""
+    patient_fk = _patient_for(conn, meta)
+    study_fk = _study_for(conn, meta, patient_fk, now)
+    series = conn.execute(select(_series.c.id).where(_series.c.series_instance_uid == meta.series_instance_uid)).first()
+    if series is None:
+        series_fk = _insert_series(conn, meta, study_fk, now, is_result)
+    else:
+        series_fk = series.id
+        _count_instance_in_series(conn, series_fk, now)
+    _count_instance_in_study(conn, study_fk, now, new_series=series is None, is_result=is_result)
+    _insert_instance(
+        conn,
+        meta,
+        series_fk,
+        now,
+        file_path=file_path,
+        file_size=file_size,
+        sha256=sha256,
+        calling_ae_title=calling_ae_title,
+    )
 
+
+def _patient_for(conn: Connection, meta: InstanceMeta) -> int:
+    """The id of the instance's patient, inserted when new (its counts start at zero)."""
+    patient_key = meta.patient_id or ""
     patient = conn.execute(select(_patients).where(_patients.c.patient_id == patient_key)).first()
-    if patient is None:
-        patient_fk = conn.execute(
+    if patient is not None:
+        _log_conflicts("patient", patient_key, patient, meta, ("patient_name", "patient_birth_date", "patient_sex"))
+        return int(patient.id)
+    return inserted_id(
+        conn.execute(
             _patients.insert().values(
                 patient_id=patient_key,
                 patient_name=meta.patient_name,
@@ -257,19 +418,38 @@ def add_instance(
                 patient_sex=meta.patient_sex,
                 specific_character_set=meta.specific_character_set,
                 num_studies=0,
+                dicom_json=meta.dicom_json,
             )
-        ).inserted_primary_key[0]
-    else:
-        patient_fk = patient.id
-        _log_conflicts("patient", patient_key, patient, meta, ("patient_name", "patient_birth_date", "patient_sex"))
+        )
+    )
 
+
+def _study_for(conn: Connection, meta: InstanceMeta, patient_fk: int, now: datetime) -> int:
+    """The id of the instance's study, locked for the counts; a new study counts for its patient."""
     # FOR UPDATE: another writer adding a series to this study waits, so ModalitiesInStudy and the
-    # counts below see its series (PostgreSQL; SQLite writers are serialised already).
+    # counts see its series (PostgreSQL; SQLite writers are serialised already).
     study = conn.execute(
         select(_studies).where(_studies.c.study_instance_uid == meta.study_instance_uid).with_for_update()
     ).first()
-    if study is None:
-        study_fk = conn.execute(
+    if study is not None:
+        if study.patient_fk != patient_fk:
+            logger.warning(
+                "study %s: instance %s names PatientID %r but the study is indexed under another patient "
+                "(kept the indexed patient)",
+                meta.study_instance_uid,
+                meta.sop_instance_uid,
+                meta.patient_id or "",
+            )
+        _log_conflicts(
+            "study",
+            meta.study_instance_uid,
+            study,
+            meta,
+            ("study_date", "accession_number", "study_description"),
+        )
+        return int(study.id)
+    study_fk = inserted_id(
+        conn.execute(
             _studies.insert().values(
                 patient_fk=patient_fk,
                 study_instance_uid=meta.study_instance_uid,
@@ -285,32 +465,18 @@ def add_instance(
                 num_instances=0,
                 created_at=now,
                 last_received_at=now,
+                dicom_json=meta.dicom_json,
             )
-        ).inserted_primary_key[0]
-        conn.execute(
-            update(_patients).where(_patients.c.id == patient_fk).values(num_studies=_patients.c.num_studies + 1)
         )
-    else:
-        study_fk = study.id
-        if study.patient_fk != patient_fk:
-            logger.warning(
-                "study %s: instance %s names PatientID %r but the study is indexed under another patient "
-                "(kept the indexed patient)",
-                meta.study_instance_uid,
-                meta.sop_instance_uid,
-                patient_key,
-            )
-        _log_conflicts(
-            "study",
-            meta.study_instance_uid,
-            study,
-            meta,
-            ("study_date", "accession_number", "study_description"),
-        )
+    )
+    conn.execute(update(_patients).where(_patients.c.id == patient_fk).values(num_studies=_patients.c.num_studies + 1))
+    return study_fk
 
-    series = conn.execute(select(_series.c.id).where(_series.c.series_instance_uid == meta.series_instance_uid)).first()
-    if series is None:
-        series_fk = conn.execute(
+
+def _insert_series(conn: Connection, meta: InstanceMeta, study_fk: int, now: datetime, is_result: bool) -> int:
+    """A new series, holding this one instance."""
+    return inserted_id(
+        conn.execute(
             _series.insert().values(
                 study_fk=study_fk,
                 series_instance_uid=meta.series_instance_uid,
@@ -321,38 +487,63 @@ def add_instance(
                 num_instances=1,
                 last_received_at=now,
                 is_result=is_result,
+                dicom_json=meta.dicom_json,
             )
-        ).inserted_primary_key[0]
-        modalities = (
-            conn.execute(
-                select(_series.c.modality)
-                .where(_series.c.study_fk == study_fk, _series.c.modality.is_not(None))
-                .distinct()
-                .order_by(_series.c.modality)
-            )
-            .scalars()
-            .all()
         )
-        study_values: dict[str, Any] = {
-            "num_series": _studies.c.num_series + 1,
-            "num_instances": _studies.c.num_instances + 1,
-            "modalities_in_study": "\\".join(modalities) or None,
-        }
-        if not is_result:
-            study_values["last_received_at"] = now
-        conn.execute(update(_studies).where(_studies.c.id == study_fk).values(**study_values))
-    else:
-        series_fk = series.id
-        conn.execute(
-            update(_series)
-            .where(_series.c.id == series_fk)
-            .values(num_instances=_series.c.num_instances + 1, last_received_at=now)
-        )
-        more: dict[str, Any] = {"num_instances": _studies.c.num_instances + 1}
-        if not is_result:
-            more["last_received_at"] = now
-        conn.execute(update(_studies).where(_studies.c.id == study_fk).values(**more))
+    )
 
+
+def _count_instance_in_series(conn: Connection, series_fk: int, now: datetime) -> None:
+    """One more instance in a series indexed already."""
+    conn.execute(
+        update(_series)
+        .where(_series.c.id == series_fk)
+        .values(num_instances=_series.c.num_instances + 1, last_received_at=now)
+    )
+
+
+def _count_instance_in_study(
+    conn: Connection, study_fk: int, now: datetime, *, new_series: bool, is_result: bool
+) -> None:
+    """One more instance in the study; a new series also counts and may add to ModalitiesInStudy.
+
+    Results leave the study's quiet-time clock alone.
+    """
+    values: dict[str, Any] = {"num_instances": _studies.c.num_instances + 1}
+    if new_series:
+        values["num_series"] = _studies.c.num_series + 1
+        values["modalities_in_study"] = _modalities_in_study(conn, study_fk)
+    if not is_result:
+        values["last_received_at"] = now
+    conn.execute(update(_studies).where(_studies.c.id == study_fk).values(**values))
+
+
+def _modalities_in_study(conn: Connection, study_fk: int) -> str | None:
+    """ModalitiesInStudy from the study's series as indexed now: sorted, backslash-separated."""
+    modalities = (
+        conn.execute(
+            select(_series.c.modality)
+            .where(_series.c.study_fk == study_fk, _series.c.modality.is_not(None))
+            .distinct()
+            .order_by(_series.c.modality)
+        )
+        .scalars()
+        .all()
+    )
+    return "\\".join(modalities) or None
+
+
+def _insert_instance(
+    conn: Connection,
+    meta: InstanceMeta,
+    series_fk: int,
+    now: datetime,
+    *,
+    file_path: str,
+    file_size: int,
+    sha256: str,
+    calling_ae_title: str | None,
+) -> None:
     conn.execute(
         _instances.insert().values(
             series_fk=series_fk,
@@ -366,6 +557,7 @@ def add_instance(
             sha256=sha256,
             calling_ae_title=calling_ae_title,
             received_at=now,
+            dicom_json=meta.dicom_json,
         )
     )
 
@@ -380,23 +572,13 @@ def remove_instance(conn: Connection, row: Row[Any]) -> None:
     conn.execute(select(_studies.c.id).where(_studies.c.id == series.study_fk).with_for_update())
     if series.num_instances <= 1:
         conn.execute(_series.delete().where(_series.c.id == series.id))
-        modalities = (
-            conn.execute(
-                select(_series.c.modality)
-                .where(_series.c.study_fk == series.study_fk, _series.c.modality.is_not(None))
-                .distinct()
-                .order_by(_series.c.modality)
-            )
-            .scalars()
-            .all()
-        )
         conn.execute(
             update(_studies)
             .where(_studies.c.id == series.study_fk)
             .values(
                 num_series=_studies.c.num_series - 1,
                 num_instances=_studies.c.num_instances - 1,
-                modalities_in_study="\\".join(modalities) or None,
+                modalities_in_study=_modalities_in_study(conn, series.study_fk),
             )
         )
     else:

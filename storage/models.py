@@ -1,14 +1,19 @@
-"""ORM models of the index: one table per Query/Retrieve level.
+"""ORM models of the index: one table per Query/Retrieve level, and the job and export queues.
 
 Attribute names are the snake_case form of the DICOM keywords; the mapping from
-keywords lives in :mod:`pacsnode.storage.index` only.
+keywords lives in :mod:`pacsnode.storage.index` only. Each level also keeps, in
+``dicom_json``, the non-bulk attributes of its first instance (an instance: its
+own), from which C-FIND return keys without a column of their own are answered.
 """
 
 from __future__ import annotations
 
+import enum
 from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     DateTime,
@@ -17,12 +22,13 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-__all__ = ["Base", "Patient", "Study", "Series", "Instance", "Job", "Export"]
+__all__ = ["Base", "Patient", "Study", "Series", "Instance", "Job", "Export", "JobState", "ExportState"]
 
 # Lengths follow the VR maxima (PS3.5 6.2): UI 64, LO 64, SH 16, PN 64 per group x 3 groups.
 _UI = 64
@@ -32,8 +38,39 @@ _PN = 324
 _CS = 16
 
 
+def _dicom_json() -> Mapped[dict[str, Any] | None]:
+    """The level's first header in the DICOM JSON model (PS3.18 F.2), bulk data left out.
+
+    NULL for rows indexed before revision 0004 (see :func:`pacsnode.storage.index.header_json`).
+    """
+    return mapped_column(JSON(none_as_null=True))
+
+
+class JobState(enum.StrEnum):
+    """``jobs.state``."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ExportState(enum.StrEnum):
+    """``exports.state``."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    DONE = "done"
+    DEAD = "dead"
+
+
 class Base(DeclarativeBase):
     """Declarative base of every pacsnode table."""
+
+    if TYPE_CHECKING:
+        # Every pacsnode model maps a Table (declared as any FromClause by SQLAlchemy), so
+        # Model.__table__ can be given to insert(), update() and delete().
+        __table__: ClassVar[Table]
 
 
 class Patient(Base):
@@ -48,6 +85,7 @@ class Patient(Base):
     patient_sex: Mapped[str | None] = mapped_column(String(_CS))
     specific_character_set: Mapped[str | None] = mapped_column(String(160))
     num_studies: Mapped[int] = mapped_column(Integer, default=0)
+    dicom_json: Mapped[dict[str, Any] | None] = _dicom_json()
 
     studies: Mapped[list[Study]] = relationship(back_populates="patient")
 
@@ -79,6 +117,7 @@ class Study(Base):
     last_received_at: Mapped[datetime] = mapped_column(DateTime, index=True)
     # The last_received_at that the scheduler last turned into jobs; behind it = new instances since.
     scheduled_at: Mapped[datetime | None] = mapped_column(DateTime)
+    dicom_json: Mapped[dict[str, Any] | None] = _dicom_json()
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study")
@@ -104,6 +143,7 @@ class Series(Base):
     scheduled_at: Mapped[datetime | None] = mapped_column(DateTime)
     # True for series that pacsnode's pipelines wrote: never analysed, never a quiet-time trigger.
     is_result: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    dicom_json: Mapped[dict[str, Any] | None] = _dicom_json()
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -124,6 +164,8 @@ class Instance(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     calling_ae_title: Mapped[str | None] = mapped_column(String(16))
     received_at: Mapped[datetime] = mapped_column(DateTime)
+    # The instance's own header.
+    dicom_json: Mapped[dict[str, Any] | None] = _dicom_json()
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -131,7 +173,7 @@ class Instance(Base):
 class Job(Base):
     """One analysis run of a pipeline over a study or series: the durable job queue.
 
-    ``state`` is pending -> running -> done | failed (pending again after a
+    ``state`` (:class:`JobState`) is pending -> running -> done | failed (pending again after a
     retryable failure, with ``not_before`` pushed back). A running job holds a
     lease (``lease_owner`` until ``lease_expires_at``) that its worker renews;
     an expired lease makes the job claimable again. At most one pending job per
@@ -170,8 +212,8 @@ class Job(Base):
             "study_instance_uid",
             "series_instance_uid",
             unique=True,
-            sqlite_where=text("state = 'pending'"),
-            postgresql_where=text("state = 'pending'"),
+            sqlite_where=text(f"state = '{JobState.PENDING.value}'"),
+            postgresql_where=text(f"state = '{JobState.PENDING.value}'"),
         ),
     )
 
@@ -179,7 +221,7 @@ class Job(Base):
 class Export(Base):
     """One instance to send to one remote node: the durable export queue.
 
-    ``state`` is pending -> sending -> done, or dead after ``max_attempts``
+    ``state`` (:class:`ExportState`) is pending -> sending -> done, or dead after ``max_attempts``
     failures (re-triable from the CLI). ``generation`` grows each time the row
     is queued again (a re-analysis replaced the instance), so a send that was
     in flight with the old content does not mark the new one done.

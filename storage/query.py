@@ -7,6 +7,12 @@ matching that ignores case (configurable) and trailing empty components.
 Everything is done by the database: rows are never loaded into Python to be
 filtered, and the number of matches is capped with ``LIMIT``.
 
+Return keys without a column of their own (PatientAge, ProtocolName, ContentDate
+...) are answered from the ``dicom_json`` of the query level's row: the header
+of the patient's, study's or series' first instance, or the instance's own.
+Such keys are returned but not matched: a value in one makes the identifier
+partly unsupported (reported in :attr:`FindQuery.unsupported`).
+
 This module knows DICOM keywords and SQL; it knows nothing of DIMSE statuses.
 :class:`IdentifierError` and :class:`QueryValueError` tell the caller which
 kind of failure it is (PS3.4 C.4.1.1.4: 0xA900 and 0xC000).
@@ -20,8 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import BaseTag
 from sqlalchemy import (
     ColumnElement,
     Connection,
@@ -47,6 +57,7 @@ __all__ = [
     "QueryError",
     "QueryValueError",
     "TooManyMatchesError",
+    "element_from_json",
     "find",
     "locate",
     "parse_find",
@@ -178,6 +189,8 @@ _ATTRIBUTES: dict[str, _Attribute] = {
 _HANDLED_ELSEWHERE = frozenset(
     {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle", "InstanceAvailability"}
 )
+# Derived from a study's instances (PS3.4 C.6.1.1.3), never in a header: not supported.
+_NOT_IN_HEADERS = frozenset({"SOPClassesInStudy", "AnatomicRegionsInStudyCodeSequence"})
 
 _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
@@ -232,7 +245,7 @@ def _has_wildcard(value: str) -> bool:
     return not _WILDCARDS.isdisjoint(value)
 
 
-def _wildcard_condition(column: Any, pattern: str, dialect: str) -> ColumnElement[bool]:
+def _wildcard_condition(column: ColumnElement[Any], pattern: str, dialect: str) -> ColumnElement[bool]:
     """``*`` any run, ``?`` one character; case-sensitive on every dialect."""
     if pattern.strip("*") == "":
         return column.is_not(None) if pattern else true()
@@ -283,9 +296,9 @@ class FindQuery:
 
     model: Model
     level: Level
-    return_keys: tuple[str, ...]
+    return_keys: tuple[str, ...]  # with the keys answered from the level's dicom_json
     conditions: tuple[_Condition, ...]
-    unsupported: tuple[str, ...] = ()
+    unsupported: tuple[str, ...] = ()  # keys neither matched nor returned, or returned but not matched
     combined_datetime: bool = False
     case_insensitive_names: bool = True
 
@@ -317,13 +330,33 @@ def _parse_level(identifier: Dataset, model: Model) -> Level:
 
 
 def _element_values(identifier: Dataset, keyword: str) -> list[str]:
-    element = identifier[keyword]
+    return _values_of(identifier[keyword])
+
+
+def _values_of(element: DataElement) -> list[str]:
     value = element.value
     if element.VR == "PN":
         if isinstance(value, MultiValue | list):
             return [str(v) for v in value if str(v)]
         return [str(value)] if value is not None and str(value) != "" else []
     return _values(value)
+
+
+def _in_headers(element: DataElement) -> bool:
+    """A key without a column that a stored header can answer: public, outside group 0002."""
+    return (
+        bool(element.keyword)
+        and element.tag.group > 0x0002
+        and not element.tag.is_private
+        and element.keyword not in _NOT_IN_HEADERS
+    )
+
+
+def _is_universal(element: DataElement) -> bool:
+    """An empty value (PS3.4 C.2.2.2.3); a sequence: no item holds a value."""
+    if element.VR == "SQ":
+        return all(_is_universal(sub) for item in element.value or () for sub in item)
+    return not _values_of(element)
 
 
 def _check_unique_keys_above(identifier: Dataset, model: Model, level: Level) -> None:
@@ -359,7 +392,12 @@ def parse_find(
             continue
         attr_level = _level_of(keyword, model) if keyword else None
         if attr_level is None:
-            unsupported.append(keyword or str(element.tag))
+            if _in_headers(element):
+                return_keys.append(keyword)  # from the level's dicom_json
+                if not _is_universal(element):
+                    unsupported.append(keyword)  # returned, but not matched
+            else:
+                unsupported.append(keyword or str(element.tag))
             continue
         if attr_level.depth > level.depth:
             continue  # a key below the query level: neither matched nor returned
@@ -468,7 +506,7 @@ def _pn_condition(attribute: _Attribute, values: Sequence[str], query: FindQuery
     return or_(*parts) if len(parts) > 1 else parts[0]
 
 
-def _range_condition(column: Any, value: str, *, is_time: bool) -> ColumnElement[bool]:
+def _range_condition(column: ColumnElement[Any], value: str, *, is_time: bool) -> ColumnElement[bool]:
     bounds = _split_range(value)
     if bounds is None:
         return column == value
@@ -540,15 +578,77 @@ def _conditions(query: FindQuery, dialect: str) -> list[ColumnElement[bool]]:
     return out
 
 
-def _select_column(keyword: str) -> Any:
-    attribute = _ATTRIBUTES[keyword]
+def _select_column(keyword: str, level: Level) -> Any:
+    attribute = _ATTRIBUTES.get(keyword)
+    if attribute is None:  # no column: the element of the level's dicom_json (NULL when absent)
+        return _TABLES[level].c.dicom_json[_json_key(keyword)].label(keyword)
     if isinstance(attribute.column, str):  # a sum over the patient's studies
         return _patient_related(attribute.column).label(keyword)
     return attribute.column.label(keyword)
 
 
+def _tag_of(keyword: str) -> BaseTag:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise QueryError(f"{keyword} is not a DICOM keyword")
+    return BaseTag(tag)
+
+
+def _json_key(keyword: str) -> str:
+    """The key of an attribute in the DICOM JSON model: its tag in 8 upper-case hex digits."""
+    return f"{_tag_of(keyword):08X}"
+
+
+def element_from_json(tag: int, document: Any) -> DataElement | None:
+    """A data element from its DICOM JSON model form as ``dicom_json`` keeps it; None if there is none.
+
+    The element gets the VR it was stored with. DS and IS come back as the text
+    they were written with (``80`` stays ``80``), which is why pydicom's
+    ``Dataset.from_json`` (it turns them into numbers) is not used.
+    """
+    if not isinstance(document, dict) or not isinstance(document.get("vr"), str):
+        return None
+    vr = document["vr"].split(" or ")[0]  # an ambiguous VR pydicom could not resolve: its first reading
+    values = document.get("Value") or []
+    try:
+        if vr == "SQ":
+            return DataElement(tag, vr, DicomSequence([_item_from_json(item) for item in values]))
+        if vr == "PN":
+            values = [_person_name(v) for v in values]
+        elif vr == "AT":
+            values = [int(v, 16) for v in values if v]
+        values = ["" if v is None else v for v in values]
+        if not values:
+            return DataElement(tag, vr, None)
+        return DataElement(tag, vr, values[0] if len(values) == 1 else values)
+    except (TypeError, ValueError, AttributeError):  # not as pacsnode writes it: answered empty
+        return None
+
+
+def _item_from_json(document: Any) -> Dataset:
+    item = Dataset()
+    for key, value in (document or {}).items():
+        element = element_from_json(int(key, 16), value)
+        if element is not None:
+            item.add(element)
+    return item
+
+
+def _person_name(groups: Any) -> str:
+    """``Alphabetic=Ideographic=Phonetic``, empty trailing groups dropped."""
+    if not isinstance(groups, dict):
+        return ""
+    parts = [str(groups.get(name) or "") for name in ("Alphabetic", "Ideographic", "Phonetic")]
+    while parts and not parts[-1]:
+        parts.pop()
+    return "=".join(parts)
+
+
 def find(conn: Connection, query: FindQuery, *, limit: int | None) -> list[dict[str, Any]]:
     """Run a parsed C-FIND: one dict (keyword -> value or None) per matching entity.
+
+    A key without a column maps to a :class:`~pydicom.dataelem.DataElement` with
+    the stored VR, or to None where the entity's header does not hold it.
 
     Raises :class:`TooManyMatchesError` when more than ``limit`` entities match.
     """
@@ -556,7 +656,7 @@ def find(conn: Connection, query: FindQuery, *, limit: int | None) -> list[dict[
     table = _TABLES[query.level]
     keys = list(dict.fromkeys([*query.return_keys, _UNIQUE_KEY[query.level]]))
     statement = (
-        select(*(_select_column(k) for k in keys))
+        select(*(_select_column(k, query.level) for k in keys))
         .select_from(_from_clause(query.level))
         .where(*_conditions(query, dialect))
         .order_by(table.c.id)
@@ -570,6 +670,10 @@ def find(conn: Connection, query: FindQuery, *, limit: int | None) -> list[dict[
         for row in rows:
             value = row.get("ModalitiesInStudy")
             row["ModalitiesInStudy"] = value.split("\\") if value else None
+    for keyword in (k for k in keys if k not in _ATTRIBUTES):
+        tag = _tag_of(keyword)
+        for row in rows:
+            row[keyword] = element_from_json(tag, row[keyword])
     return rows
 
 

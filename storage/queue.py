@@ -20,7 +20,6 @@ each row in a state some worker can pick up again:
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -29,12 +28,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, case, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Engine, Exists, Row, and_, case, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from pacsnode.storage.db import WriteGate, read_connection
-from pacsnode.storage.index import utcnow
-from pacsnode.storage.models import Export, Job
+from pacsnode.storage.index import inserted_id, utcnow
+from pacsnode.storage.models import Export, ExportState, Job, JobState
 
 __all__ = [
     "JobState",
@@ -51,20 +50,6 @@ logger = logging.getLogger(__name__)
 
 _jobs = Job.__table__
 _exports = Export.__table__
-
-
-class JobState(str, enum.Enum):
-    PENDING = "pending"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-
-
-class ExportState(str, enum.Enum):
-    PENDING = "pending"
-    SENDING = "sending"
-    DONE = "done"
-    DEAD = "dead"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,7 +71,7 @@ class JobRecord:
     pipeline: str
     study_instance_uid: str
     series_instance_uid: str
-    state: str
+    state: JobState
     attempts: int
     max_attempts: int
     timeout_s: float
@@ -108,6 +93,7 @@ class JobRecord:
         data["params"] = json.loads(data["params"] or "{}")
         data["destinations"] = json.loads(data["destinations"] or "[]")
         data["result"] = json.loads(data["result"]) if data["result"] else None
+        data["state"] = JobState(data["state"])
         return cls(**data)
 
     def as_dict(self) -> dict[str, Any]:
@@ -120,7 +106,7 @@ class ExportRecord:
     sop_instance_uid: str
     destination: str
     job_id: int | None
-    state: str
+    state: ExportState
     generation: int
     attempts: int
     max_attempts: int
@@ -134,18 +120,22 @@ class ExportRecord:
 
     @classmethod
     def from_row(cls, row: Any) -> ExportRecord:
-        return cls(**dict(row._mapping))
+        data = dict(row._mapping)
+        data["state"] = ExportState(data["state"])
+        return cls(**data)
 
     def as_dict(self) -> dict[str, Any]:
         return _as_dict(self)
 
 
 def _as_dict(record: object) -> dict[str, Any]:
-    """A record for JSON output: timestamps as ISO 8601 UTC."""
+    """A record for JSON output: timestamps as ISO 8601 UTC, the state as its plain string."""
     out = dict(record.__dict__)
     for key, value in out.items():
         if isinstance(value, datetime):
             out[key] = value.isoformat(timespec="seconds") + "Z"
+        elif isinstance(value, JobState | ExportState):
+            out[key] = value.value
     return out
 
 
@@ -214,23 +204,25 @@ class JobQueue(_Queue):
         now = utcnow()
         try:
             with conn.begin_nested():
-                job_id = conn.execute(
-                    _jobs.insert().values(
-                        rule=rule,
-                        pipeline=pipeline,
-                        study_instance_uid=study_instance_uid,
-                        series_instance_uid=series_instance_uid,
-                        state=JobState.PENDING.value,
-                        attempts=0,
-                        max_attempts=max_attempts,
-                        timeout_s=timeout_s,
-                        params=json.dumps(params or {}, sort_keys=True),
-                        destinations=json.dumps(list(destinations)),
-                        created_at=now,
-                        updated_at=now,
-                        not_before=now,
+                job_id = inserted_id(
+                    conn.execute(
+                        _jobs.insert().values(
+                            rule=rule,
+                            pipeline=pipeline,
+                            study_instance_uid=study_instance_uid,
+                            series_instance_uid=series_instance_uid,
+                            state=JobState.PENDING.value,
+                            attempts=0,
+                            max_attempts=max_attempts,
+                            timeout_s=timeout_s,
+                            params=json.dumps(params or {}, sort_keys=True),
+                            destinations=json.dumps(list(destinations)),
+                            created_at=now,
+                            updated_at=now,
+                            not_before=now,
+                        )
                     )
-                ).inserted_primary_key[0]
+                )
         except IntegrityError:  # another scheduler queued it between our read and our insert
             existing = conn.execute(select(_jobs.c.id).where(key)).scalar()
             if existing is None:
@@ -266,88 +258,25 @@ class JobQueue(_Queue):
         """
         while True:
             now = utcnow()
+            claimable = _claimable_jobs(now, rule=rule, pipeline=pipeline, first_attempt=first_attempt)
             with self.transaction() as conn:
-                # A pending job waits while a job for the same pipeline, study and series runs under a
-                # live lease: the newer job must finish last, or older results would replace its own.
-                running = _jobs.alias("running")
-                busy = (
-                    select(running.c.id)
-                    .where(
-                        running.c.state == JobState.RUNNING.value,
-                        running.c.lease_expires_at >= now,
-                        running.c.pipeline == _jobs.c.pipeline,
-                        running.c.study_instance_uid == _jobs.c.study_instance_uid,
-                        running.c.series_instance_uid == _jobs.c.series_instance_uid,
-                    )
-                    .exists()
-                )
-                claimable = or_(
-                    and_(_jobs.c.state == JobState.PENDING.value, _jobs.c.not_before <= now, ~busy),
-                    and_(_jobs.c.state == JobState.RUNNING.value, _jobs.c.lease_expires_at < now),
-                )
-                if rule is not None or pipeline is not None or first_attempt:
-                    claimable = and_(
-                        _jobs.c.state == JobState.PENDING.value,
-                        _jobs.c.not_before <= now,
-                        ~busy,
-                        *([_jobs.c.rule == rule] if rule is not None else []),
-                        *([_jobs.c.pipeline == pipeline] if pipeline is not None else []),
-                        *([_jobs.c.attempts == 0] if first_attempt else []),
-                    )
-                stmt = select(_jobs).where(claimable).order_by(_jobs.c.not_before, _jobs.c.id).limit(1)
-                if self._skip_locked:
-                    stmt = stmt.with_for_update(skip_locked=True)
-                row = conn.execute(stmt).first()
+                row = self._next_job(conn, claimable)
                 if row is None:
                     return None
-                if row.state == JobState.RUNNING.value and row.attempts >= row.max_attempts:
-                    error = (
-                        f"worker {row.lease_owner} stopped responding (lease expired) on attempt "
-                        f"{row.attempts} of {row.max_attempts}; {row.last_error or ''}".rstrip("; ")
-                    )
-                    conn.execute(
-                        update(_jobs)
-                        .where(_jobs.c.id == row.id, _jobs.c.state == JobState.RUNNING.value)
-                        .values(
-                            state=JobState.FAILED.value,
-                            last_error=error,
-                            finished_at=now,
-                            updated_at=now,
-                            lease_owner=None,
-                            lease_expires_at=None,
-                        )
-                    )
-                    logger.error("job %d failed: %s", row.id, error, extra={"action": "job-failed", "job_id": row.id})
+                if _out_of_attempts(row, JobState.RUNNING):
+                    _fail_abandoned_job(conn, row, now)
                     continue
-                if row.state == JobState.RUNNING.value:
-                    logger.warning(
-                        "job %d: worker %s stopped renewing its lease; %s takes the job over",
-                        row.id,
-                        row.lease_owner,
-                        owner,
-                        extra={"action": "job-reclaimed", "job_id": row.id},
-                    )
-                done = conn.execute(
-                    update(_jobs)
-                    .where(
-                        _jobs.c.id == row.id,
-                        _jobs.c.state == row.state,
-                        _jobs.c.attempts == row.attempts,
-                    )
-                    .values(
-                        state=JobState.RUNNING.value,
-                        attempts=row.attempts + 1,
-                        lease_owner=owner,
-                        lease_expires_at=now + timedelta(seconds=lease_s),
-                        started_at=now,
-                        updated_at=now,
-                        finished_at=None,
-                    )
-                )
-                if done.rowcount != 1:
+                claimed = _lease_job(conn, row, owner, now=now, lease_s=lease_s)
+                if claimed is None:  # another worker changed the row since it was read
                     continue
-                claimed = conn.execute(select(_jobs).where(_jobs.c.id == row.id)).one()
             return JobRecord.from_row(claimed)
+
+    def _next_job(self, conn: Connection, claimable: ColumnElement[bool]) -> Row[Any] | None:
+        """The claimable job due first; on PostgreSQL locked, skipping rows other workers hold."""
+        stmt = select(_jobs).where(claimable).order_by(_jobs.c.not_before, _jobs.c.id).limit(1)
+        if self._skip_locked:
+            stmt = stmt.with_for_update(skip_locked=True)
+        return conn.execute(stmt).first()
 
     def heartbeat(self, job_id: int, owner: str, *, lease_s: float) -> bool:
         """Renew the lease; False if the job is no longer this worker's (it must stop)."""
@@ -383,7 +312,7 @@ class JobQueue(_Queue):
         )
         return done.rowcount == 1
 
-    def fail(self, job_id: int, owner: str, error: str, *, retry: bool, policy: RetryPolicy) -> str | None:
+    def fail(self, job_id: int, owner: str, error: str, *, retry: bool, policy: RetryPolicy) -> JobState | None:
         """Record a failed attempt: pending again after a backoff, or failed for good.
 
         Returns the new state, or None when the job was no longer this worker's.
@@ -409,30 +338,30 @@ class JobQueue(_Queue):
                     )
                 ).scalar()
                 again = other is None
+            state = JobState.PENDING if again else JobState.FAILED
             values: dict[str, Any] = {
+                "state": state.value,
                 "last_error": error[:4000],
                 "updated_at": now,
                 "lease_owner": None,
                 "lease_expires_at": None,
             }
             if again:
-                values.update(
-                    state=JobState.PENDING.value,
-                    not_before=now + timedelta(seconds=policy.delay(row.attempts)),
-                )
+                values.update(not_before=now + timedelta(seconds=policy.delay(row.attempts)))
             else:
-                values.update(state=JobState.FAILED.value, finished_at=now)
+                values.update(finished_at=now)
             # Only while still running under this owner: a completion committed since the read stands.
             still_ours = (_jobs.c.id == job_id, _jobs.c.lease_owner == owner, _jobs.c.state == JobState.RUNNING.value)
             try:
                 with conn.begin_nested():
                     done = conn.execute(update(_jobs).where(*still_ours).values(**values))
             except IntegrityError:  # a scheduler queued a pending job for the same key meanwhile: it will run
-                values.update(state=JobState.FAILED.value, finished_at=now)
+                state = JobState.FAILED
+                values.update(state=state.value, finished_at=now)
                 done = conn.execute(update(_jobs).where(*still_ours).values(**values))
             if done.rowcount != 1:
                 return None
-        return str(values["state"])
+        return state
 
     def retry(self, job_id: int) -> JobRecord:
         """Queue a job again from the CLI, due now, with its attempts reset.
@@ -496,11 +425,11 @@ class JobQueue(_Queue):
         return None if row is None else JobRecord.from_row(row)
 
     def list(
-        self, *, state: str | None = None, study_instance_uid: str | None = None, limit: int = 1000
+        self, *, state: JobState | None = None, study_instance_uid: str | None = None, limit: int = 1000
     ) -> list[JobRecord]:
         stmt = select(_jobs).order_by(_jobs.c.id.desc()).limit(limit)
         if state:
-            stmt = stmt.where(_jobs.c.state == state)
+            stmt = stmt.where(_jobs.c.state == JobState(state).value)
         if study_instance_uid:
             stmt = stmt.where(_jobs.c.study_instance_uid == study_instance_uid)
         with read_connection(self.engine) as conn:
@@ -574,58 +503,42 @@ class ExportQueue(_Queue):
     def claim(self, owner: str, *, lease_s: float, limit: int) -> list[ExportRecord]:
         """Take up to ``limit`` due exports, all for one destination (one association sends them)."""
         now = utcnow()
+        claimable = _claimable_exports(now)
         with self.transaction() as conn:
-            claimable = or_(
-                and_(_exports.c.state == ExportState.PENDING.value, _exports.c.not_before <= now),
-                and_(_exports.c.state == ExportState.SENDING.value, _exports.c.lease_expires_at < now),
-            )
-            first = select(_exports.c.destination).where(claimable).order_by(_exports.c.not_before, _exports.c.id)
-            if self._skip_locked:
-                first = first.with_for_update(skip_locked=True)
-            destination = conn.execute(first.limit(1)).scalar()
+            destination = self._first_due_destination(conn, claimable)
             if destination is None:
                 return []
-            stmt = (
-                select(_exports)
-                .where(claimable, _exports.c.destination == destination)
-                .order_by(_exports.c.not_before, _exports.c.id)
-                .limit(limit)
-            )
-            if self._skip_locked:
-                stmt = stmt.with_for_update(skip_locked=True)
-            rows = conn.execute(stmt).all()
             claimed: list[ExportRecord] = []
-            for row in rows:
-                if row.state == ExportState.SENDING.value and row.attempts >= row.max_attempts:
-                    # Its sender died on the last attempt (crash or hang while sending): dead, not again.
-                    conn.execute(
-                        update(_exports)
-                        .where(_exports.c.id == row.id, _exports.c.state == row.state)
-                        .values(
-                            state=ExportState.DEAD.value,
-                            updated_at=now,
-                            lease_owner=None,
-                            lease_expires_at=None,
-                            last_error=f"sender {row.lease_owner} stopped responding on the last attempt",
-                        )
-                    )
+            for row in self._due_exports(conn, claimable, destination, limit):
+                if _out_of_attempts(row, ExportState.SENDING):
+                    _bury_abandoned_export(conn, row, now)
                     continue
-                done = conn.execute(
-                    update(_exports)
-                    .where(_exports.c.id == row.id, _exports.c.state == row.state, _exports.c.attempts == row.attempts)
-                    .values(
-                        state=ExportState.SENDING.value,
-                        attempts=row.attempts + 1,
-                        lease_owner=owner,
-                        lease_expires_at=now + timedelta(seconds=lease_s),
-                        updated_at=now,
-                    )
-                )
-                if done.rowcount == 1:
-                    claimed.append(
-                        ExportRecord.from_row(conn.execute(select(_exports).where(_exports.c.id == row.id)).one())
-                    )
+                export = _lease_export(conn, row, owner, now=now, lease_s=lease_s)
+                if export is not None:
+                    claimed.append(export)
         return claimed
+
+    def _first_due_destination(self, conn: Connection, claimable: ColumnElement[bool]) -> str | None:
+        """The destination of the claimable export due first."""
+        stmt = select(_exports.c.destination).where(claimable).order_by(_exports.c.not_before, _exports.c.id)
+        if self._skip_locked:
+            stmt = stmt.with_for_update(skip_locked=True)
+        destination = conn.execute(stmt.limit(1)).scalar()
+        return None if destination is None else str(destination)
+
+    def _due_exports(
+        self, conn: Connection, claimable: ColumnElement[bool], destination: str, limit: int
+    ) -> Sequence[Row[Any]]:
+        """Up to ``limit`` claimable exports to ``destination``, in the order they fell due."""
+        stmt = (
+            select(_exports)
+            .where(claimable, _exports.c.destination == destination)
+            .order_by(_exports.c.not_before, _exports.c.id)
+            .limit(limit)
+        )
+        if self._skip_locked:
+            stmt = stmt.with_for_update(skip_locked=True)
+        return conn.execute(stmt).all()
 
     def renew(self, export_ids: Sequence[int], owner: str, *, lease_s: float) -> None:
         """Extend the lease of exports this sender is still working on."""
@@ -670,7 +583,7 @@ class ExportQueue(_Queue):
                 )
         return done.rowcount == 1
 
-    def mark_failed(self, export: ExportRecord, owner: str, error: str, *, policy: RetryPolicy) -> str | None:
+    def mark_failed(self, export: ExportRecord, owner: str, error: str, *, policy: RetryPolicy) -> ExportState | None:
         """A failed send: pending again after a backoff, or dead after the last attempt."""
         now = utcnow()
         with self.transaction() as conn:
@@ -680,19 +593,19 @@ class ExportQueue(_Queue):
             if row is None:
                 return None
             if row.generation != export.generation:  # queued again meanwhile: a fresh start
-                state = ExportState.PENDING.value
+                state = ExportState.PENDING
                 values: dict[str, Any] = {"not_before": now}
             elif row.attempts >= row.max_attempts:
-                state = ExportState.DEAD.value
+                state = ExportState.DEAD
                 values = {}
             else:
-                state = ExportState.PENDING.value
+                state = ExportState.PENDING
                 values = {"not_before": now + timedelta(seconds=policy.delay(row.attempts))}
             conn.execute(
                 update(_exports)
                 .where(_exports.c.id == export.id)
                 .values(
-                    state=state,
+                    state=state.value,
                     last_error=error[:4000],
                     updated_at=now,
                     lease_owner=None,
@@ -720,12 +633,152 @@ class ExportQueue(_Queue):
             )
         return int(done.rowcount)
 
-    def list(self, *, state: str | None = None, limit: int = 1000) -> list[ExportRecord]:
+    def list(self, *, state: ExportState | None = None, limit: int = 1000) -> list[ExportRecord]:
         stmt = select(_exports).order_by(_exports.c.id.desc()).limit(limit)
         if state:
-            stmt = stmt.where(_exports.c.state == state)
+            stmt = stmt.where(_exports.c.state == ExportState(state).value)
         with read_connection(self.engine) as conn:
             return [ExportRecord.from_row(r) for r in conn.execute(stmt)]
+
+
+# -- claiming: the steps of JobQueue.claim and ExportQueue.claim ----------------------------------
+
+
+def _claimable_jobs(
+    now: datetime, *, rule: str | None, pipeline: str | None, first_attempt: bool
+) -> ColumnElement[bool]:
+    """Due pending jobs, and running jobs whose lease expired (their worker died).
+
+    With ``rule``, ``pipeline`` or ``first_attempt``: only the due pending jobs that fit.
+    """
+    due = and_(_jobs.c.state == JobState.PENDING.value, _jobs.c.not_before <= now, ~_same_key_running(now))
+    if rule is None and pipeline is None and not first_attempt:
+        abandoned = and_(_jobs.c.state == JobState.RUNNING.value, _jobs.c.lease_expires_at < now)
+        return or_(due, abandoned)
+    return and_(
+        due,
+        *([_jobs.c.rule == rule] if rule is not None else []),
+        *([_jobs.c.pipeline == pipeline] if pipeline is not None else []),
+        *([_jobs.c.attempts == 0] if first_attempt else []),
+    )
+
+
+def _same_key_running(now: datetime) -> Exists:
+    """A job for the same pipeline, study and series runs under a live lease.
+
+    A pending job waits for it: the newer job must finish last, or older results would replace its own.
+    """
+    running = _jobs.alias("running")
+    return (
+        select(running.c.id)
+        .where(
+            running.c.state == JobState.RUNNING.value,
+            running.c.lease_expires_at >= now,
+            running.c.pipeline == _jobs.c.pipeline,
+            running.c.study_instance_uid == _jobs.c.study_instance_uid,
+            running.c.series_instance_uid == _jobs.c.series_instance_uid,
+        )
+        .exists()
+    )
+
+
+def _out_of_attempts(row: Row[Any], leased: JobState | ExportState) -> bool:
+    """A leased row (running job, export being sent) whose lease expired on its last attempt."""
+    return bool(row.state == leased.value and row.attempts >= row.max_attempts)
+
+
+def _fail_abandoned_job(conn: Connection, row: Row[Any], now: datetime) -> None:
+    """Its worker died on the last attempt: the job fails instead of running again."""
+    error = (
+        f"worker {row.lease_owner} stopped responding (lease expired) on attempt "
+        f"{row.attempts} of {row.max_attempts}; {row.last_error or ''}".rstrip("; ")
+    )
+    conn.execute(
+        update(_jobs)
+        .where(_jobs.c.id == row.id, _jobs.c.state == JobState.RUNNING.value)
+        .values(
+            state=JobState.FAILED.value,
+            last_error=error,
+            finished_at=now,
+            updated_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+    )
+    logger.error("job %d failed: %s", row.id, error, extra={"action": "job-failed", "job_id": row.id})
+
+
+def _lease_job(conn: Connection, row: Row[Any], owner: str, *, now: datetime, lease_s: float) -> Row[Any] | None:
+    """Make the job ``owner``'s (running, one more attempt); None when the row changed since it was read."""
+    if row.state == JobState.RUNNING.value:
+        logger.warning(
+            "job %d: worker %s stopped renewing its lease; %s takes the job over",
+            row.id,
+            row.lease_owner,
+            owner,
+            extra={"action": "job-reclaimed", "job_id": row.id},
+        )
+    done = conn.execute(
+        update(_jobs)
+        .where(
+            _jobs.c.id == row.id,
+            _jobs.c.state == row.state,
+            _jobs.c.attempts == row.attempts,
+        )
+        .values(
+            state=JobState.RUNNING.value,
+            attempts=row.attempts + 1,
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+            started_at=now,
+            updated_at=now,
+            finished_at=None,
+        )
+    )
+    if done.rowcount != 1:
+        return None
+    return conn.execute(select(_jobs).where(_jobs.c.id == row.id)).one()
+
+
+def _claimable_exports(now: datetime) -> ColumnElement[bool]:
+    """Due pending exports, and exports whose sender's lease expired."""
+    return or_(
+        and_(_exports.c.state == ExportState.PENDING.value, _exports.c.not_before <= now),
+        and_(_exports.c.state == ExportState.SENDING.value, _exports.c.lease_expires_at < now),
+    )
+
+
+def _bury_abandoned_export(conn: Connection, row: Row[Any], now: datetime) -> None:
+    """Its sender died on the last attempt (crash or hang while sending): dead, not sent again."""
+    conn.execute(
+        update(_exports)
+        .where(_exports.c.id == row.id, _exports.c.state == row.state)
+        .values(
+            state=ExportState.DEAD.value,
+            updated_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+            last_error=f"sender {row.lease_owner} stopped responding on the last attempt",
+        )
+    )
+
+
+def _lease_export(conn: Connection, row: Row[Any], owner: str, *, now: datetime, lease_s: float) -> ExportRecord | None:
+    """Make the export ``owner``'s (sending, one more attempt); None when the row changed since it was read."""
+    done = conn.execute(
+        update(_exports)
+        .where(_exports.c.id == row.id, _exports.c.state == row.state, _exports.c.attempts == row.attempts)
+        .values(
+            state=ExportState.SENDING.value,
+            attempts=row.attempts + 1,
+            lease_owner=owner,
+            lease_expires_at=now + timedelta(seconds=lease_s),
+            updated_at=now,
+        )
+    )
+    if done.rowcount != 1:
+        return None
+    return ExportRecord.from_row(conn.execute(select(_exports).where(_exports.c.id == row.id)).one())
 
 
 def _pending_unless_sending() -> Any:

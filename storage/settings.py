@@ -5,7 +5,9 @@ from __future__ import annotations
 import enum
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from pacsnode.storage.model_base import StrictModel
 
 __all__ = ["DuplicatePolicy", "StorageSettings"]
 
@@ -18,10 +20,8 @@ class DuplicatePolicy(str, enum.Enum):
     REJECT = "reject"
 
 
-class StorageSettings(BaseModel):
+class StorageSettings(StrictModel):
     """Where and how instances are stored and indexed."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     root: Path = Field(
         default=Path("var/store"),
