@@ -6,17 +6,17 @@ workers store and export them. Heavy modules (scipy, highdicom) are imported
 by the pipelines when they run, not by this package.
 """
 
+from pacsnode.analysis.errors import AnalysisError, InputError, PipelineError
 from pacsnode.analysis.pipelines import (
     BUILTIN_PIPELINES,
     Pipeline,
-    PipelineError,
     PipelineInput,
     PipelineOutput,
     SeriesInput,
     resolve_pipeline,
 )
 from pacsnode.analysis.settings import AnalysisSettings, ReadyWhen, Rule, RuleMatch
-from pacsnode.analysis.types import AnalysisError, InputError, LungResult, Volume
+from pacsnode.analysis.types import LungResult, Volume
 
 __all__ = [
     "AnalysisError",

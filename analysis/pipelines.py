@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 from pydicom.dataset import Dataset
 
-from pacsnode.analysis.types import AnalysisError
+from pacsnode.analysis.errors import PipelineError
+from pacsnode.storage.model_base import StrictModel
 
 __all__ = [
     "BUILTIN_PIPELINES",
@@ -38,12 +39,8 @@ BUILTIN_PIPELINES: dict[str, str] = {
 }
 
 
-class PipelineError(AnalysisError):
-    """A pipeline name that does not resolve, or a class that is not a pipeline."""
-
-
-class NoParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class NoParams(StrictModel):
+    """The params of a pipeline that takes none: an empty mapping."""
 
 
 @dataclass(frozen=True, kw_only=True)

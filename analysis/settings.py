@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import re
+from functools import cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+
+from pacsnode.storage.model_base import StrictModel
 
 __all__ = ["AnalysisSettings", "EngineOptions", "Rule", "RuleMatch", "ReadyWhen"]
 
 Seconds = Annotated[float, Field(gt=0)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _none_is_any(value: object) -> object:
@@ -24,7 +23,29 @@ AnyOf = Annotated[list[str], BeforeValidator(_none_is_any)]
 """A list of accepted values; an empty list or null (YAML ``~``) means any value."""
 
 
-class RuleMatch(_Strict):
+@cache
+def _sop_class_uids() -> dict[str, str]:
+    """SOP class keywords (``CTImageStorage``) and their UIDs, from pydicom's UID dictionary."""
+    from pydicom._uid_dict import UID_dictionary  # what pydicom.uid imports (and does not re-export)
+
+    known = {
+        keyword: uid
+        for uid, (_name, kind, _info, _retired, keyword) in UID_dictionary.items()
+        if keyword and kind.endswith("SOP Class")
+    }
+    return {**_NEWER_SOP_CLASSES, **known}
+
+
+# Storage SOP classes of DICOM 2024 that pydicom 3.0's UID dictionary does not list yet.
+_NEWER_SOP_CLASSES = {
+    "LabelMapSegmentationStorage": "1.2.840.10008.5.1.4.1.1.66.7",
+    "HeightMapSegmentationStorage": "1.2.840.10008.5.1.4.1.1.66.8",
+    "WaveformPresentationStateStorage": "1.2.840.10008.5.1.4.1.1.9.100.1",
+    "WaveformAcquisitionPresentationStateStorage": "1.2.840.10008.5.1.4.1.1.9.100.2",
+}
+
+
+class RuleMatch(StrictModel):
     """Conditions on a series; all given ones must hold (an empty list or null = any)."""
 
     modality: AnyOf = []
@@ -52,19 +73,15 @@ class RuleMatch(_Strict):
     @field_validator("sop_class")
     @classmethod
     def _sop_classes(cls, values: list[str]) -> list[str]:
-        from pydicom.uid import UID
-
         out = []
         for value in values:
             if value and value[0].isdigit():
                 out.append(value)
                 continue
-            from pynetdicom import sop_class
-
-            uid = getattr(sop_class, value, None)
-            if not isinstance(uid, UID):
+            uid = _sop_class_uids().get(value)
+            if uid is None:
                 raise ValueError(f"unknown SOP class {value!r}: give a UID or a keyword such as CTImageStorage")
-            out.append(str(uid))
+            out.append(uid)
         return out
 
     @property
@@ -72,7 +89,7 @@ class RuleMatch(_Strict):
         return any(v is not None for v in (self.min_rows, self.min_columns, self.max_rows, self.max_columns))
 
 
-class ReadyWhen(_Strict):
+class ReadyWhen(StrictModel):
     """Start before the quiet time is over when these hold (optional)."""
 
     instances: Annotated[int, Field(ge=1)] | None = None  # the series (or study) has this many instances
@@ -89,7 +106,7 @@ class ReadyWhen(_Strict):
         return values
 
 
-class EngineOptions(_Strict):
+class EngineOptions(StrictModel):
     """How a model runs (:mod:`pacsnode.analysis.cnn.engine`); the ``engine`` key of a model pipeline's params."""
 
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$")] = "auto"
@@ -101,7 +118,7 @@ class EngineOptions(_Strict):
     prefetch_batches: Annotated[int, Field(ge=1, le=16)] = 2
 
 
-class Rule(_Strict):
+class Rule(StrictModel):
     """Which received series a pipeline analyses, with what parameters, and where its results go."""
 
     name: Annotated[str, Field(min_length=1, max_length=64)]
@@ -118,7 +135,8 @@ class Rule(_Strict):
 
     @model_validator(mode="after")
     def _pipeline(self) -> Rule:
-        from pacsnode.analysis.pipelines import PipelineError, resolve_pipeline
+        from pacsnode.analysis.errors import PipelineError
+        from pacsnode.analysis.pipelines import resolve_pipeline
 
         try:
             pipeline = resolve_pipeline(self.pipeline)
@@ -131,7 +149,7 @@ class Rule(_Strict):
         return self
 
 
-class AnalysisSettings(_Strict):
+class AnalysisSettings(StrictModel):
     """Workers, job policy and routing rules."""
 
     workers: Annotated[int, Field(ge=0, le=64)] = 1

@@ -1,4 +1,4 @@
-"""Data passed between the analysis steps: a CT volume, lung measurements, errors.
+"""Data passed between the analysis steps: a CT volume, lung measurements.
 
 Frozen, keyword-only dataclasses; arrays are indexed (slice, row, column).
 """
@@ -10,15 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom.dataset import Dataset
 
-__all__ = ["AnalysisError", "InputError", "Volume", "LungResult"]
-
-
-class AnalysisError(Exception):
-    """Base of every error raised by :mod:`analysis`; the message is the job's error text."""
-
-
-class InputError(AnalysisError):
-    """The input series cannot be analysed (too few slices, mixed geometry, undecodable pixels)."""
+__all__ = ["Volume", "LungResult"]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, get_decoder, pixel_array
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.processing import apply_modality_lut
+from pydicom.pixels.utils import pixel_array
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -30,7 +32,8 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
-from pacsnode.analysis.types import InputError, Volume
+from pacsnode.analysis.errors import InputError
+from pacsnode.analysis.types import Volume
 
 __all__ = ["load_series"]
 

@@ -58,28 +58,22 @@ from pacsnode.analysis.cnn.findings import findings_from_probabilities
 from pacsnode.analysis.cnn.package import load_package
 from pacsnode.analysis.cnn.pipeline import ModelParams, ModelPipeline
 from pacsnode.analysis.cnn.preprocess import build_preprocessor
-from pacsnode.analysis.modeldev.synthetic import write_chest_ct
+from pacsnode.analysis.modeldev.synthetic import PhantomSpec, write_chest_ct
 from pacsnode.analysis.pipelines import PipelineInput, SeriesInput
 from pacsnode.analysis.types import Volume
 
 
 def _write_corpus(root: Path, studies: int, slices: int) -> list[Any]:
-    truths = []
-    for n in range(studies):
-        truths.append(
-            write_chest_ct(
-                root / f"study{n}",
-                slices=slices,
-                size=512,
-                slice_thickness_mm=max(1.0, 300.0 / slices / 1.5),
-                seed=100 + n,
-                nodules=8,
-                vessel_spheres=False,
-                blur_sigma_mm=0.5,
-                noise_hu=15.0,
-            )
-        )
-    return truths
+    spec = PhantomSpec(
+        slices=slices,
+        size=512,
+        slice_thickness_mm=max(1.0, 300.0 / slices / 1.5),
+        nodules=8,
+        vessel_spheres=False,
+        blur_sigma_mm=0.5,
+        noise_hu=15.0,
+    )
+    return [write_chest_ct(root / f"study{n}", spec, seed=100 + n) for n in range(studies)]
 
 
 def _inputs(truths: list[Any]) -> list[PipelineInput]:

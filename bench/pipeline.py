@@ -10,7 +10,7 @@ server binds loopback only and nothing leaves the machine)::
 What it does
 ------------
 1. Writes the synthetic chest phantom (:func:`pacsnode.analysis.modeldev.synthetic.write_chest_ct`,
-   the parameters of :func:`~pacsnode.analysis.modeldev.synthetic.make_benchmark_volume`: blur
+   :data:`~pacsnode.analysis.modeldev.synthetic.BENCHMARK_PHANTOM`: blur
    0.5 mm, 25 vessels and 6 emphysema pockets per lung; slices spaced so the
    stack spans 300 mm) once, timed on its own. Each run gets a copy with fresh
    Study, Series, Frame of Reference and SOP Instance UIDs (a re-labelling,
@@ -76,7 +76,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -205,18 +205,10 @@ class Study:
 
 
 def _write_phantom(out: Path, slices: int, size: int) -> tuple[Study, float]:
-    from pacsnode.analysis.modeldev.synthetic import write_chest_ct
+    from pacsnode.analysis.modeldev.synthetic import BENCHMARK_PHANTOM, write_chest_ct
 
-    truth = write_chest_ct(
-        out,
-        slices=slices,
-        size=size,
-        slice_thickness_mm=_STACK_MM / slices,
-        blur_sigma_mm=0.5,
-        vessels=25,
-        emphysema_pockets=6,
-        seed=1,
-    )
+    spec = replace(BENCHMARK_PHANTOM, slices=slices, size=size, slice_thickness_mm=_STACK_MM / slices)
+    truth = write_chest_ct(out, spec, seed=1)
     return Study(truth.study_instance_uid, truth.series_instance_uid, list(truth.paths)), truth.total_volume_ml
 
 
@@ -501,9 +493,9 @@ def _run(args: argparse.Namespace) -> None:
         index = Index(db)
 
         if args.warmup:
-            from pacsnode.analysis.modeldev.synthetic import write_chest_ct
+            from pacsnode.analysis.modeldev.synthetic import PhantomSpec, write_chest_ct
 
-            truth = write_chest_ct(base / "warmup", slices=40, size=128, slice_thickness_mm=7.5, seed=2)
+            truth = write_chest_ct(base / "warmup", PhantomSpec(slices=40, size=128, slice_thickness_mm=7.5), seed=2)
             warm = Study(truth.study_instance_uid, truth.series_instance_uid, list(truth.paths))
             print("Warm-up: a 40-slice 128x128 study through the whole path (untimed) ...", flush=True)
             before = {p.name for p in dest.iterdir()}

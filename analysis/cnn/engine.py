@@ -35,15 +35,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pacsnode.analysis.cnn.package import ModelError, ModelPackage
+from pacsnode.analysis.cnn.package import ModelPackage
 from pacsnode.analysis.cnn.preprocess import Preprocessor, build_preprocessor
+from pacsnode.analysis.errors import AnalysisError, InferenceTimeout, ModelError
 from pacsnode.analysis.settings import EngineOptions
-from pacsnode.analysis.types import AnalysisError
 
 __all__ = [
     "EngineOptions",
     "InferenceEngine",
-    "InferenceTimeout",
     "WarmModel",
     "resolve_device",
     "resolve_precision",
@@ -51,10 +50,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class InferenceTimeout(TimeoutError):
-    """Inference went past the job's deadline (a transient failure: the job is retried)."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -122,7 +117,8 @@ def warm_model(
             t0 = time.perf_counter()
             module = package.build(device)
             if package.manifest.input.dims == "2d":
-                module = module.to(memory_format=torch.channels_last)
+                # Module.to takes memory_format (documented), which its typed overloads leave out
+                module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             warm = WarmModel(
                 package=package,
                 module=module,
@@ -214,10 +210,7 @@ class InferenceEngine:
     ) -> list[np.ndarray]:
         warm = self.warm
         stats = {"items": 0, "batches": 0, "model_s": 0.0, "wait_s": 0.0, "batch_size": 0}
-        arrived: dict[int, tuple[VolumeInput, tuple[slice, slice] | None]] = {}  # filled by the loader thread
-        outputs: dict[int, np.ndarray] = {}
-        remaining: dict[int, int] = {}
-        done: dict[int, np.ndarray] = {}
+        assembler = _VolumeAssembler(on_done)
         model_lock = threading.Lock()  # the loader's probes and the batches never run the network at once
 
         def batch_size(key: tuple[object, ...], sample: VolumeInput, spacing: tuple[float, float]) -> int:
@@ -227,7 +220,7 @@ class InferenceEngine:
             return size
 
         stream = _Prefetch(
-            self._slice_batches(volumes, arrived, batch_size, pin=warm.device.type == "cuda"),
+            self._slice_batches(volumes, assembler.arrived, batch_size, pin=warm.device.type == "cuda"),
             depth=self.options.prefetch_batches,
         )
         try:
@@ -241,25 +234,12 @@ class InferenceEngine:
                 stats["model_s"] += time.perf_counter() - t0
                 stats["items"] += len(batch.targets)
                 stats["batches"] += 1
-                for j, (vi, si) in enumerate(batch.targets):
-                    out = outputs.get(vi)
-                    if out is None:
-                        depth = arrived[vi][0].image.shape[0]
-                        out = outputs[vi] = np.zeros((host.shape[1], depth, *host.shape[2:]), dtype=np.float16)
-                        remaining[vi] = depth
-                    out[:, si] = host[j]
-                    remaining[vi] -= 1
-                    if remaining[vi] == 0:
-                        volume, box = arrived[vi]
-                        done[vi] = _paste(out, volume, box)
-                        del outputs[vi]
-                        if on_done is not None:
-                            on_done(vi, done[vi])
+                assembler.add(batch.targets, host)
         finally:
             stats["wait_s"] += stream.waited
             stream.close()
         self.stats = stats
-        return [done[i] for i in range(len(arrived))]
+        return assembler.volumes()
 
     def _slice_batches(
         self,
@@ -409,7 +389,7 @@ class InferenceEngine:
     # --- 3D: sliding window ------------------------------------------------------------------------
 
     def _predict_3d(self, volume: VolumeInput, deadline: float | None) -> np.ndarray:
-        from monai.inferers import sliding_window_inference
+        from monai.inferers.utils import sliding_window_inference  # monai.inferers does not declare re-exports
 
         warm = self.warm
         spec = warm.package.manifest.input
@@ -423,22 +403,12 @@ class InferenceEngine:
         grid = tuple(xp.shape[2:])
         xp, pad = _pad_to_multiple(xp, spec.divisible_by)
         out_channels = warm.package.manifest.output.channels_needed
-        out_bytes = out_channels * xp[0, 0].numel() * 4
-        budget = self.options.memory_budget_mb * 1024 * 1024
-        # Stitch on the host when the whole output would take more than half the budget on the device.
-        stitch = warm.device if out_bytes * 2 < budget else torch.device("cpu")
-        roi = tuple(spec.roi_size) if spec.roi_size else tuple(xp.shape[2:])
-        roi_key = (spec.channels, *roi)
-        per_patch = warm.per_item_bytes.get(roi_key)
-        if per_patch is None:
-            probe = torch.zeros((1, spec.channels, *roi), device=warm.device)
-            per_patch = warm.per_item_bytes[roi_key] = _activation_bytes(warm, probe, None)
-        limit = 64 if self.options.batch_size == "auto" else self.options.batch_size
-        sw_batch = int(max(1, min(limit, (budget - (out_bytes if stitch == warm.device else 0)) // per_patch)))
+        roi, sw_batch, stitch = self._window_plan(xp)
 
         def predictor(patch: torch.Tensor) -> torch.Tensor:
             with _autocast(warm):
-                return warm.module(patch).float()
+                out: torch.Tensor = warm.module(patch)  # Module.__call__ is typed Any
+                return out.float()
 
         t0 = time.perf_counter()
         logits = sliding_window_inference(
@@ -463,6 +433,28 @@ class InferenceEngine:
         probs = _activate(logits, warm.package.manifest.output.activation)
         self.stats = {"items": 1, "batches": 1, "model_s": time.perf_counter() - t0, "sw_batch": sw_batch}
         return probs[0].to("cpu", torch.float16).numpy()
+
+    def _window_plan(self, xp: torch.Tensor) -> tuple[tuple[int, ...], int, torch.device]:
+        """Patch size, patches per batch and the device the output is stitched on, for the preprocessed ``xp``.
+
+        The patches per batch are as many as the memory budget holds (measured once per patch size), less
+        the output when it is stitched on the device.
+        """
+        warm = self.warm
+        spec = warm.package.manifest.input
+        out_bytes = warm.package.manifest.output.channels_needed * xp[0, 0].numel() * 4
+        budget = self._budget()
+        # Stitch on the host when the whole output would take more than half the budget on the device.
+        stitch = warm.device if out_bytes * 2 < budget else torch.device("cpu")
+        roi = tuple(spec.roi_size) if spec.roi_size else tuple(xp.shape[2:])
+        roi_key = (spec.channels, *roi)
+        per_patch = warm.per_item_bytes.get(roi_key)
+        if per_patch is None:
+            probe = torch.zeros((1, spec.channels, *roi), device=warm.device)
+            per_patch = warm.per_item_bytes[roi_key] = _activation_bytes(warm, probe, None)
+        limit = 64 if self.options.batch_size == "auto" else self.options.batch_size
+        sw_batch = int(max(1, min(limit, (budget - (out_bytes if stitch == warm.device else 0)) // per_patch)))
+        return roi, sw_batch, stitch
 
 
 # --- helpers -----------------------------------------------------------------------------------------
@@ -613,6 +605,39 @@ def _activation_bytes(warm: WarmModel, probe: torch.Tensor, spacing: tuple[float
     # Live tensors are a fraction of all module outputs, but CUDA allocator slack and the float copies
     # of input and output come on top: count everything once, plus the output twice.
     return int(measured + x.numel() * 4 + 2 * out.numel() * 4)
+
+
+class _VolumeAssembler:
+    """Slices' outputs put together into whole volumes; a volume is handed on as soon as its last slice is in."""
+
+    def __init__(self, on_done: Callable[[int, np.ndarray], None] | None) -> None:
+        # Each volume as the loader thread took it, with its foreground box: filled by that thread.
+        self.arrived: dict[int, tuple[VolumeInput, tuple[slice, slice] | None]] = {}
+        self._on_done = on_done
+        self._partial: dict[int, np.ndarray] = {}
+        self._remaining: dict[int, int] = {}
+        self._done: dict[int, np.ndarray] = {}
+
+    def add(self, targets: list[tuple[int, int]], host: np.ndarray) -> None:
+        """Place one batch's outputs (``host[j]`` is (volume, slice) ``targets[j]``); hand on the volumes completed."""
+        for j, (vi, si) in enumerate(targets):
+            out = self._partial.get(vi)
+            if out is None:
+                depth = self.arrived[vi][0].image.shape[0]
+                out = self._partial[vi] = np.zeros((host.shape[1], depth, *host.shape[2:]), dtype=np.float16)
+                self._remaining[vi] = depth
+            out[:, si] = host[j]
+            self._remaining[vi] -= 1
+            if self._remaining[vi] == 0:
+                volume, box = self.arrived[vi]
+                self._done[vi] = _paste(out, volume, box)
+                del self._partial[vi]
+                if self._on_done is not None:
+                    self._on_done(vi, self._done[vi])
+
+    def volumes(self) -> list[np.ndarray]:
+        """The outputs of every volume that arrived, in order (all complete once the batches are through)."""
+        return [self._done[i] for i in range(len(self.arrived))]
 
 
 class _Prefetch:

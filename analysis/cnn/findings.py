@@ -167,12 +167,13 @@ def findings_from_probabilities(
 
 def _patient(volume: Volume, normal: np.ndarray, index: np.ndarray) -> np.ndarray:
     """Patient coordinates (mm) of a (slice, row, column) index: rows run along the column direction."""
-    return (
+    patient: np.ndarray = (  # an element of index is typed Any
         np.asarray(volume.origin)
         + index[0] * volume.spacing[0] * normal
         + index[1] * volume.spacing[1] * np.asarray(volume.column_direction)
         + index[2] * volume.spacing[2] * np.asarray(volume.row_direction)
     )
+    return patient
 
 
 def _midline_x(volume: Volume, normal: np.ndarray, slice_index: int, body_hu: float = -500.0) -> float:

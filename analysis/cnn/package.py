@@ -31,17 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pacsnode.analysis.cnn.steps import Step
-from pacsnode.analysis.types import AnalysisError
+from pacsnode.analysis.errors import ModelError
+from pacsnode.storage.model_base import StrictModel
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -56,7 +50,6 @@ __all__ = [
     "InputSpec",
     "LabelOutput",
     "Manifest",
-    "ModelError",
     "ModelPackage",
     "OutputSpec",
     "WeightsSpec",
@@ -75,15 +68,7 @@ MANIFEST_NAME = "manifest.json"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class ModelError(AnalysisError):
-    """A model package that cannot be used: missing file, wrong checksum, bad or incompatible spec."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class CodeSpec(_Strict):
+class CodeSpec(StrictModel):
     """A coded concept: ``{scheme, value, meaning}``, e.g. SCT 27925004 "Nodule"."""
 
     scheme: Annotated[str, Field(min_length=1, max_length=16)]
@@ -99,7 +84,7 @@ class CodeSpec(_Strict):
 _ANATOMICAL_STRUCTURE = CodeSpec(scheme="SCT", value="91723000", meaning="Anatomical Structure")
 
 
-class LabelOutput(_Strict):
+class LabelOutput(StrictModel):
     """One label of a segmentation model: the output channel (or class value) and what it means."""
 
     value: Annotated[int, Field(ge=1, le=255)]
@@ -120,7 +105,7 @@ class LabelOutput(_Strict):
         return CodeSpec(scheme="99PACSNODE", value=value, meaning=self.name[:64])
 
 
-class ClassOutput(_Strict):
+class ClassOutput(StrictModel):
     """One output of a classification model."""
 
     index: Annotated[int, Field(ge=0)]  # output channel
@@ -129,7 +114,7 @@ class ClassOutput(_Strict):
     threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
 
 
-class ForegroundCrop(_Strict):
+class ForegroundCrop(StrictModel):
     """Run the network only inside the in-plane bounding box of the voxels above ``threshold`` (e.g. the body).
 
     Outside it the output is 0 (background). The box is the same for every slice of a volume, widened by
@@ -140,7 +125,7 @@ class ForegroundCrop(_Strict):
     margin_mm: Annotated[float, Field(ge=0)] = 20.0
 
 
-class InputSpec(_Strict):
+class InputSpec(StrictModel):
     """What the network takes and how images are prepared for it."""
 
     modality: list[str] = ["CT"]
@@ -167,7 +152,7 @@ class InputSpec(_Strict):
         return self
 
 
-class OutputSpec(_Strict):
+class OutputSpec(StrictModel):
     kind: Literal["segmentation", "classification"]
     activation: Literal["sigmoid", "softmax", "none"] = "sigmoid"
     labels: list[LabelOutput] = []
@@ -193,7 +178,7 @@ class OutputSpec(_Strict):
         return top + 1 if self.activation == "softmax" else top
 
 
-class WeightsSpec(_Strict):
+class WeightsSpec(StrictModel):
     file: Annotated[str, Field(min_length=1, max_length=200)]
     format: Literal["torchscript", "state_dict"]
     sha256: str
@@ -215,14 +200,14 @@ class WeightsSpec(_Strict):
         return value
 
 
-class ArchitectureSpec(_Strict):
+class ArchitectureSpec(StrictModel):
     """A network class, by name in ``monai.networks.nets`` or ``module:Class``, and its arguments."""
 
     name: Annotated[str, Field(min_length=1, max_length=200)]
     params: dict[str, Any] = {}
 
 
-class Manifest(_Strict):
+class Manifest(StrictModel):
     schema_version: Literal[1] = 1
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
     version: Annotated[str, Field(min_length=1, max_length=32)]
@@ -272,7 +257,10 @@ class ModelPackage:
                 # MONAI Model Zoo bundles ship TorchScript; torch deprecates the format but still loads it.
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", DeprecationWarning)
-                    module = torch.jit.load(str(self.weights_path), map_location="cpu")
+                    # torch.jit.load is not annotated; it returns the ScriptModule
+                    module: torch.nn.Module = torch.jit.load(  # type: ignore[no-untyped-call]
+                        str(self.weights_path), map_location="cpu"
+                    )
             else:
                 module = self._architecture()
                 state = torch.load(str(self.weights_path), map_location="cpu", weights_only=True)
@@ -291,7 +279,7 @@ class ModelPackage:
         import torch
 
         if self.bundle_config is not None:
-            from monai.bundle import ConfigParser
+            from monai.bundle.config_parser import ConfigParser  # monai.bundle does not declare re-exports
 
             parser = ConfigParser()
             parser.read_config(str(self.bundle_config))

@@ -17,26 +17,24 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypedDict
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from pacsnode.analysis.cnn.findings import class_scores, findings_from_probabilities, label_spec
-from pacsnode.analysis.cnn.package import (
-    ModelError,
-    ModelPackage,
-    load_package,
-)
+from pacsnode.analysis.cnn.package import ModelPackage, load_package
 from pacsnode.analysis.cnn.steps import Step
+from pacsnode.analysis.errors import InputError, ModelError
 from pacsnode.analysis.pipelines import Pipeline, PipelineInput, PipelineOutput
 from pacsnode.analysis.settings import EngineOptions
-from pacsnode.analysis.types import InputError
+from pacsnode.storage.model_base import StrictModel
 
 if TYPE_CHECKING:  # pragma: no cover
+    from pacsnode.analysis.cnn.engine import InferenceEngine, VolumeInput
     from pacsnode.analysis.types import Volume
 
 __all__ = ["LungNodulePipeline", "ModelParams", "ModelPipeline"]
@@ -44,10 +42,20 @@ __all__ = ["LungNodulePipeline", "ModelParams", "ModelPipeline"]
 logger = logging.getLogger(__name__)
 
 
-class ModelParams(BaseModel):
-    """Params of the ``model`` pipeline (and ``ct-lung-nodule``, whose model is ``lung-nodule``)."""
+class _ResultSeries(TypedDict):
+    """The keyword arguments both result writers take: who made the series, and their numbering."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    pipeline_name: str
+    pipeline_version: str
+    model_name: str
+    model_version: str
+    uid_root: str
+    series_number_base: int
+    window: tuple[float, float]
+
+
+class ModelParams(StrictModel):
+    """Params of the ``model`` pipeline (and ``ct-lung-nodule``, whose model is ``lung-nodule``)."""
 
     model: Annotated[str, Field(min_length=1)] = "lung-nodule"  # a built-in name or a package/bundle folder
     model_overrides: dict[str, Any] = {}  # manifest fields replacing the package's (bundles: sha256, labels)
@@ -127,27 +135,14 @@ class ModelPipeline(Pipeline):
 
     def run_many(self, inputs: Sequence[PipelineInput], params: BaseModel) -> list[PipelineOutput | Exception]:
         """Run several jobs' inputs through one engine call; per job, its output or the error it met."""
-        from pacsnode.analysis.cnn.engine import (
-            InferenceEngine,
-            VolumeInput,
-            warm_model,
-        )
+        from pacsnode.analysis.cnn.engine import InferenceEngine, warm_model
 
         assert isinstance(params, ModelParams)
-        timings: dict[str, float] = {}
         package = params.package()
-        options = params.engine
         t0 = time.perf_counter()
-        warm = warm_model(package, options, params.preprocessing)
-        timings["model_load_s"] = time.perf_counter() - t0
-
-        results: list[PipelineOutput | Exception | None] = [None] * len(inputs)
-        loaded: list[tuple[int, _Loaded]] = []  # (job index, study) in the order the engine sees them
-        deadlines = [item.deadline for item in inputs if item.deadline is not None]
-        deadline = min(deadlines) if deadlines else None
-        engine = InferenceEngine(warm, options)
-        decode_s = 0.0
-
+        warm = warm_model(package, params.engine, params.preprocessing)
+        timings = {"model_load_s": time.perf_counter() - t0}
+        engine = InferenceEngine(warm, params.engine)
         # Studies are decoded one after the other in a thread; the engine takes each as it is ready, so
         # decoding the next study overlaps the network running on the one before. Each study's findings
         # and DICOM results are built in another thread as soon as its last slice is through.
@@ -155,69 +150,9 @@ class ModelPipeline(Pipeline):
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="pacsnode-decode") as decoder,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="pacsnode-write") as writer,
         ):
-            futures = [decoder.submit(self._timed_load, item, params, package) for item in inputs]
-            writes: dict[int, Future[PipelineOutput]] = {}
-
-            def decoded() -> Iterator[VolumeInput]:
-                nonlocal decode_s
-                for i, future in enumerate(futures):
-                    try:
-                        item, seconds = future.result()
-                    except Exception as exc:  # noqa: BLE001 - one bad study must not fail the others
-                        results[i] = exc
-                        continue
-                    decode_s += seconds
-                    loaded.append((i, item))
-                    yield VolumeInput(image=item.volume.hu, spacing=item.volume.spacing)
-
-            def write(index: int, prob: np.ndarray) -> None:
-                _, item = loaded[index]
-                writes[index] = writer.submit(self._write, item, prob, params, package, dict(timings), len(inputs))
-
-            t0 = time.perf_counter()
-            failed: dict[int, Exception] = {}
-            try:
-                engine.predict(decoded(), deadline=deadline, on_done=write)
-            except TimeoutError:
-                for future in futures:
-                    future.cancel()
-                raise  # the deadline is the batch's: every job is retried
-            except Exception as exc:
-                if len(inputs) == 1:
-                    raise
-                # One study's failure must not become every study's: the others run one by one.
-                logger.warning("batched inference failed (%s); running the studies one by one", exc)
-                for i, future in enumerate(futures):  # the studies the stream had not reached yet
-                    if results[i] is None and all(i != j for j, _ in loaded):
-                        try:
-                            loaded.append((i, future.result()[0]))
-                        except Exception as one:  # noqa: BLE001
-                            results[i] = one
-                for index, (_, item) in enumerate(loaded):
-                    if index in writes:
-                        continue
-                    volume = VolumeInput(image=item.volume.hu, spacing=item.volume.spacing)
-                    try:
-                        engine.predict([volume], deadline=deadline, on_done=lambda _, p, k=index: write(k, p))
-                    except TimeoutError:
-                        raise
-                    except Exception as one:  # noqa: BLE001 - that study's own outcome
-                        failed[index] = one
-            timings["decode_s"] = decode_s
-            timings["inference_s"] = time.perf_counter() - t0
-            timings.update({f"engine_{k}": float(v) for k, v in engine.stats.items()})
-            for index, (i, _) in enumerate(loaded):
-                if index in failed:
-                    results[i] = failed[index]
-                    continue
-                try:
-                    output = writes[index].result()
-                except Exception as exc:  # noqa: BLE001 - that study's own outcome
-                    results[i] = exc
-                    continue
-                output.summary["timings"].update({k: round(v, 3) for k, v in timings.items()})
-                results[i] = output
-        return [r if r is not None else InputError("no result") for r in results]
+            batch = _JobBatch(self, inputs, params, package, engine, decoder=decoder, writer=writer, timings=timings)
+            outcomes = batch.run()
+        return outcomes
 
     def _timed_load(self, inputs: PipelineInput, params: ModelParams, package: ModelPackage) -> tuple[_Loaded, float]:
         t0 = time.perf_counter()
@@ -256,7 +191,7 @@ class ModelPipeline(Pipeline):
         manifest = package.manifest
         timings = dict(timings)
         t0 = time.perf_counter()
-        common = {
+        common: _ResultSeries = {
             "pipeline_name": self.name,
             "pipeline_version": self.version,
             "model_name": manifest.name,
@@ -307,3 +242,129 @@ class LungNodulePipeline(ModelPipeline):
 
     name = "ct-lung-nodule"
     version = "1.0.0"
+
+
+class _JobBatch:
+    """One ``run_many`` call: its studies through decoding, the engine and the writers, and each job's outcome.
+
+    ``loaded`` lists the studies in the order the engine takes them; ``writes`` (the results being
+    written) and ``failed`` (a study's own inference error) are keyed by position in it.
+    """
+
+    def __init__(
+        self,
+        pipeline: ModelPipeline,
+        inputs: Sequence[PipelineInput],
+        params: ModelParams,
+        package: ModelPackage,
+        engine: InferenceEngine,
+        *,
+        decoder: ThreadPoolExecutor,
+        writer: ThreadPoolExecutor,
+        timings: dict[str, float],
+    ) -> None:
+        self.pipeline = pipeline
+        self.inputs = inputs
+        self.params = params
+        self.package = package
+        self.engine = engine
+        self.writer = writer
+        self.timings = timings
+        deadlines = [item.deadline for item in inputs if item.deadline is not None]
+        self.deadline = min(deadlines) if deadlines else None
+        self.outcomes: list[PipelineOutput | Exception | None] = [None] * len(inputs)
+        self.loaded: list[tuple[int, _Loaded]] = []  # (job index, study)
+        self.writes: dict[int, Future[PipelineOutput]] = {}
+        self.failed: dict[int, Exception] = {}
+        self.decode_s = 0.0
+        self.decodes = [decoder.submit(pipeline._timed_load, item, params, package) for item in inputs]
+
+    def run(self) -> list[PipelineOutput | Exception]:
+        """Infer, then gather each job's results or error, with the batch's timings."""
+        t0 = time.perf_counter()
+        self._infer()
+        self.timings["decode_s"] = self.decode_s
+        self.timings["inference_s"] = time.perf_counter() - t0
+        self.timings.update({f"engine_{k}": float(v) for k, v in self.engine.stats.items()})
+        self._collect()
+        return [r if r is not None else InputError("no result") for r in self.outcomes]
+
+    def _infer(self) -> None:
+        """All studies in one engine call; if it fails, each study on its own (unless past the deadline)."""
+        try:
+            self.engine.predict(self._decoded(), deadline=self.deadline, on_done=self._write)
+        except TimeoutError:
+            for future in self.decodes:
+                future.cancel()
+            raise  # the deadline is the batch's: every job is retried
+        except Exception as exc:
+            if len(self.inputs) == 1:
+                raise
+            # One study's failure must not become every study's: the others run one by one.
+            logger.warning("batched inference failed (%s); running the studies one by one", exc)
+            self._load_the_rest()
+            self._infer_one_by_one()
+
+    def _decoded(self) -> Iterator[VolumeInput]:
+        """The studies as their decoding finishes; a study that cannot be decoded has that error as its outcome."""
+        for i, future in enumerate(self.decodes):
+            try:
+                item, seconds = future.result()
+            except Exception as exc:  # noqa: BLE001 - one bad study must not fail the others
+                self.outcomes[i] = exc
+                continue
+            self.decode_s += seconds
+            self.loaded.append((i, item))
+            yield _volume_input(item)
+
+    def _write(self, index: int, prob: np.ndarray) -> None:
+        """Build the findings and DICOM results of ``loaded[index]`` in the writer thread."""
+        _, item = self.loaded[index]
+        self.writes[index] = self.writer.submit(
+            self.pipeline._write, item, prob, self.params, self.package, dict(self.timings), len(self.inputs)
+        )
+
+    def _writer_of(self, index: int) -> Callable[[int, np.ndarray], None]:
+        """``on_done`` of an engine call given ``loaded[index]`` alone (the engine calls it volume 0)."""
+        return lambda _, prob: self._write(index, prob)
+
+    def _load_the_rest(self) -> None:
+        """Wait for the studies the failed engine call had not reached yet."""
+        for i, future in enumerate(self.decodes):
+            if self.outcomes[i] is None and all(i != j for j, _ in self.loaded):
+                try:
+                    self.loaded.append((i, future.result()[0]))
+                except Exception as one:  # noqa: BLE001
+                    self.outcomes[i] = one
+
+    def _infer_one_by_one(self) -> None:
+        """Each loaded study not yet written, in an engine call of its own; its error stays its own."""
+        for index, (_, item) in enumerate(self.loaded):
+            if index in self.writes:
+                continue
+            try:
+                self.engine.predict([_volume_input(item)], deadline=self.deadline, on_done=self._writer_of(index))
+            except TimeoutError:
+                raise
+            except Exception as one:  # noqa: BLE001 - that study's own outcome
+                self.failed[index] = one
+
+    def _collect(self) -> None:
+        """Each loaded study's outcome: its inference error, its writer's error, or its output with the timings."""
+        for index, (i, _) in enumerate(self.loaded):
+            if index in self.failed:
+                self.outcomes[i] = self.failed[index]
+                continue
+            try:
+                output = self.writes[index].result()
+            except Exception as exc:  # noqa: BLE001 - that study's own outcome
+                self.outcomes[i] = exc
+                continue
+            output.summary["timings"].update({k: round(v, 3) for k, v in self.timings.items()})
+            self.outcomes[i] = output
+
+
+def _volume_input(item: _Loaded) -> VolumeInput:
+    from pacsnode.analysis.cnn.engine import VolumeInput
+
+    return VolumeInput(image=item.volume.hu, spacing=item.volume.spacing)

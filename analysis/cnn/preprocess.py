@@ -19,7 +19,7 @@ Conventions: spacings are in mm, (row, column) for 2D items and (slice, row,
 column) for 3D items, the order of the tensor's spatial axes. A per-axis value
 (size, spacing, sigma, radius) given with 2 entries on a 3D item applies in
 the plane of each slice and leaves the slice axis alone; 3 entries on a 2D
-item are an :class:`~pacsnode.analysis.types.InputError`.
+item are an :class:`~pacsnode.analysis.errors.InputError`.
 
 The step models are plain pydantic models; nothing is built at import time.
 """
@@ -31,11 +31,25 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import cv2
-import monai.transforms as mt
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.networks.layers import gaussian_1d, separable_filtering
+
+# MONAI's package namespaces do not declare their re-exports, so a strict type checker wants the
+# defining modules.
+from monai.config.type_definitions import NdarrayOrTensor
+from monai.data.meta_tensor import MetaTensor
+from monai.networks.layers.convutils import gaussian_1d
+from monai.networks.layers.simplelayers import separable_filtering
+from monai.transforms.croppad.array import BorderPad, ResizeWithPadOrCrop, SpatialCrop
+from monai.transforms.intensity.array import (
+    HistogramNormalize,
+    MedianSmooth,
+    NormalizeIntensity,
+    ScaleIntensity,
+    ScaleIntensityRange,
+)
+from monai.transforms.spatial.array import Resize
+from monai.transforms.utils_pytorch_numpy_unification import percentile
 
 from pacsnode.analysis.cnn.steps import (  # noqa: F401 - re-exported
     BilateralDenoiseStep,
@@ -56,7 +70,7 @@ from pacsnode.analysis.cnn.steps import (  # noqa: F401 - re-exported
     WindowStep,
     parse_steps,
 )
-from pacsnode.analysis.types import InputError
+from pacsnode.analysis.errors import InputError
 
 __all__ = [
     "BilateralDenoiseStep",
@@ -83,17 +97,24 @@ __all__ = [
 # Helpers on tensors
 
 
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    """A MONAI transform's output as a plain tensor (no metadata tracking)."""
-    return t.as_tensor() if isinstance(t, MetaTensor) else t
+def _plain(t: NdarrayOrTensor) -> torch.Tensor:
+    """A MONAI transform's output as a plain tensor (no metadata tracking).
+
+    The transforms are typed array-or-tensor in and out; given a tensor, they return one.
+    """
+    if isinstance(t, MetaTensor):
+        return t.as_tensor()
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"expected a tensor from the transform, got {type(t).__name__}")
+    return t
 
 
-def _per_item(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def _per_item(fn: Callable[[torch.Tensor], NdarrayOrTensor], x: torch.Tensor) -> torch.Tensor:
     """Apply ``fn`` to every channel-first item ``x[i]`` of the batch alone."""
     return torch.stack([_plain(fn(item)) for item in x])
 
 
-def _per_channel(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, planes: bool = False) -> torch.Tensor:
+def _per_channel(fn: Callable[[torch.Tensor], NdarrayOrTensor], x: torch.Tensor, planes: bool = False) -> torch.Tensor:
     """Apply a per-channel transform ``fn`` once, every channel of every item (or every 2D plane) as a channel.
 
     Only for transforms that treat channels independently (interpolation,
@@ -141,7 +162,7 @@ def _resize(x: torch.Tensor, shape: tuple[int, ...], mode: str, anti_aliasing: b
         sigma = [max(0.0, (n / m - 1) / 2) for n, m in zip(x.shape[2:], shape, strict=False)]
         if any(s > 0 for s in sigma):
             x = _per_channel(lambda flat: _smooth(flat, sigma), x)
-    return _per_channel(mt.Resize(spatial_size=shape, mode=_interp(mode, len(shape))), x)
+    return _per_channel(Resize(spatial_size=shape, mode=_interp(mode, len(shape))), x)
 
 
 def _crop_pad_plan(before: tuple[int, ...], after: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -184,7 +205,7 @@ def _geometry(
 
 def _window(step: WindowStep, x: torch.Tensor) -> torch.Tensor:
     half = step.width / 2.0
-    scale = mt.ScaleIntensityRange(  # element-wise: one call for the whole batch
+    scale = ScaleIntensityRange(  # element-wise: one call for the whole batch
         a_min=step.center - half, a_max=step.center + half, b_min=step.out_min, b_max=step.out_max, clip=True
     )
     return _plain(scale(x))
@@ -192,11 +213,9 @@ def _window(step: WindowStep, x: torch.Tensor) -> torch.Tensor:
 
 def _normalize(step: NormalizeStep, x: torch.Tensor) -> torch.Tensor:
     if step.method == "minmax":
-        fn: Callable[[torch.Tensor], torch.Tensor] = mt.ScaleIntensity(
-            minv=0.0, maxv=1.0, channel_wise=step.channel_wise
-        )
-        return _per_item(fn, x)
-    normalize = mt.NormalizeIntensity(channel_wise=step.channel_wise)
+        scale = ScaleIntensity(minv=0.0, maxv=1.0, channel_wise=step.channel_wise)
+        return _per_item(scale, x)
+    normalize = NormalizeIntensity(channel_wise=step.channel_wise)
     # channel_wise NormalizeIntensity writes into its input: give it a copy
     return _per_item(lambda item: normalize(item.clone() if step.channel_wise else item), x)
 
@@ -209,7 +228,7 @@ def _gaussian(x: torch.Tensor, sigma: float | tuple[float, ...], what: str) -> t
 
 def _median(step: MedianDenoiseStep, x: torch.Tensor) -> torch.Tensor:
     planes = _per_axis(step.radius, x.ndim - 2, "median radius")
-    median = mt.MedianSmooth(radius=step.radius)
+    median = MedianSmooth(radius=step.radius)
     # item by item: the filter unfolds its input into (2r+1)^d copies
     return torch.stack([_per_channel(median, item[None], planes=planes)[0] for item in x])
 
@@ -230,7 +249,8 @@ def _histeq(step: HistEqStep, x: torch.Tensor) -> torch.Tensor:
         low, high = float(item.min()), float(item.max())
         if not high > low:
             return item
-        return mt.HistogramNormalize(num_bins=step.bins, min=low, max=high)(item)  # type: ignore[arg-type]
+        # min and max are annotated int, but the transform takes any number
+        return _plain(HistogramNormalize(num_bins=step.bins, min=low, max=high)(item))  # type: ignore[arg-type]
 
     return _per_item(one, x)
 
@@ -244,25 +264,25 @@ def _clahe(step: ClaheStep, x: torch.Tensor) -> torch.Tensor:
         low, high = float(item.min()), float(item.max())
         if not high > low:
             return item
-        scaled = _plain(mt.ScaleIntensity(minv=0.0, maxv=top)(item))
+        scaled = _plain(ScaleIntensity(minv=0.0, maxv=top)(item))
         planes = torch.round(scaled).reshape(-1, *item.shape[-2:]).cpu().numpy().astype(dtype)
         out = torch.from_numpy(np.stack([clahe.apply(p) for p in planes]).astype(np.float32))
         out = out.to(item.device).reshape(item.shape)
-        return mt.ScaleIntensityRange(a_min=0.0, a_max=top, b_min=low, b_max=high)(out)
+        return _plain(ScaleIntensityRange(a_min=0.0, a_max=top, b_min=low, b_max=high)(out))
 
     return _per_item(one, x)
 
 
 def _contrast_stretch(step: ContrastStretchStep, x: torch.Tensor) -> torch.Tensor:
     def one(item: torch.Tensor) -> torch.Tensor:
-        low = float(mt.percentile(item, step.lower_percentile))
-        high = float(mt.percentile(item, step.upper_percentile))
+        low = float(percentile(item, step.lower_percentile))
+        high = float(percentile(item, step.upper_percentile))
         if not high > low:
             # no spread between the percentiles: the limit of a narrowing window
             return torch.where(item > low, step.out_max, step.out_min).to(item.dtype)
         # what ScaleIntensityRangePercentiles does, without its warning on a zero range
-        scale = mt.ScaleIntensityRange(a_min=low, a_max=high, b_min=step.out_min, b_max=step.out_max, clip=True)
-        return scale(item)
+        scale = ScaleIntensityRange(a_min=low, a_max=high, b_min=step.out_min, b_max=step.out_max, clip=True)
+        return _plain(scale(item))
 
     return _per_item(one, x)
 
@@ -275,7 +295,7 @@ def _unsharp(step: UnsharpStep, x: torch.Tensor) -> torch.Tensor:
 def _crop_pad(x: torch.Tensor, shape: tuple[int, ...], value: float) -> torch.Tensor:
     if tuple(x.shape[2:]) == shape:
         return x
-    return _per_channel(mt.ResizeWithPadOrCrop(spatial_size=shape, value=value), x)
+    return _per_channel(ResizeWithPadOrCrop(spatial_size=shape, value=value), x)
 
 
 def _uncrop_pad(x: torch.Tensor, before: tuple[int, ...], value: float) -> torch.Tensor:
@@ -286,12 +306,12 @@ def _uncrop_pad(x: torch.Tensor, before: tuple[int, ...], value: float) -> torch
     plan = _crop_pad_plan(before, after)
     starts = [pad for _, pad in plan]
     ends = [pad + min(n, m) for (_, pad), n, m in zip(plan, before, after, strict=False)]
-    x = _per_channel(mt.SpatialCrop(roi_start=starts, roi_end=ends), x)
+    x = _per_channel(SpatialCrop(roi_start=starts, roi_end=ends), x)
     border: list[int] = []
     for (start, _), n, m in zip(plan, before, after, strict=False):
         kept = min(n, m)
         border += [start, n - kept - start]
-    return _per_channel(mt.BorderPad(spatial_border=border, value=value), x)
+    return _per_channel(BorderPad(spatial_border=border, value=value), x)
 
 
 def _apply(step: Step, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
+from pacsnode.storage.model_base import StrictModel
+
 __all__ = [
     "BilateralDenoiseStep",
     "ClaheStep",
@@ -45,10 +47,6 @@ Radius = PositiveInt | Annotated[tuple[PositiveInt, ...], Field(min_length=2, ma
 Interpolation = Literal["bilinear", "nearest", "area"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 def _check_range(model: BaseModel, low: str, high: str) -> None:
     if not getattr(model, high) > getattr(model, low):
         raise ValueError(f"{high} ({getattr(model, high)}) must be greater than {low} ({getattr(model, low)})")
@@ -58,7 +56,7 @@ def _check_range(model: BaseModel, low: str, high: str) -> None:
 # Step models
 
 
-class WindowStep(_Strict):
+class WindowStep(StrictModel):
     """Intensity window: ``center - width/2 .. center + width/2`` -> ``out_min .. out_max``, clipped."""
 
     kind: Literal["window"] = "window"
@@ -73,7 +71,7 @@ class WindowStep(_Strict):
         return self
 
 
-class NormalizeStep(_Strict):
+class NormalizeStep(StrictModel):
     """Per-item normalization: ``minmax`` to 0 .. 1, or ``zscore`` to mean 0, standard deviation 1.
 
     The statistics come from each item of the batch (a slice or a volume), all
@@ -85,7 +83,7 @@ class NormalizeStep(_Strict):
     channel_wise: bool = False
 
 
-class ResampleStep(_Strict):
+class ResampleStep(StrictModel):
     """Resample to a pixel spacing in mm: (row, col), or (slice, row, col) for 3D items.
 
     The output size along an axis is ``round(size * spacing / target)`` (at least
@@ -100,7 +98,7 @@ class ResampleStep(_Strict):
     anti_aliasing: bool = False
 
 
-class ResizeStep(_Strict):
+class ResizeStep(StrictModel):
     """Resize to ``size``: (rows, cols), or (slices, rows, cols) for 3D items; ``anti_aliasing`` as for resample."""
 
     kind: Literal["resize"] = "resize"
@@ -109,7 +107,7 @@ class ResizeStep(_Strict):
     anti_aliasing: bool = False
 
 
-class CropPadStep(_Strict):
+class CropPadStep(StrictModel):
     """Centered crop and/or constant pad to ``size`` (the convention of MONAI's ``ResizeWithPadOrCrop``)."""
 
     kind: Literal["crop_pad"] = "crop_pad"
@@ -117,7 +115,7 @@ class CropPadStep(_Strict):
     pad_value: FiniteFloat = 0.0
 
 
-class GaussianDenoiseStep(_Strict):
+class GaussianDenoiseStep(StrictModel):
     """Gaussian smoothing; ``sigma`` in pixels."""
 
     kind: Literal["denoise"] = "denoise"
@@ -125,7 +123,7 @@ class GaussianDenoiseStep(_Strict):
     sigma: Sigma = 1.0
 
 
-class MedianDenoiseStep(_Strict):
+class MedianDenoiseStep(StrictModel):
     """Median filter over a ``(2 * radius + 1)`` window per axis."""
 
     kind: Literal["denoise"] = "denoise"
@@ -133,7 +131,7 @@ class MedianDenoiseStep(_Strict):
     radius: Radius = 1
 
 
-class BilateralDenoiseStep(_Strict):
+class BilateralDenoiseStep(StrictModel):
     """Edge-preserving bilateral filter, per 2D slice (OpenCV, on the CPU).
 
     ``sigma_color`` is in the intensity unit of the step's input (HU, or 0 .. 1
@@ -147,7 +145,7 @@ class BilateralDenoiseStep(_Strict):
     sigma_space: PositiveFloat = 2.0
 
 
-class HistEqStep(_Strict):
+class HistEqStep(StrictModel):
     """Histogram equalization of each item, mapped to the item's own intensity range."""
 
     kind: Literal["enhance"] = "enhance"
@@ -155,7 +153,7 @@ class HistEqStep(_Strict):
     bins: Annotated[int, Field(ge=2, le=65536)] = 256
 
 
-class ClaheStep(_Strict):
+class ClaheStep(StrictModel):
     """Contrast-limited adaptive histogram equalization per 2D slice, mapped back to the item's intensity range.
 
     Each item is rescaled over its range to ``bits``-bit integers for OpenCV.
@@ -173,7 +171,7 @@ class ClaheStep(_Strict):
     bits: Literal[8, 16] = 8
 
 
-class ContrastStretchStep(_Strict):
+class ContrastStretchStep(StrictModel):
     """Map the item's ``lower_percentile .. upper_percentile`` intensities to ``out_min .. out_max``, clipped."""
 
     kind: Literal["enhance"] = "enhance"
@@ -190,7 +188,7 @@ class ContrastStretchStep(_Strict):
         return self
 
 
-class UnsharpStep(_Strict):
+class UnsharpStep(StrictModel):
     """Unsharp masking: ``x + amount * (x - gaussian(x, sigma))``; ``sigma`` in pixels."""
 
     kind: Literal["enhance"] = "enhance"

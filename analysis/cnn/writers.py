@@ -45,6 +45,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from pacsnode.analysis.errors import AnalysisError
 from pacsnode.analysis.results.core import (
     BANNER_TEXT_RGB,
     BANNER_WARNING_RGB,
@@ -66,7 +67,7 @@ from pacsnode.analysis.results.core import (
     segment_description,
     segmentation,
 )
-from pacsnode.analysis.types import AnalysisError, Volume
+from pacsnode.analysis.types import Volume
 
 __all__ = [
     "ClassScore",

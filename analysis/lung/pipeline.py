@@ -11,19 +11,18 @@ import logging
 import time
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
+from pacsnode.analysis.errors import InputError
 from pacsnode.analysis.pipelines import Pipeline, PipelineInput, PipelineOutput
-from pacsnode.analysis.types import InputError
+from pacsnode.storage.model_base import StrictModel
 
 __all__ = ["CtLungPipeline", "CtLungParams"]
 
 logger = logging.getLogger(__name__)
 
 
-class CtLungParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class CtLungParams(StrictModel):
     min_slices: Annotated[int, Field(ge=2)] = 10
     air_threshold_hu: Annotated[int, Field(ge=-1000, le=0)] = -400
     key_slices: Annotated[int, Field(ge=1, le=20)] = 3

@@ -34,7 +34,8 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from pacsnode.analysis.types import InputError, LungResult, Volume
+from pacsnode.analysis.errors import InputError
+from pacsnode.analysis.types import LungResult, Volume
 
 __all__ = ["LAA_THRESHOLD_HU", "segment_lungs"]
 

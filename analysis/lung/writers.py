@@ -16,6 +16,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
+from pacsnode.analysis.errors import AnalysisError
 from pacsnode.analysis.results.core import (
     BANNER_TEXT_RGB,
     BANNER_WARNING_RGB,
@@ -36,7 +37,7 @@ from pacsnode.analysis.results.core import (
     segment_description,
     segmentation,
 )
-from pacsnode.analysis.types import AnalysisError, LungResult, Volume
+from pacsnode.analysis.types import LungResult, Volume
 
 __all__ = ["LUNG_WINDOW", "SEGMENT_LEFT_LUNG", "SEGMENT_RIGHT_LUNG", "write_lung_results"]
 

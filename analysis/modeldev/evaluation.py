@@ -78,7 +78,7 @@ def evaluate_phantoms(
     """Score the model on ``studies`` generated chest CTs with known nodules."""
     from pacsnode.analysis.cnn.engine import VolumeInput
     from pacsnode.analysis.cnn.findings import findings_from_probabilities
-    from pacsnode.analysis.modeldev.synthetic import make_chest_phantom
+    from pacsnode.analysis.modeldev.synthetic import PhantomSpec, make_chest_phantom
 
     started = time.perf_counter()
     report = report or EvaluationReport(model=f"{package.manifest.name} {package.manifest.version}")
@@ -89,16 +89,16 @@ def evaluate_phantoms(
     found_by_size: dict[str, list[int]] = {"<6 mm": [0, 0], "6-10 mm": [0, 0], ">=10 mm": [0, 0]}
     for n in range(studies):
         study_seed = seed + n
-        phantom = make_chest_phantom(
+        spec = PhantomSpec(
             slices=slices,
             size=size,
             slice_thickness_mm=float(rng.choice([1.0, 1.5, 2.0, 2.5])),
-            seed=study_seed,
             noise_hu=float(rng.uniform(8.0, 30.0)),
             blur_sigma_mm=float(rng.uniform(0.0, 1.0)),
             vessel_spheres=False,
             nodules=10,
         )
+        phantom = make_chest_phantom(spec, seed=study_seed)
         volume = phantom.to_volume()
         prob = engine.predict([VolumeInput(image=volume.hu, spacing=volume.spacing)])[0]
         findings = findings_from_probabilities(prob, volume, labels, package.manifest.output.activation)
@@ -182,7 +182,7 @@ def evaluate_real_ct(
     """Run the model on single real CT images; every finding counts as a false positive."""
     from pacsnode.analysis.cnn.engine import VolumeInput
     from pacsnode.analysis.cnn.findings import findings_from_probabilities
-    from pacsnode.analysis.types import AnalysisError
+    from pacsnode.analysis.errors import AnalysisError
     from pacsnode.analysis.volume import load_series
 
     started = time.perf_counter()

@@ -17,14 +17,17 @@ masks of the lungs, vessels and nodules included, and the noise-free image
 Nodules, when asked for, come with their own truth: a label volume
 (``ChestPhantom.nodule_labels``) and one :class:`NoduleTruth` each.
 
-Contents: :class:`ChestPhantom` (in-memory phantom and truth),
-:class:`ChestTruth` (truth of a written series), :class:`LungTruth` (the lung
-measurements), :class:`NoduleTruth` (one nodule), :func:`make_chest_phantom`,
+Contents: :class:`PhantomSpec` (what phantom to build; :data:`BENCHMARK_PHANTOM`
+is a realistic-size one), :class:`DicomSpec` (how to write it as files),
+:class:`ChestPhantom` (in-memory phantom and truth), :class:`ChestTruth` (truth
+of a written series), :class:`LungTruth` (the lung measurements),
+:class:`NoduleTruth` (one nodule), :func:`make_chest_phantom`,
 :func:`write_chest_ct` and :func:`make_benchmark_volume`.
 
 Tests and benchmarks use :func:`write_chest_ct` (files on disk, for the loader)
 and :func:`make_chest_phantom` (in memory; ``ChestPhantom.to_volume`` gives a
-:class:`~pacsnode.analysis.types.Volume` without touching the disk).
+:class:`~pacsnode.analysis.types.Volume` without touching the disk); both take
+a :class:`PhantomSpec` and a seed, and give the same phantom for the same pair.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.pixels import get_encoder
+from pydicom.pixels.encoders.base import get_encoder
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
@@ -57,10 +60,13 @@ from pydicom.uid import (
 from pacsnode.analysis.types import Volume
 
 __all__ = [
+    "BENCHMARK_PHANTOM",
     "ChestPhantom",
     "ChestTruth",
+    "DicomSpec",
     "LungTruth",
     "NoduleTruth",
+    "PhantomSpec",
     "make_benchmark_volume",
     "make_chest_phantom",
     "write_chest_ct",
@@ -145,7 +151,7 @@ class ChestTruth(LungTruth):
 
     ``paths[i]`` is the file of slice ``i``, slices in ascending patient z
     (the order :func:`pacsnode.analysis.volume.load_series` sorts them into); the file
-    names themselves are shuffled unless ``shuffle_files=False``.
+    names themselves are shuffled unless ``DicomSpec.shuffle_files`` is False.
     Volumes in mL, densities in HU, LAA-950 in percent of lung voxels.
     ``nodules`` is the truth of the nodules, as ``ChestPhantom.nodules``.
     """
@@ -170,7 +176,7 @@ class ChestPhantom(LungTruth):
     and emphysema inside the lungs included (nodules too: a nodule voxel keeps
     its lung's label). Geometry as in :class:`~pacsnode.analysis.types.Volume`.
 
-    ``nodule_labels`` is None unless nodules were asked for (``nodules > 0``);
+    ``nodule_labels`` is None unless nodules were asked for (``PhantomSpec.nodules > 0``);
     then it is uint16 of the shape of ``hu``, 0 background and ``k`` the
     voxels of nodule ``k`` (``nodules[k - 1]``): exactly the voxels painted
     with the nodule's value. ``nodules`` is the truth of each, by number.
@@ -221,25 +227,9 @@ class ChestPhantom(LungTruth):
         )
 
 
-def make_chest_phantom(
-    *,
-    slices: int = 80,
-    size: int = 128,
-    pixel_spacing_mm: float | None = None,
-    slice_thickness_mm: float = 3.0,
-    seed: int = 0,
-    noise_hu: float = 15.0,
-    blur_sigma_mm: float = 0.0,
-    emphysema_pockets: int = 5,
-    vessels: int = 10,
-    join_lungs: bool = False,
-    mirror_columns: bool = False,
-    nodules: int = 0,
-    nodule_diameter_mm: tuple[float, float] = (4.0, 24.0),
-    nodule_kinds: tuple[str, ...] = NODULE_KINDS,
-    vessel_spheres: bool = True,
-) -> ChestPhantom:
-    """Build the chest phantom in memory, vectorised (a 300x512x512 volume takes about 2 s).
+@dataclass(frozen=True, kw_only=True)
+class PhantomSpec:
+    """What phantom to build: its grid, anatomy, nodules and image quality.
 
     The anatomy is fixed in patient millimetres, centred on z = -150 mm: the
     lungs span 184 mm in z (right 60 x 78 x 92 mm semi-axes, left 54 x 74 x 88),
@@ -247,19 +237,14 @@ def make_chest_phantom(
     The slab of ``slices * slice_thickness_mm`` is centred there; a slab
     shorter than about 240 mm cuts the lungs (the truth counts what is in it).
 
-    Parameters
+    Attributes
     ----------
     slices, size
         Number of axial slices, and rows = columns of each.
     pixel_spacing_mm
-        In-plane spacing; default: a 400 mm field of view, ``400 / size``.
+        In-plane spacing; None: a 400 mm field of view, ``400 / size``.
     slice_thickness_mm
         Slice thickness, also the spacing between slices.
-    seed
-        Seed of the :class:`numpy.random.Generator` that places the vessels and
-        emphysema pockets and draws the noise; the nodules are drawn from a
-        generator of their own (``default_rng([seed, 7])``), so asking for
-        nodules changes nothing else of the phantom.
     noise_hu
         Standard deviation of the Gaussian noise, HU.
     blur_sigma_mm
@@ -272,6 +257,10 @@ def make_chest_phantom(
         of every four, two tubes, a sphere inside the lung and a sphere
         against the pleura (a notch in the outline); all tubes if
         ``vessel_spheres`` is False.
+    vessel_spheres
+        If False, every vessel is a tube: no spheres inside the lung and no
+        juxtapleural spheres, so that nothing but the nodules is nodule-like
+        (for nodule training data). True keeps the phantom as it always was.
     join_lungs
         Join the two lungs with a bridge of parenchyma across the midline
         (like an anterior junction) so that they form a single air component;
@@ -300,14 +289,6 @@ def make_chest_phantom(
         ``"solid"`` (a value drawn in 0..+60 HU), ``"ground-glass"``
         (-700..-450 HU), ``"part-solid"`` (a ground-glass halo, -650..-450 HU,
         around a solid core of half the diameter, 0..+60 HU).
-    vessel_spheres
-        If False, every vessel is a tube: no spheres inside the lung and no
-        juxtapleural spheres, so that nothing but the nodules is nodule-like
-        (for nodule training data). True keeps the phantom as it always was.
-
-    Returns
-    -------
-    ChestPhantom
 
     Raises
     ------
@@ -315,16 +296,113 @@ def make_chest_phantom(
         For sizes or spacings that cannot hold the phantom, or bad nodule
         parameters.
     """
-    if slices < 1 or size < 16:
-        raise ValueError(f"the phantom needs at least 1 slice of 16x16 pixels, got {slices} of {size}x{size}")
-    if pixel_spacing_mm is None:
-        pixel_spacing_mm = DEFAULT_FIELD_OF_VIEW_MM / size
-    if pixel_spacing_mm <= 0 or slice_thickness_mm <= 0:
-        raise ValueError("pixel_spacing_mm and slice_thickness_mm must be positive")
-    _check_nodule_parameters(nodules, nodule_diameter_mm, nodule_kinds)
+
+    slices: int = 80
+    size: int = 128
+    pixel_spacing_mm: float | None = None
+    slice_thickness_mm: float = 3.0
+    noise_hu: float = 15.0
+    blur_sigma_mm: float = 0.0
+    emphysema_pockets: int = 5
+    vessels: int = 10
+    vessel_spheres: bool = True
+    join_lungs: bool = False
+    mirror_columns: bool = False
+    nodules: int = 0
+    nodule_diameter_mm: tuple[float, float] = (4.0, 24.0)
+    nodule_kinds: tuple[str, ...] = NODULE_KINDS
+
+    def __post_init__(self) -> None:
+        if self.slices < 1 or self.size < 16:
+            raise ValueError(
+                f"the phantom needs at least 1 slice of 16x16 pixels, got {self.slices} of {self.size}x{self.size}"
+            )
+        if self.pixel_spacing <= 0 or self.slice_thickness_mm <= 0:
+            raise ValueError("pixel_spacing_mm and slice_thickness_mm must be positive")
+        _check_nodule_parameters(self.nodules, self.nodule_diameter_mm, self.nodule_kinds)
+
+    @property
+    def pixel_spacing(self) -> float:
+        """The in-plane spacing, mm: ``pixel_spacing_mm``, or the default field of view over ``size``."""
+        if self.pixel_spacing_mm is None:
+            return DEFAULT_FIELD_OF_VIEW_MM / self.size
+        return float(self.pixel_spacing_mm)
+
+
+def _check_nodule_parameters(nodules: int, diameter_mm: tuple[float, float], kinds: tuple[str, ...]) -> None:
+    if nodules < 0:
+        raise ValueError(f"nodules must be 0 or more, not {nodules}")
+    if nodules == 0:
+        return
+    low, high = (float(d) for d in diameter_mm)
+    if not 0.0 < low <= high:
+        raise ValueError(f"nodule_diameter_mm must be (min, max) with 0 < min <= max, not {diameter_mm}")
+    if high > 40.0:
+        raise ValueError(f"nodules larger than 40 mm do not fit the lungs, got {diameter_mm}")
+    unknown = sorted(set(kinds) - set(NODULE_KINDS))
+    if not kinds or unknown:
+        raise ValueError(f"nodule_kinds must be some of {NODULE_KINDS}, got {kinds}")
+
+
+#: A realistic-size phantom: 300x512x512, 0.78 mm pixels, 1 mm slices, blurred, more vessels and pockets.
+BENCHMARK_PHANTOM = PhantomSpec(
+    slices=300, size=512, slice_thickness_mm=1.0, blur_sigma_mm=0.5, vessels=25, emphysema_pockets=6
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DicomSpec:
+    """How :func:`write_chest_ct` writes a phantom: identity, encoding and order of the files.
+
+    Attributes
+    ----------
+    study_instance_uid, series_instance_uid
+        UIDs to use; new ones when None.
+    series_number
+        SeriesNumber.
+    patient_id, patient_name
+        Patient module values.
+    transfer_syntax_uid
+        Explicit or Implicit VR Little Endian, or a lossless compressed syntax
+        that has an encoder installed (RLE Lossless, JPEG-LS Lossless,
+        JPEG 2000 Lossless).
+    bits_stored
+        12 or 16.
+    shuffle_files
+        Name the files (and write them) in a random order, not slice order.
+    """
+
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    series_number: int = 1
+    patient_id: str = "PHANTOM-0001"
+    patient_name: str = "Phantom^Chest"
+    transfer_syntax_uid: str = ExplicitVRLittleEndian
+    bits_stored: int = 12
+    shuffle_files: bool = True
+
+
+def make_chest_phantom(spec: PhantomSpec = PhantomSpec(), *, seed: int = 0) -> ChestPhantom:
+    """Build the chest phantom in memory, vectorised (a 300x512x512 volume takes about 2 s).
+
+    Parameters
+    ----------
+    spec
+        The phantom, see :class:`PhantomSpec`.
+    seed
+        Seed of the :class:`numpy.random.Generator` that places the vessels and
+        emphysema pockets and draws the noise; the nodules are drawn from a
+        generator of their own (``default_rng([seed, 7])``), so asking for
+        nodules changes nothing else of the phantom.
+
+    Returns
+    -------
+    ChestPhantom
+    """
+    slices, size = spec.slices, spec.size
     rng = np.random.default_rng(seed)
-    ps = float(pixel_spacing_mm)
-    dz = float(slice_thickness_mm)
+    ps = spec.pixel_spacing
+    dz = float(spec.slice_thickness_mm)
 
     # Patient coordinates of the voxel centres: x along columns, y along rows, z along slices.
     xs = (np.arange(size) - (size - 1) / 2.0) * ps
@@ -342,22 +420,22 @@ def make_chest_phantom(
     )
     for label, lung in enumerate(lungs, start=1):
         _paint_lung(hu, labels, label, lung, xs, ys, zs)
-    if join_lungs:
+    if spec.join_lungs:
         _paint_bridge(hu, labels, lungs, xs, ys, zs)
 
     # Emphysema first, vessels after, so that a vessel crossing a pocket stays a vessel.
     for label, lung in enumerate(lungs, start=1):
-        for _ in range(emphysema_pockets):
+        for _ in range(spec.emphysema_pockets):
             centre = _point_inside(rng, lung, 0.6)
             radius = float(rng.uniform(6.0, 14.0))
             _paint_capsule(hu, labels, label, centre, centre, radius, EMPHYSEMA_HU, xs, ys, zs)
-        for n in range(vessels):
+        for n in range(spec.vessels):
             radius = float(rng.uniform(2.0, 4.0))
-            if vessel_spheres and n % 4 == 3:  # a juxtapleural nodule-like sphere: a notch in the lung's outline
+            if spec.vessel_spheres and n % 4 == 3:  # a juxtapleural nodule-like sphere: a notch in the lung's outline
                 start = end = _point_on_surface(rng, lung, 1.0 - radius / min(lung.semi_axes[:2]))
             else:
                 start = _point_inside(rng, lung, 0.55)
-                end = start if vessel_spheres and n % 4 == 2 else _point_inside(rng, lung, 0.55)
+                end = start if spec.vessel_spheres and n % 4 == 2 else _point_inside(rng, lung, 0.55)
             _paint_capsule(hu, labels, label, start, end, radius, VESSEL_HU, xs, ys, zs)
 
     # Air that is not lung: the trachea above the lungs, bowel gas below them.
@@ -370,7 +448,7 @@ def make_chest_phantom(
     # Nodules last: they override vessels and emphysema (nothing else reaches into the lungs).
     nodule_labels = None
     painted: list[_PaintedNodule] = []
-    if nodules > 0:
+    if spec.nodules > 0:
         nodule_labels = np.zeros((slices, size, size), dtype=np.uint16)
         painted = _paint_nodules(
             hu,
@@ -378,17 +456,17 @@ def make_chest_phantom(
             nodule_labels,
             np.random.default_rng([seed, 7]),
             lungs,
-            nodules,
-            nodule_diameter_mm,
-            nodule_kinds,
+            spec.nodules,
+            spec.nodule_diameter_mm,
+            spec.nodule_kinds,
             xs,
             ys,
             zs,
             spacing=(ps, ps, dz),
         )
 
-    if blur_sigma_mm > 0:
-        sigma_px = blur_sigma_mm / ps
+    if spec.blur_sigma_mm > 0:
+        sigma_px = spec.blur_sigma_mm / ps
         for k in range(slices):
             cv2.GaussianBlur(hu[k], (0, 0), sigmaX=sigma_px, dst=hu[k], borderType=cv2.BORDER_REPLICATE)
 
@@ -399,15 +477,15 @@ def make_chest_phantom(
     chunk = max(1, (1 << 22) // (size * size))
     for k0 in range(0, slices, chunk):
         block = hu[k0 : k0 + chunk]
-        if noise_hu > 0:
-            block += rng.normal(0.0, noise_hu, size=block.shape).astype(np.float32)
+        if spec.noise_hu > 0:
+            block += rng.normal(0.0, spec.noise_hu, size=block.shape).astype(np.float32)
         np.clip(np.rint(block), _HU_MIN, _HU_MAX, out=block)
         out[k0 : k0 + chunk] = block
     del hu
 
     row_direction = (1.0, 0.0, 0.0)
     origin_x = float(xs[0])
-    if mirror_columns:
+    if spec.mirror_columns:
         out = np.ascontiguousarray(out[:, :, ::-1])
         labels = np.ascontiguousarray(labels[:, :, ::-1])
         if nodule_labels is not None:
@@ -428,71 +506,23 @@ def make_chest_phantom(
     )
 
 
-def make_benchmark_volume(
-    *,
-    slices: int = 300,
-    size: int = 512,
-    slice_thickness_mm: float = 1.0,
-    seed: int = 0,
-    nodules: int = 0,
-    nodule_diameter_mm: tuple[float, float] = (4.0, 24.0),
-    nodule_kinds: tuple[str, ...] = NODULE_KINDS,
-    vessel_spheres: bool = True,
-) -> tuple[Volume, ChestPhantom]:
-    """A realistic-size phantom (default 300x512x512, 0.78 mm pixels, 1 mm slices) as a Volume.
+def make_benchmark_volume(spec: PhantomSpec = BENCHMARK_PHANTOM, *, seed: int = 0) -> tuple[Volume, ChestPhantom]:
+    """A phantom as a Volume, by default the realistic-size :data:`BENCHMARK_PHANTOM`.
 
-    Parameters
-    ----------
-    slices, size, slice_thickness_mm, seed, nodules, nodule_diameter_mm, nodule_kinds, vessel_spheres
-        As for :func:`make_chest_phantom`.
+    Vary the benchmark with :func:`dataclasses.replace`, e.g.
+    ``replace(BENCHMARK_PHANTOM, slices=120, nodules=8)``.
 
     Returns
     -------
     tuple
         The :class:`~pacsnode.analysis.types.Volume` and the :class:`ChestPhantom` with the truth.
     """
-    phantom = make_chest_phantom(
-        slices=slices,
-        size=size,
-        slice_thickness_mm=slice_thickness_mm,
-        seed=seed,
-        blur_sigma_mm=0.5,
-        vessels=25,
-        emphysema_pockets=6,
-        nodules=nodules,
-        nodule_diameter_mm=nodule_diameter_mm,
-        nodule_kinds=nodule_kinds,
-        vessel_spheres=vessel_spheres,
-    )
+    phantom = make_chest_phantom(spec, seed=seed)
     return phantom.to_volume(), phantom
 
 
 def write_chest_ct(
-    out_dir: Path,
-    *,
-    slices: int = 80,
-    size: int = 128,
-    pixel_spacing_mm: float | None = None,
-    slice_thickness_mm: float = 3.0,
-    seed: int = 0,
-    study_instance_uid: str | None = None,
-    series_instance_uid: str | None = None,
-    patient_id: str = "PHANTOM-0001",
-    patient_name: str = "Phantom^Chest",
-    transfer_syntax_uid: str = ExplicitVRLittleEndian,
-    noise_hu: float = 15.0,
-    blur_sigma_mm: float = 0.0,
-    shuffle_files: bool = True,
-    bits_stored: int = 12,
-    emphysema_pockets: int = 5,
-    vessels: int = 10,
-    join_lungs: bool = False,
-    mirror_columns: bool = False,
-    series_number: int = 1,
-    nodules: int = 0,
-    nodule_diameter_mm: tuple[float, float] = (4.0, 24.0),
-    nodule_kinds: tuple[str, ...] = NODULE_KINDS,
-    vessel_spheres: bool = True,
+    out_dir: Path, spec: PhantomSpec = PhantomSpec(), *, seed: int = 0, dicom: DicomSpec = DicomSpec()
 ) -> ChestTruth:
     """Write the chest phantom as one CT Image Storage file per slice.
 
@@ -504,26 +534,12 @@ def write_chest_ct(
     ----------
     out_dir
         Folder to write into (created if needed).
-    slices, size, pixel_spacing_mm, slice_thickness_mm, seed, noise_hu, blur_sigma_mm, emphysema_pockets, vessels, join_lungs, mirror_columns
-        The phantom, see :func:`make_chest_phantom`.
-    nodules, nodule_diameter_mm, nodule_kinds, vessel_spheres
-        Lung nodules and tube-only vessels, see :func:`make_chest_phantom`;
-        ``ChestTruth.nodules`` has the nodules' truth (their label volume is
-        not written: use :func:`make_chest_phantom` with the same arguments).
-    study_instance_uid, series_instance_uid
-        UIDs to use; new ones by default.
-    patient_id, patient_name
-        Patient module values.
-    transfer_syntax_uid
-        Explicit or Implicit VR Little Endian, or a lossless compressed syntax
-        that has an encoder installed (RLE Lossless, JPEG-LS Lossless,
-        JPEG 2000 Lossless).
-    shuffle_files
-        Name the files (and write them) in a random order, not slice order.
-    bits_stored
-        12 or 16.
-    series_number
-        SeriesNumber.
+    spec, seed
+        The phantom, as for :func:`make_chest_phantom`; ``ChestTruth.nodules``
+        has the nodules' truth (their label volume is not written: use
+        :func:`make_chest_phantom` with the same spec and seed).
+    dicom
+        UIDs, patient, transfer syntax, bits stored and file order, see :class:`DicomSpec`.
 
     Returns
     -------
@@ -534,7 +550,7 @@ def write_chest_ct(
     ValueError
         For a transfer syntax that cannot be written or a bad ``bits_stored``.
     """
-    tsuid = UID(transfer_syntax_uid)
+    tsuid = UID(dicom.transfer_syntax_uid)
     if tsuid not in _UNCOMPRESSED:
         if tsuid not in _LOSSLESS:
             raise ValueError(f"cannot write the phantom as {tsuid.name}: only uncompressed or lossless syntaxes")
@@ -544,49 +560,35 @@ def write_chest_ct(
             raise ValueError(f"no encoder exists for {tsuid.name}") from exc
         if not encoder.is_available:
             raise ValueError(f"no encoder available for {tsuid.name}: {encoder.missing_dependencies}")
-    if bits_stored not in (12, 16):
-        raise ValueError(f"bits_stored must be 12 or 16, not {bits_stored}")
+    if dicom.bits_stored not in (12, 16):
+        raise ValueError(f"bits_stored must be 12 or 16, not {dicom.bits_stored}")
 
-    phantom = make_chest_phantom(
-        slices=slices,
-        size=size,
-        pixel_spacing_mm=pixel_spacing_mm,
-        slice_thickness_mm=slice_thickness_mm,
-        seed=seed,
-        noise_hu=noise_hu,
-        blur_sigma_mm=blur_sigma_mm,
-        emphysema_pockets=emphysema_pockets,
-        vessels=vessels,
-        join_lungs=join_lungs,
-        mirror_columns=mirror_columns,
-        nodules=nodules,
-        nodule_diameter_mm=nodule_diameter_mm,
-        nodule_kinds=nodule_kinds,
-        vessel_spheres=vessel_spheres,
-    )
+    phantom = make_chest_phantom(spec, seed=seed)
+    slices, size = spec.slices, spec.size
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    study_uid = study_instance_uid or generate_uid()
-    series_uid = series_instance_uid or generate_uid()
+    study_uid = dicom.study_instance_uid or generate_uid()
+    series_uid = dicom.series_instance_uid or generate_uid()
     frame_uid = generate_uid()
     now = datetime.datetime.now()
     common = _common_header(
         study_uid=study_uid,
         series_uid=series_uid,
         frame_uid=frame_uid,
-        patient_id=patient_id,
-        patient_name=patient_name,
-        series_number=series_number,
+        patient_id=dicom.patient_id,
+        patient_name=dicom.patient_name,
+        series_number=dicom.series_number,
         phantom=phantom,
-        bits_stored=bits_stored,
+        bits_stored=dicom.bits_stored,
         when=now,
     )
 
-    order = np.random.default_rng(seed + 1).permutation(slices) if shuffle_files else np.arange(slices)
+    shuffle = dicom.shuffle_files
+    order = np.random.default_rng(seed + 1).permutation(slices) if shuffle else np.arange(slices)
     names = [f"IM{int(n):05d}.dcm" for n in order]  # names[k]: the file of slice k
     paths = [out_dir / name for name in names]
     sop_uids = [str(generate_uid()) for _ in range(slices)]
-    for k in np.argsort(order) if shuffle_files else range(slices):
+    for k in np.argsort(order) if shuffle else range(slices):
         ds = _slice_dataset(common, phantom, int(k), sop_uids[k], tsuid, now)
         stored = (phantom.hu[k].astype(np.int32) - RESCALE_INTERCEPT).astype(np.uint16)
         if tsuid in _UNCOMPRESSED:
@@ -779,21 +781,6 @@ class _PaintedNodule:
     centre_mm: tuple[float, float, float]
 
 
-def _check_nodule_parameters(nodules: int, diameter_mm: tuple[float, float], kinds: tuple[str, ...]) -> None:
-    if nodules < 0:
-        raise ValueError(f"nodules must be 0 or more, not {nodules}")
-    if nodules == 0:
-        return
-    low, high = (float(d) for d in diameter_mm)
-    if not 0.0 < low <= high:
-        raise ValueError(f"nodule_diameter_mm must be (min, max) with 0 < min <= max, not {diameter_mm}")
-    if high > 40.0:
-        raise ValueError(f"nodules larger than 40 mm do not fit the lungs, got {diameter_mm}")
-    unknown = sorted(set(kinds) - set(NODULE_KINDS))
-    if not kinds or unknown:
-        raise ValueError(f"nodule_kinds must be some of {NODULE_KINDS}, got {kinds}")
-
-
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     """A uniformly random rotation matrix (from a random unit quaternion)."""
     q = rng.normal(size=4)
@@ -874,7 +861,7 @@ def _place_nodule(
             surface = np.asarray(_point_on_surface(rng, lung, 1.0))
             normal = (surface - centre0) / axes**2
             normal /= np.linalg.norm(normal)
-            centre = surface - 0.9 * float(np.sqrt(normal @ extent @ normal)) * normal
+            centre: np.ndarray = surface - 0.9 * float(np.sqrt(normal @ extent @ normal)) * normal
         else:
             centre = np.asarray(_point_inside(rng, lung, scale))
         if np.any(centre - shape.bound < limits[0]) or np.any(centre + shape.bound > limits[1]):

@@ -117,13 +117,15 @@ class _Study:
 
 
 def _make_study(rng: np.random.Generator, config: TrainConfig) -> _Study:
-    from pacsnode.analysis.modeldev.synthetic import make_chest_phantom
+    from pacsnode.analysis.modeldev.synthetic import PhantomSpec, make_chest_phantom
 
-    phantom = make_chest_phantom(
+    # The draws in this order: the weights' checksum depends on it.
+    slice_thickness_mm = float(rng.choice([1.0, 1.25, 1.5, 2.0, 2.5]))
+    seed = int(rng.integers(0, 2**31 - 1))
+    spec = PhantomSpec(
         slices=config.slices,
         size=512,
-        slice_thickness_mm=float(rng.choice([1.0, 1.25, 1.5, 2.0, 2.5])),
-        seed=int(rng.integers(0, 2**31 - 1)),
+        slice_thickness_mm=slice_thickness_mm,
         noise_hu=float(rng.uniform(8.0, 30.0)),
         blur_sigma_mm=float(rng.uniform(0.0, 1.0)),
         emphysema_pockets=int(rng.integers(0, 6)),
@@ -132,6 +134,7 @@ def _make_study(rng: np.random.Generator, config: TrainConfig) -> _Study:
         nodules=config.nodules_per_study,
         mirror_columns=bool(rng.integers(0, 2)),
     )
+    phantom = make_chest_phantom(spec, seed=seed)
     target = (phantom.nodule_labels > 0).astype(np.uint8) if phantom.nodule_labels is not None else None
     if target is None:
         target = np.zeros(phantom.hu.shape, dtype=np.uint8)
@@ -175,7 +178,7 @@ def train(
         The manifest written.
     """
     import torch
-    from monai.losses import DiceCELoss
+    from monai.losses.dice import DiceCELoss  # (monai packages do not declare their re-exports)
 
     from pacsnode.analysis.cnn.package import Manifest
     from pacsnode.analysis.cnn.preprocess import build_preprocessor
@@ -189,7 +192,7 @@ def train(
     manifest_model = Manifest.model_validate(default_manifest("0" * 64, {}))
     # Training crops come at the phantom's spacing, 400 mm / 512 = 0.78125 mm: the resample step is a no-op.
     window = build_preprocessor([s for s in manifest_model.input.preprocessing if getattr(s, "kind", "") != "resample"])
-    from monai.networks.nets import UNet
+    from monai.networks.nets.unet import UNet
 
     net = UNet(**ARCHITECTURE["params"])
     optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
@@ -207,9 +210,9 @@ def train(
         xs, ys = [], []
         for _ in range(config.batch_size):
             study = pool[int(rng.integers(0, len(pool)))]
-            x, y = _crop(study, rng, config, positive=bool(rng.random() < config.positive_fraction))
-            xs.append(x)
-            ys.append(y)
+            image, label = _crop(study, rng, config, positive=bool(rng.random() < config.positive_fraction))
+            xs.append(image)
+            ys.append(label)
         x = torch.from_numpy(np.stack(xs))
         y = torch.from_numpy(np.stack(ys).astype(np.float32))
         with torch.no_grad():
