@@ -15,6 +15,7 @@ from typing import Any
 from pacsnode.node.config import Settings, load, redacted
 from pacsnode.node.errors import ConfigError, UnknownNodeError
 from pacsnode.node.logs import printable, setup_logging
+from pacsnode.storage.models import ExportState, JobState
 
 __all__ = ["main"]
 
@@ -96,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--count", type=int, metavar="N", help="worker processes (default: analysis.workers, at least 1)")
     p = _command(sub, "jobs", _cmd_jobs, help="list analysis jobs")
-    p.add_argument("--state", choices=["pending", "running", "done", "failed"])
+    p.add_argument("--state", type=JobState, choices=list(JobState))
     p.add_argument("--study", metavar="UID", help="only jobs of this StudyInstanceUID")
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--json", action="store_true", help="one JSON array instead of a table")
@@ -112,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("job_id", type=int, metavar="JOB_ID")
     p = _command(sub, "exports", _cmd_exports, help="list result exports; re-queue dead ones")
     p.add_argument("--failed", action="store_true", help="only dead exports and those waiting after a failure")
-    p.add_argument("--state", choices=["pending", "sending", "done", "dead"])
+    p.add_argument("--state", type=ExportState, choices=list(ExportState))
     p.add_argument("--retry", type=int, metavar="EXPORT_ID", help="queue this dead export again")
     p.add_argument("--retry-dead", action="store_true", help="queue every dead export again")
     p.add_argument("--limit", type=int, default=100)
@@ -539,7 +540,9 @@ def _cmd_exports(settings: Settings, args: argparse.Namespace) -> int:
             return EXIT_OK
         exports = queue.list(state=args.state, limit=args.limit)
         if args.failed:
-            exports = [e for e in exports if e.state == "dead" or (e.state == "pending" and e.last_error)]
+            exports = [
+                e for e in exports if e.state is ExportState.DEAD or (e.state is ExportState.PENDING and e.last_error)
+            ]
     finally:
         archive.close()
     if args.json:
@@ -551,7 +554,7 @@ def _cmd_exports(settings: Settings, args: argparse.Namespace) -> int:
             e.state,
             e.destination,
             f"{e.attempts}/{e.max_attempts}",
-            e.not_before.strftime("%H:%M:%S") if e.state == "pending" else "",
+            e.not_before.strftime("%H:%M:%S") if e.state is ExportState.PENDING else "",
             e.sop_instance_uid,
             str(e.job_id or ""),
             (e.last_error or "")[:80],

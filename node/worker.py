@@ -33,9 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pacsnode.analysis.errors import AnalysisError
 from pacsnode.analysis.pipelines import PipelineInput, SeriesInput, resolve_pipeline
 from pacsnode.analysis.routing import select_series
-from pacsnode.analysis.types import AnalysisError
 from pacsnode.node.config import Settings
 from pacsnode.node.dicom.export import ExportOutcome, send_files
 from pacsnode.node.scheduler import ImageSizes
@@ -46,8 +46,10 @@ from pacsnode.storage.index import find_instance
 from pacsnode.storage.queue import (
     ExportQueue,
     ExportRecord,
+    ExportState,
     JobQueue,
     JobRecord,
+    JobState,
     RetryPolicy,
 )
 
@@ -203,11 +205,11 @@ class Worker:
             logger.exception("cannot claim more jobs of rule %s", job.rule)
         return more
 
-    def run_job(self, job: JobRecord, owner: str) -> str | None:
+    def run_job(self, job: JobRecord, owner: str) -> JobState | None:
         """Run one claimed job to its outcome; returns the job's new state."""
         return self.run_batch([job], owner)[0]
 
-    def run_batch(self, jobs: list[JobRecord], owner: str) -> list[str | None]:
+    def run_batch(self, jobs: list[JobRecord], owner: str) -> list[JobState | None]:
         """Run claimed jobs (one, or several of one rule whose pipeline batches them) to their outcomes.
 
         A heartbeat thread renews every lease; the batch answers to its strictest timeout. Returns each
@@ -220,7 +222,7 @@ class Worker:
         )
         beat.start()
         self._log_started(jobs)
-        states: dict[int, str | None] = {}
+        states: dict[int, JobState | None] = {}
         errors: list[BaseException] = []
 
         def still_ours(job: JobRecord) -> bool:
@@ -299,7 +301,7 @@ class Worker:
 
     def _finish(
         self, job: JobRecord, owner: str, outcome: tuple[dict[str, Any], list[str]] | BaseException, started: float
-    ) -> str | None:
+    ) -> JobState | None:
         """Record one job's outcome: done (and its exports queued, in one transaction), retried or failed."""
         extra = {"action": "job", "job_id": job.id, "pipeline": job.pipeline}
         if isinstance(outcome, _LeaseLost):
@@ -313,7 +315,7 @@ class Worker:
             error = f"{type(outcome).__name__}: {outcome}"
             state = self.jobs.fail(job.id, owner, error, retry=True, policy=self.job_retry)
             logger.log(
-                logging.ERROR if state == "failed" else logging.WARNING,
+                logging.ERROR if state is JobState.FAILED else logging.WARNING,
                 "job %d attempt %d failed (%s): %s",
                 job.id,
                 job.attempts,
@@ -344,7 +346,7 @@ class Worker:
             f", queued for {', '.join(job.destinations)}" if job.destinations else "",
             extra=extra,
         )
-        return "done"
+        return JobState.DONE
 
     def _inputs(self, job: JobRecord, deadline: float) -> PipelineInput:
         with read_connection(self.archive.engine) as conn:
@@ -514,7 +516,7 @@ class Worker:
 
     def _export_failed(self, item: ExportRecord, owner: str, error: str) -> None:
         state = self.exports.mark_failed(item, owner, error, policy=self.export_retry)
-        level = logging.ERROR if state == "dead" else logging.WARNING
+        level = logging.ERROR if state is ExportState.DEAD else logging.WARNING
         logger.log(
             level,
             "export of %s to %s failed (attempt %d of %d, now %s): %s",

@@ -11,17 +11,9 @@ from __future__ import annotations
 
 from pydicom import uid
 from pynetdicom import build_context
+from pynetdicom import sop_class as pynetdicom_sop_classes
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import (
-    _STORAGE_CLASSES,
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-    Verification,
-)
+from pynetdicom.sop_class import _STORAGE_CLASSES, SOPClass
 
 from pacsnode.storage.query import Model
 
@@ -31,18 +23,47 @@ __all__ = [
     "MOVE_MODELS",
     "STORAGE_SOP_CLASSES",
     "TRANSFER_SYNTAXES",
+    "PatientRootQueryRetrieveInformationModelFind",
+    "PatientRootQueryRetrieveInformationModelGet",
+    "PatientRootQueryRetrieveInformationModelMove",
+    "StudyRootQueryRetrieveInformationModelFind",
+    "StudyRootQueryRetrieveInformationModelGet",
+    "StudyRootQueryRetrieveInformationModelMove",
+    "Verification",
     "qr_contexts",
     "scp_contexts",
 ]
 
-_UNCOMPRESSED_ORDER = [
+
+def _sop_class(keyword: str) -> SOPClass:
+    """pynetdicom's SOP class `keyword` (such as ``Verification``), with its type.
+
+    pynetdicom makes these constants at import time (``globals()[keyword] = ...``),
+    so a type checker cannot see them when imported by name.
+    """
+    value = getattr(pynetdicom_sop_classes, keyword)
+    if not isinstance(value, SOPClass):
+        raise TypeError(f"pynetdicom.sop_class.{keyword} is not a SOP class")
+    return value
+
+
+Verification = _sop_class("Verification")
+PatientRootQueryRetrieveInformationModelFind = _sop_class("PatientRootQueryRetrieveInformationModelFind")
+PatientRootQueryRetrieveInformationModelGet = _sop_class("PatientRootQueryRetrieveInformationModelGet")
+PatientRootQueryRetrieveInformationModelMove = _sop_class("PatientRootQueryRetrieveInformationModelMove")
+StudyRootQueryRetrieveInformationModelFind = _sop_class("StudyRootQueryRetrieveInformationModelFind")
+StudyRootQueryRetrieveInformationModelGet = _sop_class("StudyRootQueryRetrieveInformationModelGet")
+StudyRootQueryRetrieveInformationModelMove = _sop_class("StudyRootQueryRetrieveInformationModelMove")
+
+# build_context takes a list[str | UID] (invariant), hence the element type.
+_UNCOMPRESSED_ORDER: list[str | uid.UID] = [
     uid.ExplicitVRLittleEndian,
     uid.ImplicitVRLittleEndian,
     uid.DeflatedExplicitVRLittleEndian,
     uid.ExplicitVRBigEndian,
 ]
 
-TRANSFER_SYNTAXES: list[str] = [
+TRANSFER_SYNTAXES: list[str | uid.UID] = [
     ts for ts in uid.AllTransferSyntaxes if ts not in _UNCOMPRESSED_ORDER
 ] + _UNCOMPRESSED_ORDER
 

@@ -16,10 +16,11 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.association import Association
 
 from pacsnode.node.config import RemoteNode, Settings
 from pacsnode.node.dicom import status
+from pacsnode.node.dicom.contexts import Verification
 from pacsnode.node.dicom.handlers import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
@@ -149,12 +150,21 @@ def _batches(items: list[_Identity]) -> Iterator[list[_Identity]]:
         yield batch
 
 
+def _established(assoc: Association) -> bool:
+    """Whether ``assoc`` is still established: it can drop while files are sent.
+
+    A call rather than the property, so that a type checker does not carry over
+    what the check right after associating found.
+    """
+    return assoc.is_established
+
+
 def send_files(
     settings: Settings,
     remote: RemoteNode,
     files: list[Path],
     *,
-    progress: Callable[[ExportOutcome], None] | None = None,
+    progress: Callable[[ExportOutcome], object] | None = None,
 ) -> list[ExportOutcome]:
     """C-STORE every file to ``remote``; one outcome per file, in order."""
     outcomes: list[ExportOutcome] = []
@@ -187,7 +197,7 @@ def send_files(
         accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
         try:
             for item in batch:
-                if not assoc.is_established:
+                if not _established(assoc):
                     done(
                         ExportOutcome(
                             path=item.path,

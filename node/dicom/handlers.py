@@ -32,6 +32,7 @@ from pacsnode.storage import (
     read_header,
 )
 from pacsnode.storage.index import is_valid_uid
+from pacsnode.storage.wire import check_dataset
 
 __all__ = [
     "IMPLEMENTATION_CLASS_UID",
@@ -236,6 +237,13 @@ class StoreService:
             return status.CANNOT_UNDERSTAND, "empty dataset"
         if size > self.max_instance_bytes:
             return status.OUT_OF_RESOURCES, f"instance exceeds the limit: {size} > {self.max_instance_bytes} bytes"
+        try:
+            # Only a whole, consistent dataset is acknowledged: every element inside the bytes
+            # received, sequences and fragments closed, pixel data as long as the image needs,
+            # no File Meta elements, the encoding of the negotiated transfer syntax.
+            check_dataset(dataset, transfer_syntax_uid, max_inflated_bytes=self.max_instance_bytes)
+        except UnreadableInstanceError as exc:
+            return status.CANNOT_UNDERSTAND, str(exc)
         header = _file_header(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
         try:
             self.archive.check_space(size + len(header))

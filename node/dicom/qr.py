@@ -5,7 +5,9 @@ the matching, and turn every failure into the PS3.4 C.4 status with an Error
 Comment: 0xA900 for an identifier that does not fit the model, 0xC000 for a
 value that cannot be matched, 0xA700 when the match cap is exceeded, 0xA801
 for an unknown move destination. Pending responses carry exactly the keys the
-peer asked for.
+peer asked for: keys the index has no column for come from the stored header
+with their stored VR (in a sequence, only the item keys asked for), and 0xFF01
+says that a value in such a key was not used for matching.
 
 Retrieves send what is stored. When the peer did not accept the stored
 transfer syntax, the instance is decompressed to an uncompressed syntax the
@@ -22,16 +24,18 @@ from collections.abc import Iterator
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.valuerep import PersonName
 from pynetdicom import build_context, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import Verification
 
 from pacsnode.node.config import Settings
 from pacsnode.node.dicom import status
-from pacsnode.node.dicom.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS
+from pacsnode.node.dicom.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS, Verification
 from pacsnode.node.dicom.handlers import failure_status, set_nodelay
 from pacsnode.storage import Archive, StorageError
 from pacsnode.storage.query import (
@@ -71,7 +75,10 @@ def handle_sop_extended(event: Event) -> dict[str, bytes]:
     timezone adjustment are not offered.
     """
     answer: dict[str, bytes] = {}
-    for sop_class, info in (event.app_info or {}).items():
+    # pynetdicom sets app_info (the requestor's items, {SOP class UID: bytes}) on this event only;
+    # Event does not declare it.
+    app_info: dict[str, bytes] | None = getattr(event, "app_info", None)
+    for sop_class, info in (app_info or {}).items():
         info = bytes(info or b"")
         if sop_class in FIND_MODELS and info:
             answer[sop_class] = bytes([info[0] & 1, (info[1] & 1) if len(info) > 1 else 0])[: min(len(info), 2)]
@@ -191,6 +198,10 @@ class QueryRetrieveService:
                 rsp.RetrieveAETitle = self.settings.node.ae_title
             elif keyword == "InstanceAvailability":
                 rsp.InstanceAvailability = "ONLINE"
+            elif isinstance(row.get(keyword), DataElement):  # from the stored header
+                stored = _as_requested(row[keyword], element)
+                rsp.add(stored)
+                texts.extend(_texts_of(stored))
             elif keyword in row:
                 value = row[keyword]
                 rsp.add_new(element.tag, element.VR, value)
@@ -343,6 +354,37 @@ class QueryRetrieveService:
         elif ts.is_deflated:
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         return ds  # explicit <-> implicit little endian: pynetdicom re-encodes for the accepted context
+
+
+def _as_requested(stored: DataElement, requested: DataElement) -> DataElement:
+    """A stored element as a C-FIND answer: a sequence keeps only the item keys the peer asked for.
+
+    An empty requested sequence (or one empty item) asks for the stored items whole.
+    """
+    if stored.VR != "SQ" or requested.VR != "SQ" or not stored.value:
+        return stored
+    asked = {sub.tag: sub for item in requested.value or () for sub in item}
+    if not asked:
+        return stored
+    items = []
+    for item in stored.value:
+        answer = Dataset()
+        for tag, sub in asked.items():
+            if tag in item:
+                answer.add(_as_requested(item[tag], sub))
+            else:
+                answer.add_new(tag, sub.VR, [] if sub.VR == "SQ" else None)
+        items.append(answer)
+    return DataElement(stored.tag, "SQ", Sequence(items))
+
+
+def _texts_of(element: DataElement) -> list[str]:
+    """Every text value of an element, in its items too (to choose the answer's character set)."""
+    if element.VR == "SQ":
+        return [text for item in element.value or () for sub in item for text in _texts_of(sub)]
+    value = element.value
+    values = value if isinstance(value, list | tuple) else [value]
+    return [str(v) for v in values if isinstance(v, str | PersonName)]
 
 
 def _unsendable(sop_instance_uid: str) -> Dataset:

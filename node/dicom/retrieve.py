@@ -16,15 +16,16 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
-from pynetdicom.sop_class import (
+
+from pacsnode.node.config import RemoteNode, Settings
+from pacsnode.node.dicom.contexts import (
+    STORAGE_SOP_CLASSES,
+    TRANSFER_SYNTAXES,
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
-
-from pacsnode.node.config import RemoteNode, Settings
-from pacsnode.node.dicom.contexts import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
 from pacsnode.node.dicom.export import make_ae, why_not_established
 from pacsnode.node.dicom.handlers import AssociationLog, StoreService, set_nodelay
 from pacsnode.storage import Archive

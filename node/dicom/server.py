@@ -56,6 +56,8 @@ class _PolicyACSE(ACSE):
     def _negotiate_as_acceptor(self) -> None:
         if self._policy.restricts:
             request = self.requestor.primitive
+            if request is None:  # set from the A-ASSOCIATE-RQ before negotiation starts
+                raise RuntimeError("no A-ASSOCIATE request to negotiate")
             calling = str(request.calling_ae_title)
             host = str(self.assoc.requestor.address)
             if not self._policy.allows(calling, host):
@@ -142,7 +144,8 @@ class NodeServer(ThreadedAssociationServer):
         if self._listen_socket is None:
             super().server_bind()
             return
-        self.socket.close()
+        if self.socket is not None:  # the one socketserver made: we serve on the shared one instead
+            self.socket.close()
         self.socket = self._listen_socket
         self.server_address = self.socket.getsockname()
 
