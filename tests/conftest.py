@@ -1,15 +1,34 @@
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from pacsnode.node.app import Node, configure_pynetdicom
+from pacsnode.node.app import configure_pynetdicom
 from pacsnode.node.config import Settings
-from pacsnode.storage import Archive
-from tests.helpers import make_settings
-from tests.peers import Modality, OrthancPeer, StorescpPeer, require_private_netns
+from tests.support.helpers import make_settings
+from tests.support.node import RunningNode
+from tests.support.peers import Modality, OrthancPeer, StorescpPeer, require_private_netns
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging() -> Iterator[None]:
+    """Tests that run the CLI in-process attach handlers to pytest's captured streams: undo that.
+
+    Otherwise a later test's threads log into a stream pytest has closed.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -20,17 +39,6 @@ def _pynetdicom_config() -> None:
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path)
-
-
-class RunningNode:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.archive = Archive.open(settings.storage)
-        self.node = Node(settings, archive=self.archive)
-        self.port = self.node.start()[1]
-
-    def stop(self) -> None:
-        self.node.stop(grace=2)
 
 
 @pytest.fixture
@@ -92,12 +100,12 @@ def storescp_factory(tmp_path: Path) -> Iterator[Callable[..., StorescpPeer]]:
         peer.stop()
 
 
-# -- PostgreSQL: a real server started by the tests (tests/pg.py) --------------------------------
+# -- PostgreSQL: a real server started by the tests (tests/support/pg.py) --------------------------------
 
 import itertools  # noqa: E402  (this block is self-contained)
 import re  # noqa: E402
 
-from tests.pg import PostgresNotInstalledError, PostgresServer  # noqa: E402
+from tests.support.pg import PostgresNotInstalledError, PostgresServer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.acceptance.test_serve import Served
+from tests.support.served import Served
 
 
 @pytest.fixture(autouse=True)

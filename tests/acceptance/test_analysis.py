@@ -8,7 +8,6 @@ everything exactly once when it comes up; a late instance makes the results be r
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -21,24 +20,11 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
-from pacsnode.analysis.modeldev.synthetic import ChestTruth, write_chest_ct
-from tests.acceptance.test_serve import Served
-from tests.helpers import VALIDATOR, pydicom_data_files
-from tests.peers import StorescpPeer, require, require_private_netns
-
-SEG, SR, SC = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7"
-
-
-def _wait(what: str, check: Callable[[], Any], timeout: float, served: Served | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            log = served.log.read_text()[-4000:] if served is not None else ""
-            pytest.fail(f"timed out after {timeout} s waiting for {what}\n{log}")
-        time.sleep(0.3)
+from pacsnode.analysis.modeldev.synthetic import ChestTruth, PhantomSpec, write_chest_ct
+from tests.support.analysis import SC, SEG, SR, by_class, jobs, jobs_in, storescu, validate_results
+from tests.support.helpers import pydicom_data_files
+from tests.support.peers import StorescpPeer, require_private_netns
+from tests.support.served import Served
 
 
 def _node(tmp_path: Path, dest: StorescpPeer | None, **analysis: object) -> Served:
@@ -66,34 +52,6 @@ def _node(tmp_path: Path, dest: StorescpPeer | None, **analysis: object) -> Serv
     return served
 
 
-def _storescu(port: int, files: list[Path]) -> None:
-    result = subprocess.run(
-        [require("storescu"), "-aec", "PACSNODE", "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={"TCP_NODELAY": "1"},
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def _jobs(served: Served) -> list[dict[str, Any]]:
-    return json.loads(served.cli("jobs", "--json").stdout)  # type: ignore[no-any-return]
-
-
-def _jobs_in(served: Served, states: set[str], count: int = 1) -> list[dict[str, Any]]:
-    def check() -> list[dict[str, Any]] | None:
-        jobs = _jobs(served)
-        return jobs if len(jobs) >= count and all(j["state"] in states for j in jobs) else None
-
-    return _wait(f"{count} job(s) in {states}", check, timeout=120, served=served)  # type: ignore[no-any-return]
-
-
-def _by_class(files: list[Path]) -> Counter[str]:
-    return Counter(str(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID) for f in files)
-
-
 def _numeric_values(ds: Dataset) -> dict[str, float]:
     """Concept name meaning -> value of every NUM item in an SR content tree (last one wins)."""
     out: dict[str, float] = {}
@@ -110,14 +68,6 @@ def _numeric_values(ds: Dataset) -> dict[str, float]:
     return out
 
 
-def _validate(files: list[Path]) -> None:
-    require("dciodvfy")
-    result = subprocess.run(
-        ["bash", str(VALIDATOR), "-q", *map(str, files)], capture_output=True, text=True, timeout=300, check=False
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-
-
 def _sorted_by_position(truth: ChestTruth) -> list[Path]:
     def z(path: Path) -> float:
         return float(pydicom.dcmread(path, stop_before_pixels=True).ImagePositionPatient[2])
@@ -129,23 +79,23 @@ def _sorted_by_position(truth: ChestTruth) -> list[Path]:
 def test_pushed_chest_ct_comes_back_as_valid_seg_sr_sc_and_a_late_instance_replaces_them(
     tmp_path: Path, storescp_factory: Callable[..., StorescpPeer]
 ) -> None:
-    truth = write_chest_ct(tmp_path / "ct", slices=81, size=128, seed=7)
+    truth = write_chest_ct(tmp_path / "ct", PhantomSpec(slices=81, size=128), seed=7)
     ordered = _sorted_by_position(truth)
     first, late = ordered[:-1], ordered[-1]
     dest = storescp_factory(ae_title="DEST")
     served = _node(tmp_path, dest)
 
-    _storescu(served.port, first)
-    (job,) = _jobs_in(served, {"done", "failed"})
+    storescu(served.port, first)
+    (job,) = jobs_in(served, {"done", "failed"})
     assert job["state"] == "done", job["last_error"]
-    received = _wait("5 results at the destination", lambda: len(dest.received()) >= 5 and dest.received(), 60, served)
-    classes = _by_class(received)
+    received = served.wait("5 results at the destination", lambda: len(dest.received()) >= 5 and dest.received(), 60)
+    classes = by_class(received)
     assert classes == Counter({SEG: 1, SR: 1, SC: 3}), classes
-    _validate(received)
+    validate_results(received)
 
     # The measurements: the job's summary and the SR agree, and both are within tolerance of the truth
     # computed for the 80 slices that were pushed.
-    truth80 = write_chest_ct(tmp_path / "ct80", slices=80, size=128, seed=7)
+    truth80 = write_chest_ct(tmp_path / "ct80", PhantomSpec(slices=80, size=128), seed=7)
     result = job["result"]
     assert result["slices"] == 80
     for key, expected in (
@@ -184,12 +134,12 @@ def test_pushed_chest_ct_comes_back_as_valid_seg_sr_sc_and_a_late_instance_repla
     # the old ones -- same Series and SOP Instance UIDs, new content, no duplicates here or there.
     before = {f.name for f in received}
     requests_before = dest.store_requests()
-    _storescu(served.port, [late])
-    jobs = _jobs_in(served, {"done", "failed"}, count=2)
+    storescu(served.port, [late])
+    jobs = jobs_in(served, {"done", "failed"}, count=2)
     newest = max(jobs, key=lambda j: j["id"])
     assert newest["state"] == "done" and newest["result"]["slices"] == 81, newest
     assert sorted(newest["result"]["results"]) == sorted(jobs[-1]["result"]["results"])
-    _wait("the replaced results at the destination", lambda: dest.store_requests() >= requests_before + 5, 60, served)
+    served.wait("the replaced results at the destination", lambda: dest.store_requests() >= requests_before + 5, 60)
     after = dest.received()
     assert {f.name for f in after} == before  # storescp names files by SOP Instance UID: replaced, not added
     sr = next(pydicom.dcmread(f) for f in after if str(pydicom.dcmread(f).SOPClassUID) == SR)
@@ -203,30 +153,31 @@ def test_pushed_chest_ct_comes_back_as_valid_seg_sr_sc_and_a_late_instance_repla
 @pytest.mark.dcmtk
 def test_destination_down_then_up_gets_every_result_exactly_once(tmp_path: Path) -> None:
     require_private_netns()
-    truth = write_chest_ct(tmp_path / "ct", slices=40, size=96, seed=3)
+    truth = write_chest_ct(tmp_path / "ct", PhantomSpec(slices=40, size=96), seed=3)
     dest = StorescpPeer(tmp_path / "dest", ae_title="DEST")  # its port is chosen, it is not listening yet
     served = _node(tmp_path, dest)
     try:
-        _storescu(served.port, truth.paths)
-        _jobs_in(served, {"done"})
+        storescu(served.port, truth.paths)
+        jobs_in(served, {"done"})
 
         def failing() -> bool:
             exports = json.loads(served.cli("exports", "--failed", "--json").stdout)
             return len(exports) == 5 and all(e["attempts"] >= 2 for e in exports)
 
-        _wait("exports to fail against the closed port", failing, 60, served)
+        served.wait("exports to fail against the closed port", failing, 60)
         dest.start()
-        _wait("5 results at the destination", lambda: len(dest.received()) >= 5, 60, served)
-        exports = _wait(
+        served.wait("5 results at the destination", lambda: len(dest.received()) >= 5, 60)
+        exports = served.wait(
             "every export done",
             lambda: (lambda e: e if all(x["state"] == "done" for x in e) else None)(
                 json.loads(served.cli("exports", "--json").stdout)
             ),
             30,
-            served,
         )
         assert len(exports) == 5
-        time.sleep(2)  # nothing more may arrive
+        # A quiet period, not synchronisation: every export is done, so nothing more may arrive; a
+        # duplicate sent late would be missed on a slow machine, never invented on a fast one.
+        time.sleep(2)
         assert dest.store_requests() == 5
         assert "connection refused" in served.log.read_text().lower() or "could not" in served.log.read_text().lower()
         assert served.stop() == 0
@@ -247,8 +198,8 @@ def test_single_real_ct_slice_fails_the_job_with_not_enough_slices(tmp_path: Pat
             }
         ],
     )
-    _storescu(served.port, [pydicom_data_files() / "693_UNCI.dcm"])
-    (job,) = _jobs_in(served, {"done", "failed"})
+    storescu(served.port, [pydicom_data_files() / "693_UNCI.dcm"])
+    (job,) = jobs_in(served, {"done", "failed"})
     assert job["state"] == "failed" and job["attempts"] == 1
     assert "not enough slices" in job["last_error"], job["last_error"]
     out = served.cli("jobs", "--state", "failed").stdout
@@ -257,19 +208,18 @@ def test_single_real_ct_slice_fails_the_job_with_not_enough_slices(tmp_path: Pat
     # The operator's commands: retry the failed job, and queue an analysis by hand.
     retried = served.cli("retry", str(job["id"]))
     assert f"job {job['id']} queued again" in retried.stdout
-    _wait(
+    served.wait(
         "the retried job to fail again",
         lambda: (lambda j: j if j["state"] == "failed" and j["finished_at"] != job["finished_at"] else None)(
-            _jobs(served)[0]
+            jobs(served)[0]
         ),
         60,
-        served,
     )
     assert served.cli("retry", "999", check=False).returncode == 1
     study = str(pydicom.dcmread(pydicom_data_files() / "693_UNCI.dcm", stop_before_pixels=True).StudyInstanceUID)
     queued = served.cli("analyze", study, "--pipeline", "ct-lung")
     assert "rule lung (ct-lung)" in queued.stdout, queued.stdout
-    assert len(_jobs_in(served, {"failed"}, count=2)) == 2
+    assert len(jobs_in(served, {"failed"}, count=2)) == 2
     missing = served.cli("analyze", "1.2.3.4.5", check=False)
     assert missing.returncode == 1 and "no received series" in missing.stderr
     assert served.stop() == 0

@@ -17,21 +17,12 @@ import pydicom
 import pytest
 import yaml
 
-from pacsnode.analysis.modeldev.synthetic import write_chest_ct
-from tests.acceptance.test_analysis import (
-    SC,
-    SEG,
-    SR,
-    _by_class,
-    _jobs_in,
-    _storescu,
-    _validate,
-    _wait,
-)
-from tests.acceptance.test_serve import Served
-from tests.helpers import REPO, pacsnode_cmd, sha256_file
-from tests.models import make_package
-from tests.peers import StorescpPeer
+from pacsnode.analysis.modeldev.synthetic import PhantomSpec, write_chest_ct
+from tests.support.analysis import SC, SEG, SR, by_class, jobs_in, storescu, validate_results
+from tests.support.helpers import REPO, pacsnode_cmd, sha256_file
+from tests.support.models import make_package
+from tests.support.peers import StorescpPeer
+from tests.support.served import Served
 
 
 def _node(tmp_path: Path, dest: StorescpPeer, params: dict[str, Any]) -> Served:
@@ -87,36 +78,32 @@ def _long_axis_and_volume(sr: pydicom.Dataset) -> list[tuple[float, float]]:
 def test_pushed_ct_with_nodules_comes_back_with_each_nodule_measured(
     tmp_path: Path, storescp_factory: Callable[..., StorescpPeer]
 ) -> None:
-    truth = write_chest_ct(
-        tmp_path / "ct",
+    spec = PhantomSpec(
         slices=28,
         size=512,
         slice_thickness_mm=2.0,
-        seed=11,
         nodules=3,
         nodule_diameter_mm=(12.0, 20.0),
         nodule_kinds=("solid",),
         vessel_spheres=False,
     )
+    truth = write_chest_ct(tmp_path / "ct", spec, seed=11)
     assert len(truth.nodules) == 3
     dest = storescp_factory(ae_title="DEST")
     served = _node(tmp_path, dest, {"engine": {"device": "cpu"}, "max_key_images": 5})
 
-    _storescu(served.port, truth.paths)
-    (job,) = _jobs_in(served, {"done", "failed"})
+    storescu(served.port, truth.paths)
+    (job,) = jobs_in(served, {"done", "failed"})
     assert job["state"] == "done", job["last_error"]
     findings = job["result"]["findings"]
     assert findings, job["result"]
     expected = 2 + min(len(findings), 5)  # SEG, SR and one key image per finding
-    received = _wait(
-        f"{expected} results at the destination",
-        lambda: len(dest.received()) >= expected and dest.received(),
-        60,
-        served,
+    received = served.wait(
+        f"{expected} results at the destination", lambda: len(dest.received()) >= expected and dest.received(), 60
     )
-    classes = _by_class(received)
+    classes = by_class(received)
     assert classes == Counter({SEG: 1, SR: 1, SC: expected - 2}), classes
-    _validate(received)
+    validate_results(received)
 
     # Every phantom nodule is reported near its true centre, with about its true size.
     centres = []

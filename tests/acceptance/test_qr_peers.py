@@ -19,14 +19,14 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from pacsnode.node.dicom.handlers import set_nodelay
-from tests.conftest import RunningNode
-from tests.helpers import (
+from tests.support.helpers import (
     PYDICOM_FILES,
     make_settings,
     pydicom_data_files,
     store_datasets,
 )
-from tests.peers import OrthancPeer, StorescpPeer, require
+from tests.support.node import RunningNode
+from tests.support.peers import OrthancPeer, StorescpPeer, require
 
 pytestmark = pytest.mark.dcmtk
 
@@ -295,7 +295,7 @@ def _write_config(tmp_path: Path, settings: Any) -> Path:
 
 
 def _cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    from tests.helpers import pacsnode_cmd
+    from tests.support.helpers import pacsnode_cmd
 
     return subprocess.run(
         pacsnode_cmd("--config", str(config), *args), capture_output=True, text=True, timeout=120, check=False

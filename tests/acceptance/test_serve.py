@@ -4,105 +4,27 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
-import yaml
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
-from sqlalchemy import create_engine, select
 
 from pacsnode.node.testing.corpus import UID_PREFIX, make_dataset, write_series
-from pacsnode.storage.models import Instance
-from tests.helpers import (
+from tests.support.helpers import (
     PYDICOM_FILES,
     REPO,
-    free_port,
     pacsnode_cmd,
     pydicom_data_files,
     sha256_file,
-    wait_for_port,
 )
-from tests.peers import require
-
-
-class Served:
-    #: Nodes started and not yet stopped; tests/acceptance/conftest.py stops what a failed test left.
-    running: set[Served] = set()
-
-    def __init__(
-        self, tmp_path: Path, processes: int = 1, sections: dict[str, object] | None = None, **node: object
-    ) -> None:
-        self.port = free_port()
-        self.root = tmp_path / "store"
-        self.db = tmp_path / "index.db"
-        self.config = tmp_path / "pacsnode.yaml"
-        config = {
-            "node": {"port": self.port, "acceptor_processes": processes, "timeouts": {"shutdown_grace": 5}, **node},
-            "storage": {"root": str(self.root), "database_url": f"sqlite:///{self.db}", "min_free_bytes": 0},
-            "remote_nodes": {"SELF": {"ae_title": "PACSNODE", "host": "127.0.0.1", "port": self.port}},
-            "analysis": {"workers": 0},
-        }
-        for key, value in (sections or {}).items():
-            if isinstance(value, dict) and isinstance(config.get(key), dict):
-                config[key] = {**config[key], **value}  # type: ignore[dict-item]
-            else:
-                config[key] = value
-        self.config.write_text(yaml.safe_dump(config))
-        self.log = tmp_path / "serve.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                pacsnode_cmd("--config", str(self.config), "serve"),
-                cwd=REPO,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        Served.running.add(self)
-        wait_for_port(self.port, proc=self.proc)
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=30)
-        self.proc = None
-        Served.running.discard(self)
-        return code
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-        self.proc = None
-        Served.running.discard(self)
-
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            pacsnode_cmd("--config", str(self.config), *args),
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=check,
-            timeout=120,
-        )
-
-    def rows(self) -> dict[str, Instance]:
-        engine = create_engine(f"sqlite:///{self.db}")
-        try:
-            with engine.connect() as conn:
-                return {r.sop_instance_uid: r for r in conn.execute(select(Instance)).all()}
-        finally:
-            engine.dispose()
+from tests.support.peers import require
+from tests.support.served import Served
 
 
 @pytest.fixture
@@ -222,20 +144,33 @@ def test_sigterm_lets_the_inflight_association_finish(tmp_path: Path) -> None:
     served.start()
     datasets = [make_dataset(rows=256, columns=256) for _ in range(40)]
     statuses: list[int] = []
+    shutting_down = threading.Event()
 
     def push() -> None:
         ae = AE(ae_title="SLOW")
         ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
         assoc = ae.associate("127.0.0.1", served.port, ae_title="PACSNODE")
-        for ds in datasets:
-            statuses.append(int(assoc.send_c_store(ds).Status))
-            time.sleep(0.02)
-        assoc.release()
+        try:
+            for ds in datasets:
+                statuses.append(int(assoc.send_c_store(ds).Status))
+                shutting_down.wait(120)  # after the first store, the rest goes to an acceptor that is stopping
+        finally:
+            if assoc.is_established:
+                assoc.release()
 
     t = threading.Thread(target=push)
     t.start()
-    time.sleep(0.3)
-    assert served.stop() == 0  # SIGTERM while the association is sending
+    try:
+        served.wait("the first C-STORE to be acknowledged", lambda: statuses, timeout=60)
+        served.terminate()  # SIGTERM while the association is open, 39 stores still to come
+        served.wait(
+            "both acceptors to begin shutting down",
+            lambda: served.log.read_text().count("shutting down acceptor") >= 2,
+            timeout=60,
+        )
+    finally:
+        shutting_down.set()
+    assert served.stop() == 0
     t.join(timeout=30)
     assert statuses == [0] * len(datasets)
     assert len(served.rows()) == len(datasets)

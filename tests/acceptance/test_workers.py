@@ -1,6 +1,6 @@
 """``pacsnode worker`` processes against one database: exactly once, crash recovery, timeouts.
 
-Jobs run the test pipeline ``tests.pipelines:Record``, which appends one line
+Jobs run the test pipeline ``tests.support.pipelines:Record``, which appends one line
 per completed run to a log, so "exactly once" is checked by counting lines.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from pacsnode.storage import Archive, StorageSettings
 from pacsnode.storage.db import migrate
 from pacsnode.storage.index import InstanceMeta, add_instance
 from pacsnode.storage.queue import JobQueue, JobRecord
-from tests.helpers import REPO, pacsnode_cmd
+from tests.support.helpers import REPO, pacsnode_cmd, wait_until
 
 
 class Workers:
@@ -102,26 +101,30 @@ def _study(engine: Engine, n: int) -> str:
 
 
 def _wait_jobs(queue: JobQueue, ids: list[int], states: set[str], timeout: float) -> list[JobRecord]:
-    deadline = time.monotonic() + timeout
-    while True:
+    def check() -> list[JobRecord] | None:
         jobs = [queue.get(i) for i in ids]
-        if all(j is not None and j.state in states for j in jobs):
-            return jobs  # type: ignore[return-value]
-        if time.monotonic() > deadline:
-            pytest.fail(f"jobs not {states} after {timeout} s: {[(j.id, j.state) for j in jobs if j]}")
-        time.sleep(0.2)
+        return jobs if all(j is not None and j.state in states for j in jobs) else None  # type: ignore[return-value]
+
+    return wait_until(
+        check,
+        timeout,
+        f"jobs {ids} to be {states}",
+        interval=0.2,
+        details=lambda: str([(j.id, j.state) for j in (queue.get(i) for i in ids) if j]),
+    )
 
 
 def _run_many(tmp_path: Path, url: str, workers, supervisors: int, per: int, jobs: int) -> None:  # type: ignore[no-untyped-def]
     engine = _index(tmp_path, url)
     queue = JobQueue(engine)
     log = tmp_path / "runs.log"
+    release = tmp_path / "release"  # runs hold until this exists: several processes must have claimed a job
     ids = [
         queue.enqueue(
             rule="r",
-            pipeline="tests.pipelines:Record",
+            pipeline="tests.support.pipelines:Record",
             study_instance_uid=_study(engine, n),
-            params={"log": str(log), "seconds": 0.05},
+            params={"log": str(log), "hold_until": str(release)},
             max_attempts=3,
             timeout_s=60,
         )[0]
@@ -129,6 +132,13 @@ def _run_many(tmp_path: Path, url: str, workers, supervisors: int, per: int, job
     ]
     for s in range(supervisors):
         workers(url, per, name=f"w{s}")
+
+    def owners() -> set[str]:
+        running = (queue.get(i) for i in ids)
+        return {j.lease_owner for j in running if j is not None and j.state == "running" and j.lease_owner}
+
+    wait_until(lambda: len(owners()) >= 2, 120, "two worker processes to run a job each")
+    release.touch()
     done = _wait_jobs(queue, ids, {"done", "failed"}, timeout=120)
     assert [j.state for j in done] == ["done"] * jobs, [(j.id, j.last_error) for j in done if j.state != "done"]
     lines = log.read_text().splitlines()
@@ -153,11 +163,12 @@ def test_kill_9_of_a_worker_mid_job_the_job_completes_after_restart(tmp_path: Pa
     engine = _index(tmp_path, url)
     queue = JobQueue(engine)
     log = tmp_path / "runs.log"
+    release = tmp_path / "release"  # the run holds until this exists: it is certainly mid-job when killed
     job_id, _ = queue.enqueue(
         rule="r",
-        pipeline="tests.pipelines:Record",
+        pipeline="tests.support.pipelines:Record",
         study_instance_uid=_study(engine, 1),
-        params={"log": str(log), "seconds": 3},
+        params={"log": str(log), "hold_until": str(release)},
         max_attempts=3,
         timeout_s=60,
     )
@@ -166,6 +177,7 @@ def test_kill_9_of_a_worker_mid_job_the_job_completes_after_restart(tmp_path: Pa
     victim = int((running.lease_owner or "").split(":")[1])
     assert victim != w.proc.pid  # the worker process, not its supervisor
     os.kill(victim, signal.SIGKILL)
+    release.touch()  # the next run may finish
     (done,) = _wait_jobs(queue, [job_id], {"done", "failed"}, timeout=60)
     assert done.state == "done" and done.attempts == 2
     assert int(done.result["files"]) == 1 if done.result else False
@@ -181,7 +193,7 @@ def test_a_job_past_its_timeout_is_stopped_and_retried_then_failed(tmp_path: Pat
     queue = JobQueue(engine)
     job_id, _ = queue.enqueue(
         rule="r",
-        pipeline="tests.pipelines:Record",
+        pipeline="tests.support.pipelines:Record",
         study_instance_uid=_study(engine, 1),
         params={"seconds": 60},
         max_attempts=2,
@@ -191,8 +203,10 @@ def test_a_job_past_its_timeout_is_stopped_and_retried_then_failed(tmp_path: Pat
     (failed,) = _wait_jobs(queue, [job_id], {"failed", "done"}, timeout=60)
     assert failed.state == "failed" and failed.attempts == 2
     assert "timed out after 1.5 s (attempt 2 of 2)" in (failed.last_error or "")
-    deadline = time.monotonic() + 10  # the supervisor notices the exit within a poll or two
-    while w.log.read_text().count("ended a job past its timeout; starting another") < 2:
-        assert time.monotonic() < deadline, w.log.read_text()[-3000:]
-        time.sleep(0.2)
+    wait_until(  # the supervisor logs each timed-out worker it replaces
+        lambda: w.log.read_text().count("ended a job past its timeout; starting another") >= 2,
+        30,
+        "the supervisor to report both timed-out runs",
+        details=lambda: w.log.read_text()[-3000:],
+    )
     engine.dispose()

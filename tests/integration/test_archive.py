@@ -21,7 +21,7 @@ from pacsnode.storage import (
 )
 from pacsnode.storage.index import count_rows
 from pacsnode.storage.models import Instance, Patient, Study
-from tests.helpers import sha256_file
+from tests.support.helpers import sha256_file
 
 
 def _archive(tmp_path: Path, policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST) -> Archive:

@@ -53,9 +53,7 @@ def test_index_and_store_are_readable_by_their_owner_only(tmp_path: Path) -> Non
         assert _mode(path) & 0o077 == 0, f"{path} is {oct(_mode(path))}"
 
 
-def test_studies_escapes_terminal_sequences_from_the_index(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_studies_escapes_terminal_sequences_from_the_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     settings = make_settings(tmp_path)
     archive = Archive(settings.storage)
     try:

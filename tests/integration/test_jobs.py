@@ -15,7 +15,7 @@ from pacsnode.storage import Archive
 from pacsnode.storage.db import migrate
 from pacsnode.storage.index import InstanceMeta, add_instance
 from pacsnode.storage.queue import ExportQueue, JobQueue, RetryPolicy, utcnow
-from tests.helpers import make_settings
+from tests.support.helpers import make_settings
 
 POLICY = RetryPolicy(max_attempts=3, base_s=0.0, cap_s=0.0)
 
@@ -23,7 +23,7 @@ POLICY = RetryPolicy(max_attempts=3, base_s=0.0, cap_s=0.0)
 def _settings(tmp_path: Path, **analysis: object) -> Settings:
     rule = {
         "name": "rec",
-        "pipeline": "tests.pipelines:Record",
+        "pipeline": "tests.support.pipelines:Record",
         "match": {"modality": ["CT"]},
         "params": {"log": str(tmp_path / "runs.log")},
     }
@@ -161,7 +161,7 @@ def test_ready_when_instance_count_skips_the_quiet_time(tmp_path: Path, archive:
         rules=[
             {
                 "name": "rec",
-                "pipeline": "tests.pipelines:Record",
+                "pipeline": "tests.support.pipelines:Record",
                 "match": {"modality": ["CT"], "min_instances": 3},
                 "ready_when": {"instances": 4},
             }
@@ -180,7 +180,7 @@ def test_worker_runs_the_job_once_and_records_failures(tmp_path: Path, archive: 
     queue = JobQueue(archive.engine)
     ok_id, _ = queue.enqueue(
         rule="rec",
-        pipeline="tests.pipelines:Record",
+        pipeline="tests.support.pipelines:Record",
         study_instance_uid="1.2.5",
         series_instance_uid="1.2.5.1",
         params={"log": str(tmp_path / "runs.log")},
@@ -189,7 +189,7 @@ def test_worker_runs_the_job_once_and_records_failures(tmp_path: Path, archive: 
     )
     bad_id, _ = queue.enqueue(
         rule="x",
-        pipeline="tests.pipelines:Record",
+        pipeline="tests.support.pipelines:Record",
         study_instance_uid="1.2.5",
         params={"fail": "input"},
         max_attempts=3,
@@ -197,7 +197,7 @@ def test_worker_runs_the_job_once_and_records_failures(tmp_path: Path, archive: 
     )
     crash_id, _ = queue.enqueue(
         rule="y",
-        pipeline="tests.pipelines:Record",
+        pipeline="tests.support.pipelines:Record",
         study_instance_uid="1.2.6",
         params={"fail": "crash"},
         max_attempts=3,
@@ -278,7 +278,7 @@ def test_exports_cli_lists_dead_exports_and_queues_them_again(
 
 def test_a_batching_pipeline_gets_pending_jobs_of_its_rule_in_one_pass(tmp_path: Path, archive: Archive) -> None:
     log = tmp_path / "runs.log"
-    rule = {"name": "cnn", "pipeline": "tests.pipelines:BatchRecord", "params": {"log": str(log)}}
+    rule = {"name": "cnn", "pipeline": "tests.support.pipelines:BatchRecord", "params": {"log": str(log)}}
     settings = make_settings(tmp_path, analysis={"workers": 0, "batch_jobs": 3, "rules": [rule]})
     queue = JobQueue(archive.engine)
     ids = []
@@ -286,7 +286,7 @@ def test_a_batching_pipeline_gets_pending_jobs_of_its_rule_in_one_pass(tmp_path:
         _add(archive, f"1.3.{n}", f"1.3.{n}.1", 2)
         job_id, _ = queue.enqueue(
             rule="cnn",
-            pipeline="tests.pipelines:BatchRecord",
+            pipeline="tests.support.pipelines:BatchRecord",
             study_instance_uid=f"1.3.{n}",
             params={"log": str(log)},
             max_attempts=3,
@@ -296,7 +296,7 @@ def test_a_batching_pipeline_gets_pending_jobs_of_its_rule_in_one_pass(tmp_path:
     _add(archive, "1.3.50", "1.3.50.1", 1)
     other, _ = queue.enqueue(
         rule="other",
-        pipeline="tests.pipelines:BatchRecord",
+        pipeline="tests.support.pipelines:BatchRecord",
         study_instance_uid="1.3.50",
         params={"log": str(log)},
         max_attempts=3,
@@ -304,7 +304,7 @@ def test_a_batching_pipeline_gets_pending_jobs_of_its_rule_in_one_pass(tmp_path:
     )
     missing, _ = queue.enqueue(
         rule="cnn",
-        pipeline="tests.pipelines:BatchRecord",
+        pipeline="tests.support.pipelines:BatchRecord",
         study_instance_uid="1.3.99",
         params={"log": str(log)},
         max_attempts=3,

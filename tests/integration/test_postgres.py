@@ -1,9 +1,9 @@
-"""The storage layer on a real PostgreSQL server (started by the tests: tests/pg.py).
+"""The storage layer on a real PostgreSQL server (started by the tests: tests/support/pg.py).
 
 * The Alembic migrations build, on an empty PostgreSQL database, exactly the schema of the
   models (as tests/unit/test_query.py checks for SQLite), and 0002 backfills the search keys.
 * Nodes on SQLite and on PostgreSQL, filled over C-STORE with the same corpus
-  (tests/corpus_qr.py), answer every C-FIND of tests/data/find_queries.yaml, and a few
+  (tests/support/corpus_qr.py), answer every C-FIND of tests/data/find_queries.yaml, and a few
   queries aimed at what differs between the dialects (LIKE instead of GLOB, collations),
   identically: the same status, the same entities, the same value for every returned key.
   PostgreSQL runs twice: a database collated ``C.UTF-8`` (code point order, as SQLite) and
@@ -19,7 +19,6 @@ ICU collation, ModalitiesInStudy read before the study row was locked); they sta
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,17 +40,17 @@ from pacsnode.storage.db import make_engine, migrate
 from pacsnode.storage.index import InstanceMeta
 from pacsnode.storage.models import Base, Study
 from pacsnode.storage.query import Model, parse_find
-from tests.conftest import RunningNode
-from tests.corpus_qr import write_corpus
-from tests.helpers import make_settings, store_datasets
-from tests.interop.test_find_differential import (
+from tests.support.corpus_qr import write_corpus
+from tests.support.find import (
     QUERIES,
     FindQuery,
     FindResult,
     Peer,
     by_unique_key,
 )
-from tests.pg import PostgresServer
+from tests.support.helpers import make_settings, store_datasets, wait_until
+from tests.support.node import RunningNode
+from tests.support.pg import PostgresServer
 
 _SUCCESS = 0x0000
 
@@ -408,22 +407,24 @@ def test_modalities_of_two_new_series_written_at_once(postgres_url: str) -> None
 
         thread = threading.Thread(target=second)
         thread.start()
-        with engine.connect() as watcher:  # wait until the second writer blocks on a lock (or finishes)
-            deadline = time.monotonic() + 10
-            while thread.is_alive() and time.monotonic() < deadline:
-                waiting = watcher.execute(
-                    sa.text(
-                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                        "AND wait_event_type = 'Lock'"
-                    )
-                ).scalar_one()
-                watcher.rollback()
-                if waiting:
-                    break
-                time.sleep(0.02)
-        tx.commit()
-        first.close()
-        thread.join(timeout=30)
+        try:
+            with engine.connect() as watcher:
+
+                def blocked_or_done() -> bool:
+                    waiting = watcher.execute(
+                        sa.text(
+                            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND wait_event_type = 'Lock'"
+                        )
+                    ).scalar_one()
+                    watcher.rollback()
+                    return bool(waiting) or not thread.is_alive()
+
+                wait_until(blocked_or_done, 60, "the second writer to wait on the study row's lock (or finish)")
+        finally:
+            tx.commit()
+            first.close()
+            thread.join(timeout=30)
         assert not errors, errors
         with engine.connect() as conn:
             row = conn.execute(

@@ -1,4 +1,9 @@
-"""C-FIND SCP over a real association: matching, return keys, statuses, cancel."""
+"""C-FIND SCP over a real association: matching, return keys, statuses, cancel.
+
+Return keys the index has no column for come from the ``dicom_json`` that each level keeps of
+its first instance (an instance: its own header); the instances of :data:`CORPUS` carry such
+headers (:func:`_header`), the bulk studies none (rows as indexed before revision 0004).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 from pynetdicom.sop_class import (
@@ -15,9 +22,10 @@ from pynetdicom.sop_class import (
 )
 
 from pacsnode.node.dicom.handlers import set_nodelay
-from pacsnode.storage.index import InstanceMeta, add_instance
-from tests.conftest import RunningNode
-from tests.helpers import make_settings
+from pacsnode.node.testing.corpus import make_dataset
+from pacsnode.storage.index import InstanceMeta, add_instance, header_json
+from tests.support.helpers import make_settings, store_datasets
+from tests.support.node import RunningNode
 
 STUDY_ROOT = StudyRootQueryRetrieveInformationModelFind
 PATIENT_ROOT = PatientRootQueryRetrieveInformationModelFind
@@ -62,6 +70,35 @@ CORPUS: list[tuple[str, str, str, str, str, str, str, str, list[tuple[str, str, 
 ]
 
 
+# Header attributes without an index column, per study: PatientAge, PatientWeight (DS text as
+# written), InstitutionName.
+STUDY_HEADERS = {
+    "1.2.3.1": ("064Y", "72.50", "Klinik Nord"),
+    "1.2.3.2": ("065Y", "71", "Klinik Nord"),
+    "1.2.3.3": ("055Y", "", "Klinik Süd"),
+    "1.2.3.4": ("045Y", "90.0", "Universitätsklinik Köln"),
+    "1.2.3.5": ("035Y", "55", "Klinik Süd"),
+}
+
+
+def _header(study: str, series: str, modality: str, i: int) -> dict[str, object]:
+    """The stored header of instance ``i`` of a series: what read_header keeps of a received file."""
+    age, weight, institution = STUDY_HEADERS[study]
+    ds = Dataset()
+    ds.PatientAge = age
+    if weight:
+        ds.PatientWeight = weight
+    ds.InstitutionName = institution
+    ds.ProtocolName = f"{modality} protocol {series}"
+    ds.ContentDate = f"202601{i:02d}"  # differs per instance: each level keeps its first
+    code = Dataset()
+    code.CodeValue = f"P-{study}"
+    code.CodingSchemeDesignator = "99PACSNODE"
+    code.CodeMeaning = f"Procedure of {study}"
+    ds.ProcedureCodeSequence = Sequence([code])
+    return header_json(ds)
+
+
 def _fill(node: RunningNode, extra_studies: int = 0) -> None:
     rows: list[InstanceMeta] = []
     for pid, name, birth, study, date, time, acc, desc, series_list in CORPUS:
@@ -93,6 +130,7 @@ def _fill(node: RunningNode, extra_studies: int = 0) -> None:
                         series_description=f"{modality} series",
                         body_part_examined="CHEST",
                         instance_number=i,
+                        dicom_json=_header(study, series, modality, i),
                     )
                 )
     for n in range(extra_studies):
@@ -132,9 +170,12 @@ def qr_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningNode]:
 
 
 class FindClient:
-    def __init__(self, port: int, *, ext: dict[str, bytes] | None = None) -> None:
+    def __init__(self, port: int, *, ext: dict[str, bytes] | None = None, transfer_syntax: str | None = None) -> None:
         ae = AE(ae_title="FINDSCU")
-        ae.requested_contexts = [build_context(STUDY_ROOT), build_context(PATIENT_ROOT)]
+        ae.requested_contexts = [
+            build_context(STUDY_ROOT, transfer_syntax),
+            build_context(PATIENT_ROOT, transfer_syntax),
+        ]
         ext_neg = []
         for uid, info in (ext or {}).items():
             item = SOPClassExtendedNegotiation()
@@ -150,10 +191,15 @@ class FindClient:
         )
         assert self.assoc.is_established
 
-    def find(self, keys: dict[str, Any], model: str = STUDY_ROOT) -> tuple[int, list[Dataset], Dataset | None]:
-        ds = Dataset()
-        for keyword, value in keys.items():
-            setattr(ds, keyword, value)
+    def find(
+        self, keys: dict[str, Any] | Dataset, model: str = STUDY_ROOT
+    ) -> tuple[int, list[Dataset], Dataset | None]:
+        if isinstance(keys, Dataset):
+            ds = keys
+        else:
+            ds = Dataset()
+            for keyword, value in keys.items():
+                setattr(ds, keyword, value)
         matches: list[Dataset] = []
         self.pending_codes: list[int] = []
         final_status, final = -1, None
@@ -313,11 +359,181 @@ def test_non_ascii_names_round_trip(client: FindClient) -> None:
 
 
 def test_unsupported_optional_key_gives_pending_warning(client: FindClient) -> None:
-    code, matches, _ = client.find({**STUDY, "StudyInstanceUID": "1.2.3.1", "InstitutionName": ""})
+    code, matches, _ = client.find({**STUDY, "StudyInstanceUID": "1.2.3.1", "SOPClassesInStudy": ""})
     assert code == 0
     assert client.pending_codes == [0xFF01]
     assert len(matches) == 1
-    assert "InstitutionName" in matches[0] and matches[0].InstitutionName in ("", None)
+    assert "SOPClassesInStudy" in matches[0] and matches[0].SOPClassesInStudy in ("", None)
+
+
+# -- return keys without an index column: from the stored headers ------------------------------
+
+
+def test_study_level_keys_without_a_column_come_from_the_first_header(client: FindClient) -> None:
+    code, matches, _ = client.find(
+        {
+            **STUDY,
+            "StudyInstanceUID": ["1.2.3.1", "1.2.3.3"],
+            "PatientAge": "",
+            "PatientWeight": "",
+            "ContentDate": "",
+            "StudyDescription": "",
+        }
+    )
+    assert code == 0
+    assert client.pending_codes == [0xFF00, 0xFF00]  # returning them is supported
+    answers = {m.StudyInstanceUID: m for m in matches}
+    first = answers["1.2.3.1"]
+    assert (first.PatientAge, str(first.PatientWeight), first.StudyDescription) == ("064Y", "72.50", "CT chest")
+    assert first.ContentDate == "20260101"  # the study's first instance, not a later one
+    second = answers["1.2.3.3"]
+    assert second.PatientAge == "055Y"
+    assert "PatientWeight" in second and second.PatientWeight in ("", None)  # not in its header: empty
+
+
+def test_keys_from_headers_keep_their_stored_vr(qr_node: RunningNode) -> None:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = "1.2.3.2"
+    identifier.add_new(0x00101010, "LO", "")  # PatientAge asked for with a VR that is not its own
+    identifier.PatientWeight = ""
+    c = FindClient(qr_node.port, transfer_syntax=ExplicitVRLittleEndian)
+    try:
+        code, matches, _ = c.find(identifier)
+    finally:
+        c.close()
+    assert code == 0
+    (match,) = matches
+    assert (match["PatientAge"].VR, match.PatientAge) == ("AS", "065Y")
+    assert (match["PatientWeight"].VR, str(match.PatientWeight)) == ("DS", "71")
+
+
+def test_series_and_image_levels_answer_from_their_own_headers(client: FindClient) -> None:
+    code, series, _ = client.find(
+        {
+            "QueryRetrieveLevel": "SERIES",
+            "StudyInstanceUID": "1.2.3.3",
+            "SeriesInstanceUID": "",
+            "ProtocolName": "",
+            "ContentDate": "",
+        }
+    )
+    assert code == 0
+    assert [(s.SeriesInstanceUID, s.ProtocolName, s.ContentDate) for s in series] == [
+        ("1.2.3.3.1", "MR protocol 1.2.3.3.1", "20260101"),
+        ("1.2.3.3.2", "MR protocol 1.2.3.3.2", "20260101"),
+    ]
+    code, images, _ = client.find(
+        {
+            "QueryRetrieveLevel": "IMAGE",
+            "StudyInstanceUID": "1.2.3.1",
+            "SeriesInstanceUID": "1.2.3.1.1",
+            "SOPInstanceUID": "",
+            "ContentDate": "",
+            "PatientAge": "",
+        }
+    )
+    assert code == 0
+    assert [(i.SOPInstanceUID, i.ContentDate, i.PatientAge) for i in images] == [
+        ("1.2.3.1.1.1", "20260101", "064Y"),
+        ("1.2.3.1.1.2", "20260102", "064Y"),
+        ("1.2.3.1.1.3", "20260103", "064Y"),
+    ]
+
+
+def test_patient_level_answers_from_the_patients_first_header(client: FindClient) -> None:
+    code, patients, _ = client.find(
+        {"QueryRetrieveLevel": "PATIENT", "PatientID": "P1", "PatientAge": "", "InstitutionName": ""}, PATIENT_ROOT
+    )
+    assert code == 0
+    (patient,) = patients
+    assert (patient.PatientAge, patient.InstitutionName) == ("064Y", "Klinik Nord")  # from study 1.2.3.1
+
+
+def test_a_sequence_comes_back_whole_or_with_the_item_keys_asked_for(client: FindClient) -> None:
+    code, matches, _ = client.find({**STUDY, "StudyInstanceUID": "1.2.3.2", "ProcedureCodeSequence": []})
+    assert code == 0
+    (item,) = matches[0].ProcedureCodeSequence
+    assert (item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning) == (
+        "P-1.2.3.2",
+        "99PACSNODE",
+        "Procedure of 1.2.3.2",
+    )
+    asked = Dataset()
+    asked.CodeValue = ""
+    asked.CodeMeaning = ""
+    code, matches, _ = client.find({**STUDY, "StudyInstanceUID": "1.2.3.2", "ProcedureCodeSequence": [asked]})
+    assert code == 0
+    (item,) = matches[0].ProcedureCodeSequence
+    assert {e.keyword for e in item} == {"CodeValue", "CodeMeaning"}
+    assert (item.CodeValue, item.CodeMeaning) == ("P-1.2.3.2", "Procedure of 1.2.3.2")
+
+
+def test_non_ascii_values_from_headers_set_the_character_set(client: FindClient) -> None:
+    code, matches, _ = client.find({**STUDY, "StudyInstanceUID": "1.2.3.4", "InstitutionName": ""})
+    assert code == 0
+    assert (matches[0].SpecificCharacterSet, matches[0].InstitutionName) == ("ISO_IR 192", "Universitätsklinik Köln")
+    latin = {**STUDY, "SpecificCharacterSet": "ISO_IR 100", "StudyInstanceUID": "1.2.3.5", "InstitutionName": ""}
+    code, matches, _ = client.find(latin)
+    assert code == 0
+    assert (matches[0].SpecificCharacterSet, matches[0].InstitutionName) == ("ISO_IR 100", "Klinik Süd")
+    code, matches, _ = client.find(
+        {**STUDY, "StudyInstanceUID": "1.2.3.4", "ProcedureCodeSequence": [], "PatientAge": ""}
+    )
+    assert code == 0 and "SpecificCharacterSet" not in matches[0]  # nothing outside ASCII
+
+
+def test_a_value_in_a_key_without_a_column_is_returned_not_matched(client: FindClient) -> None:
+    code, matches, _ = client.find({**STUDY, "PatientID": "P1", "PatientAge": "099Y"})
+    assert code == 0
+    assert client.pending_codes == [0xFF01, 0xFF01]  # PatientAge was not used for matching
+    assert {(m.StudyInstanceUID, m.PatientAge) for m in matches} == {("1.2.3.1", "064Y"), ("1.2.3.2", "065Y")}
+
+
+def test_entities_indexed_without_a_header_answer_empty(client: FindClient) -> None:
+    code, matches, _ = client.find({**STUDY, "AccessionNumber": "B1", "PatientAge": "", "ProcedureCodeSequence": []})
+    assert code == 0
+    assert client.pending_codes == [0xFF00]
+    (match,) = matches
+    assert match.PatientAge in ("", None)
+    assert len(match.ProcedureCodeSequence) == 0
+
+
+def test_a_stored_file_answers_from_its_header(start_node, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Over C-STORE: read_header keeps the header that C-FIND then answers from (no second read)."""
+    node = start_node(make_settings(tmp_path))
+    ds = make_dataset(rows=4, columns=4, modality="MR", seed=3)
+    ds.PatientAge = "042Y"
+    ds.PatientWeight = "68.0"
+    ds.ProtocolName = "BRAIN T2"
+    ds.ContentDate = "20260315"
+    assert store_datasets(node.port, [ds]) == [0]
+    c = FindClient(node.port)
+    try:
+        code, matches, _ = c.find(
+            {
+                "QueryRetrieveLevel": "IMAGE",
+                "StudyInstanceUID": ds.StudyInstanceUID,
+                "SeriesInstanceUID": ds.SeriesInstanceUID,
+                "SOPInstanceUID": "",
+                "PatientAge": "",
+                "PatientWeight": "",
+                "ProtocolName": "",
+                "ContentDate": "",
+                "PixelSpacing": "",
+            }
+        )
+    finally:
+        c.close()
+    assert code == 0
+    (match,) = matches
+    assert (match.PatientAge, str(match.PatientWeight), match.ProtocolName, match.ContentDate) == (
+        "042Y",
+        "68.0",
+        "BRAIN T2",
+        "20260315",
+    )
+    assert [str(v) for v in match.PixelSpacing] == [str(v) for v in ds.PixelSpacing]
 
 
 @pytest.mark.parametrize(
@@ -385,7 +601,7 @@ def test_cancel_stops_the_responses(start_node, tmp_path) -> None:  # type: igno
     """
     import subprocess
 
-    from tests.peers import require
+    from tests.support.peers import require
 
     node = start_node(make_settings(tmp_path, query={"max_matches": 5000}))
     _fill(node, extra_studies=2000)

@@ -21,15 +21,16 @@ from pacsnode.node.dicom import status
 from pacsnode.node.testing.corpus import UID_PREFIX, make_dataset
 from pacsnode.storage.index import count_rows
 from pacsnode.storage.models import Instance
-from tests.conftest import RunningNode
-from tests.helpers import (
+from tests.support.helpers import (
     PYDICOM_FILES,
     echo_status,
     make_settings,
     pydicom_data_files,
     sha256_file,
     store_datasets,
+    wait_until,
 )
+from tests.support.node import RunningNode
 
 SAMPLES = [
     PYDICOM_FILES / "CT_small.dcm",  # explicit VR LE
@@ -138,8 +139,7 @@ def _send_raw(assoc, req):  # type: ignore[no-untyped-def]
     """Send a hand-built request and wait for its response, with the reactor paused
     (as pynetdicom's own send_* methods do) so it cannot take the response first."""
     assoc._reactor_checkpoint.clear()
-    while not assoc._is_paused:
-        time.sleep(0.0001)
+    wait_until(lambda: assoc._is_paused, 10, "the association's reactor to pause", interval=0.0001)
     try:
         assoc.dimse.send_msg(req, assoc.accepted_contexts[0].context_id)
         _, rsp = assoc.dimse.get_msg(block=True)
@@ -264,7 +264,7 @@ def test_association_limit(start_node, tmp_path: Path) -> None:  # type: ignore[
         assert echo_status(node.port) == "rejected"
     finally:
         held.release()
-    time.sleep(0.3)
+    node.wait_idle()  # the node counts an association until its thread has ended
     assert echo_status(node.port) == status.SUCCESS
 
 
@@ -290,9 +290,11 @@ def test_abort_mid_transfer_leaves_nothing(node: RunningNode) -> None:
     fragments = list(msg.encode_msg(assoc.accepted_contexts[0].context_id, 16384))
     for primitive in fragments[: len(fragments) // 2]:  # the command and half the dataset
         assoc.dul.send_pdu(primitive)
+    # Spacing, not synchronisation: the node most likely reads the half message before the A-ABORT
+    # (TCP keeps them in order either way); what is asserted below holds however fast the machine is.
     time.sleep(0.3)
     assoc.abort()
-    time.sleep(0.5)
+    node.wait_idle()  # the node has handled the abort and cleaned up
     assert _rows(node) == {}
     assert list(node.archive.store.tmp_dir.iterdir()) == []
     assert list(node.archive.store.objects_dir.rglob("*.dcm")) == []

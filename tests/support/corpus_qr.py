@@ -4,7 +4,11 @@ Every run writes the same bytes: UIDs come from :data:`pacsnode.node.testing.cor
 fixed entropy sources, and the images are 8x8 with seeded pixels. The attributes that
 C-FIND matches on vary on purpose: names in mixed case, in UTF-8 (``ISO_IR 192``) and in
 Latin-1 (``ISO_IR 100``), study dates over 2024-2026, accession numbers, descriptions,
-modalities, series and instance numbers.
+modalities, series and instance numbers. Some attributes the index has no column for are
+there to be returned: IssuerOfPatientID per patient, PatientAge (whole years at the study
+date) and PatientWeight per study, ProtocolName per image series (body part and
+description), ContentDate and ContentTime per instance (the study's date; the study's hour
+and minute with the instance's position as seconds). Empty ones are left out.
 
 The UIDs are functions of the positions, so a query file can name them by placeholder:
 ``{study:3}`` is :func:`study_uid` ``(3)``, ``{series:3.1}`` is :func:`series_uid` ``(3, 1)``
@@ -44,6 +48,7 @@ class Patient:
     charset: str
     birth_date: str
     sex: str
+    issuer: str = ""  # IssuerOfPatientID, absent where empty
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,14 +70,25 @@ class Study:
     description: str
     referring: str
     series: tuple[Series, ...]
+    weight: str = ""  # PatientWeight (DS, written as it stands here)
 
 
 PATIENTS: tuple[Patient, ...] = (
-    Patient(patient_id="PID001", name="Doe^John", charset="ISO_IR 100", birth_date="19700101", sex="M"),
-    Patient(patient_id="PID002", name="DOE^JANE", charset="ISO_IR 100", birth_date="19851224", sex="F"),
-    Patient(patient_id="PID003", name="Müller^Jürgen", charset="ISO_IR 192", birth_date="19601231", sex="M"),
-    Patient(patient_id="PID004", name="Gómez^Ana", charset="ISO_IR 100", birth_date="19921005", sex="F"),
-    Patient(patient_id="PID005", name="Dodson^Emma", charset="ISO_IR 100", birth_date="20010315", sex="O"),
+    Patient(
+        patient_id="PID001", name="Doe^John", charset="ISO_IR 100", birth_date="19700101", sex="M", issuer="HOSP-A"
+    ),
+    Patient(
+        patient_id="PID002", name="DOE^JANE", charset="ISO_IR 100", birth_date="19851224", sex="F", issuer="HOSP-A"
+    ),
+    Patient(
+        patient_id="PID003", name="Müller^Jürgen", charset="ISO_IR 192", birth_date="19601231", sex="M", issuer="HOSP-A"
+    ),
+    Patient(
+        patient_id="PID004", name="Gómez^Ana", charset="ISO_IR 100", birth_date="19921005", sex="F", issuer="HOSP-B"
+    ),
+    Patient(
+        patient_id="PID005", name="Dodson^Emma", charset="ISO_IR 100", birth_date="20010315", sex="O", issuer="HOSP-B"
+    ),
     Patient(patient_id="PID006", name="doe^jonathan", charset="ISO_IR 192", birth_date="19450704", sex="M"),
 )
 
@@ -89,6 +105,7 @@ STUDIES: tuple[Study, ...] = (
         study_id="1001",
         description="CT CHEST",
         referring="Ref^Alpha",
+        weight="80",
         series=(
             Series(modality=_CT, number=1, description="Axial 5mm", body_part="CHEST", instances=2),
             Series(modality=_CT, number=2, description="Axial 1mm", body_part="CHEST", instances=3),
@@ -102,6 +119,7 @@ STUDIES: tuple[Study, ...] = (
         study_id="1002",
         description="MR BRAIN",
         referring="Ref^Beta",
+        weight="81.5",
         series=(
             Series(modality=_MR, number=1, description="T1 sag", body_part="HEAD", instances=3),
             Series(modality=_SR, number=99, description="Report", body_part="HEAD", instances=2),
@@ -115,6 +133,7 @@ STUDIES: tuple[Study, ...] = (
         study_id="2001",
         description="CT ABDOMEN",
         referring="Ref^Alpha",
+        weight="62",
         series=(Series(modality=_CT, number=3, description="Portal venous", body_part="ABDOMEN", instances=4),),
     ),
     Study(
@@ -125,6 +144,7 @@ STUDIES: tuple[Study, ...] = (
         study_id="2002",
         description="MR KNEE",
         referring="Gamma^Ref",
+        weight="61.25",
         series=(
             Series(modality=_MR, number=1, description="PD fat sat", body_part="KNEE", instances=2),
             Series(modality=_MR, number=2, description="T2 cor", body_part="KNEE", instances=3),
@@ -152,6 +172,7 @@ STUDIES: tuple[Study, ...] = (
         study_id="3002",
         description="MR SPINE",
         referring="",
+        weight="90.0",
         series=(Series(modality=_MR, number=5, description="T2 sag", body_part="LSPINE", instances=4),),
     ),
     Study(
@@ -162,6 +183,7 @@ STUDIES: tuple[Study, ...] = (
         study_id="4001",
         description="CT CHEST",
         referring="Ref^Alpha",
+        weight="55",
         series=(
             Series(modality=_CT, number=1, description="Lung", body_part="CHEST", instances=3),
             Series(modality=_CT, number=2, description="Mediastinum", body_part="CHEST", instances=2),
@@ -175,6 +197,7 @@ STUDIES: tuple[Study, ...] = (
         study_id="5001",
         description="MR BRAIN",
         referring="Delta^Ref",
+        weight="48",
         series=(Series(modality=_MR, number=1, description="FLAIR", body_part="HEAD", instances=2),),
     ),
     Study(
@@ -185,6 +208,7 @@ STUDIES: tuple[Study, ...] = (
         study_id="6001",
         description="CT ABDOMEN",
         referring="Ref^Beta",
+        weight="70",
         series=(
             Series(modality=_CT, number=1, description="Arterial", body_part="ABDOMEN", instances=3),
             Series(modality=_MR, number=2, description="Liver T1", body_part="ABDOMEN", instances=2),
@@ -266,9 +290,14 @@ def _sr_dataset(seed: int) -> Dataset:
     ds.Manufacturer = ""
     ds.ReferencedPerformedProcedureStepSequence = Sequence()
     ds.PerformedProcedureCodeSequence = Sequence()
-    ds.ContentDate = "20260101"
-    ds.ContentTime = "120000"
     return ds
+
+
+def _patient_age(patient: Patient, study: Study) -> str:
+    """PatientAge (AS) at the study date: whole years, ``nnnY``."""
+    born, seen = patient.birth_date, study.date
+    years = int(seen[:4]) - int(born[:4]) - (seen[4:] < born[4:])
+    return f"{years:03d}Y"
 
 
 def _dataset(study_index: int, series_index: int, instance_index: int) -> Dataset:
@@ -289,6 +318,11 @@ def _dataset(study_index: int, series_index: int, instance_index: int) -> Datase
     ds.PatientID = patient.patient_id
     ds.PatientBirthDate = patient.birth_date
     ds.PatientSex = patient.sex
+    if patient.issuer:
+        ds.IssuerOfPatientID = patient.issuer
+    ds.PatientAge = _patient_age(patient, study)
+    if study.weight:
+        ds.PatientWeight = study.weight
     ds.StudyInstanceUID = study_uid(study_index)
     ds.StudyDate = study.date
     ds.StudyTime = study.time
@@ -301,7 +335,11 @@ def _dataset(study_index: int, series_index: int, instance_index: int) -> Datase
     ds.SeriesDescription = series.description
     ds.BodyPartExamined = series.body_part
     ds.SeriesDate = study.date
+    if series.modality != _SR:
+        ds.ProtocolName = f"{series.body_part} {series.description}".upper()
     ds.InstanceNumber = instance_index + 1
+    ds.ContentDate = study.date
+    ds.ContentTime = f"{study.time[:4]}{instance_index:02d}"
     if series.modality != _SR:
         _complete_image(ds, study_index, series_index, instance_index)
     return ds

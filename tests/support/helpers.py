@@ -8,10 +8,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pydicom
+import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
@@ -19,8 +21,10 @@ from pynetdicom.sop_class import Verification
 from pacsnode.node.config import Settings
 from pacsnode.node.dicom.handlers import set_nodelay
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+
+T = TypeVar("T")
 
 
 def _validator() -> Path:
@@ -133,6 +137,31 @@ def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[Any] 
         except OSError:
             time.sleep(0.1)
     raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    timeout: float,
+    what: str,
+    *,
+    interval: float = 0.05,
+    details: Callable[[], str] | None = None,
+) -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    The deadline is a safety net against a hang, not a speed requirement: pick ``timeout`` far
+    above the time the condition takes on a slow machine. On expiry the test fails with
+    ``what`` (and ``details()``, e.g. the end of a log), not with an assertion on a stale value.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            extra = f"\n{details()}" if details is not None else ""
+            pytest.fail(f"timed out after {timeout} s waiting for {what}{extra}", pytrace=False)
+        time.sleep(interval)
 
 
 def pacsnode_cmd(*args: str) -> list[str]:

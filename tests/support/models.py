@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from tests.helpers import sha256_file
+from tests.support.helpers import sha256_file
 
 TINY_UNET_2D: dict[str, Any] = {
     "name": "UNet",

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from pacsnode.node.testing.netns import system_tool
-from tests.helpers import free_port, wait_for_port
+from tests.support.helpers import free_port, wait_for_port
 
 __all__ = [
     "Modality",

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import free_port
+from tests.support.helpers import free_port
 
 __all__ = ["PostgresError", "PostgresNotInstalledError", "PostgresServer", "find_bindir"]
 

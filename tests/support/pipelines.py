@@ -1,4 +1,4 @@
-"""Pipelines used by the tests, named in rules as ``tests.pipelines:Class``.
+"""Pipelines used by the tests, named in rules as ``tests.support.pipelines:Class``.
 
 They exercise the job machinery (exactly-once, retries, timeouts, crashes)
 without image computation: each run appends one line to a log file.
@@ -12,15 +12,16 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from pacsnode.analysis.errors import InputError
 from pacsnode.analysis.pipelines import Pipeline, PipelineInput, PipelineOutput
-from pacsnode.analysis.types import InputError
 
 
 class RecordParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     log: str = ""  # file that gets one line per run: "<job id> <pid>"
-    seconds: float = 0.0  # sleep this long before finishing
+    seconds: float = 0.0  # work this long before finishing (a duration the test wants, e.g. past a timeout)
+    hold_until: str = ""  # a file: the run does not finish before it exists (the test says when it may)
     fail: str = ""  # "input": an AnalysisError (not retried); "crash": a RuntimeError (retried)
 
 
@@ -33,6 +34,8 @@ class Record(Pipeline):
         assert isinstance(params, RecordParams)
         if params.seconds:
             time.sleep(params.seconds)
+        while params.hold_until and not Path(params.hold_until).exists():  # the job's timeout bounds this
+            time.sleep(0.05)
         if params.fail == "input":
             raise InputError("the test input cannot be analysed")
         if params.fail == "crash":

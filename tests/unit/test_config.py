@@ -99,9 +99,7 @@ def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     assert load(_write(tmp_path, "")).node.port == 11112
 
 
-def test_relative_paths_resolve_against_the_files_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_relative_paths_resolve_against_the_files_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     etc = tmp_path / "etc" / "pacsnode"
     etc.mkdir(parents=True)
     config = etc / "pacsnode.yaml"

@@ -12,14 +12,14 @@ import torch
 from pacsnode.analysis.cnn.engine import (
     EngineOptions,
     InferenceEngine,
-    InferenceTimeout,
     VolumeInput,
     resolve_device,
     resolve_precision,
     warm_model,
 )
-from pacsnode.analysis.cnn.package import ModelError, load_package
-from tests.models import make_bundle, make_package
+from pacsnode.analysis.cnn.package import load_package
+from pacsnode.analysis.errors import InferenceTimeout, ModelError
+from tests.support.models import make_bundle, make_package
 
 FP32 = EngineOptions(device="cpu", precision="fp32", batch_size=1)
 

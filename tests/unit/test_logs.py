@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pacsnode.node.cli import main
 from pacsnode.node.logs import printable, setup_logging
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
 
 
 def test_printable_escapes_every_control_character() -> None:
@@ -34,9 +21,7 @@ def test_printable_escapes_every_control_character() -> None:
 
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
-def test_a_peer_string_cannot_forge_a_log_line(
-    fmt: str, restore_logging: None, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_peer_string_cannot_forge_a_log_line(fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
     setup_logging("INFO", fmt)
     logging.getLogger("pacsnode.node.dicom.server").warning(
         "refused calling AE title %s", "EVIL\nWARNING forged\x1b[31m"
@@ -49,9 +34,7 @@ def test_a_peer_string_cannot_forge_a_log_line(
         assert [json.loads(line)["message"].count("\n") for line in lines] == [1, 1]  # escaped by JSON
 
 
-def test_check_config_does_not_print_the_database_password(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_check_config_does_not_print_the_database_password(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "pacsnode.yaml"
     config.write_text("storage:\n  database_url: postgresql+psycopg://pacs:s3cret-pw@db.example/pacsnode\n")
     assert main(["--config", str(config), "check-config"]) == 0

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pacsnode.analysis.cnn.package import BUILTIN_MODELS, ModelError, load_package
-from tests.helpers import sha256_file
-from tests.models import TINY_UNET_3D, make_bundle, make_package
+from pacsnode.analysis.cnn.package import BUILTIN_MODELS, load_package
+from pacsnode.analysis.errors import ModelError
+from tests.support.helpers import sha256_file
+from tests.support.models import TINY_UNET_3D, make_bundle, make_package
 
 
 def _edit(root: Path, **changes: object) -> None:

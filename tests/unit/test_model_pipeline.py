@@ -8,10 +8,10 @@ import pydicom
 import pytest
 
 from pacsnode.analysis.cnn.pipeline import ModelParams, ModelPipeline
-from pacsnode.analysis.modeldev.synthetic import write_chest_ct
+from pacsnode.analysis.errors import InputError
+from pacsnode.analysis.modeldev.synthetic import PhantomSpec, write_chest_ct
 from pacsnode.analysis.pipelines import PipelineInput, PipelineOutput, SeriesInput
-from pacsnode.analysis.types import InputError
-from tests.models import make_package
+from tests.support.models import make_package
 
 CLASSIFIER = {
     "name": "Classifier",
@@ -39,7 +39,7 @@ SR, SC = "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7"
 
 
 def _inputs(tmp_path: Path, name: str, slices: int = 8, seed: int = 0) -> PipelineInput:
-    truth = write_chest_ct(tmp_path / name, slices=slices, size=64, seed=seed)
+    truth = write_chest_ct(tmp_path / name, PhantomSpec(slices=slices, size=64), seed=seed)
     series = SeriesInput(
         series_instance_uid=truth.series_instance_uid, modality="CT", series_description="", paths=tuple(truth.paths)
     )

@@ -33,7 +33,7 @@ from pacsnode.analysis.cnn.preprocess import (
     build_preprocessor,
     parse_steps,
 )
-from pacsnode.analysis.types import InputError
+from pacsnode.analysis.errors import InputError
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 

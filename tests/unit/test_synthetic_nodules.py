@@ -10,6 +10,7 @@ their kind.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,19 +18,21 @@ import pytest
 from scipy import ndimage
 
 from pacsnode.analysis.modeldev.synthetic import (
+    BENCHMARK_PHANTOM,
     ChestPhantom,
     NoduleTruth,
+    PhantomSpec,
     make_benchmark_volume,
     make_chest_phantom,
     write_chest_ct,
 )
 
-# sha256 of make_chest_phantom(slices=20, size=64, seed=3).hu / .labels, taken before nodules were added.
+# sha256 of make_chest_phantom(PhantomSpec(slices=20, size=64), seed=3).hu / .labels, taken before nodules were added.
 HU_SHA256 = "ddc0fadb660ac29d9ce6e8df0ff1311c621b1c896d0fae9519e32ee4149fe609"
 LABELS_SHA256 = "8e2de59c755a7072b7f9a2043dc3644a5ba648d48dec6a23d2c087c4693f008d"
 
 # 1.56 mm pixels, 2 mm slices, a 160 mm slab: fine enough for 8 mm nodules to look like ellipsoids.
-FINE = {"slices": 80, "size": 256, "slice_thickness_mm": 2.0, "seed": 4}
+FINE, FINE_SEED = PhantomSpec(slices=80, size=256, slice_thickness_mm=2.0), 4
 KIND_HU = {"solid": (0.0, 60.0), "ground-glass": (-700.0, -450.0)}
 HALO_HU = (-650.0, -450.0)
 SIDE_LABEL = {"right": 1, "left": 2}
@@ -42,26 +45,28 @@ def _sha256(array: np.ndarray) -> str:
 @pytest.fixture(scope="module")
 def plain() -> ChestPhantom:
     """The FINE phantom without nodules and without noise."""
-    return make_chest_phantom(**FINE, noise_hu=0.0)  # type: ignore[arg-type]
+    return make_chest_phantom(replace(FINE, noise_hu=0.0), seed=FINE_SEED)
 
 
 @pytest.fixture(scope="module")
 def nodular() -> ChestPhantom:
     """The FINE phantom with 8 nodules of 8 to 20 mm, without noise."""
-    return make_chest_phantom(**FINE, noise_hu=0.0, nodules=8, nodule_diameter_mm=(8.0, 20.0))  # type: ignore[arg-type]
+    return make_chest_phantom(replace(FINE, noise_hu=0.0, nodules=8, nodule_diameter_mm=(8.0, 20.0)), seed=FINE_SEED)
 
 
 def test_no_nodules_is_bit_identical_to_the_phantom_before_nodules() -> None:
     for phantom in (
-        make_chest_phantom(slices=20, size=64, seed=3),
+        make_chest_phantom(PhantomSpec(slices=20, size=64), seed=3),
         make_chest_phantom(
-            slices=20,
-            size=64,
+            PhantomSpec(
+                slices=20,
+                size=64,
+                nodules=0,
+                nodule_diameter_mm=(4.0, 24.0),
+                nodule_kinds=("solid", "part-solid", "ground-glass"),
+                vessel_spheres=True,
+            ),
             seed=3,
-            nodules=0,
-            nodule_diameter_mm=(4.0, 24.0),
-            nodule_kinds=("solid", "part-solid", "ground-glass"),
-            vessel_spheres=True,
         ),
     ):
         assert _sha256(phantom.hu) == HU_SHA256
@@ -72,9 +77,9 @@ def test_no_nodules_is_bit_identical_to_the_phantom_before_nodules() -> None:
 
 def test_nodules_change_nothing_but_their_voxels() -> None:
     """The nodules have their own generator: the noise, vessels and lungs stay the same."""
-    kwargs = {"slices": 40, "size": 128, "seed": 9, "noise_hu": 15.0}
-    without = make_chest_phantom(**kwargs)  # type: ignore[arg-type]
-    with_ = make_chest_phantom(**kwargs, nodules=5, nodule_diameter_mm=(10.0, 20.0))  # type: ignore[arg-type]
+    spec = PhantomSpec(slices=40, size=128, noise_hu=15.0)
+    without = make_chest_phantom(spec, seed=9)
+    with_ = make_chest_phantom(replace(spec, nodules=5, nodule_diameter_mm=(10.0, 20.0)), seed=9)
     assert with_.nodule_labels is not None
     outside = with_.nodule_labels == 0
     np.testing.assert_array_equal(with_.hu[outside], without.hu[outside])
@@ -132,8 +137,8 @@ def test_diameters_are_in_the_requested_range(nodular: ChestPhantom) -> None:
 
 
 def test_some_nodules_lie_against_the_pleura() -> None:
-    kwargs = {**FINE, "noise_hu": 0.0, "nodules": 20, "nodule_diameter_mm": (6.0, 12.0)}
-    phantom = make_chest_phantom(**kwargs)  # type: ignore[arg-type]
+    spec = replace(FINE, noise_hu=0.0, nodules=20, nodule_diameter_mm=(6.0, 12.0))
+    phantom = make_chest_phantom(spec, seed=FINE_SEED)
     assert phantom.nodule_labels is not None
     lung = phantom.labels > 0
     touching = 0
@@ -145,13 +150,8 @@ def test_some_nodules_lie_against_the_pleura() -> None:
 
 @pytest.mark.parametrize("kind", ["solid", "part-solid", "ground-glass"])
 def test_kinds_have_their_hu(kind: str) -> None:
-    phantom = make_chest_phantom(
-        **FINE,  # type: ignore[arg-type]
-        noise_hu=0.0,
-        nodules=4,
-        nodule_diameter_mm=(12.0, 20.0),
-        nodule_kinds=(kind,),
-    )
+    spec = replace(FINE, noise_hu=0.0, nodules=4, nodule_diameter_mm=(12.0, 20.0), nodule_kinds=(kind,))
+    phantom = make_chest_phantom(spec, seed=FINE_SEED)
     assert phantom.nodule_labels is not None
     assert len(phantom.nodules) == 4
     for nodule in phantom.nodules:
@@ -172,17 +172,17 @@ def test_kinds_have_their_hu(kind: str) -> None:
 
 
 def test_written_series_carries_the_nodules(tmp_path: Path) -> None:
-    kwargs = {"slices": 24, "size": 96, "seed": 2, "nodules": 3, "nodule_diameter_mm": (10.0, 20.0)}
-    truth = write_chest_ct(tmp_path, **kwargs)  # type: ignore[arg-type]
-    phantom = make_chest_phantom(**kwargs)  # type: ignore[arg-type]
+    spec = PhantomSpec(slices=24, size=96, nodules=3, nodule_diameter_mm=(10.0, 20.0))
+    truth = write_chest_ct(tmp_path, spec, seed=2)
+    phantom = make_chest_phantom(spec, seed=2)
     assert len(truth.nodules) == 3
     assert truth.nodules == phantom.nodules
 
 
 def test_mirror_columns_mirrors_the_nodule_labels() -> None:
-    kwargs = {"slices": 30, "size": 128, "seed": 6, "nodules": 4, "nodule_diameter_mm": (8.0, 16.0)}
-    straight = make_chest_phantom(**kwargs)  # type: ignore[arg-type]
-    mirrored = make_chest_phantom(**kwargs, mirror_columns=True)  # type: ignore[arg-type]
+    spec = PhantomSpec(slices=30, size=128, nodules=4, nodule_diameter_mm=(8.0, 16.0))
+    straight = make_chest_phantom(spec, seed=6)
+    mirrored = make_chest_phantom(replace(spec, mirror_columns=True), seed=6)
     assert straight.nodule_labels is not None and mirrored.nodule_labels is not None
     assert np.any(straight.nodule_labels)
     np.testing.assert_array_equal(mirrored.nodule_labels, straight.nodule_labels[:, :, ::-1])
@@ -191,24 +191,29 @@ def test_mirror_columns_mirrors_the_nodule_labels() -> None:
 
 
 def test_vessel_spheres_off_keeps_only_tubes() -> None:
-    kwargs = {"slices": 30, "size": 96, "seed": 8, "noise_hu": 0.0}
-    spheres = make_chest_phantom(**kwargs)  # type: ignore[arg-type]
-    tubes = make_chest_phantom(**kwargs, vessel_spheres=False)  # type: ignore[arg-type]
+    spec = PhantomSpec(slices=30, size=96, noise_hu=0.0)
+    spheres = make_chest_phantom(spec, seed=8)
+    tubes = make_chest_phantom(replace(spec, vessel_spheres=False), seed=8)
     assert not np.array_equal(spheres.hu, tubes.hu)
     np.testing.assert_array_equal(spheres.labels, tubes.labels)  # vessels are inside the lungs
-    assert np.array_equal(make_chest_phantom(**kwargs, vessel_spheres=True).hu, spheres.hu)  # type: ignore[arg-type]
+    assert np.array_equal(make_chest_phantom(replace(spec, vessel_spheres=True), seed=8).hu, spheres.hu)
     with_nodules = make_chest_phantom(
-        **kwargs,
-        vessel_spheres=False,
-        nodules=2,
-        nodule_diameter_mm=(12.0, 20.0),  # type: ignore[arg-type]
+        replace(spec, vessel_spheres=False, nodules=2, nodule_diameter_mm=(12.0, 20.0)), seed=8
     )
     assert len(with_nodules.nodules) == 2
 
 
 def test_benchmark_volume_passes_nodules_through() -> None:
     volume, phantom = make_benchmark_volume(
-        slices=60, size=128, nodules=2, nodule_diameter_mm=(10.0, 14.0), nodule_kinds=("solid",), vessel_spheres=False
+        replace(
+            BENCHMARK_PHANTOM,
+            slices=60,
+            size=128,
+            nodules=2,
+            nodule_diameter_mm=(10.0, 14.0),
+            nodule_kinds=("solid",),
+            vessel_spheres=False,
+        )
     )
     assert volume.hu is phantom.hu
     assert [n.kind for n in phantom.nodules] == ["solid", "solid"]
@@ -216,7 +221,7 @@ def test_benchmark_volume_passes_nodules_through() -> None:
 
 
 def test_a_slab_too_thin_gets_no_nodules() -> None:
-    phantom = make_chest_phantom(slices=2, size=64, nodules=3, nodule_diameter_mm=(20.0, 24.0))
+    phantom = make_chest_phantom(PhantomSpec(slices=2, size=64, nodules=3, nodule_diameter_mm=(20.0, 24.0)))
     assert phantom.nodules == ()
     assert phantom.nodule_labels is not None and not np.any(phantom.nodule_labels)
 
@@ -233,9 +238,9 @@ def test_a_slab_too_thin_gets_no_nodules() -> None:
 )
 def test_bad_nodule_parameters_are_refused(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError, match="nodule"):
-        make_chest_phantom(slices=4, size=32, **kwargs)  # type: ignore[arg-type]
+        PhantomSpec(slices=4, size=32, **kwargs)  # type: ignore[arg-type]
 
 
 def test_all_requested_nodules_fit_a_full_size_phantom() -> None:
-    phantom = make_chest_phantom(slices=64, size=512, nodules=8)
+    phantom = make_chest_phantom(PhantomSpec(slices=64, size=512, nodules=8))
     assert len(phantom.nodules) == 8
