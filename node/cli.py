@@ -93,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     p = _command(sub, "studies", _cmd_studies, help="list the studies in the index")
     p.add_argument("--json", action="store_true", help="one JSON array instead of a table")
     p = _command(
+        sub, "quarantine", _cmd_quarantine, help="list instances kept apart, not indexed (storage.patient_mismatch)"
+    )
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    p = _command(
         sub, "worker", _cmd_worker, help="run analysis worker processes (jobs, exports, scheduling) until SIGTERM"
     )
     p.add_argument("--count", type=int, metavar="N", help="worker processes (default: analysis.workers, at least 1)")
@@ -380,6 +385,41 @@ def _cmd_studies(settings: Settings, args: argparse.Namespace) -> int:
     ]
     _print_table(list(header), [list(row) for row in rows])
     print(f"{len(studies)} stud{'y' if len(studies) == 1 else 'ies'}")
+    return EXIT_OK
+
+
+def _cmd_quarantine(settings: Settings, args: argparse.Namespace) -> int:
+    from pacsnode.storage import StorageError
+
+    try:
+        archive = _open_archive(settings)
+    except StorageError as exc:
+        print(f"pacsnode: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        entries = archive.quarantined(limit=args.limit)
+    except StorageError as exc:
+        print(f"pacsnode: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        archive.close()
+    if args.json:
+        print(json.dumps([e.as_dict() for e in entries], indent=2))
+        return EXIT_OK
+    rows = [
+        [
+            str(e.id),
+            e.received_at.strftime("%Y-%m-%d %H:%M:%S"),
+            e.calling_ae_title or "",
+            e.reason,
+            e.study_instance_uid,
+            e.sop_instance_uid,
+            e.file_path,
+        ]
+        for e in entries
+    ]
+    _print_table(["ID", "RECEIVED (UTC)", "CALLING AE", "REASON", "STUDY UID", "SOP INSTANCE UID", "FILE"], rows)
+    print(f"{len(entries)} quarantined instance(s); files are relative to {settings.storage.root}")
     return EXIT_OK
 
 

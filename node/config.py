@@ -60,6 +60,9 @@ Seconds = Annotated[float, Field(gt=0)]
 
 
 class Timeouts(StrictModel):
+    # From TCP connect to a complete A-ASSOCIATE-RQ (PS3.8 ARTIM): a connection that has not asked
+    # for an association by then is closed, so scanners and trickling peers cannot hold the node.
+    artim: Seconds = 5.0
     acse: Seconds = 30.0
     dimse: Seconds = 60.0
     network: Seconds = 60.0
@@ -70,7 +73,8 @@ class NodeSettings(StrictModel):
     ae_title: AETitle = "PACSNODE"
     host: str = "127.0.0.1"
     port: Port = 11112
-    max_associations: Annotated[int, Field(ge=1, le=1024)] = 16
+    max_associations: Annotated[int, Field(ge=1, le=1024)] = 16  # established ones only
+    max_pending_per_host: Annotated[int, Field(ge=1, le=1024)] = 4  # connections still negotiating, per host
     max_pdu: Annotated[int, Field(ge=0, le=1 << 30)] = 4 << 20
     acceptor_processes: Annotated[int, Field(ge=1, le=64)] = 2
     max_instance_bytes: Annotated[int, Field(ge=1024)] = 2 << 30
@@ -78,13 +82,30 @@ class NodeSettings(StrictModel):
 
 
 class AllowedPeer(StrictModel):
+    """A calling AE title allowed to associate, optionally only from ``host``.
+
+    ``overwrite``: under ``storage.duplicate_policy: overwrite``, this peer's
+    instances replace stored ones with other content; every other peer's get
+    0x0111. A peer marked here matches on its AE title and, when ``host`` is
+    set, its address too.
+    """
+
     ae_title: AETitle
     host: str | None = None
+    overwrite: bool = False
 
 
 class PolicySettings(StrictModel):
     require_called_ae_title: bool = True
     allowed_peers: list[AllowedPeer] = []
+
+    def trusted_to_overwrite(self, calling_ae_title: str, host: str) -> bool:
+        """Whether an entry marked ``overwrite`` matches this peer (AE title, and host where the entry names one)."""
+        calling = calling_ae_title.strip()
+        return any(
+            peer.overwrite and peer.ae_title == calling and (peer.host is None or peer.host == host)
+            for peer in self.allowed_peers
+        )
 
 
 class RemoteNode(StrictModel):

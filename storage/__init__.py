@@ -7,13 +7,15 @@ from pacsnode.storage.archive import AddOutcome, AddResult, Archive
 from pacsnode.storage.errors import (
     DuplicateInstanceError,
     InvalidInstanceError,
+    MisfiledInstanceError,
     OutOfSpaceError,
     StorageError,
     UnreadableInstanceError,
 )
 from pacsnode.storage.files import InstanceStore, StagedFile
 from pacsnode.storage.index import InstanceMeta, StudySummary, read_header
-from pacsnode.storage.settings import DuplicatePolicy, StorageSettings
+from pacsnode.storage.quarantine import QuarantineEntry
+from pacsnode.storage.settings import DuplicatePolicy, PatientMismatchPolicy, StorageSettings
 
 __all__ = [
     "AddOutcome",
@@ -24,7 +26,10 @@ __all__ = [
     "InstanceMeta",
     "InstanceStore",
     "InvalidInstanceError",
+    "MisfiledInstanceError",
     "OutOfSpaceError",
+    "PatientMismatchPolicy",
+    "QuarantineEntry",
     "StagedFile",
     "StorageError",
     "StorageSettings",

@@ -4,6 +4,11 @@ The order for every instance is fixed: the bytes are fsynced in ``tmp/``, moved
 into ``objects/`` (rename + directory fsync), and only then is the index row
 committed. A crash before the commit leaves at most a file no row points to;
 a crash never leaves a row without its complete file.
+
+An instance that contradicts the index (its study indexed under another
+PatientID, its series under another study) follows ``storage.patient_mismatch``:
+refused, indexed where the index has it, or moved to ``quarantine/`` (rename +
+directory fsyncs, inside the transaction that records it) and never indexed.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ from pydicom.dataset import Dataset
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from pacsnode.storage import index, query
+from pacsnode.storage import index, quarantine, query
 from pacsnode.storage.db import WriteGate, make_engine, migrate, read_connection
-from pacsnode.storage.errors import DuplicateInstanceError, StorageError
+from pacsnode.storage.errors import DuplicateInstanceError, MisfiledInstanceError, StorageError
 from pacsnode.storage.files import InstanceStore, StagedFile
-from pacsnode.storage.index import InstanceMeta, StudySummary
-from pacsnode.storage.settings import DuplicatePolicy, StorageSettings
+from pacsnode.storage.index import InstanceMeta, Misfiling, StudySummary
+from pacsnode.storage.quarantine import QuarantineEntry
+from pacsnode.storage.settings import DuplicatePolicy, PatientMismatchPolicy, StorageSettings
 
 __all__ = ["Archive", "AddOutcome"]
 
@@ -41,12 +47,21 @@ class AddOutcome(enum.Enum):
     IDENTICAL_DUPLICATE = "identical duplicate, not stored again"
     KEPT_FIRST = "different duplicate, first copy kept"
     OVERWRITTEN = "different duplicate, overwrote the first copy"
+    QUARANTINED = "contradicts the index, kept in the quarantine, not indexed"
 
 
 @dataclass(frozen=True, kw_only=True)
 class AddResult:
     outcome: AddOutcome
     file_path: str
+
+
+class _Quarantine(Exception):
+    """Raised inside the index transaction to roll it back: the instance goes to the quarantine instead."""
+
+    def __init__(self, misfiling: Misfiling) -> None:
+        super().__init__(misfiling.value)
+        self.misfiling = misfiling
 
 
 class Archive:
@@ -95,23 +110,32 @@ class Archive:
         calling_ae_title: str | None,
         is_result: bool = False,
         policy: DuplicatePolicy | None = None,
+        may_overwrite: bool = True,
     ) -> AddResult:
-        """Make a staged instance durable and indexed, applying the duplicate policy.
+        """Make a staged instance durable and indexed, applying the duplicate and patient-mismatch policies.
 
         Returns only after the file is in place and the index transaction has
         committed; any failure raises :class:`StorageError` and leaves no row.
         ``is_result`` marks pacsnode's own results; ``policy`` overrides the
         configured duplicate policy (results always overwrite their previous run).
+        ``may_overwrite`` False: the sender is not trusted to overwrite, so under the
+        overwrite policy a different duplicate raises :class:`DuplicateInstanceError`.
+        An instance that contradicts the index raises :class:`MisfiledInstanceError`
+        (policy reject), is indexed where the index has its study or series (accept),
+        or comes back as :attr:`AddOutcome.QUARANTINED` (quarantine; a result is refused instead).
         """
         relative = self.store.relative_path_for(meta.sop_instance_uid, staged.sha256)
         self.store.commit(staged, relative)
         try:
-            result = self._index(meta, relative, staged, calling_ae_title, is_result, policy)
+            try:
+                result = self._index(meta, relative, staged, calling_ae_title, is_result, policy, may_overwrite)
+            except _Quarantine as misfiled:
+                result = self._quarantine(meta, relative, staged, calling_ae_title, misfiled.misfiling)
         except BaseException:
             self._forget(relative, meta)
             raise
         if result.file_path != relative:
-            # Not ours to keep (a duplicate); never delete the path the index points at.
+            # Not ours to keep (a duplicate), or moved to the quarantine; never delete the path the index points at.
             self.store.remove(relative)
         return result
 
@@ -156,11 +180,12 @@ class Archive:
         calling_ae_title: str | None,
         is_result: bool = False,
         policy: DuplicatePolicy | None = None,
+        may_overwrite: bool = True,
     ) -> AddResult:
         last_exc: Exception | None = None
         for attempt in range(_ATTEMPTS):
             try:
-                return self._index_once(meta, relative, staged, calling_ae_title, is_result, policy)
+                return self._index_once(meta, relative, staged, calling_ae_title, is_result, policy, may_overwrite)
             except IntegrityError as exc:
                 # Another association indexed the same patient/study/series/instance
                 # between our read and our insert: read again and re-decide.
@@ -178,6 +203,7 @@ class Archive:
         calling_ae_title: str | None,
         is_result: bool,
         policy: DuplicatePolicy | None,
+        may_overwrite: bool,
     ) -> AddResult:
         old_file: str | None = None
         with self._write_gate(), self.engine.begin() as conn:
@@ -199,8 +225,24 @@ class Archive:
                         calling_ae_title,
                     )
                     return AddResult(outcome=AddOutcome.KEPT_FIRST, file_path=existing.file_path)
+                if not may_overwrite:
+                    logger.warning(
+                        "refused instance %s from %r: already stored with other content, and the peer is not "
+                        "trusted to overwrite (policy overwrite)",
+                        meta.sop_instance_uid,
+                        calling_ae_title,
+                        extra={
+                            "action": "overwrite-refused",
+                            "sop_instance_uid": meta.sop_instance_uid,
+                            "calling_ae_title": calling_ae_title,
+                        },
+                    )
+                    raise DuplicateInstanceError("already stored; this peer is not trusted to overwrite")
                 index.remove_instance(conn, existing)
                 old_file = existing.file_path
+            misfiled = index.misfiling(conn, meta)
+            if misfiled is not None:
+                self._misfiled(misfiled, meta, calling_ae_title, is_result)  # raises unless accepted
             index.add_instance(
                 conn,
                 meta,
@@ -220,6 +262,117 @@ class Archive:
                 self.store.remove(old_file)
             return AddResult(outcome=AddOutcome.OVERWRITTEN, file_path=relative)
         return AddResult(outcome=AddOutcome.STORED, file_path=relative)
+
+    def _misfiled(
+        self, misfiling: Misfiling, meta: InstanceMeta, calling_ae_title: str | None, is_result: bool
+    ) -> None:
+        """Apply ``storage.patient_mismatch`` to an instance that contradicts the index.
+
+        Returns (accept: the caller indexes it where the index has it) or raises:
+        :class:`MisfiledInstanceError` (reject) or :class:`_Quarantine`. A result of
+        pacsnode's own is never quarantined: it is refused, so its job fails visibly.
+        """
+        mode = self.settings.patient_mismatch
+        if mode is PatientMismatchPolicy.QUARANTINE and not is_result:
+            raise _Quarantine(misfiling)
+        accepted = mode is PatientMismatchPolicy.ACCEPT
+        logger.warning(
+            "%s instance %s from %r in study %s, series %s: %s (policy %s)%s",
+            "accepted" if accepted else "refused",
+            meta.sop_instance_uid,
+            calling_ae_title,
+            meta.study_instance_uid,
+            meta.series_instance_uid,
+            misfiling.comment,
+            mode.value,
+            "; indexed where the index has its study and series" if accepted else "",
+            extra=self._misfiling_extra(misfiling, meta, calling_ae_title, "accepted" if accepted else "refused"),
+        )
+        if not accepted:
+            raise MisfiledInstanceError(misfiling.comment, reason=misfiling.value)
+
+    @staticmethod
+    def _misfiling_extra(
+        misfiling: Misfiling, meta: InstanceMeta, calling_ae_title: str | None, outcome: str
+    ) -> dict[str, Any]:
+        return {
+            "action": misfiling.value,
+            "outcome": outcome,
+            "study_instance_uid": meta.study_instance_uid,
+            "series_instance_uid": meta.series_instance_uid,
+            "sop_instance_uid": meta.sop_instance_uid,
+            "calling_ae_title": calling_ae_title,
+        }
+
+    def _quarantine(
+        self,
+        meta: InstanceMeta,
+        relative: str,
+        staged: StagedFile,
+        calling_ae_title: str | None,
+        misfiling: Misfiling,
+    ) -> AddResult:
+        """Move a committed file from ``objects/`` to ``quarantine/`` and record it, in one transaction.
+
+        The move happens inside the transaction, after the row is decided: a failure
+        before the commit removes the moved file again, a crash leaves at most a file
+        no row points to. The same bytes quarantined again keep the one row and file.
+        """
+        target = self.store.quarantine_path_for(meta.sop_instance_uid, staged.sha256)
+        moved = False
+        try:
+            with self._write_gate(), self.engine.begin() as conn:
+                existing = quarantine.find(conn, meta.sop_instance_uid, staged.sha256)
+                if existing is not None:
+                    target = existing.file_path
+                if existing is None or not self.store.absolute(target).is_file():
+                    self.store.move(relative, target)
+                    moved = True
+                if existing is None:
+                    quarantine.record(
+                        conn,
+                        meta,
+                        reason=misfiling,
+                        file_path=target,
+                        file_size=staged.size,
+                        sha256=staged.sha256,
+                        calling_ae_title=calling_ae_title,
+                    )
+        except BaseException as exc:
+            if moved:
+                self._forget_quarantined(target, meta.sop_instance_uid, staged.sha256)
+            if isinstance(exc, OperationalError):
+                raise StorageError(f"index database error: {exc.orig}") from exc
+            raise
+        logger.warning(
+            "quarantined instance %s from %r in study %s, series %s: %s (policy quarantine)%s",
+            meta.sop_instance_uid,
+            calling_ae_title,
+            meta.study_instance_uid,
+            meta.series_instance_uid,
+            misfiling.comment,
+            "" if existing is None else "; already quarantined with the same content",
+            extra=self._misfiling_extra(misfiling, meta, calling_ae_title, "quarantined"),
+        )
+        return AddResult(outcome=AddOutcome.QUARANTINED, file_path=target)
+
+    def _forget_quarantined(self, relative: str, sop_instance_uid: str, sha256: str) -> None:
+        """Remove a quarantined file whose row was not committed, unless a row records it."""
+        try:
+            with self.engine.connect() as conn:
+                row = quarantine.find(conn, sop_instance_uid, sha256)
+        except Exception:  # the database is the problem; leave the file, it is only unrecorded
+            return
+        if row is None:
+            self.store.remove(relative)
+
+    def quarantined(self, *, limit: int | None = None) -> list[QuarantineEntry]:
+        """The quarantined instances, newest first (``pacsnode quarantine``)."""
+        try:
+            with read_connection(self.engine) as conn:
+                return quarantine.list_entries(conn, limit=limit)
+        except OperationalError as exc:
+            raise StorageError(f"index database error: {exc.orig}") from exc
 
     # -- reading -----------------------------------------------------------------------------
     def studies(self) -> list[StudySummary]:

@@ -6,6 +6,7 @@ __all__ = [
     "StorageError",
     "OutOfSpaceError",
     "InvalidInstanceError",
+    "MisfiledInstanceError",
     "DuplicateInstanceError",
     "UnreadableInstanceError",
 ]
@@ -21,6 +22,18 @@ class OutOfSpaceError(StorageError):
 
 class InvalidInstanceError(StorageError):
     """The instance cannot be indexed: a required UID is missing or malformed."""
+
+
+class MisfiledInstanceError(InvalidInstanceError):
+    """The instance contradicts the index: its study belongs to another patient, or its series to another study.
+
+    ``reason`` is the log action (``patient-mismatch``, ``series-mismatch``); the message names
+    no patient, so it can go into an Error Comment as it is.
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class DuplicateInstanceError(StorageError):

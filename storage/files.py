@@ -5,6 +5,7 @@ Layout under the store root::
     tmp/                      files being written; anything here at start-up is debris
     objects/ab/<h>-<c>.dcm    h = sha256(SOP Instance UID), ab its first two hex digits,
                               c = the first 16 hex digits of the content's sha256
+    quarantine/<h>-<c>.dcm    instances kept but not indexed (``storage.patient_mismatch: quarantine``)
 
 The 256 fan-out directories are made once, when the store is opened, so that
 storing an instance never creates a directory on the hot path.
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 _TMP = "tmp"
 _OBJECTS = "objects"
+_QUARANTINE = "quarantine"
 
 
 def uid_digest(uid: str) -> str:
@@ -69,10 +71,12 @@ class InstanceStore:
         self.fsync = settings.fsync
         self.tmp_dir = self.root / _TMP
         self.objects_dir = self.root / _OBJECTS
+        self.quarantine_dir = self.root / _QUARANTINE
         # Owner-only: the store holds patient data. An existing folder keeps its mode.
         self.root.mkdir(mode=_PRIVATE_DIR, parents=True, exist_ok=True)
         self.tmp_dir.mkdir(mode=_PRIVATE_DIR, exist_ok=True)
         self.objects_dir.mkdir(mode=_PRIVATE_DIR, exist_ok=True)
+        self.quarantine_dir.mkdir(mode=_PRIVATE_DIR, exist_ok=True)
         for i in range(256):
             (self.objects_dir / f"{i:02x}").mkdir(mode=_PRIVATE_DIR, exist_ok=True)
 
@@ -123,6 +127,10 @@ class InstanceStore:
         h = uid_digest(sop_instance_uid)
         return f"{_OBJECTS}/{h[0:2]}/{h}-{sha256[:16]}.dcm"
 
+    def quarantine_path_for(self, sop_instance_uid: str, sha256: str) -> str:
+        """Return the store-relative path of a quarantined instance's content (POSIX separators)."""
+        return f"{_QUARANTINE}/{uid_digest(sop_instance_uid)}-{sha256[:16]}.dcm"
+
     def commit(self, staged: StagedFile, relative_path: str) -> Path:
         """Move a staged file to ``relative_path`` atomically and make the move durable."""
         final = self.root / relative_path
@@ -135,6 +143,22 @@ class InstanceStore:
             self.discard(staged.path)
             raise self._os_error("cannot move the file into place", exc) from exc
         return final
+
+    def move(self, source: str, destination: str) -> None:
+        """Move a committed file to another store-relative path atomically and make the move durable.
+
+        Both folders are fsynced: after a crash the file is under one name, never two or none.
+        """
+        src, dst = self.absolute(source), self.absolute(destination)
+        try:
+            self._make_dirs(dst.parent)
+            os.replace(src, dst)
+            if self.fsync:
+                self._fsync_dir(dst.parent)
+                if src.parent != dst.parent:
+                    self._fsync_dir(src.parent)
+        except OSError as exc:
+            raise self._os_error("cannot move the file within the store", exc) from exc
 
     # -- reading and removal -----------------------------------------------------------------
     def absolute(self, relative_path: str) -> Path:

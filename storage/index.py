@@ -12,6 +12,7 @@ C-STORE costs a handful of indexed lookups and inserts.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 from dataclasses import dataclass, field
@@ -32,10 +33,12 @@ from pacsnode.storage.query import pn_search_key
 
 __all__ = [
     "InstanceMeta",
+    "Misfiling",
     "StudySummary",
     "read_header",
     "header_json",
     "add_instance",
+    "misfiling",
     "remove_instance",
     "find_instance",
     "list_studies",
@@ -345,19 +348,60 @@ def find_instance(conn: Connection, sop_instance_uid: str) -> Row[Any] | None:
     return conn.execute(select(_instances).where(_instances.c.sop_instance_uid == sop_instance_uid)).first()
 
 
-def _log_conflicts(level: str, uid: str, row: Row[Any], meta: InstanceMeta, names: tuple[str, ...]) -> None:
+class Misfiling(enum.Enum):
+    """How an instance contradicts the index (:func:`misfiling`); the value is the log action."""
+
+    PATIENT_MISMATCH = "patient-mismatch"
+    SERIES_MISMATCH = "series-mismatch"
+
+    @property
+    def comment(self) -> str:
+        """What is wrong, for an Error Comment and a log line: UIDs' roles only, never a patient's ID or name."""
+        if self is Misfiling.PATIENT_MISMATCH:
+            return "StudyInstanceUID belongs to another patient"
+        return "SeriesInstanceUID belongs to another study"
+
+
+def misfiling(conn: Connection, meta: InstanceMeta) -> Misfiling | None:
+    """Whether the index holds the instance's study under another patient, or its series under another study.
+
+    PatientID is compared as the patients table keys it: as received, an absent
+    or empty PatientID being the empty one (so it contradicts a study indexed
+    under a PatientID, and the other way round). Call it in the transaction
+    that would add the instance: a study keeps its patient and a series its
+    study for as long as they exist, so the answer holds until the commit.
+    """
+    study = conn.execute(
+        select(_studies.c.id, _patients.c.patient_id)
+        .join(_patients, _patients.c.id == _studies.c.patient_fk)
+        .where(_studies.c.study_instance_uid == meta.study_instance_uid)
+    ).first()
+    if study is not None and study.patient_id != (meta.patient_id or ""):
+        return Misfiling.PATIENT_MISMATCH
+    series = conn.execute(
+        select(_series.c.study_fk).where(_series.c.series_instance_uid == meta.series_instance_uid)
+    ).first()
+    if series is not None and (study is None or series.study_fk != study.id):
+        return Misfiling.SERIES_MISMATCH
+    return None
+
+
+def _log_conflicts(level: str, study_uid: str, row: Row[Any], meta: InstanceMeta, names: tuple[str, ...]) -> None:
+    """Log the attributes of ``meta`` that differ from the indexed ``row``: their names, never their values."""
     for name in names:
         new = getattr(meta, name)
         old = getattr(row, name)
         if new is not None and old is not None and new != old:
             logger.warning(
-                "%s %s: %s %r differs from the indexed %r (kept the indexed value)",
+                "%s of study %s: %s differs from the indexed value (kept the indexed value)",
                 level,
-                uid,
+                study_uid,
                 name,
-                new,
-                old,
             )
+
+
+_PATIENT_ATTRIBUTES = ("patient_name", "patient_birth_date", "patient_sex")
+_STUDY_ATTRIBUTES = ("study_date", "accession_number", "study_description")
 
 
 def add_instance(
@@ -372,17 +416,23 @@ def add_instance(
 ) -> None:
     """Insert one instance and its patient/study/series in the caller's transaction.
 
-    The caller has checked that no row for this SOP Instance UID exists. Counts
-    and ModalitiesInStudy are updated in the same transaction. Attribute
-    conflicts with rows already indexed are logged and the indexed value kept.
+    The caller has checked that no row for this SOP Instance UID exists, and
+    has decided with :func:`misfiling` whether an instance that contradicts
+    the index may be added at all. One that is added anyway goes where the
+    index already has it: into its series as indexed (and that series' study),
+    else into its study as indexed (and that study's patient); no row is made
+    for the patient or study it names instead. Counts and ModalitiesInStudy
+    are updated in the same transaction. Attribute conflicts with rows
+    already indexed are logged and the indexed value kept.
     ``is_result`` marks pacsnode's own analysis results: their series is
     flagged and the study's quiet-time clock (``last_received_at``) is left alone.
     A patient, study or series created here keeps ``meta.dicom_json`` (its first header).
     """
     now = utcnow()
-    patient_fk = _patient_for(conn, meta)
-    study_fk = _study_for(conn, meta, patient_fk, now)
-    series = conn.execute(select(_series.c.id).where(_series.c.series_instance_uid == meta.series_instance_uid)).first()
+    series = conn.execute(
+        select(_series.c.id, _series.c.study_fk).where(_series.c.series_instance_uid == meta.series_instance_uid)
+    ).first()
+    study_fk = _study_for(conn, meta, now, indexed_study_fk=None if series is None else int(series.study_fk))
     if series is None:
         series_fk = _insert_series(conn, meta, study_fk, now, is_result)
     else:
@@ -402,11 +452,11 @@ def add_instance(
 
 
 def _patient_for(conn: Connection, meta: InstanceMeta) -> int:
-    """The id of the instance's patient, inserted when new (its counts start at zero)."""
+    """The id of the patient a new study belongs to, inserted when new (its counts start at zero)."""
     patient_key = meta.patient_id or ""
     patient = conn.execute(select(_patients).where(_patients.c.patient_id == patient_key)).first()
     if patient is not None:
-        _log_conflicts("patient", patient_key, patient, meta, ("patient_name", "patient_birth_date", "patient_sex"))
+        _log_conflicts("patient", meta.study_instance_uid, patient, meta, _PATIENT_ATTRIBUTES)
         return int(patient.id)
     return inserted_id(
         conn.execute(
@@ -424,30 +474,28 @@ def _patient_for(conn: Connection, meta: InstanceMeta) -> int:
     )
 
 
-def _study_for(conn: Connection, meta: InstanceMeta, patient_fk: int, now: datetime) -> int:
-    """The id of the instance's study, locked for the counts; a new study counts for its patient."""
+def _study_for(conn: Connection, meta: InstanceMeta, now: datetime, *, indexed_study_fk: int | None) -> int:
+    """The id of the instance's study, locked for the counts; a new study counts for its patient.
+
+    ``indexed_study_fk``: the study of the instance's series when that is indexed already (the
+    instance goes there whatever StudyInstanceUID it names).
+    """
     # FOR UPDATE: another writer adding a series to this study waits, so ModalitiesInStudy and the
     # counts see its series (PostgreSQL; SQLite writers are serialised already).
-    study = conn.execute(
-        select(_studies).where(_studies.c.study_instance_uid == meta.study_instance_uid).with_for_update()
-    ).first()
+    where = (
+        _studies.c.study_instance_uid == meta.study_instance_uid
+        if indexed_study_fk is None
+        else _studies.c.id == indexed_study_fk
+    )
+    study = conn.execute(select(_studies).where(where).with_for_update()).first()
     if study is not None:
-        if study.patient_fk != patient_fk:
-            logger.warning(
-                "study %s: instance %s names PatientID %r but the study is indexed under another patient "
-                "(kept the indexed patient)",
-                meta.study_instance_uid,
-                meta.sop_instance_uid,
-                meta.patient_id or "",
-            )
-        _log_conflicts(
-            "study",
-            meta.study_instance_uid,
-            study,
-            meta,
-            ("study_date", "accession_number", "study_description"),
-        )
+        if study.study_instance_uid == meta.study_instance_uid:
+            _log_conflicts("study", study.study_instance_uid, study, meta, _STUDY_ATTRIBUTES)
+            patient = conn.execute(select(_patients).where(_patients.c.id == study.patient_fk)).one()
+            if patient.patient_id == (meta.patient_id or ""):
+                _log_conflicts("patient", study.study_instance_uid, patient, meta, _PATIENT_ATTRIBUTES)
         return int(study.id)
+    patient_fk = _patient_for(conn, meta)
     study_fk = inserted_id(
         conn.execute(
             _studies.insert().values(

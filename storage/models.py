@@ -28,7 +28,18 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-__all__ = ["Base", "Patient", "Study", "Series", "Instance", "Job", "Export", "JobState", "ExportState"]
+__all__ = [
+    "Base",
+    "Patient",
+    "Study",
+    "Series",
+    "Instance",
+    "Quarantined",
+    "Job",
+    "Export",
+    "JobState",
+    "ExportState",
+]
 
 # Lengths follow the VR maxima (PS3.5 6.2): UI 64, LO 64, SH 16, PN 64 per group x 3 groups.
 _UI = 64
@@ -168,6 +179,28 @@ class Instance(Base):
     dicom_json: Mapped[dict[str, Any] | None] = _dicom_json()
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Quarantined(Base):
+    """An instance received and kept, but not indexed: it contradicted the index (``storage.patient_mismatch``).
+
+    Its file lies under ``quarantine/`` in the store; no Query/Retrieve level
+    sees it. ``reason`` is ``patient-mismatch`` (its study is indexed under
+    another PatientID) or ``series-mismatch`` (its series under another study).
+    """
+
+    __tablename__ = "quarantine"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    sop_instance_uid: Mapped[str] = mapped_column(String(_UI), index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(_UI))
+    series_instance_uid: Mapped[str] = mapped_column(String(_UI))
+    reason: Mapped[str] = mapped_column(String(32))
+    file_path: Mapped[str] = mapped_column(String(255))  # relative to the store root
+    file_size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
 
 
 class Job(Base):

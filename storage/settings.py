@@ -9,7 +9,7 @@ from pydantic import Field
 
 from pacsnode.storage.model_base import StrictModel
 
-__all__ = ["DuplicatePolicy", "StorageSettings"]
+__all__ = ["DuplicatePolicy", "PatientMismatchPolicy", "StorageSettings"]
 
 
 class DuplicatePolicy(str, enum.Enum):
@@ -18,6 +18,18 @@ class DuplicatePolicy(str, enum.Enum):
     KEEP_FIRST = "keep_first"
     OVERWRITE = "overwrite"
     REJECT = "reject"
+
+
+class PatientMismatchPolicy(str, enum.Enum):
+    """What to do with an instance that contradicts the index about whom or where it belongs.
+
+    Its StudyInstanceUID is indexed under another PatientID, or its
+    SeriesInstanceUID under another study.
+    """
+
+    REJECT = "reject"  # refused with 0xA900, nothing kept
+    ACCEPT = "accept"  # indexed under the study (series) already indexed, and logged
+    QUARANTINE = "quarantine"  # Success; kept under quarantine/, recorded, never indexed
 
 
 class StorageSettings(StrictModel):
@@ -34,7 +46,20 @@ class StorageSettings(StrictModel):
         default="sqlite:///var/pacsnode.db",
         description="SQLAlchemy URL of the index database.",
     )
-    duplicate_policy: DuplicatePolicy = DuplicatePolicy.KEEP_FIRST
+    duplicate_policy: DuplicatePolicy = Field(
+        default=DuplicatePolicy.KEEP_FIRST,
+        description=(
+            "Same SOP Instance UID, different bytes. overwrite replaces the stored copy only for peers "
+            "marked overwrite: true in policy.allowed_peers; others get 0x0111."
+        ),
+    )
+    patient_mismatch: PatientMismatchPolicy = Field(
+        default=PatientMismatchPolicy.REJECT,
+        description=(
+            "An instance whose study is indexed under another PatientID, or whose series under another study: "
+            "reject (0xA900), accept (indexed under the existing study or series), or quarantine (kept apart)."
+        ),
+    )
     min_free_bytes: int = Field(
         default=1 << 30,
         ge=0,

@@ -19,12 +19,13 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 
-from pacsnode.node.config import NodeSettings
+from pacsnode.node.config import NodeSettings, PolicySettings
 from pacsnode.node.dicom import status
 from pacsnode.storage import (
     AddOutcome,
     Archive,
     DuplicateInstanceError,
+    DuplicatePolicy,
     InvalidInstanceError,
     OutOfSpaceError,
     StorageError,
@@ -139,6 +140,11 @@ class AssociationLog:
             stats.failure_reasons[failure] = stats.failure_reasons.get(failure, 0) + 1
 
     def on_close(self, event: Event) -> None:
+        # A dataset an abort left half received would stay referenced by the association's DIMSE
+        # provider until the thread object is collected: let it go now.
+        dimse = getattr(event.assoc, "dimse", None)
+        if dimse is not None:
+            dimse.message = None
         with self._lock:
             stats = self._stats.pop(id(event.assoc), None)
         if stats is None:
@@ -185,12 +191,31 @@ class StoreService:
         The node settings (size limit).
     assoc_log
         Per-association accounting, for the association's log line.
+    policy
+        The peer policy: which peers ``storage.duplicate_policy: overwrite`` trusts.
+        None: no peer is trusted to overwrite.
     """
 
-    def __init__(self, *, archive: Archive, settings: NodeSettings, assoc_log: AssociationLog) -> None:
+    def __init__(
+        self,
+        *,
+        archive: Archive,
+        settings: NodeSettings,
+        assoc_log: AssociationLog,
+        policy: PolicySettings | None = None,
+    ) -> None:
         self.archive = archive
         self.max_instance_bytes = settings.max_instance_bytes
         self.assoc_log = assoc_log
+        self.policy = policy if policy is not None else PolicySettings()
+        if archive.settings.duplicate_policy is DuplicatePolicy.OVERWRITE and not any(
+            peer.overwrite for peer in self.policy.allowed_peers
+        ):
+            logger.warning(
+                "storage.duplicate_policy is overwrite, but no policy.allowed_peers entry has overwrite: true; "
+                "a different instance under a stored SOP Instance UID is refused (0x0111) from every peer",
+                extra={"action": "config"},
+            )
 
     def handle_store(self, event: Event) -> int | Dataset:
         """EVT_C_STORE: store the dataset exactly as received and index it."""
@@ -199,12 +224,17 @@ class StoreService:
         sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
         transfer_syntax_uid = str(event.context.transfer_syntax)
         calling = event.assoc.requestor.ae_title
+        # The peer sending the instance: the requestor, or the acceptor when this node pulls with C-GET.
+        peer = event.assoc.acceptor if event.assoc.is_requestor else event.assoc.requestor
+        may_overwrite = self.policy.trusted_to_overwrite(str(peer.ae_title), str(peer.address))
         buffer = request.DataSet
         size = 0
         try:
             with buffer.getbuffer() as view:
                 size = view.nbytes
-                code, comment = self._store(view, size, sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling)
+                code, comment = self._store(
+                    view, size, sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling, may_overwrite
+                )
         except Exception as exc:  # a bug must cost one instance, not the association
             logger.exception("unexpected error storing %.80s", sop_instance_uid)
             code, comment = status.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}"
@@ -230,6 +260,7 @@ class StoreService:
         sop_instance_uid: str,
         transfer_syntax_uid: str,
         calling: str,
+        may_overwrite: bool,
     ) -> tuple[int, str]:
         if not is_valid_uid(sop_class_uid) or not is_valid_uid(sop_instance_uid):
             return status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Affected SOP Class/Instance UID is not a valid UID"
@@ -266,9 +297,11 @@ class StoreService:
             self.archive.discard(staged)
             return status.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)
         try:
-            result = self.archive.add(staged, meta, calling_ae_title=calling)
+            result = self.archive.add(staged, meta, calling_ae_title=calling, may_overwrite=may_overwrite)
         except DuplicateInstanceError as exc:
             return status.DUPLICATE_SOP_INSTANCE, str(exc)
+        except InvalidInstanceError as exc:  # contradicts the index (storage.patient_mismatch: reject)
+            return status.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)
         except OutOfSpaceError as exc:
             return status.OUT_OF_RESOURCES, str(exc)
         except StorageError as exc:

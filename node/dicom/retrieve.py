@@ -215,7 +215,9 @@ def retrieve(
             sop_class = STORAGE_SOP_CLASSES[name]
             ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
             roles.append(build_role(sop_class, scp_role=True))
-        store = StoreService(archive=archive, settings=settings.node, assoc_log=AssociationLog())
+        store = StoreService(
+            archive=archive, settings=settings.node, assoc_log=AssociationLog(), policy=settings.policy
+        )
 
         def _on_store(event: Any) -> Any:
             code = store.handle_store(event)
