@@ -29,6 +29,7 @@ from pynetdicom.presentation import PresentationContext
 
 from pacsnode.node.config import Settings, redact_url
 from pacsnode.node.dicom.contexts import qr_contexts, scp_contexts
+from pacsnode.node.dicom.guard import GuardLimits
 from pacsnode.node.dicom.handlers import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
@@ -37,7 +38,7 @@ from pacsnode.node.dicom.handlers import (
     handle_echo,
 )
 from pacsnode.node.dicom.qr import QueryRetrieveService, handle_sop_extended
-from pacsnode.node.dicom.server import NodeServer, PeerPolicy
+from pacsnode.node.dicom.server import UNLIMITED_FOR_PYNETDICOM, NodeServer, PeerPolicy
 from pacsnode.storage import Archive
 
 __all__ = ["Node", "configure_pynetdicom", "serve", "open_listen_socket"]
@@ -101,8 +102,11 @@ class Node:
         self.archive = archive
         self._listen_socket = listen_socket
         self.assoc_log = AssociationLog()
-        self.store_service = StoreService(archive=archive, settings=settings.node, assoc_log=self.assoc_log)
+        self.store_service = StoreService(
+            archive=archive, settings=settings.node, assoc_log=self.assoc_log, policy=settings.policy
+        )
         self.qr_service = QueryRetrieveService(settings=settings, archive=archive)
+        self._share = share
         self.ae = self._build_ae(share)
         self.server: NodeServer | None = None
         self._thread: threading.Thread | None = None
@@ -112,7 +116,7 @@ class Node:
         ae = AE(ae_title=node.ae_title)
         ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        ae.maximum_associations = max(1, math.ceil(node.max_associations / share))
+        ae.maximum_associations = UNLIMITED_FOR_PYNETDICOM  # NodeServer counts established ones
         ae.maximum_pdu_size = node.max_pdu
         ae.acse_timeout = node.timeouts.acse
         ae.dimse_timeout = node.timeouts.dimse
@@ -157,6 +161,14 @@ class Node:
             server_class=NodeServer,
             listen_socket=self._listen_socket,
             policy=PeerPolicy(self.settings.policy),
+            limits=GuardLimits(
+                artim_s=node.timeouts.artim,
+                network_timeout_s=node.timeouts.network,
+                max_pdu=node.max_pdu,
+                max_instance_bytes=node.max_instance_bytes,
+            ),
+            max_established=max(1, math.ceil(node.max_associations / self._share)),
+            max_pending_per_host=node.max_pending_per_host,
         )
         if not isinstance(server, NodeServer):  # make_server returns server_class | ThreadedAssociationServer
             raise TypeError(f"make_server returned a {type(server).__name__}, not a NodeServer")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 from datetime import UTC, datetime
+from typing import Any
 
 __all__ = ["printable", "setup_logging"]
 
@@ -27,6 +29,14 @@ class _TextFormatter(logging.Formatter):
         record.message = printable(record.message)
         return super().formatMessage(record)
 
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        # A traceback's lines are marked and escaped: an exception message quoting peer bytes can
+        # neither forge a log line nor reach the terminal raw.
+        return "\n".join(f"  | {printable(line)}" for line in super().formatException(ei).splitlines())
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802 - logging's name
+        return "\n".join(f"  | {printable(line)}" for line in stack_info.splitlines())
+
 
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -46,6 +56,38 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """An exception that escaped a thread (pynetdicom's reactor, a handler) becomes one record of ours.
+
+    Python would print a bare traceback to stderr, outside the log format. If the
+    thread served an association, the association is aborted (A-ABORT, connection
+    closed), so the peer is not left waiting on a reactor that died.
+    """
+    if args.exc_type is SystemExit:
+        return
+    thread = args.thread
+    name = thread.name if thread is not None else "?"
+    logging.getLogger("pacsnode.node").error(
+        "internal error in thread %s: %s: %s",
+        name,
+        args.exc_type.__name__,
+        args.exc_value,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback) if args.exc_value is not None else None,
+        extra={"action": "thread-error"},
+    )
+    _abort_association_of(thread)
+
+
+def _abort_association_of(thread: threading.Thread | None) -> None:
+    from pacsnode.node.dicom.guard import GuardedSocket, GuardViolation
+
+    association = getattr(thread, "assoc", thread)  # pynetdicom's reactor has .assoc; an association is a thread
+    dul = getattr(association, "dul", None)
+    sock = getattr(getattr(dul, "socket", None), "socket", None)
+    if isinstance(sock, GuardedSocket):
+        sock.abort(GuardViolation("internal error while serving the association", 0x00))
+
+
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     """Send log records to stderr as text lines or JSON lines.
 
@@ -57,10 +99,14 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
         handler.setFormatter(_JsonFormatter())
     else:
         handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s"))
+    from pacsnode.node.dicom.guard import SilenceAbortedThreads
+
+    handler.addFilter(SilenceAbortedThreads())  # pynetdicom's echo of a connection the guard closed
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    threading.excepthook = _log_thread_exception
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)

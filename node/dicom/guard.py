@@ -81,6 +81,14 @@ _NO_DATA_SET = 0x0101
 _C_STORE_RQ = 0x0001
 _C_CANCEL_RQ = 0x0FFF
 _MAX_IDENTIFIER = 16 << 20  # a C-FIND/C-GET/C-MOVE identifier or an N-service dataset
+# Command elements a peer fills that end up in messages and logs: checked before pynetdicom decodes them.
+_COMMAND_UIDS = {
+    _AFFECTED_SOP_CLASS,
+    _REQUESTED_SOP_CLASS,
+    0x00001000,  # Affected SOP Instance UID
+    0x00001001,  # Requested SOP Instance UID
+}
+_COMMAND_AE_TITLES = {0x00000600, 0x00001030}  # Move Destination, Move Originator AE Title
 
 
 def a_abort(reason: int) -> bytes:
@@ -170,8 +178,9 @@ class PduGuard:
 
     def _start_pdu(self) -> None:
         pdu_type, _, length = struct.unpack(">BBI", self._header)
-        if pdu_type not in (A_ASSOCIATE_RQ, P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT):
-            if pdu_type in (A_ASSOCIATE_AC, A_ASSOCIATE_RJ):
+        if pdu_type not in (A_ASSOCIATE_RQ, P_DATA_TF, A_RELEASE_RQ, A_ABORT):
+            # An acceptor never asks for a release, so an A-RELEASE-RP is never expected either.
+            if pdu_type in (A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_RELEASE_RP):
                 raise GuardViolation(f"unexpected PDU type 0x{pdu_type:02X} for an acceptor", REASON_UNEXPECTED_PDU)
             raise GuardViolation(f"unknown PDU type 0x{pdu_type:02X}", REASON_UNRECOGNISED_PDU)
         if not self.associate_received and pdu_type not in (A_ASSOCIATE_RQ, A_ABORT):
@@ -308,30 +317,89 @@ class PduGuard:
 
 
 def _check_associate_rq(body: bytes) -> None:
-    """The fixed fields and the variable items of an A-ASSOCIATE-RQ body are consistent in length."""
+    """The fixed fields and the variable items of an A-ASSOCIATE-RQ (PS3.8 9.3.2) are well formed.
+
+    Item lengths nest consistently; one Application Context item comes first,
+    then at least one Presentation Context item (a context ID, one Abstract
+    Syntax and at least one Transfer Syntax sub-item), then one User Information
+    item holding a Maximum Length sub-item; UIDs are 1-64 characters of digits
+    and dots (a trailing NUL tolerated), and fixed-size sub-items have their size.
+    """
     if len(body) < 68:
         raise GuardViolation("A-ASSOCIATE-RQ shorter than its fixed fields")
-    _check_items(body, 68, len(body), depth=0)
+    _check_ae_title(body[4:20], "Called AE Title")
+    _check_ae_title(body[20:36], "Calling AE Title")
+    items = _items(body, 68, len(body))
+    kinds = [kind for kind, _, _ in items]
+    if not kinds or kinds[0] != 0x10 or kinds.count(0x10) != 1:
+        raise GuardViolation("A-ASSOCIATE-RQ without one Application Context item first")
+    if kinds.count(0x50) != 1 or 0x20 not in kinds:
+        raise GuardViolation("A-ASSOCIATE-RQ without presentation contexts and one User Information item")
+    for kind, start, end in items:
+        if kind == 0x10:
+            _check_uid(body[start:end], "Application Context Name")
+        elif kind == 0x20:
+            _check_presentation_context(body, start, end)
+        elif kind == 0x50:
+            _check_user_information(body, start, end)
 
 
-_NESTED_ITEMS = {0x20, 0x50}  # presentation context and user information items hold sub-items
-
-
-def _check_items(body: bytes, start: int, end: int, *, depth: int) -> None:
+def _items(body: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
+    """(type, value start, value end) of the items between ``start`` and ``end``; lengths must nest."""
+    items = []
     offset = start
     while offset < end:
         if end - offset < 4:
             raise GuardViolation(f"A-ASSOCIATE-RQ item header cut at byte {offset}")
-        item_type, _, length = struct.unpack_from(">BBH", body, offset)
+        kind, _, length = struct.unpack_from(">BBH", body, offset)
         value = offset + 4
         if value + length > end:
-            raise GuardViolation(f"A-ASSOCIATE-RQ item 0x{item_type:02X} of {length} bytes runs past its parent")
-        if depth == 0 and item_type in _NESTED_ITEMS:
-            first = value + (4 if item_type == 0x20 else 0)  # context ID and three reserved bytes
-            if first > value + length:
-                raise GuardViolation("presentation context item shorter than its fixed fields")
-            _check_items(body, first, value + length, depth=1)
+            raise GuardViolation(f"A-ASSOCIATE-RQ item 0x{kind:02X} of {length} bytes runs past its parent")
+        items.append((kind, value, value + length))
         offset = value + length
+    return items
+
+
+def _check_ae_title(value: bytes, what: str) -> None:
+    """An AE title (PS3.5 AE): printable ASCII, no backslash, not only spaces (trailing NULs tolerated)."""
+    title = value.rstrip(b"\0")
+    if not title.strip(b" ") or any(byte < 0x20 or byte > 0x7E or byte == 0x5C for byte in title):
+        raise GuardViolation(f"{what} is not a valid AE title")
+
+
+def _check_uid(value: bytes, what: str) -> None:
+    uid = value[:-1] if value.endswith(b"\0") else value
+    if not 0 < len(uid) <= 64 or uid.strip(b"0123456789."):
+        raise GuardViolation(f"{what} is not a UID")
+
+
+def _check_presentation_context(body: bytes, start: int, end: int) -> None:
+    if end - start < 4:
+        raise GuardViolation("presentation context item shorter than its fixed fields")
+    context_id = body[start]
+    if context_id % 2 == 0:
+        raise GuardViolation(f"presentation context ID {context_id} is even")
+    subitems = _items(body, start + 4, end)
+    kinds = [kind for kind, _, _ in subitems]
+    if kinds.count(0x30) != 1 or kinds.count(0x40) < 1 or set(kinds) - {0x30, 0x40}:
+        raise GuardViolation(f"presentation context {context_id} needs one abstract and some transfer syntaxes")
+    for kind, value, value_end in subitems:
+        _check_uid(body[value:value_end], "Abstract Syntax" if kind == 0x30 else "Transfer Syntax")
+
+
+_USER_ITEM_SIZES = {0x51: (4, 4), 0x52: (1, 65), 0x53: (4, 4), 0x55: (1, 16)}
+
+
+def _check_user_information(body: bytes, start: int, end: int) -> None:
+    subitems = _items(body, start, end)
+    if sum(1 for kind, _, _ in subitems if kind == 0x51) != 1:
+        raise GuardViolation("User Information without one Maximum Length sub-item")
+    for kind, value, value_end in subitems:
+        sizes = _USER_ITEM_SIZES.get(kind)
+        if sizes is not None and not sizes[0] <= value_end - value <= sizes[1]:
+            raise GuardViolation(f"User Information sub-item 0x{kind:02X} of {value_end - value} bytes")
+        if kind == 0x52:
+            _check_uid(body[value:value_end], "Implementation Class UID")
 
 
 def _command_values(command: bytes) -> dict[int, int | str]:
@@ -354,8 +422,11 @@ def _command_values(command: bytes) -> dict[int, int | str]:
             if length != 2:
                 raise GuardViolation(f"command element ({group:04X},{element:04X}) of {length} bytes")
             values[tag] = struct.unpack("<H", value)[0]
-        elif tag in (_AFFECTED_SOP_CLASS, _REQUESTED_SOP_CLASS):
-            values[tag] = value.rstrip(b"\0 ").decode("ascii", "replace")
+        elif tag in _COMMAND_UIDS:
+            _check_uid(value.rstrip(b"\0 "), f"command element ({group:04X},{element:04X})")
+            values[tag] = value.rstrip(b"\0 ").decode("ascii")
+        elif tag in _COMMAND_AE_TITLES:
+            _check_ae_title(value.rstrip(b" "), f"command element ({group:04X},{element:04X})")
     return values
 
 

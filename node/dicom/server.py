@@ -1,6 +1,12 @@
 """The association server: socket options and association policy on top of pynetdicom.
 
-* accepted sockets get ``TCP_NODELAY`` (see :func:`pacsnode.node.dicom.handlers.set_nodelay`);
+* accepted sockets get ``TCP_NODELAY`` (see :func:`pacsnode.node.dicom.handlers.set_nodelay`)
+  and a :class:`~pacsnode.node.dicom.guard.GuardedSocket` that checks what they receive;
+* a host may hold at most ``max_pending_per_host`` connections that have not yet
+  sent a whole A-ASSOCIATE-RQ; more are closed at once, and each gets ``artim``
+  seconds to send it, so port scans and trickling peers cannot take the node's slots;
+* ``max_associations`` counts established associations only: a connection still
+  negotiating, or one that went away, never makes a legitimate peer wait;
 * a listening socket can be handed in, so several acceptor processes share one port;
 * the calling-AE allow list may also name the host each AE must come from; a peer
   that does not match gets A-ASSOCIATE-RJ "calling AE title not recognised"
@@ -12,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import socket
+import threading
 import time
 from typing import Any
 
@@ -20,6 +27,7 @@ from pynetdicom.events import EVT_REJECTED, trigger
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from pacsnode.node.config import PolicySettings
+from pacsnode.node.dicom.guard import GuardedSocket, GuardLimits
 
 __all__ = ["NodeServer", "PeerPolicy"]
 
@@ -27,8 +35,15 @@ logger = logging.getLogger(__name__)
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result, source, reason
 _RJ_PERMANENT = 0x01
+_RJ_TRANSIENT = 0x02
 _RJ_SOURCE_SERVICE_USER = 0x01
+_RJ_SOURCE_PROVIDER_PRESENTATION = 0x03
 _RJ_CALLING_AE_NOT_RECOGNISED = 0x03
+_RJ_LOCAL_LIMIT_EXCEEDED = 0x02
+
+# pynetdicom's own association limit counts every connection, negotiated or not; ours counts
+# established associations, so pynetdicom's is set out of reach.
+UNLIMITED_FOR_PYNETDICOM = 1 << 20
 
 
 class PeerPolicy:
@@ -49,11 +64,23 @@ class PeerPolicy:
 
 
 class _PolicyACSE(ACSE):
-    def __init__(self, assoc: Any, policy: PeerPolicy) -> None:
+    def __init__(self, assoc: Any, policy: PeerPolicy, max_established: int) -> None:
         super().__init__(assoc)
         self._policy = policy
+        self._max_established = max_established
 
     def _negotiate_as_acceptor(self) -> None:
+        established = sum(1 for a in self.assoc.ae.active_associations if a.is_acceptor and a.is_established)
+        if established >= self._max_established:
+            logger.warning(
+                "rejected association from %s: %d associations established (the limit)",
+                self.assoc.requestor.address,
+                established,
+            )
+            self.send_reject(_RJ_TRANSIENT, _RJ_SOURCE_PROVIDER_PRESENTATION, _RJ_LOCAL_LIMIT_EXCEEDED)
+            trigger(self.assoc, EVT_REJECTED, {})
+            self.assoc.kill()
+            return
         if self._policy.restricts:
             request = self.requestor.primitive
             if request is None:  # set from the A-ASSOCIATE-RQ before negotiation starts
@@ -79,7 +106,9 @@ class _NodeRequestHandler(RequestHandler):
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        assoc.acse = _PolicyACSE(assoc, self.server.policy)
+        assoc.acse = _PolicyACSE(assoc, self.server.policy, self.server.max_established)
+        if isinstance(self.request, GuardedSocket):
+            self.request.bind_association(assoc)
         return assoc
 
 
@@ -127,9 +156,17 @@ class NodeServer(ThreadedAssociationServer):
         *,
         listen_socket: socket.socket | None = None,
         policy: PeerPolicy,
+        limits: GuardLimits,
+        max_established: int,
+        max_pending_per_host: int,
     ) -> None:
         self._listen_socket = listen_socket
         self.policy = policy
+        self.limits = limits
+        self.max_established = max_established
+        self.max_pending_per_host = max_pending_per_host
+        self._pending: dict[str, int] = {}
+        self._pending_lock = threading.Lock()
         super().__init__(
             ae,
             address,
@@ -166,4 +203,30 @@ class NodeServer(ThreadedAssociationServer):
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:  # pragma: no cover
             pass
-        return client, address
+        host = str(address[0])
+        with self._pending_lock:
+            pending = self._pending.get(host, 0)
+            if pending < self.max_pending_per_host:
+                self._pending[host] = pending + 1
+        if pending >= self.max_pending_per_host:
+            client.close()
+            logger.warning(
+                "closed a connection from %s: %d connections from this host are still negotiating (the limit)",
+                host,
+                pending,
+                extra={"action": "connection-refused", "peer": host},
+            )
+            raise ConnectionRefusedError("too many pending connections from one host")  # socketserver skips it
+        guarded = GuardedSocket.adopt(
+            client, self.limits, peer=f"{host}:{address[1]}", on_settled=lambda: self._settled(host)
+        )
+        return guarded, address
+
+    def _settled(self, host: str) -> None:
+        """A connection from ``host`` sent its A-ASSOCIATE-RQ, or went away: it no longer counts as pending."""
+        with self._pending_lock:
+            left = self._pending.get(host, 0) - 1
+            if left > 0:
+                self._pending[host] = left
+            else:
+                self._pending.pop(host, None)
