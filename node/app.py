@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 from pydicom.uid import UID
 from pynetdicom import AE, evt
@@ -190,15 +191,21 @@ class Node:
         if self.server is not None:
             self.server.shutdown()  # stops serve_forever, closes the listening socket
             self.server = None
+        # Only established associations carry work to wait for: a connection still negotiating
+        # is dropped with the process (its thread is a daemon), never waited on.
         deadline = time.monotonic() + grace
-        while self.ae.active_associations and time.monotonic() < deadline:
+        while self._in_flight() and time.monotonic() < deadline:
             time.sleep(0.05)
-        remaining = self.ae.active_associations
+        remaining = self._in_flight()
         if remaining:
             logger.warning("aborting %d association(s) still open after %.0f s", len(remaining), grace)
             for assoc in remaining:
                 assoc.abort()
         self.archive.close()
+
+    def _in_flight(self) -> list[Any]:
+        """Established associations still open: the work a shutdown waits for."""
+        return [assoc for assoc in self.ae.active_associations if assoc.is_established]
 
 
 # -- the serve process ---------------------------------------------------------------------------

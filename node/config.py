@@ -78,6 +78,8 @@ class NodeSettings(StrictModel):
     max_pdu: Annotated[int, Field(ge=0, le=1 << 30)] = 4 << 20
     acceptor_processes: Annotated[int, Field(ge=1, le=64)] = 2
     max_instance_bytes: Annotated[int, Field(ge=1024)] = 2 << 30
+    # A deflated dataset may inflate to this much, not more (a 1 MiB stream can inflate to gigabytes).
+    max_inflated_bytes: Annotated[int, Field(ge=1024)] = 256 << 20
     timeouts: Timeouts = Timeouts()
 
 

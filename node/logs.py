@@ -108,5 +108,6 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.addHandler(handler)
     root.setLevel(level)
     threading.excepthook = _log_thread_exception
+    logging.captureWarnings(True)  # pydicom's warnings about odd data become records in our format
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -490,6 +490,11 @@ class GuardedSocket(socket.socket):
             return
         self._abort(GuardViolation("no A-ASSOCIATE-RQ within the ARTIM timeout", REASON_NOT_SPECIFIED))
 
+    @property
+    def aborted(self) -> bool:
+        """Whether the guard aborted this connection."""
+        return self._aborted
+
     def bind_association(self, association: Any) -> None:
         """The pynetdicom association reading this socket (its accepted contexts are checked)."""
         self._association = association

@@ -149,7 +149,8 @@ class AssociationLog:
             stats = self._stats.pop(id(event.assoc), None)
         if stats is None:
             return
-        if stats.outcome == "closed" and event.assoc.is_aborted:
+        guarded = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+        if (stats.outcome == "closed" and event.assoc.is_aborted) or getattr(guarded, "aborted", False):
             stats.outcome = "aborted"
         duration = time.monotonic() - stats.started
         level = logging.WARNING if stats.failures or stats.outcome in ("aborted", "rejected") else logging.INFO
@@ -206,6 +207,7 @@ class StoreService:
     ) -> None:
         self.archive = archive
         self.max_instance_bytes = settings.max_instance_bytes
+        self.max_inflated_bytes = min(settings.max_inflated_bytes, settings.max_instance_bytes)
         self.assoc_log = assoc_log
         self.policy = policy if policy is not None else PolicySettings()
         if archive.settings.duplicate_policy is DuplicatePolicy.OVERWRITE and not any(
@@ -272,7 +274,7 @@ class StoreService:
             # Only a whole, consistent dataset is acknowledged: every element inside the bytes
             # received, sequences and fragments closed, pixel data as long as the image needs,
             # no File Meta elements, the encoding of the negotiated transfer syntax.
-            check_dataset(dataset, transfer_syntax_uid, max_inflated_bytes=self.max_instance_bytes)
+            check_dataset(dataset, transfer_syntax_uid, max_inflated_bytes=self.max_inflated_bytes)
         except UnreadableInstanceError as exc:
             return status.CANNOT_UNDERSTAND, str(exc)
         header = _file_header(sop_class_uid, sop_instance_uid, transfer_syntax_uid)

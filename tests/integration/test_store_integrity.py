@@ -128,3 +128,38 @@ def test_a_uid_is_validated_as_received_never_repaired(node: RunningNode, study_
     assert code == status.DATASET_DOES_NOT_MATCH_SOP_CLASS, comment
     assert "StudyInstanceUID not a valid UID" in comment
     assert _instances(node) == 0
+
+
+def test_a_deflated_dataset_inflating_past_the_cap_is_refused(start_node, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import zlib
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from tests.support.helpers import make_settings
+
+    node = start_node(make_settings(tmp_path, node={"max_inflated_bytes": 1 << 20}))
+    ds = make_dataset(rows=1024, columns=1024)
+    ds.PixelData = bytes(len(ds.PixelData))  # 2 MiB of zeros: deflates to a few KiB
+    squeezer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    deflated = squeezer.compress(encode(ds)) + squeezer.flush()
+    assert len(deflated) < 64 << 10
+    code, comment = store_raw(
+        node.port,
+        deflated,
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        transfer_syntax_uid=DeflatedExplicitVRLittleEndian,
+    )
+    assert code == status.CANNOT_UNDERSTAND, comment
+    assert "inflates to more than" in comment
+    assert _instances(node) == 0
+    small = make_dataset(rows=64, columns=64)
+    squeezer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    code, comment = store_raw(
+        node.port,
+        squeezer.compress(encode(small)) + squeezer.flush(),
+        sop_class_uid=str(small.SOPClassUID),
+        sop_instance_uid=str(small.SOPInstanceUID),
+        transfer_syntax_uid=DeflatedExplicitVRLittleEndian,
+    )
+    assert (code, comment) == (status.SUCCESS, "")

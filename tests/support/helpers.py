@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -41,6 +42,45 @@ def _validator() -> Path:
 VALIDATOR = _validator()
 
 
+#: The real chest CT folders every ``real-chest-ct`` copy holds (see its README).
+REAL_CHEST_CT_SERIES = ("A0001-5mm-B", "A0001-5mm-L")
+
+
+def _real_chest_ct_candidates() -> list[Path]:
+    """Where the real chest CT may be: under ``$PACSNODE_TEST_DATA``, then ``../shared/data`` beside the checkout."""
+    candidates = [Path(p) / "real-chest-ct" for p in os.environ.get("PACSNODE_TEST_DATA", "").split(os.pathsep) if p]
+    candidates.append(REPO.parent / "shared" / "data" / "real-chest-ct")
+    return candidates
+
+
+def find_real_chest_ct() -> Path | None:
+    """The ``real-chest-ct`` folder with both series present, or None (no skip: for ``skipif`` marks)."""
+    for candidate in _real_chest_ct_candidates():
+        if all(any((candidate / name).glob("*.dcm")) for name in REAL_CHEST_CT_SERIES):
+            return candidate
+    return None
+
+
+def real_chest_ct() -> Path:
+    """The real chest CT folder (``A0001-5mm-B/``, ``A0001-5mm-L/``, ``annotations.json``); skip if absent.
+
+    Data: TCIA Lung-PET-CT-Dx (Li et al. 2020, https://doi.org/10.7937/TCIA.2020.NNC2-0461,
+    CC BY 4.0). Tests read the files where they are and never copy them into the repository; a test
+    using them keeps this attribution in its docstring. Looked for under ``$PACSNODE_TEST_DATA``
+    (a folder that contains ``real-chest-ct/``, several joined with ``os.pathsep``), then in
+    ``../shared/data/real-chest-ct/`` beside the checkout.
+    """
+    found = find_real_chest_ct()
+    if found is None:
+        tried = ", ".join(str(c) for c in _real_chest_ct_candidates())
+        pytest.skip(
+            "real chest CT not available: no real-chest-ct/ folder with "
+            f"{' and '.join(REAL_CHEST_CT_SERIES)} (tried {tried}); set PACSNODE_TEST_DATA to a folder "
+            "that contains real-chest-ct/"
+        )
+    return found
+
+
 def pydicom_data_files() -> Path:
     """The folder of real images shipped by the pydicom-data package (never fetched)."""
     import data_store
@@ -48,10 +88,26 @@ def pydicom_data_files() -> Path:
     return Path(data_store.__file__).parent / "data"
 
 
+_PORTS = random.Random()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port below the kernel's ephemeral range (32768 and up).
+
+    A port the kernel handed out with bind(0) comes from the same range as the
+    source ports of outgoing connections, so between choosing it and a peer
+    (storescp, Orthanc) binding it, a client connection may take it. Ports
+    chosen here never collide with those.
+    """
+    for _ in range(1000):
+        port = _PORTS.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32000")
 
 
 def make_settings(tmp_path: Path, **sections: dict[str, Any]) -> Settings:
