@@ -74,7 +74,7 @@ class Pacsnode(Receiver):
             )
         )
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node", "--config", str(config), "serve"], cwd=REPO, env=ENV
+            [sys.executable, "-m", "pacsnode.node", "--config", str(config), "serve"], cwd=REPO, env=ENV
         )
         wait_port(self.port)
 

@@ -15,7 +15,7 @@ What it does
    stack spans 300 mm) once, timed on its own. Each run gets a copy with fresh
    Study, Series, Frame of Reference and SOP Instance UIDs (a re-labelling,
    also timed on its own), so every run is a new study for the node.
-2. Starts DCMTK ``storescp -v`` as the destination DEST, then ``python -m node
+2. Starts DCMTK ``storescp -v`` as the destination DEST, then ``python -m pacsnode.node
    --config FILE serve``: SQLite index in a temporary folder, fsync on, one
    acceptor, ``analysis.workers: 1``, one rule (pipeline ``ct-lung``, modality
    CT, destination DEST), ``--quiet-seconds`` and ``--scan-interval``, export
@@ -188,7 +188,10 @@ def _start_node(work: Path, args: argparse.Namespace) -> tuple[Proc, Path]:
         )
     )
     proc = Proc(
-        "pacsnode serve", [sys.executable, "-m", "node", "--config", str(config), "serve"], work / "serve.log", cwd=REPO
+        "pacsnode serve",
+        [sys.executable, "-m", "pacsnode.node", "--config", str(config), "serve"],
+        work / "serve.log",
+        cwd=REPO,
     )
     proc.wait_listening(NODE_PORT)
     return proc, db

@@ -545,7 +545,7 @@ class Pacsnode(Server):
         )
         with open(self.work / "pacsnode.log", "wb") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "node", "--config", str(config), "serve"],
+                [sys.executable, "-m", "pacsnode.node", "--config", str(config), "serve"],
                 cwd=REPO,
                 env=ENV,
                 stdout=log,

@@ -1,4 +1,4 @@
-"""``python -m node``: the same as the ``pacsnode`` command."""
+"""``python -m pacsnode.node``: the same as the ``pacsnode`` command."""
 
 import sys
 
