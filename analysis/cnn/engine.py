@@ -3,19 +3,24 @@
 - **Device.** ``auto`` takes CUDA when present, else the CPU; a config may
   name ``cpu``, ``cuda`` or ``cuda:N``.
 - **Warm models.** A network is built once per process and device and kept
-  (:func:`warm_model`), so a worker pays the load only for its first job.
+  (:func:`warm_model`, the ``WARM_MODELS`` most recently used), so a worker pays
+  the load only for its first job.
 - **Batching.** A 2D model sees batches of slices, taken across all the
   volumes handed to one call (several queued studies fill one batch); a 3D
   model runs MONAI's sliding-window inference over patches.
 - **Precision.** ``auto`` is bf16 autocast on a GPU that has it (fp16
-  otherwise) and on a CPU with AVX-512 BF16 or AMX, fp32 elsewhere. Every call
-  runs under ``torch.inference_mode``; 4D inputs are channels-last.
+  otherwise) and on a CPU with AVX-512 BF16 or AMX, fp32 elsewhere; ``fp32``
+  on CUDA turns TF32 off while the network runs. Every thread that runs the
+  network (the loader's probes too) enters ``torch.inference_mode``; TorchScript
+  networks are frozen; 4D inputs are channels-last.
 - **Overlap.** A loader thread stacks, converts and (on CUDA) pins the next
   batches while the device computes the current one.
 - **Memory budget.** The batch size (sliding-window batch for 3D) is the
   largest whose activations, measured by one probe pass, fit the budget;
-  a CUDA out-of-memory error halves it and retries. A 3D output that does not
-  fit the budget on the device is stitched in host memory.
+  a CUDA out-of-memory error halves it, and the halved size holds from then on
+  for that input shape and budget. A 3D volume or output that does not fit
+  the budget on the device stays in host memory (patches go to the device);
+  out of memory at one patch per batch moves the stitching to the host.
 - **Timeout.** A deadline (monotonic seconds) is checked between batches; past
   it the call raises :class:`InferenceTimeout` so the job fails cleanly before
   the worker's hard timeout.
@@ -23,7 +28,9 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -53,18 +60,35 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> the first CUDA device if there is one, else the CPU."""
+    """``auto`` -> the first CUDA device if there is one, else the CPU.
+
+    CUDA devices come back with their index (``cuda`` is ``cuda:0``), so one device has one name.
+
+    Raises
+    ------
+    ModelError
+        If the machine has no CUDA device, or none of that index.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise ModelError(f"device {name!r} asked for, but this machine has no CUDA device")
-    return device
+    index = 0 if device.index is None else device.index
+    count = torch.cuda.device_count()
+    if index >= count:
+        have = "1 CUDA device (cuda:0)" if count == 1 else f"{count} CUDA devices (cuda:0 to cuda:{count - 1})"
+        raise ModelError(f"device {name!r} asked for, but this machine has {have}")
+    return torch.device("cuda", index)
 
 
+@functools.cache
 def _cpu_has_bf16() -> bool:
     try:
-        flags = open("/proc/cpuinfo", encoding="ascii", errors="replace").read()
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = f.read()
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
@@ -81,7 +105,8 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
             raise ModelError("fp16 runs on CUDA only; use bf16 or fp32 on the CPU")
         return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Without including_emulation=False, GPUs that only emulate bf16 (slowly) count as having it.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.bfloat16 if _cpu_has_bf16() else None
 
 
@@ -96,10 +121,14 @@ class WarmModel:
     preprocessor: Preprocessor
     per_item_bytes: dict[tuple[object, ...], int] = field(default_factory=dict)  # measured, by shape and spacing
     cpu_batch: dict[tuple[object, ...], int] = field(default_factory=dict)  # fastest CPU batch, by shape
+    # The batch size an out-of-memory error cut to, by input shape and memory budget (bytes): engines with
+    # the same budget start from it; another budget measures for itself.
+    oom_batch: dict[tuple[object, ...], int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-_WARM: dict[tuple[str, str, str, str], WarmModel] = {}
+WARM_MODELS = 4  # networks kept per process, the most recently used; each holds its weights in memory
+_WARM: collections.OrderedDict[tuple[str, str, str, str], WarmModel] = collections.OrderedDict()
 _WARM_LOCK = threading.Lock()
 
 
@@ -110,15 +139,14 @@ def warm_model(
     device = resolve_device(options.device)
     autocast = resolve_precision(options.precision, device)
     steps = list(package.manifest.input.preprocessing if preprocessing is None else preprocessing)
-    key = (package.key, str(device), str(autocast), repr(steps))
+    key = (package.key, str(device), str(autocast), repr(steps))  # CUDA devices named with their index
     with _WARM_LOCK:
         warm = _WARM.get(key)
-        if warm is None:
+        if warm is not None:
+            _WARM.move_to_end(key)
+        else:
             t0 = time.perf_counter()
-            module = package.build(device)
-            if package.manifest.input.dims == "2d":
-                # Module.to takes memory_format (documented), which its typed overloads leave out
-                module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            module = _inference_module(package.build(device), package.manifest.input.dims == "2d")
             warm = WarmModel(
                 package=package,
                 module=module,
@@ -127,6 +155,11 @@ def warm_model(
                 preprocessor=build_preprocessor(steps),  # type: ignore[arg-type]
             )
             _WARM[key] = warm
+            while len(_WARM) > WARM_MODELS:
+                _, dropped = _WARM.popitem(last=False)
+                logger.info(
+                    "model %s dropped from the warm models (least recently used)", dropped.package.manifest.name
+                )
             logger.info(
                 "model %s %s loaded on %s (%s) in %.2f s",
                 package.manifest.name,
@@ -136,6 +169,92 @@ def warm_model(
                 time.perf_counter() - t0,
             )
         return warm
+
+
+def _inference_module(module: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
+    """The network as the engine runs it: eval mode, no gradients, TorchScript frozen.
+
+    A TorchScript module (traced ones in particular, as MONAI Model Zoo bundles ship them) records for
+    autograd when its parameters require gradients; frozen, its weights are constants and nothing is recorded.
+    """
+    module = module.eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    if channels_last:
+        # Module.to takes memory_format (documented), which its typed overloads leave out
+        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if isinstance(module, torch.jit.ScriptModule):
+        try:
+            module = torch.jit.freeze(module)
+        except Exception as exc:  # a module freezing refuses still runs, its parameters without gradients
+            logger.debug("TorchScript module not frozen: %s", exc)
+    return module
+
+
+@contextlib.contextmanager
+def _network_context(warm: WarmModel) -> Iterator[None]:
+    """What every thread that runs the network enters, around preprocessing and the network.
+
+    ``torch.inference_mode`` is per thread: the caller's does not reach the loader thread. On CUDA,
+    ``fp32`` means full fp32 (no TF32 in matrix products and convolutions), and 2D batches, of a few
+    fixed shapes, let cuDNN pick its fastest convolutions; torch's flags are restored afterwards.
+    """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        if warm.device.type == "cuda":
+            stack.enter_context(_cuda_flags(warm))
+        yield
+
+
+_CUDA_FLAGS_LOCK = threading.Lock()
+_CUDA_FLAGS: dict[str, Any] = {"exact": 0, "benchmark": 0, "saved_exact": None, "saved_benchmark": None}
+
+
+@contextlib.contextmanager
+def _cuda_flags(warm: WarmModel) -> Iterator[None]:
+    """torch's global CUDA flags for the network's run; counted, so that concurrent runs restore them once."""
+    exact = warm.autocast is None
+    benchmark = warm.package.manifest.input.dims == "2d"
+    flags = _CUDA_FLAGS
+    with _CUDA_FLAGS_LOCK:
+        if exact:
+            if flags["exact"] == 0:
+                flags["saved_exact"] = (
+                    torch.backends.cuda.matmul.allow_tf32,
+                    torch.backends.cudnn.allow_tf32,
+                    torch.get_float32_matmul_precision(),
+                )
+                torch.backends.cuda.matmul.allow_tf32 = False
+                torch.backends.cudnn.allow_tf32 = False
+                torch.set_float32_matmul_precision("highest")
+            flags["exact"] += 1
+        if benchmark:
+            if flags["benchmark"] == 0:
+                flags["saved_benchmark"] = torch.backends.cudnn.benchmark
+                torch.backends.cudnn.benchmark = True
+            flags["benchmark"] += 1
+    try:
+        yield
+    finally:
+        with _CUDA_FLAGS_LOCK:
+            if exact:
+                flags["exact"] -= 1
+                if flags["exact"] == 0:
+                    matmul, cudnn, precision = flags["saved_exact"]
+                    torch.set_float32_matmul_precision(precision)
+                    torch.backends.cuda.matmul.allow_tf32 = matmul
+                    torch.backends.cudnn.allow_tf32 = cudnn
+            if benchmark:
+                flags["benchmark"] -= 1
+                if flags["benchmark"] == 0:
+                    torch.backends.cudnn.benchmark = flags["saved_benchmark"]
+
+
+@contextlib.contextmanager
+def _running(warm: WarmModel) -> Iterator[None]:
+    """:func:`_network_context` and the model's autocast: around the network alone."""
+    with _network_context(warm), _autocast(warm):
+        yield
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -298,7 +417,7 @@ class InferenceEngine:
                     item = image[index]
                 buf.append(item)
                 targets.append((vi, si))
-                if len(buf) >= size:
+                if len(buf) >= min(size, self._oom_limit(current)):
                     yield flush()
         if buf:
             yield flush()
@@ -306,34 +425,49 @@ class InferenceEngine:
     def _run_2d(
         self, x: torch.Tensor, spacing: tuple[float, float], shape: tuple[int, int], key: tuple[object, ...]
     ) -> torch.Tensor:
-        """Preprocess, run and map back one host batch; halves itself on CUDA out-of-memory."""
+        """Preprocess, run and map back one host batch; halves itself on CUDA out-of-memory.
+
+        The halved size sticks: batches already made larger are split before they run, and the loader
+        makes no larger ones from then on (for this shape and memory budget).
+        """
+        limit = self._oom_limit(key)
+        if x.shape[0] > limit:
+            return torch.cat([self._run_2d(x[i : i + limit], spacing, shape, key) for i in range(0, x.shape[0], limit)])
         try:
             return self._forward_2d(x, spacing, shape)
-        except torch.cuda.OutOfMemoryError:
-            if x.shape[0] == 1:
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            if x.shape[0] == 1 or not _is_out_of_memory(exc):
                 raise
         # Out of the handler, so the failed batch's tensors (and its traceback's) are gone before the retry.
-        torch.cuda.empty_cache()
+        _empty_cache(self.warm.device)
         half = x.shape[0] // 2
         logger.warning("CUDA out of memory at a batch of %d: splitting it, and smaller batches from now on", x.shape[0])
-        per_item = self.warm.per_item_bytes.get(key)
-        if per_item is not None:
-            self.warm.per_item_bytes[key] = max(per_item, int(self._budget() // half) + 1)
-        return torch.cat([self._run_2d(x[:half], spacing, shape, key), self._run_2d(x[half:], spacing, shape, key)])
+        self.warm.oom_batch[self._oom_key(key)] = min(half, self._oom_limit(key))
+        return self._run_2d(x, spacing, shape, key)
 
     def _forward_2d(self, x: torch.Tensor, spacing: tuple[float, float], shape: tuple[int, int]) -> torch.Tensor:
         warm = self.warm
-        xp, pad = _prepare_2d(warm, x.to(warm.device, non_blocking=True), spacing)
-        with _autocast(warm):
-            logits = warm.module(xp)
-        logits = _check_output(logits, warm, xp)
-        if logits.ndim == 4:
-            logits = _unpad(logits, pad)
-            logits = warm.preprocessor.restore(logits.float(), shape, spacing)
-        return _activate(logits.float(), warm.package.manifest.output.activation)
+        with _network_context(warm):  # also in the loader thread, which times batch sizes with it
+            xp, pad = _prepare_2d(warm, x.to(warm.device, non_blocking=True), spacing)
+            with _autocast(warm):
+                logits = warm.module(xp)
+            logits = _check_output(logits, warm, xp)
+            if logits.ndim == 4:
+                logits = _unpad(logits, pad)
+                logits = warm.preprocessor.restore(logits.float(), shape, spacing)
+            return _activate(logits.float(), warm.package.manifest.output.activation)
 
     def _budget(self) -> float:
         return self.options.memory_budget_mb * 1024 * 1024
+
+    def _oom_key(self, key: tuple[object, ...]) -> tuple[object, ...]:
+        return (*key, int(self._budget()))
+
+    def _oom_limit(self, key: tuple[object, ...] | None) -> int:
+        """The largest batch not yet known to run out of memory for this input shape and budget."""
+        if key is None:
+            return 1 << 30
+        return self.warm.oom_batch.get(self._oom_key(key), 1 << 30)
 
     def _batch_size_2d(self, key: tuple[object, ...], sample: VolumeInput, spacing: tuple[float, float]) -> int:
         """The batch size for items of one shape and spacing, measured once per warm model.
@@ -350,7 +484,7 @@ class InferenceEngine:
             probe = torch.zeros((1, channels, rows, cols), dtype=torch.float32, device=warm.device)
             per_item = warm.per_item_bytes[key] = _activation_bytes(warm, probe, spacing)
         limit = 256 if self.options.batch_size == "auto" else self.options.batch_size
-        fits = int(max(1, min(limit, self._budget() // max(per_item, 1))))
+        fits = int(max(1, min(limit, self._oom_limit(key), self._budget() // max(per_item, 1))))
         if warm.device.type == "cuda" or self.options.batch_size != "auto":
             size = fits
         else:
@@ -396,7 +530,12 @@ class InferenceEngine:
         if deadline is not None and time.monotonic() > deadline:
             raise InferenceTimeout("inference did not finish within the job's timeout")
         image = torch.from_numpy(np.ascontiguousarray(volume.image, dtype=np.float32))
-        x = image[None, None].to(warm.device)
+        host = torch.device("cpu")
+        # The volume goes to the device only when it, its preprocessed copy and the output fit the budget with
+        # room for patches; otherwise it stays in host memory and the sliding window moves patches over.
+        volume_bytes = spec.channels * image.numel() * 4
+        place = warm.device if volume_bytes * 4 < self._budget() else host
+        x = image[None, None].to(place)
         if spec.channels > 1:
             x = x.expand(-1, spec.channels, -1, -1, -1)
         xp, _ = warm.preprocessor(x, volume.spacing)
@@ -404,23 +543,45 @@ class InferenceEngine:
         xp, pad = _pad_to_multiple(xp, spec.divisible_by)
         out_channels = warm.package.manifest.output.channels_needed
         roi, sw_batch, stitch = self._window_plan(xp)
+        if place != warm.device:
+            stitch = host
+        oom_key = self._oom_key((spec.channels, *roi))
+        sw_batch = min(sw_batch, warm.oom_batch.get(oom_key, sw_batch))
 
         def predictor(patch: torch.Tensor) -> torch.Tensor:
-            with _autocast(warm):
+            with _running(warm):
                 out: torch.Tensor = warm.module(patch)  # Module.__call__ is typed Any
                 return out.float()
 
         t0 = time.perf_counter()
-        logits = sliding_window_inference(
-            xp,
-            roi_size=roi,
-            sw_batch_size=sw_batch,
-            predictor=predictor,
-            overlap=spec.overlap,
-            mode="gaussian",
-            sw_device=warm.device,
-            device=stitch,
-        )
+        while True:
+            error: BaseException | None = None
+            try:
+                logits = sliding_window_inference(
+                    xp,
+                    roi_size=roi,
+                    sw_batch_size=sw_batch,
+                    predictor=predictor,
+                    overlap=spec.overlap,
+                    mode="gaussian",
+                    sw_device=warm.device,
+                    device=stitch,
+                )
+                break
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+                if not _is_out_of_memory(exc) or (sw_batch == 1 and stitch == host):
+                    raise
+                error = exc
+            # Out of the handler, so the failed attempt's tensors are gone before the retry.
+            del error
+            _empty_cache(warm.device)
+            if sw_batch > 1:
+                logger.warning("CUDA out of memory at %d patches per batch: halving it", sw_batch)
+                sw_batch //= 2
+                warm.oom_batch[oom_key] = sw_batch
+            else:
+                logger.warning("CUDA out of memory stitching on %s: stitching in host memory", stitch)
+                stitch = host
         assert isinstance(logits, torch.Tensor)
         if logits.shape[1] < out_channels:
             raise ModelError(
@@ -431,6 +592,7 @@ class InferenceEngine:
         assert tuple(logits.shape[2:]) == grid
         logits = warm.preprocessor.restore(logits.float(), tuple(volume.image.shape), volume.spacing)
         probs = _activate(logits, warm.package.manifest.output.activation)
+        _synchronize(warm.device)
         self.stats = {"items": 1, "batches": 1, "model_s": time.perf_counter() - t0, "sw_batch": sw_batch}
         return probs[0].to("cpu", torch.float16).numpy()
 
@@ -507,6 +669,27 @@ def _foreground_box(volume: VolumeInput, crop: Any) -> tuple[slice, slice]:
 
 
 _CROP_STEP = 32
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """A CUDA out-of-memory error, or cuDNN's forms of one (a RuntimeError, through TorchScript too)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "CUDNN_STATUS_NOT_SUPPORTED" in text or "CUDNN_STATUS_ALLOC_FAILED" in text
+    )
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work, so that a timing taken next includes it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _autocast(warm: WarmModel) -> contextlib.AbstractContextManager[object]:
@@ -590,12 +773,13 @@ def _activation_bytes(warm: WarmModel, probe: torch.Tensor, spacing: tuple[float
     if not isinstance(warm.module, torch.jit.ScriptModule):
         handles = [m.register_forward_hook(hook) for m in warm.module.modules() if not list(m.children())]
     try:
-        x = probe
-        if spacing is not None:
-            x, _ = _prepare_2d(warm, x, spacing)
-        with _autocast(warm):
-            out = warm.module(x)
-        out = _check_output(out, warm, x)
+        with _network_context(warm):  # the 2D probe runs in the loader thread
+            x = probe
+            if spacing is not None:
+                x, _ = _prepare_2d(warm, x, spacing)
+            with _autocast(warm):
+                out = warm.module(x)
+            out = _check_output(out, warm, x)
         measured = total
     finally:
         for h in handles:

@@ -21,11 +21,13 @@ SHA-256; it imports neither torch nor MONAI, so ``check-config`` stays quick.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
 import os
 import re
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,20 +303,28 @@ class ModelPackage:
 
 
 def sha256_of(path: Path) -> str:
-    """The SHA-256 of a file, hex; cached per (path, size, mtime) in this process."""
+    """The SHA-256 of a file, hex; cached per (path, size, mtime) in this process (``HASHES_KEPT`` files)."""
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    cached = _HASHES.get(key)
-    if cached is None:
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+    with _HASHES_LOCK:
+        cached = _HASHES.get(key)
+        if cached is not None:
+            _HASHES.move_to_end(key)
+            return cached
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    with _HASHES_LOCK:
         cached = _HASHES[key] = digest.hexdigest()
+        while len(_HASHES) > HASHES_KEPT:
+            _HASHES.popitem(last=False)
     return cached
 
 
-_HASHES: dict[tuple[str, int, int], str] = {}
+HASHES_KEPT = 64  # the most recently used
+_HASHES: collections.OrderedDict[tuple[str, int, int], str] = collections.OrderedDict()
+_HASHES_LOCK = threading.Lock()
 
 
 def load_package(location: str | os.PathLike[str], *, overrides: dict[str, Any] | None = None) -> ModelPackage:

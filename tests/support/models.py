@@ -113,14 +113,23 @@ def make_package(
     return root
 
 
-def make_bundle(root: Path, *, torchscript: bool = False, with_hash: bool = True, seed: int = 0) -> Path:
-    """Write a MONAI Bundle: configs/metadata.json, configs/inference.json, models/model.pt|ts, large_files.yml."""
+def make_bundle(
+    root: Path, *, torchscript: bool = False, with_hash: bool = True, seed: int = 0, dims: str = "3d"
+) -> Path:
+    """Write a MONAI Bundle: configs/metadata.json, configs/inference.json, models/model.pt|ts, large_files.yml.
+
+    ``dims="2d"`` gives a 2D network with batch norm (one input channel, two outputs) instead of the 3D one.
+    """
     (root / "configs").mkdir(parents=True, exist_ok=True)
     (root / "models").mkdir(exist_ok=True)
-    net = _network(TINY_UNET_3D, seed)
+    architecture = TINY_UNET_3D
+    if dims == "2d":
+        architecture = {"name": "UNet", "params": {**TINY_UNET_2D["params"], "in_channels": 1, "out_channels": 2}}
+    shape = [16] * (3 if dims == "3d" else 2)
+    net = _network(architecture, seed)
     if torchscript:
         weights = root / "models" / "model.ts"
-        _trace(net, torch.zeros((1, 1, 16, 16, 16)), weights)
+        _trace(net, torch.zeros((1, 1, *shape)), weights)
     else:
         weights = root / "models" / "model.pt"
         torch.save(net.state_dict(), weights)
@@ -136,7 +145,7 @@ def make_bundle(root: Path, *, torchscript: bool = False, with_hash: bool = True
                     "format": "hounsfield",
                     "modality": "CT",
                     "num_channels": 1,
-                    "spatial_shape": [16, 16, 16],
+                    "spatial_shape": shape,
                     "dtype": "float32",
                     "is_patch_data": True,
                 }
@@ -146,7 +155,7 @@ def make_bundle(root: Path, *, torchscript: bool = False, with_hash: bool = True
                     "type": "image",
                     "format": "segmentation",
                     "num_channels": 2,
-                    "spatial_shape": [16, 16, 16],
+                    "spatial_shape": shape,
                     "dtype": "float32",
                     "channel_def": {"0": "background", "1": "spleen"},
                 }
@@ -154,7 +163,7 @@ def make_bundle(root: Path, *, torchscript: bool = False, with_hash: bool = True
         },
     }
     (root / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2))
-    inference = {"network_def": {"_target_": "UNet", **TINY_UNET_3D["params"]}}
+    inference = {"network_def": {"_target_": "UNet", **architecture["params"]}}
     (root / "configs" / "inference.json").write_text(json.dumps(inference, indent=2))
     if with_hash:
         (root / "large_files.yml").write_text(

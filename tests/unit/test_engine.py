@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from pacsnode.analysis.cnn.engine import (
     EngineOptions,
     InferenceEngine,
     VolumeInput,
+    WarmModel,
     resolve_device,
     resolve_precision,
     warm_model,
@@ -212,3 +215,325 @@ def test_an_error_while_volumes_arrive_reaches_the_caller(tmp_path: Path) -> Non
 
     with pytest.raises(RuntimeError, match="decoder broke"):
         _engine(root, batch_size=1).predict(arriving(), on_done=lambda i, p: done.append(i))
+
+
+# --- TorchScript under autocast, the loader thread included -------------------------------------------
+
+
+def _tiny_unet_2d() -> torch.nn.Module:
+    from monai.networks.nets import UNet
+
+    from tests.support.models import TINY_UNET_2D
+
+    torch.manual_seed(0)
+    return UNet(**TINY_UNET_2D["params"]).eval()
+
+
+def _precision_or_skip(precision: str) -> str:
+    try:
+        resolve_precision(precision, torch.device("cpu"))
+    except ModelError as exc:
+        pytest.skip(f"{precision} on this CPU: {exc}")
+    return precision
+
+
+@pytest.mark.parametrize("batch_size", ["auto", 1, 4])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "auto"])
+@pytest.mark.parametrize("kind", ["traced", "scripted", "bundle"])
+def test_torchscript_networks_run_at_every_precision_and_batch_size(
+    tmp_path: Path, kind: str, precision: str, batch_size: object
+) -> None:
+    """Traced 2D networks with batch norm: the probe and the CPU timing in the loader thread run them too."""
+    _precision_or_skip(precision)
+    if kind == "bundle":
+        root = make_bundle(tmp_path / "b", torchscript=True, dims="2d")
+    else:
+        root = make_package(tmp_path / "m", torchscript=True)
+        if kind == "scripted":
+            import json
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch deprecates TorchScript
+                net = _tiny_unet_2d()
+                torch.jit.script(net).save(str(root / "model.pt"))
+
+            from tests.support.helpers import sha256_file
+
+            manifest = json.loads((root / "manifest.json").read_text())
+            manifest["weights"]["sha256"] = sha256_file(root / "model.pt")
+            (root / "manifest.json").write_text(json.dumps(manifest))
+    volume = _volume(30, depth=6, size=32)
+    engine = _engine(root, precision=precision, batch_size=batch_size)
+    out = engine.predict([volume])[0]
+    assert out.shape[1:] == (6, 32, 32)
+    assert np.isfinite(out.astype(np.float32)).all()
+
+
+def test_a_torchscript_bundle_runs_in_the_model_pipeline_at_default_settings(tmp_path: Path) -> None:
+    from pacsnode.analysis.cnn.pipeline import ModelParams, ModelPipeline
+    from pacsnode.analysis.modeldev.synthetic import PhantomSpec, write_chest_ct
+    from pacsnode.analysis.pipelines import PipelineInput, PipelineOutput, SeriesInput
+
+    bundle = make_bundle(tmp_path / "b", torchscript=True, dims="2d")
+    truth = write_chest_ct(tmp_path / "ct", PhantomSpec(slices=6, size=64), seed=0)
+    series = SeriesInput(
+        series_instance_uid=truth.series_instance_uid, modality="CT", series_description="", paths=tuple(truth.paths)
+    )
+    inputs = PipelineInput(job_id=1, study_instance_uid=truth.study_instance_uid, series=(series,), uid_root="2.25")
+    params = ModelParams.model_validate({"model": str(bundle)})
+    assert params.engine == EngineOptions()  # the defaults: auto device, precision and batch size
+    output = ModelPipeline().run(inputs, params)
+    assert isinstance(output, PipelineOutput) and output.datasets
+
+
+# --- out-of-memory halving sticks, per memory budget ------------------------------------------------------
+
+
+class _RunsOutOfMemory(torch.nn.Module):
+    """The network, failing as CUDA does when a batch is larger than ``most``; records each batch size."""
+
+    def __init__(self, net: torch.nn.Module, most: int, error: Callable[[], Exception]) -> None:
+        super().__init__()
+        self.net = net
+        self.most = most
+        self.error = error
+        self.calls: list[tuple[int, bool]] = []  # batch size, whether it ran out of memory
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        failed = x.shape[0] > self.most
+        self.calls.append((int(x.shape[0]), failed))
+        if failed:
+            raise self.error()
+        out: torch.Tensor = self.net(x)
+        return out
+
+
+OOM_ERRORS: dict[str, Callable[[], Exception]] = {
+    "OutOfMemoryError": lambda: torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    "cuDNN not supported": lambda: RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if"),
+    "RuntimeError out of memory": lambda: RuntimeError("CUDA error: out of memory"),
+}
+
+
+def _failing_warm(root: Path, options: EngineOptions, most: int, error: Callable[[], Exception]) -> WarmModel:
+    base = warm_model(load_package(root), options)
+    measured = {f.name: {} for f in dataclasses.fields(base) if f.name in ("per_item_bytes", "cpu_batch", "oom_batch")}
+    return dataclasses.replace(base, module=_RunsOutOfMemory(base.module, most, error), **measured)
+
+
+@pytest.mark.parametrize("error", list(OOM_ERRORS))
+def test_an_out_of_memory_halving_sticks_for_the_rest_of_the_call_and_the_next(tmp_path: Path, error: str) -> None:
+    root = make_package(tmp_path / "m")
+    volume = _volume(40, depth=40, size=32)
+    options = FP32.model_copy(update={"batch_size": 8, "memory_budget_mb": 4096})
+    expected = _engine(root).predict([volume])[0]
+    warm = _failing_warm(root, options, most=2, error=OOM_ERRORS[error])
+    module = warm.module
+    assert isinstance(module, _RunsOutOfMemory)
+    engine = InferenceEngine(warm, options)
+    out = engine.predict([volume])[0]
+    np.testing.assert_allclose(out.astype(np.float32), expected.astype(np.float32), atol=2e-3)
+    batches = [(size, failed) for size, failed in module.calls if size > 1 or not failed][1:]  # after the probe
+    limit = 8
+    for size, failed in batches:
+        assert size <= limit, module.calls  # never larger than half of a batch that ran out of memory
+        if failed:
+            limit = size // 2
+    assert sum(failed for _, failed in module.calls) <= 2, module.calls  # at 8, then at 4; never again
+    module.calls.clear()
+    engine.predict([volume])  # the next call starts from the halved size
+    assert module.calls and all(size <= 2 and not failed for size, failed in module.calls), module.calls
+
+    # Another budget on the same warm model measures for itself: it does not inherit the halved size.
+    module.most = 64
+    module.calls.clear()
+    other = options.model_copy(update={"memory_budget_mb": 5000})
+    InferenceEngine(warm, other).predict([volume])
+    assert max(size for size, _ in module.calls) == 8, module.calls
+
+
+def test_an_error_that_is_not_out_of_memory_is_not_retried(tmp_path: Path) -> None:
+    root = make_package(tmp_path / "m")
+    options = FP32.model_copy(update={"batch_size": 8})
+    warm = _failing_warm(root, options, most=2, error=lambda: RuntimeError("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        InferenceEngine(warm, options).predict([_volume(41, depth=16, size=32)])
+
+
+# --- CUDA device and precision choices (CUDA faked: this machine may have none) ------------------------------
+
+
+def _fake_cuda(monkeypatch: pytest.MonkeyPatch, *, count: int = 2, bf16: str = "native") -> None:
+    """torch.cuda as on a machine with ``count`` devices; bf16 "native", "emulated" (what older GPUs report
+    unless ``including_emulation=False``) or "none"."""
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return bf16 == "native" or (bf16 == "emulated" and including_emulation)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+
+
+@pytest.mark.parametrize(("bf16", "expected"), [("native", torch.bfloat16), ("emulated", torch.float16)])
+def test_auto_precision_takes_bf16_only_where_the_gpu_has_it(
+    monkeypatch: pytest.MonkeyPatch, bf16: str, expected: torch.dtype
+) -> None:
+    _fake_cuda(monkeypatch, bf16=bf16)
+    assert resolve_precision("auto", torch.device("cuda")) == expected
+    assert resolve_precision("fp32", torch.device("cuda")) is None
+
+
+def test_a_cuda_device_index_is_checked_and_cuda_means_cuda_0(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_cuda(monkeypatch, count=2)
+    assert resolve_device("cuda") == resolve_device("cuda:0") == resolve_device("auto") == torch.device("cuda", 0)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ModelError, match=r"cuda:2.*2 CUDA devices \(cuda:0 to cuda:1\)"):
+        resolve_device("cuda:2")
+
+
+def test_a_model_is_kept_once_per_device_however_the_device_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pacsnode.analysis.cnn.package import ModelPackage
+
+    _fake_cuda(monkeypatch)
+    built: list[str] = []
+    real_build = ModelPackage.build
+
+    def build(self: ModelPackage, device: torch.device | str = "cpu") -> torch.nn.Module:
+        built.append(str(device))
+        return real_build(self, "cpu")  # the network stays on the CPU: there is no GPU here
+
+    monkeypatch.setattr(ModelPackage, "build", build)
+    package = load_package(make_package(tmp_path / "m"))
+    names = ("cuda", "cuda:0", "auto")
+    warms = [warm_model(package, EngineOptions(device=name, precision="fp32")) for name in names]
+    assert all(w is warms[0] for w in warms)
+    assert built == ["cuda:0"]
+
+
+def test_fp32_on_cuda_is_exact_and_2d_convolutions_are_benchmarked(tmp_path: Path) -> None:
+    from pacsnode.analysis.cnn.engine import _network_context
+
+    base = warm_model(load_package(make_package(tmp_path / "m")), FP32)
+    before = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.benchmark,
+    )
+    torch.backends.cudnn.allow_tf32 = True  # torch's default for convolutions
+    try:
+        cuda_fp32 = dataclasses.replace(base, device=torch.device("cuda", 0), autocast=None)
+        with _network_context(cuda_fp32):
+            assert torch.is_inference_mode_enabled()
+            assert not torch.backends.cuda.matmul.allow_tf32
+            assert not torch.backends.cudnn.allow_tf32
+            assert torch.backends.cudnn.benchmark  # 2D batches of one shape
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.backends.cudnn.allow_tf32  # restored
+        cuda_bf16 = dataclasses.replace(base, device=torch.device("cuda", 0), autocast=torch.bfloat16)
+        with _network_context(cuda_bf16):
+            assert torch.backends.cudnn.allow_tf32  # autocast decides; TF32 left as configured
+    finally:
+        (
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cudnn.benchmark,
+        ) = before
+
+
+# --- 3D: out of memory, volumes larger than the budget, timings ----------------------------------------------
+
+
+def _volume_3d() -> VolumeInput:
+    return VolumeInput(image=_volume(9, depth=20, size=40).image, spacing=(1.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("error", list(OOM_ERRORS))
+def test_3d_out_of_memory_halves_the_patches_per_batch_and_it_sticks(tmp_path: Path, error: str) -> None:
+    root = make_bundle(tmp_path / "b")
+    options = FP32.model_copy(update={"batch_size": 8})
+    expected = _engine(root, batch_size=8).predict([_volume_3d()])[0]
+    warm = _failing_warm(root, options, most=2, error=OOM_ERRORS[error])
+    module = warm.module
+    assert isinstance(module, _RunsOutOfMemory)
+    engine = InferenceEngine(warm, options)
+    out = engine.predict([_volume_3d()])[0]
+    np.testing.assert_allclose(out.astype(np.float32), expected.astype(np.float32), atol=2e-3)
+    assert engine.stats["sw_batch"] == 2
+    module.calls.clear()
+    engine.predict([_volume_3d()])  # the next volume starts at the halved size
+    assert module.calls and all(size <= 2 and not failed for size, failed in module.calls), module.calls
+
+
+def test_3d_out_of_memory_at_one_patch_stitches_on_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At one patch per batch, an output stitched on the device that runs out of memory moves to the host."""
+    import monai.inferers.utils as inferers
+
+    root = make_bundle(tmp_path / "b")
+    options = FP32.model_copy(update={"batch_size": 1})
+    expected = _engine(root).predict([_volume_3d()])[0]
+    engine = InferenceEngine(warm_model(load_package(root), options), options)
+    on_device = torch.device("meta")  # stands for the GPU: stitching "there" runs out of memory
+    plan = engine._window_plan
+    monkeypatch.setattr(engine, "_window_plan", lambda xp: (*plan(xp)[:2], on_device))
+    real = inferers.sliding_window_inference
+    stitched: list[str] = []
+
+    def sliding_window_inference(*args: object, device: torch.device, **kwargs: object) -> object:
+        stitched.append(str(device))
+        if device == on_device:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return real(*args, device=device, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(inferers, "sliding_window_inference", sliding_window_inference)
+    out = engine.predict([_volume_3d()])[0]
+    assert stitched == ["meta", "cpu"]
+    np.testing.assert_allclose(out.astype(np.float32), expected.astype(np.float32), atol=2e-3)
+
+
+def test_3d_a_volume_larger_than_the_budget_stays_on_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU (faked) gets patches only; the volume and the output stay in host memory; timings synchronise."""
+    import monai.inferers.utils as inferers
+
+    _fake_cuda(monkeypatch)
+    synchronized: list[object] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synchronized.append(device))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    root = make_bundle(tmp_path / "b")
+    options = FP32.model_copy(update={"memory_budget_mb": 0.2, "batch_size": 4})
+    base = warm_model(load_package(root), FP32)
+    gpu = torch.device("cuda", 0)
+    roi_key = (1, 16, 16, 16)
+    warm = dataclasses.replace(base, device=gpu, per_item_bytes={roi_key: 10_000}, cpu_batch={})
+    seen: dict[str, object] = {}
+
+    def sliding_window_inference(inputs: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        seen.update(inputs=str(inputs.device), sw_device=str(kwargs["sw_device"]), device=str(kwargs["device"]))
+        return torch.zeros((1, 2, *inputs.shape[2:]))
+
+    monkeypatch.setattr(inferers, "sliding_window_inference", sliding_window_inference)
+    out = InferenceEngine(warm, options).predict([_volume_3d()])[0]
+    assert out.shape == (2, 20, 40, 40)
+    assert seen == {"inputs": "cpu", "sw_device": "cuda:0", "device": "cpu"}
+    assert synchronized, "a CUDA timing must wait for the device"
+
+
+# --- process caches are bounded ------------------------------------------------------------------------------
+
+
+def test_the_warm_models_kept_are_the_most_recently_used(tmp_path: Path) -> None:
+    from pacsnode.analysis.cnn import engine as engine_module
+
+    packages = [load_package(make_package(tmp_path / f"m{i}", seed=i)) for i in range(engine_module.WARM_MODELS + 1)]
+    first = warm_model(packages[0], FP32)
+    second = warm_model(packages[1], FP32)
+    for package in packages[2:-1]:
+        warm_model(package, FP32)
+    assert warm_model(packages[0], FP32) is first  # used again: now the most recent
+    warm_model(packages[-1], FP32)  # one more than the cache holds: the least recently used goes
+    assert len(engine_module._WARM) <= engine_module.WARM_MODELS
+    assert warm_model(packages[0], FP32) is first
+    assert warm_model(packages[1], FP32) is not second  # built again

@@ -137,3 +137,21 @@ def test_the_shipped_model_is_small_and_its_checksum_holds() -> None:
     assert package.weights_path.stat().st_size < 10 * 1024 * 1024
     assert "NOT FOR DIAGNOSTIC USE" in package.manifest.intended_use
     assert package.manifest.training["command"] == "pacsnode train"
+
+
+def test_the_file_hash_cache_keeps_the_most_recently_used(tmp_path: Path) -> None:
+    from pacsnode.analysis.cnn import package as package_module
+
+    files = []
+    for i in range(package_module.HASHES_KEPT + 1):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(str(i).encode())
+        files.append(path)
+    for path in files[:-1]:
+        assert package_module.sha256_of(path) == sha256_file(path)
+    package_module.sha256_of(files[0])  # used again: now the most recent
+    package_module.sha256_of(files[-1])  # one more than the cache holds: the least recently used goes
+    cached = {key[0] for key in package_module._HASHES}
+    assert len(package_module._HASHES) <= package_module.HASHES_KEPT
+    assert str(files[0].resolve()) in cached
+    assert str(files[1].resolve()) not in cached
