@@ -74,7 +74,7 @@ class NodeSettings(StrictModel):
     host: str = "127.0.0.1"
     port: Port = 11112
     max_associations: Annotated[int, Field(ge=1, le=1024)] = 16  # established ones only
-    max_pending_per_host: Annotated[int, Field(ge=1, le=1024)] = 4  # connections still negotiating, per host
+    max_pending_per_host: Annotated[int, Field(ge=1, le=1024)] = 32  # connections still negotiating, per host
     max_pdu: Annotated[int, Field(ge=0, le=1 << 30)] = 4 << 20
     acceptor_processes: Annotated[int, Field(ge=1, le=64)] = 2
     max_instance_bytes: Annotated[int, Field(ge=1024)] = 2 << 30

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
+import warnings
 from datetime import UTC, datetime
 from typing import Any
 
@@ -88,6 +90,29 @@ def _abort_association_of(thread: threading.Thread | None) -> None:
         sock.abort(GuardViolation("internal error while serving the association", 0x00))
 
 
+def _log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """A Python warning (pydicom, highdicom on odd data) as one record of ours, without its text.
+
+    Library warnings quote the values they complain about, patient names
+    included; operational logs name UIDs, AE titles and counts only. The
+    category and where it was raised are enough to find the cause.
+    """
+    logging.getLogger("py.warnings").warning(
+        "%s raised in %s:%d (its text is not logged: it may quote patient data)",
+        category.__name__,
+        os.path.basename(filename),
+        lineno,
+        extra={"action": "warning", "category": category.__name__},
+    )
+
+
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     """Send log records to stderr as text lines or JSON lines.
 
@@ -108,6 +133,6 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.addHandler(handler)
     root.setLevel(level)
     threading.excepthook = _log_thread_exception
-    logging.captureWarnings(True)  # pydicom's warnings about odd data become records in our format
+    warnings.showwarning = _log_warning
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
