@@ -2,13 +2,24 @@
 
 Every one but :class:`InferenceTimeout` derives from :class:`AnalysisError`:
 the input or the setup cannot be analysed, so the worker fails the job without
-a retry and keeps the message as its error text. :class:`InferenceTimeout` is a
+a retry and keeps the message as its error text. :class:`SkipAnalysis` (and
+:class:`AnatomyMismatch`) is the exception to that: the images are fine but not
+what the rule asks for, so the worker records the job ``skipped`` with the
+message as its reason, not failed. :class:`InferenceTimeout` is a
 :class:`TimeoutError` instead, so the job is retried.
 """
 
 from __future__ import annotations
 
-__all__ = ["AnalysisError", "InferenceTimeout", "InputError", "ModelError", "PipelineError"]
+__all__ = [
+    "AnalysisError",
+    "AnatomyMismatch",
+    "InferenceTimeout",
+    "InputError",
+    "ModelError",
+    "PipelineError",
+    "SkipAnalysis",
+]
 
 
 class AnalysisError(Exception):
@@ -25,6 +36,17 @@ class PipelineError(AnalysisError):
 
 class ModelError(AnalysisError):
     """A model package that cannot be used: missing file, wrong checksum, bad or incompatible spec."""
+
+
+class SkipAnalysis(AnalysisError):
+    """The series is not for this rule after all: the job ends ``skipped`` (no results, not a failure).
+
+    An :class:`AnalysisError`, so that code that does not know it still ends the job without a retry.
+    """
+
+
+class AnatomyMismatch(SkipAnalysis):
+    """The decoded images do not show the anatomy the rule asks for (``match.anatomy``)."""
 
 
 class InferenceTimeout(TimeoutError):

@@ -61,6 +61,9 @@ class PipelineInput:
     uid_root: str
     # time.monotonic() value by which the job must finish; a pipeline may stop cleanly when it passes
     deadline: float | None = None
+    # The rule's match.anatomy: the pipeline checks the decoded volume shows it before writing results
+    # (pacsnode.analysis.lung.anatomy.check_anatomy) and raises AnatomyMismatch when it does not.
+    anatomy: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

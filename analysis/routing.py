@@ -22,7 +22,12 @@ ImageSize = Callable[[SeriesFacts], "tuple[int, int] | None"]
 
 
 def series_matches(rule: Rule, facts: SeriesFacts, image_size: ImageSize) -> bool:
-    """True when every condition of ``rule.match`` holds for the series."""
+    """True when every header condition of ``rule.match`` holds for the series.
+
+    ``match.anatomy`` is not a header condition: the pipeline decides it on the
+    decoded images (:func:`pacsnode.analysis.lung.anatomy.check_anatomy`) and the
+    job is skipped when they do not show it.
+    """
     m = rule.match
     if m.modality and (facts.modality or "").upper() not in {v.upper() for v in m.modality}:
         return False
@@ -30,10 +35,13 @@ def series_matches(rule: Rule, facts: SeriesFacts, image_size: ImageSize) -> boo
         return False
     if m.sop_class and not facts.sop_class_uids & set(m.sop_class):
         return False
-    if m.series_description is not None and not re.search(
-        m.series_description, facts.series_description or "", re.IGNORECASE
+    for pattern, value in (
+        (m.series_description, facts.series_description),
+        (m.study_description, facts.study_description),
+        (m.protocol_name, facts.protocol_name),
     ):
-        return False
+        if pattern is not None and not re.search(pattern, value or "", re.IGNORECASE):
+            return False
     if m.calling_ae and not facts.calling_ae_titles & set(m.calling_ae):
         return False
     if facts.num_instances < m.min_instances:

@@ -52,6 +52,8 @@ class RuleMatch(StrictModel):
     body_part: AnyOf = []  # BodyPartExamined, case-insensitive
     sop_class: AnyOf = []  # UIDs or keywords such as CTImageStorage
     series_description: str | None = None  # regular expression, searched case-insensitively
+    study_description: str | None = None  # regular expression, searched case-insensitively
+    protocol_name: str | None = None  # regular expression, searched case-insensitively
     calling_ae: AnyOf = []  # the AE title that sent the series
     min_instances: Annotated[int, Field(ge=1)] = 1
     max_instances: Annotated[int, Field(ge=1)] | None = None
@@ -59,8 +61,12 @@ class RuleMatch(StrictModel):
     min_columns: Annotated[int, Field(ge=1)] | None = None
     max_rows: Annotated[int, Field(ge=1)] | None = None
     max_columns: Annotated[int, Field(ge=1)] | None = None
+    # What the images show, decided by the worker on the decoded volume (not from the header):
+    # chest = the lung segmentation finds lungs (pacsnode.analysis.lung.anatomy). A series that
+    # does not show it ends its job "skipped", with no results and no failure.
+    anatomy: Literal["chest"] | None = None
 
-    @field_validator("series_description")
+    @field_validator("series_description", "study_description", "protocol_name")
     @classmethod
     def _regex(cls, value: str | None) -> str | None:
         if value is not None:

@@ -40,6 +40,14 @@ class LungResult:
 
     ``labels`` is uint8 with the shape of the volume: 0 background,
     1 right lung, 2 left lung (patient's right/left).
+
+    A lung that was not found (collapsed, airless, resected) has volume 0 and
+    NaN density and LAA-950, and ``notes`` says so. ``airways`` (bool, the
+    volume's shape, or None when none were traced) is the trachea and main
+    bronchi left out of the lungs, ``airway_volume_ml`` their volume.
+    ``parenchyma_noise_hu`` is the robust standard deviation of the fine
+    detail of the parenchyma (HU): high on sharp kernels, where noise inflates
+    LAA-950; NaN when not measured.
     """
 
     labels: np.ndarray
@@ -52,3 +60,7 @@ class LungResult:
     left_mean_density_hu: float
     right_laa950_percent: float
     left_laa950_percent: float
+    airways: np.ndarray | None = field(default=None, repr=False)
+    airway_volume_ml: float = 0.0
+    notes: tuple[str, ...] = ()  # findings to report with the measurements, e.g. a lung not found
+    parenchyma_noise_hu: float = float("nan")

@@ -49,6 +49,8 @@ _PIXEL_SPACING_TOLERANCE_MM = 1e-3
 _DUPLICATE_TOLERANCE_MM = 0.01
 _GAP_RELATIVE_TOLERANCE = 0.10  # of the median slice spacing
 _GAP_ABSOLUTE_TOLERANCE_MM = 0.05
+_MAX_POSITION_OUTLIERS = 2  # at each end of the stack
+_OUTLIER_STEP_FACTOR = 3.0  # an end image this many median slice steps (or more) from the stack is an outlier
 _PREFERRED_PLUGINS = {
     JPEGLSLossless: "pyjpegls",
     JPEGLSNearLossless: "pyjpegls",
@@ -111,8 +113,7 @@ def load_series(paths: Sequence[Path | str], *, min_slices: int = 10) -> Volume:
             f"not enough slices: the series has {_count(len(files), 'image')}, the pipeline needs at least {min_slices}"
         )
     _check_single_series(files, datasets)
-    headers = [_geometry(path, ds) for path, ds in zip(files, datasets, strict=True)]
-    _check_consistent(headers)
+    headers, dropped = _main_stack(files, datasets)
 
     first = headers[0]
     row_direction = np.asarray(first.orientation[:3])
@@ -129,6 +130,23 @@ def load_series(paths: Sequence[Path | str], *, min_slices: int = 10) -> Volume:
     order = np.argsort(along, kind="stable")
     headers = [headers[i] for i in order]
     along = along[order]
+    headers, along, outliers = _drop_position_outliers(headers, along)
+    if outliers:
+        dropped.append((f"far from the stack along the slice normal ({_count(len(outliers), 'image')})", outliers))
+    if dropped:
+        logger.info(
+            "dropped %d of %d images that are not part of the main stack: %s",
+            sum(len(paths) for _, paths in dropped),
+            len(files),
+            "; ".join(f"{reason}, e.g. {paths[0]}" for reason, paths in dropped),
+            extra={"action": "load_series", "dropped": sum(len(paths) for _, paths in dropped)},
+        )
+    if len(headers) < min_slices:
+        raise InputError(
+            f"not enough slices: the main stack has {_count(len(headers), 'image')} "
+            f"({len(files) - len(headers)} other images dropped: {'; '.join(r for r, _ in dropped)}), "
+            f"the pipeline needs at least {min_slices}"
+        )
     slice_spacing = _slice_spacing(headers, along)
 
     hu = np.empty((len(headers), first.rows, first.columns), dtype=np.int16)
@@ -236,35 +254,91 @@ def _geometry(path: Path, ds: Dataset) -> _Header:
     )
 
 
-def _check_consistent(headers: list[_Header]) -> None:
-    first = headers[0]
-    sizes = Counter((h.rows, h.columns) for h in headers)
-    if len(sizes) > 1:
-        (common, _), *_others = sizes.most_common()
-        odd_size = next(h for h in headers if (h.rows, h.columns) != common)
-        described = ", ".join(f"{_count(n, 'image')} of {r}x{c}" for (r, c), n in sizes.most_common())
+def _is_localizer(ds: Dataset) -> bool:
+    value = ds.get("ImageType")
+    if value is None:
+        return False
+    values = [value] if isinstance(value, str) else list(value)
+    return any(str(v).strip().upper() == "LOCALIZER" for v in values)
+
+
+def _same_geometry(a: _Header, b: _Header) -> bool:
+    return (
+        (a.rows, a.columns) == (b.rows, b.columns)
+        and np.max(np.abs(np.asarray(a.orientation) - np.asarray(b.orientation))) <= _ORIENTATION_TOLERANCE
+        and np.max(np.abs(np.asarray(a.pixel_spacing) - np.asarray(b.pixel_spacing))) <= _PIXEL_SPACING_TOLERANCE_MM
+    )
+
+
+def _describe(header: _Header) -> str:
+    return (
+        f"{header.rows}x{header.columns}, ImageOrientationPatient {_fmt(header.orientation)}, "
+        f"PixelSpacing {_fmt(header.pixel_spacing)} mm"
+    )
+
+
+def _main_stack(files: list[Path], datasets: list[Dataset]) -> tuple[list[_Header], list[tuple[str, list[Path]]]]:
+    """The images of the main stack, and the dropped ones: (reason, paths) per reason.
+
+    Localizers go first; the rest is grouped by size, orientation and pixel
+    spacing, and the largest group is the stack.
+    """
+    localizers = [path for path, ds in zip(files, datasets, strict=True) if _is_localizer(ds)]
+    others = [(path, ds) for path, ds in zip(files, datasets, strict=True) if not _is_localizer(ds)]
+    if not others:
         raise InputError(
-            f"mixed image sizes (rows x columns): {described} (e.g. {odd_size.path}: "
-            f"{odd_size.rows}x{odd_size.columns})"
+            f"no images to make a volume of: all {_count(len(files), 'image')} of the series are localizers "
+            f"(ImageType LOCALIZER), e.g. {files[0]}"
         )
-    reference = np.asarray(first.orientation)
-    odd = [h for h in headers if np.max(np.abs(np.asarray(h.orientation) - reference)) > _ORIENTATION_TOLERANCE]
-    if odd:
-        raise InputError(
-            f"mixed orientation: {_count(len(headers) - len(odd), 'image')} with ImageOrientationPatient "
-            f"{_fmt(first.orientation)}, {len(odd)} with another (e.g. {odd[0].path}: {_fmt(odd[0].orientation)})"
-        )
-    reference_spacing = np.asarray(first.pixel_spacing)
-    odd = [
-        h
-        for h in headers
-        if np.max(np.abs(np.asarray(h.pixel_spacing) - reference_spacing)) > _PIXEL_SPACING_TOLERANCE_MM
-    ]
-    if odd:
-        raise InputError(
-            f"mixed pixel spacing: {_count(len(headers) - len(odd), 'image')} with PixelSpacing "
-            f"{_fmt(first.pixel_spacing)} mm, {len(odd)} with another (e.g. {odd[0].path}: {_fmt(odd[0].pixel_spacing)} mm)"
-        )
+    groups: list[list[_Header]] = []
+    for path, ds in others:
+        header = _geometry(path, ds)
+        group = next((g for g in groups if _same_geometry(g[0], header)), None)
+        if group is None:
+            groups.append([header])
+        else:
+            group.append(header)
+    groups.sort(key=len, reverse=True)
+    if len(groups) > 1 and len(groups[0]) == len(groups[1]):
+        described = "; ".join(f"{_count(len(g), 'image')} of {_describe(g[0])} (e.g. {g[0].path})" for g in groups)
+        raise InputError(f"no main stack: the images form groups of the same size: {described}")
+    dropped: list[tuple[str, list[Path]]] = []
+    if localizers:
+        dropped.append((f"{_count(len(localizers), 'localizer')} (ImageType LOCALIZER)", localizers))
+    stack = groups[0]
+    for group in groups[1:]:
+        reference = stack[0]
+        odd = group[0]
+        if (odd.rows, odd.columns) != (reference.rows, reference.columns):
+            what = f"of size {odd.rows}x{odd.columns}, not {reference.rows}x{reference.columns}"
+        elif np.max(np.abs(np.asarray(odd.orientation) - np.asarray(reference.orientation))) > _ORIENTATION_TOLERANCE:
+            what = f"with ImageOrientationPatient {_fmt(odd.orientation)}, not {_fmt(reference.orientation)}"
+        else:
+            what = f"with PixelSpacing {_fmt(odd.pixel_spacing)} mm, not {_fmt(reference.pixel_spacing)} mm"
+        dropped.append((f"{_count(len(group), 'image')} {what}", [h.path for h in group]))
+    return stack, dropped
+
+
+def _drop_position_outliers(headers: list[_Header], along: np.ndarray) -> tuple[list[_Header], np.ndarray, list[Path]]:
+    """Drop up to :data:`_MAX_POSITION_OUTLIERS` images at either end that lie far from the rest of the stack."""
+    if len(headers) < 2 * _MAX_POSITION_OUTLIERS + 3:
+        return headers, along, []
+    steps = np.diff(along)
+    median = float(np.median(steps))
+    if median <= _DUPLICATE_TOLERANCE_MM:
+        return headers, along, []
+    far = steps > _OUTLIER_STEP_FACTOR * median
+    start, stop = 0, len(headers)
+    for i in range(_MAX_POSITION_OUTLIERS):  # a far step after the first 1 or 2 images
+        if far[i]:
+            start = i + 1
+    for i in range(_MAX_POSITION_OUTLIERS):  # a far step before the last 1 or 2 images
+        if far[len(steps) - 1 - i]:
+            stop = len(headers) - 1 - i
+    if start == 0 and stop == len(headers):
+        return headers, along, []
+    outliers = [h.path for h in headers[:start] + headers[stop:]]
+    return headers[start:stop], along[start:stop], outliers
 
 
 def _slice_spacing(headers: list[_Header], along: np.ndarray) -> float:

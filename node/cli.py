@@ -477,7 +477,8 @@ def _cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
                 (j.last_error or "")[:80],
             ]
         )
-    _print_table(["ID", "STATE", "PIPELINE", "RULE", "TRIES", "QUEUED (UTC)", "TOOK", "STUDY", "LAST ERROR"], rows)
+    headers = ["ID", "STATE", "PIPELINE", "RULE", "TRIES", "QUEUED (UTC)", "TOOK", "STUDY", "LAST ERROR / REASON"]
+    _print_table(headers, rows)
     print(f"{len(jobs)} job(s)")
     return EXIT_OK
 

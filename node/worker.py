@@ -5,7 +5,9 @@ A worker process has three loops:
 - the job loop (main thread) claims a job, runs its pipeline, stores the
   result objects through the archive (durable, indexed, like received
   instances) and, in one transaction, marks the job done and queues its
-  exports;
+  exports; a pipeline that finds the images are not what the rule asks for
+  (``match.anatomy``) raises :class:`~pacsnode.analysis.errors.SkipAnalysis` and
+  the job is recorded skipped, with nothing stored or exported;
 - the exporter (a thread) claims due exports for one destination at a time
   and sends them over one association, with retries and a dead-letter state;
 - the scheduler (a thread) turns quiet studies into jobs.
@@ -33,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pacsnode.analysis.errors import AnalysisError
+from pacsnode.analysis.errors import AnalysisError, SkipAnalysis
 from pacsnode.analysis.pipelines import PipelineInput, SeriesInput, resolve_pipeline
 from pacsnode.analysis.routing import select_series
 from pacsnode.node.config import Settings
@@ -307,6 +309,13 @@ class Worker:
         if isinstance(outcome, _LeaseLost):
             logger.error("job %d: lease lost to another worker; result discarded", job.id, extra=extra)
             return None
+        if isinstance(outcome, SkipAnalysis):  # not for this rule after all (match.anatomy): no results, no failure
+            skipped = self.jobs.skip(job.id, owner, str(outcome))
+            if not skipped:
+                logger.error("job %d skipped but its lease was lost; not recorded", job.id, extra=extra)
+                return None
+            logger.info("job %d skipped: %s", job.id, outcome, extra=extra)
+            return JobState.SKIPPED
         if isinstance(outcome, AnalysisError):  # the input cannot be analysed: retrying would not help
             state = self.jobs.fail(job.id, owner, str(outcome), retry=False, policy=self.job_retry)
             logger.error("job %d failed: %s", job.id, outcome, extra=extra)
@@ -374,6 +383,7 @@ class Worker:
             study_instance_uid=job.study_instance_uid,
             uid_root=self.settings.analysis.uid_root,
             deadline=deadline,
+            anatomy=rule.match.anatomy if rule is not None else None,
             series=tuple(
                 SeriesInput(
                     series_instance_uid=s.series_instance_uid,

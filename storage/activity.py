@@ -20,6 +20,9 @@ from sqlalchemy import Connection, Row, Select, or_, select, update
 
 from pacsnode.storage.models import Instance, Patient, Series, Study
 
+# ProtocolName (0018,1030) has no column: it is read from the series' first header (``dicom_json``).
+_PROTOCOL_NAME = "00181030"
+
 __all__ = ["SeriesFacts", "UnitFacts", "unscheduled_series", "unscheduled_studies", "mark_scheduled", "series_of_study"]
 
 _series = Series.__table__
@@ -39,6 +42,8 @@ class SeriesFacts:
     body_part_examined: str | None
     series_description: str | None
     num_instances: int
+    study_description: str | None = None  # the study's StudyDescription (its first instance's)
+    protocol_name: str | None = None  # ProtocolName of the series' first instance; None before revision 0004
     sop_class_uids: frozenset[str]
     calling_ae_titles: frozenset[str]
     last_received_at: datetime
@@ -96,6 +101,8 @@ def _facts(conn: Connection, series_rows: Sequence[Row[Any]], with_files: bool =
                 body_part_examined=row.body_part_examined,
                 series_description=row.series_description,
                 num_instances=row.num_instances,
+                study_description=row.study_description,
+                protocol_name=_text_value(row.protocol_name),
                 sop_class_uids=frozenset(k.sop_class_uid for k in kinds),
                 calling_ae_titles=frozenset(k.calling_ae_title for k in kinds if k.calling_ae_title),
                 last_received_at=row.last_received_at,
@@ -106,6 +113,16 @@ def _facts(conn: Connection, series_rows: Sequence[Row[Any]], with_files: bool =
     return out
 
 
+def _text_value(element: Any) -> str | None:
+    """The first value of a text element in the DICOM JSON model (``{"vr": "LO", "Value": [...]}``), if any."""
+    if not isinstance(element, dict):
+        return None
+    values = element.get("Value")
+    if not isinstance(values, list) or not values or not isinstance(values[0], str):
+        return None
+    return values[0].strip() or None
+
+
 def _series_query() -> Select[Any]:
     return (
         select(
@@ -114,10 +131,12 @@ def _series_query() -> Select[Any]:
             _series.c.modality,
             _series.c.body_part_examined,
             _series.c.series_description,
+            _series.c.dicom_json[_PROTOCOL_NAME].label("protocol_name"),
             _series.c.num_instances,
             _series.c.last_received_at,
             _series.c.scheduled_at,
             _studies.c.study_instance_uid,
+            _studies.c.study_description,
             _patients.c.patient_id,
         )
         .join(_studies, _studies.c.id == _series.c.study_fk)

@@ -64,6 +64,7 @@ class JobState(enum.StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    SKIPPED = "skipped"  # the images are not what the rule asks for (``match.anatomy``): no results, no failure
 
 
 class ExportState(enum.StrEnum):
@@ -206,8 +207,9 @@ class Quarantined(Base):
 class Job(Base):
     """One analysis run of a pipeline over a study or series: the durable job queue.
 
-    ``state`` (:class:`JobState`) is pending -> running -> done | failed (pending again after a
-    retryable failure, with ``not_before`` pushed back). A running job holds a
+    ``state`` (:class:`JobState`) is pending -> running -> done | failed | skipped (pending again
+    after a retryable failure, with ``not_before`` pushed back; skipped when the pipeline found the
+    images are not what the rule asks for, the reason in ``last_error``). A running job holds a
     lease (``lease_owner`` until ``lease_expires_at``) that its worker renews;
     an expired lease makes the job claimable again. At most one pending job per
     (pipeline, study, series) -- ``series_instance_uid`` is ``""`` for study scope.

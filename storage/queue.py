@@ -10,7 +10,8 @@ each row in a state some worker can pick up again:
   again, so a job of a worker killed with ``kill -9`` runs again elsewhere.
 - A finished row is marked done, or failed with its error: retried after an
   exponential backoff while attempts remain, else failed (jobs) / dead
-  (exports), visible and re-triable from the CLI.
+  (exports), visible and re-triable from the CLI. A job whose images are not
+  what its rule asks for is skipped (terminal, no results, not a failure).
 - On PostgreSQL the claim uses ``SELECT ... FOR UPDATE SKIP LOCKED``, so many
   workers on many machines claim different rows without waiting on each other.
   On SQLite every write transaction starts with ``BEGIN IMMEDIATE`` (see
@@ -312,6 +313,28 @@ class JobQueue(_Queue):
         )
         return done.rowcount == 1
 
+    def skip(self, job_id: int, owner: str, reason: str) -> bool:
+        """Mark the job skipped: it ran, the images were not what its rule asks for; False if the lease was lost.
+
+        A terminal state like done, without results and not a failure; ``reason`` is kept in ``last_error``.
+        """
+        now = utcnow()
+        with self.transaction() as conn:
+            done = conn.execute(
+                update(_jobs)
+                .where(_jobs.c.id == job_id, _jobs.c.lease_owner == owner, _jobs.c.state == JobState.RUNNING.value)
+                .values(
+                    state=JobState.SKIPPED.value,
+                    result=json.dumps({"skipped": reason}),
+                    last_error=reason[:4000],
+                    finished_at=now,
+                    updated_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            )
+        return done.rowcount == 1
+
     def fail(self, job_id: int, owner: str, error: str, *, retry: bool, policy: RetryPolicy) -> JobState | None:
         """Record a failed attempt: pending again after a backoff, or failed for good.
 
@@ -404,7 +427,7 @@ class JobQueue(_Queue):
         return JobRecord.from_row(out)
 
     def ran_before(self, conn: Connection, *, rule: str, study_instance_uid: str, series_instance_uid: str) -> bool:
-        """Whether a job of ``rule`` for this study/series is done or running (in the caller's transaction)."""
+        """Whether a job of ``rule`` for this study/series is done, skipped or running (in the caller's transaction)."""
         return (
             conn.execute(
                 select(_jobs.c.id)
@@ -412,7 +435,7 @@ class JobQueue(_Queue):
                     _jobs.c.rule == rule,
                     _jobs.c.study_instance_uid == study_instance_uid,
                     _jobs.c.series_instance_uid == series_instance_uid,
-                    _jobs.c.state.in_([JobState.DONE.value, JobState.RUNNING.value]),
+                    _jobs.c.state.in_([JobState.DONE.value, JobState.SKIPPED.value, JobState.RUNNING.value]),
                 )
                 .limit(1)
             ).first()

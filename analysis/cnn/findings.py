@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,9 +20,99 @@ if TYPE_CHECKING:  # pragma: no cover
     from pacsnode.analysis.cnn.writers import ClassScore, Finding
     from pacsnode.analysis.types import Volume
 
-__all__ = ["class_scores", "find_components", "findings_from_probabilities", "label_spec", "longest_diameter_mm"]
+__all__ = [
+    "MASS_MM",
+    "LesionFilter",
+    "Shape",
+    "axial_diameter_mm",
+    "class_scores",
+    "find_components",
+    "findings_from_probabilities",
+    "label_spec",
+    "longest_diameter_mm",
+    "shape_of",
+]
 
 logger = logging.getLogger(__name__)
+
+#: A lung lesion whose long axis (largest axial diameter) is this or more is a mass, below it a nodule.
+MASS_MM = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class LesionFilter:
+    """Which connected findings are lesions: the shape tests of :func:`findings_from_probabilities`.
+
+    The axes are the full lengths of the finding's principal axes (those of a solid
+    ellipsoid with its second moments), long >= middle >= short. A vessel is a tube
+    (``long / middle`` above ``max_elongation``), pleura and fissures are sheets
+    (``middle / short`` above ``max_flatness``, or more than ``max_boundary_fraction``
+    of the voxels within ``boundary_mm`` in-plane of the region's edge: a flat rim along
+    the lung's outline). A lesion whose long axis is ``mass_mm`` or more is a ``"mass"``,
+    a smaller one a ``"nodule"``.
+    """
+
+    max_elongation: float = 3.0
+    max_flatness: float = 4.0
+    boundary_mm: float = 5.0
+    max_boundary_fraction: float = 0.5
+    mass_mm: float = MASS_MM
+
+
+@dataclass(frozen=True, kw_only=True)
+class Shape:
+    """Principal axes (mm, long >= middle >= short) of a finding and its share near the region's edge."""
+
+    axes_mm: tuple[float, float, float]
+    boundary_fraction: float
+
+    @property
+    def elongation(self) -> float:
+        return self.axes_mm[0] / max(self.axes_mm[1], 1e-6)
+
+    @property
+    def flatness(self) -> float:
+        return self.axes_mm[1] / max(self.axes_mm[2], 1e-6)
+
+    def rejected_by(self, rules: LesionFilter) -> str | None:
+        """Why the finding is not a lesion (``"tube"``, ``"sheet"``, ``"boundary"``), or None."""
+        if self.elongation > rules.max_elongation:
+            return "tube"
+        if self.flatness > rules.max_flatness:
+            return "sheet"
+        if self.boundary_fraction > rules.max_boundary_fraction:
+            return "boundary"
+        return None
+
+
+def shape_of(index: np.ndarray, spacing: tuple[float, float, float], near_edge: np.ndarray | None = None) -> Shape:
+    """The :class:`Shape` of a finding of voxel indexes ``index`` (n, 3).
+
+    Each voxel counts as a uniform box (its own variance, spacing**2 / 12, is added on each
+    axis), so one slice of a thick-slice series still has a thickness. ``near_edge`` marks
+    the voxels of the volume near the region's edge (None: boundary fraction 0).
+    """
+    sp = np.asarray(spacing, dtype=np.float64)
+    points = index.astype(np.float64) * sp
+    cov = np.cov(points.T) if points.shape[0] > 1 else np.zeros((3, 3))
+    cov = cov + np.diag(sp**2 / 12.0)
+    eig = np.sort(np.clip(np.linalg.eigvalsh(cov), 0.0, None))[::-1]
+    axes = np.sqrt(20.0 * eig)  # a solid ellipsoid of full axis d has variance d**2 / 20 along it
+    boundary = 0.0
+    if near_edge is not None:
+        boundary = float(near_edge[tuple(index.T)].mean())
+    return Shape(axes_mm=(float(axes[0]), float(axes[1]), float(axes[2])), boundary_fraction=boundary)
+
+
+def _near_edge(region: np.ndarray, spacing: tuple[float, float, float], within_mm: float) -> np.ndarray:
+    """Voxels of ``region`` within ``within_mm`` in-plane of its outside, slice by slice."""
+    from scipy import ndimage
+
+    near = np.zeros(region.shape, dtype=bool)
+    for z in np.flatnonzero(region.reshape(region.shape[0], -1).any(axis=1)):
+        distance = ndimage.distance_transform_edt(np.pad(region[z], 1), sampling=spacing[1:])[1:-1, 1:-1]
+        near[z] = region[z] & (distance <= within_mm)
+    return near
 
 
 def label_spec(label: LabelOutput) -> Any:
@@ -95,11 +186,23 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
 
 
 def findings_from_probabilities(
-    prob: np.ndarray, volume: Volume, labels: Sequence[LabelOutput], activation: str, *, max_findings: int = 100
+    prob: np.ndarray,
+    volume: Volume,
+    labels: Sequence[LabelOutput],
+    activation: str,
+    *,
+    max_findings: int = 100,
+    region: np.ndarray | None = None,
+    lesions: LesionFilter | None = None,
 ) -> list[Finding]:
     """Threshold each label's map, split it into connected findings, measure each; largest first.
 
-    At most ``max_findings`` per label (the largest), so a noisy map cannot exhaust memory.
+    ``region`` (bool, the volume's shape; None: everywhere) is where findings may lie: the map
+    outside it is dropped before the split. With ``lesions``, a finding shaped like a vessel or
+    pleura is dropped (:class:`LesionFilter`) and each one kept is a ``"mass"`` or ``"nodule"``
+    (its ``kind``). The long axis (``longest_diameter_mm``) is the largest in-plane diameter on
+    the axial slice where it is largest (RECIST), ``extent_mm`` the largest 3D extent.
+    At most ``max_findings`` per label (the largest kept), so a noisy map cannot exhaust memory.
     """
     from dataclasses import replace
 
@@ -107,22 +210,44 @@ def findings_from_probabilities(
 
     from pacsnode.analysis.cnn.writers import Finding
 
+    if region is not None and region.shape != volume.hu.shape:
+        raise ValueError(f"the region's shape {region.shape} differs from the volume's {volume.hu.shape}")
+    near_edge = None
+    if region is not None and lesions is not None:
+        near_edge = _near_edge(region, volume.spacing, lesions.boundary_mm)
     findings: list[tuple[float, Finding]] = []
     normal = np.cross(volume.row_direction, volume.column_direction)
     for label in labels:
         channel = prob[_channel(label, activation)]
-        components, count, sizes = _components(_above(channel, label.threshold), volume.spacing, label.min_volume_mm3)
+        above = _above(channel, label.threshold)
+        if region is not None:
+            above &= region
+        components, count, sizes = _components(above, volume.spacing, label.min_volume_mm3)
         if count == 0:
             continue
         spec = label_spec(label)
-        kept = set((np.argsort(-sizes[1:], kind="stable")[:max_findings] + 1).tolist())
-        if count > max_findings:
-            logger.warning("%d %s findings; keeping the %d largest", count, label.name, max_findings)
-        for k, box in enumerate(ndimage.find_objects(components), start=1):
-            if box is None or k not in kept:
+        boxes = ndimage.find_objects(components)
+        kept = 0
+        dropped: dict[str, int] = {}
+        for k in (np.argsort(-sizes[1:], kind="stable") + 1).tolist():
+            if kept == max_findings:
+                logger.warning("more than %d %s findings; keeping the %d largest", max_findings, label.name, kept)
+                break
+            box = boxes[k - 1]
+            if box is None:
                 continue
             mask_box = components[box] == k
             idx = np.argwhere(mask_box) + np.array([s.start for s in box])
+            kind = None
+            if lesions is not None:
+                why = shape_of(idx, volume.spacing, near_edge).rejected_by(lesions)
+                if why is not None:
+                    dropped[why] = dropped.get(why, 0) + 1
+                    continue
+            kept += 1
+            axial = axial_diameter_mm(idx, volume.spacing)
+            if lesions is not None:
+                kind = "mass" if axial >= lesions.mass_mm else "nodule"
             centroid = idx.mean(axis=0)
             patient = _patient(volume, normal, centroid)
             mask = np.zeros(components.shape, dtype=bool)
@@ -152,7 +277,9 @@ def findings_from_probabilities(
                         mask=mask,
                         probability=float(np.clip(channel[box][mask_box].astype(np.float32).max(), 0.0, 1.0)),
                         volume_ml=volume_ml,
-                        longest_diameter_mm=longest_diameter_mm(idx, volume.spacing),
+                        longest_diameter_mm=axial,
+                        extent_mm=longest_diameter_mm(idx, volume.spacing),
+                        kind=kind,
                         centroid_index=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
                         centroid_patient_mm=(float(patient[0]), float(patient[1]), float(patient[2])),
                         location=location,
@@ -161,6 +288,8 @@ def findings_from_probabilities(
                     ),
                 )
             )
+        if dropped:
+            logger.info("%s: dropped %s", label.name, ", ".join(f"{n} {why}" for why, n in sorted(dropped.items())))
     findings.sort(key=lambda pair: -pair[0])  # numbered largest first
     return [replace(f, number=n) for n, (_, f) in enumerate(findings, start=1)]
 
@@ -204,6 +333,22 @@ def longest_diameter_mm(index: np.ndarray, spacing: tuple[float, float, float]) 
             pass
     diff = points[:, None, :] - points[None, :, :]
     return float(np.sqrt((diff**2).sum(axis=-1)).max())
+
+
+def axial_diameter_mm(index: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    """The largest in-plane diameter of a finding over its axial slices (RECIST long axis), mm.
+
+    ``index`` is (n, 3) voxel indexes (slice, row, column); on each slice, the longest distance
+    between two pixel corners of the finding there.
+    """
+    order = np.argsort(index[:, 0], kind="stable")
+    rows = index[order]
+    starts = np.flatnonzero(np.diff(rows[:, 0], prepend=rows[0, 0] - 1))
+    best = 0.0
+    for part in np.split(rows, starts[1:]):
+        flat = np.concatenate([np.zeros((part.shape[0], 1), dtype=part.dtype), part[:, 1:]], axis=1)
+        best = max(best, longest_diameter_mm(flat, (0.0, spacing[1], spacing[2])))
+    return best
 
 
 def class_scores(prob: np.ndarray, manifest: Any) -> tuple[list[ClassScore], int | None]:

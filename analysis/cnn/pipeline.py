@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypedDict
 import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
-from pacsnode.analysis.cnn.findings import class_scores, findings_from_probabilities, label_spec
+from pacsnode.analysis.cnn.findings import LesionFilter, class_scores, findings_from_probabilities, label_spec
 from pacsnode.analysis.cnn.package import ModelPackage, load_package
 from pacsnode.analysis.cnn.steps import Step
 from pacsnode.analysis.errors import InputError, ModelError
@@ -35,7 +35,7 @@ from pacsnode.storage.model_base import StrictModel
 
 if TYPE_CHECKING:  # pragma: no cover
     from pacsnode.analysis.cnn.engine import InferenceEngine, VolumeInput
-    from pacsnode.analysis.types import Volume
+    from pacsnode.analysis.types import LungResult, Volume
 
 __all__ = ["LungNodulePipeline", "ModelParams", "ModelPipeline"]
 
@@ -90,6 +90,7 @@ class _Loaded:
     inputs: PipelineInput
     series_uid: str
     volume: Volume
+    region: np.ndarray | None = None  # where findings may lie (the lungs' region); None: everywhere
 
 
 class ModelPipeline(Pipeline):
@@ -160,19 +161,28 @@ class ModelPipeline(Pipeline):
         return loaded, time.perf_counter() - t0
 
     def _load(self, inputs: PipelineInput, params: ModelParams, package: ModelPackage) -> _Loaded:
+        from pacsnode.analysis.lung.anatomy import check_anatomy
         from pacsnode.analysis.volume import load_series
 
         if not inputs.series:
             raise InputError("no series to analyse")
         series = max(inputs.series, key=lambda s: len(s.paths))
         volume = load_series(series.paths, min_slices=params.min_slices)
+        lungs = check_anatomy(volume, inputs.anatomy)  # match.anatomy: AnatomyMismatch (job skipped) before inference
         modality = str(volume.datasets[0].get("Modality", ""))
         allowed = package.manifest.input.modality
         if allowed and modality not in allowed:
             raise InputError(
                 f"model {package.manifest.name} takes {', '.join(allowed)} images, the series is {modality}"
             )
-        return _Loaded(inputs=inputs, series_uid=series.series_instance_uid, volume=volume)
+        region = self._region(volume, lungs)
+        return _Loaded(inputs=inputs, series_uid=series.series_instance_uid, volume=volume, region=region)
+
+    lesion_filter: LesionFilter | None = None  # shape tests of the findings (None: every component is one)
+
+    def _region(self, volume: Volume, lungs: LungResult | None) -> np.ndarray | None:
+        """Where findings may lie: everywhere for a generic model."""
+        return None
 
     def _write(
         self,
@@ -208,7 +218,12 @@ class ModelPipeline(Pipeline):
         }
         if manifest.output.kind == "segmentation":
             findings = findings_from_probabilities(
-                prob, item.volume, manifest.output.labels, manifest.output.activation
+                prob,
+                item.volume,
+                manifest.output.labels,
+                manifest.output.activation,
+                region=item.region,
+                lesions=self.lesion_filter,
             )
             datasets = write_segmentation_results(
                 item.volume,
@@ -224,6 +239,8 @@ class ModelPipeline(Pipeline):
                     "probability": round(f.probability, 3),
                     "volume_ml": round(f.volume_ml, 3),
                     "longest_diameter_mm": round(f.longest_diameter_mm, 1),
+                    **({"extent_mm": round(f.extent_mm, 1)} if f.extent_mm is not None else {}),
+                    **({"kind": f.kind} if f.kind else {}),
                     "location": f.location,
                 }
                 for f in findings
@@ -242,6 +259,18 @@ class LungNodulePipeline(ModelPipeline):
 
     name = "ct-lung-nodule"
     version = "1.0.0"
+    lesion_filter = LesionFilter()
+
+    def _region(self, volume: Volume, lungs: LungResult | None) -> np.ndarray | None:
+        """The lungs' region (:func:`~pacsnode.analysis.lung.region.lung_region`), the anatomy check's
+        segmentation reused; an empty one (no findings) when the images show no lungs."""
+        from pacsnode.analysis.lung.region import lung_region
+
+        try:
+            return lung_region(volume, lungs)
+        except InputError as exc:
+            logger.warning("no lungs found (%s): no nodule findings", exc)
+            return np.zeros(volume.hu.shape, dtype=bool)
 
 
 class _JobBatch:

@@ -23,8 +23,11 @@ Codes used (see :data:`MODEL_CODES`):
   classified concept) with value SCT 52101004 "Present" or SCT 272519000
   "Absent" (CID 240 Present-Absent).
 - Free text: ``99PACSNODE LOCATION`` "Location description" (the location
-  of a finding and its centroid in patient coordinates), DCM 121106 "Comment"
-  ("No nodule detected").
+  of a finding and its centroid in patient coordinates), ``99PACSNODE LESIONKIND``
+  "Lesion kind" (``mass`` or ``nodule`` when the pipeline tells them apart),
+  DCM 121106 "Comment" ("No nodule detected").
+- A finding's second size, when given: ``99PACSNODE EXTENT3D`` "Largest 3D
+  extent" in mm (the long axis above is the largest in-plane diameter).
 - Procedure reported LN 25045-6 "CT unspecified body region" (CID 100),
   algorithm family DCM 123110 "Artificial Intelligence" (CID 7162), both
   replaceable through the equipment options.
@@ -100,6 +103,8 @@ class _ModelCodes:
     probability: Code = Code("PROBABILITY", PRIVATE_SCHEME, "Probability of finding")
     threshold: Code = Code("THRESHOLD", PRIVATE_SCHEME, "Decision threshold of probability")
     location: Code = Code("LOCATION", PRIVATE_SCHEME, "Location description")
+    extent: Code = Code("EXTENT3D", PRIVATE_SCHEME, "Largest 3D extent")
+    lesion_kind: Code = Code("LESIONKIND", PRIVATE_SCHEME, "Lesion kind")
     comment: Code = codes.DCM.Comment
     present: Code = codes.cid240.Present
     absent: Code = codes.cid240.Absent
@@ -149,6 +154,9 @@ class Finding:
     is (slice, row, column), ``centroid_patient_mm`` patient (x, y, z).
     ``finding_site`` is an anatomic location (for example SCT 39607008 "Lung"),
     ``laterality`` one of DICOM CID 244 and needs a ``finding_site``.
+    ``longest_diameter_mm`` is the long axis (for lesions, the largest in-plane diameter,
+    RECIST), ``extent_mm`` (optional) the largest 3D extent; ``kind`` (optional) what the
+    finding is called in the SR and on the key images, for example ``"mass"`` or ``"nodule"``.
     """
 
     label: LabelSpec
@@ -162,6 +170,8 @@ class Finding:
     location: str
     finding_site: Code | None = None
     laterality: Code | None = None
+    extent_mm: float | None = None
+    kind: str | None = None
 
     @property
     def tracking_id(self) -> str:
@@ -447,7 +457,10 @@ def _check_finding(volume: Volume, finding: Finding, labels: Sequence[LabelSpec]
     if not finding.mask.any():
         raise AnalysisError(f"{name}: the mask is empty")
     _check_probability(finding.probability, name)
-    for what, value in (("volume", finding.volume_ml), ("longest diameter", finding.longest_diameter_mm)):
+    sizes = [("volume", finding.volume_ml), ("longest diameter", finding.longest_diameter_mm)]
+    if finding.extent_mm is not None:
+        sizes.append(("3D extent", finding.extent_mm))
+    for what, value in sizes:
         if not (math.isfinite(value) and value >= 0.0):
             raise AnalysisError(f"{name}: the {what} {value} is not a finite number >= 0")
     if not all(math.isfinite(v) for v in (*finding.centroid_index, *finding.centroid_patient_mm)):
@@ -599,10 +612,17 @@ def _finding_group(
             hd.sr.Measurement(
                 name=MODEL_CODES.long_axis, value=finding.longest_diameter_mm, unit=MODEL_CODES.millimeter
             ),
+            *(
+                [hd.sr.Measurement(name=MODEL_CODES.extent, value=finding.extent_mm, unit=MODEL_CODES.millimeter)]
+                if finding.extent_mm is not None
+                else []
+            ),
             hd.sr.Measurement(name=MODEL_CODES.probability, value=finding.probability, unit=MODEL_CODES.no_units),
         ],
         qualitative_evaluations=[_presence(finding.label.type, True), *not_for_diagnostic_use()],
     )
+    if finding.kind:
+        _add_text(group, MODEL_CODES.lesion_kind, finding.kind)
     x, y, z = finding.centroid_patient_mm
     centroid = f"centroid x {x:.1f}, y {y:.1f}, z {z:.1f} mm"
     _add_text(group, MODEL_CODES.location, f"{finding.location}; {centroid}" if finding.location else centroid)
@@ -681,8 +701,10 @@ def _findings_key_images(
     images = []
     for number, finding in enumerate(largest, start=1):
         index = _finding_slice(finding)
-        text = (f"{finding.tracking_id}: {finding.longest_diameter_mm:.1f} mm, {finding.volume_ml:.2f} mL, "
-                f"p={finding.probability:.2f}")  # fmt: skip
+        kind = f" ({finding.kind})" if finding.kind else ""
+        extent = f" (3D {finding.extent_mm:.1f} mm)" if finding.extent_mm is not None else ""
+        text = (f"{finding.tracking_id}{kind}: {finding.longest_diameter_mm:.1f} mm{extent}, "
+                f"{finding.volume_ml:.2f} mL, p={finding.probability:.2f}")  # fmt: skip
         sc = _key_image(
             volume, index, [(finding.mask[index], finding.label.color)], [[(text, finding.label.color)]], run,
             series_number, number, burned_in=f"contour of {finding.tracking_id} and banner",

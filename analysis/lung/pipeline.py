@@ -37,6 +37,7 @@ class CtLungPipeline(Pipeline):
     Params = CtLungParams
 
     def run(self, inputs: PipelineInput, params: BaseModel) -> PipelineOutput:
+        from pacsnode.analysis.lung.anatomy import check_anatomy
         from pacsnode.analysis.lung.segmentation import segment_lungs
         from pacsnode.analysis.lung.writers import write_lung_results
         from pacsnode.analysis.volume import load_series
@@ -51,7 +52,9 @@ class CtLungPipeline(Pipeline):
         volume = load_series(series.paths, min_slices=params.min_slices)
         timings["decode_hu_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        result = segment_lungs(volume, air_threshold_hu=params.air_threshold_hu)
+        # match.anatomy: skip (AnatomyMismatch) unless the volume shows it; its segmentation is reused.
+        lungs = check_anatomy(volume, inputs.anatomy, air_threshold_hu=params.air_threshold_hu)
+        result = lungs or segment_lungs(volume, air_threshold_hu=params.air_threshold_hu)
         timings["segment_measure_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         datasets = write_lung_results(
@@ -72,6 +75,8 @@ class CtLungPipeline(Pipeline):
             "total_lung_volume_ml": round(result.total_volume_ml, 1),
             "mean_lung_density_hu": round(result.mean_density_hu, 1),
             "laa950_percent": round(result.laa950_percent, 2),
+            "airways_left_out_ml": round(result.airway_volume_ml, 1),
+            "notes": list(result.notes),
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
         return PipelineOutput(datasets=datasets, summary=summary)

@@ -3,6 +3,18 @@
 Built on the shared result core (:mod:`pacsnode.analysis.results.core`): the
 same UIDs, provenance, banners and highdicom constructors as every other
 pipeline's results. See that module for the codes used.
+
+A lung that was not found (volume 0, see :class:`~pacsnode.analysis.types.LungResult`)
+keeps its segment and its SR measurement group: the volume 0 mL and the lung
+status "Not found"; the key images' banner says "not found" in place of its volume.
+
+Key images: the centre slices of ``key_slices`` zones of equal lung volume
+(apex to base), in the lung window, with each lung's outline drawn just outside
+it (the pleura stays visible), below a banner: the pipeline and NOT FOR
+DIAGNOSTIC USE, the volumes, LAA-950 and mean density (with a warning when
+the parenchyma is so noisy that LAA-950 is overestimated, see
+:data:`~pacsnode.analysis.lung.segmentation.NOISY_PARENCHYMA_HU`), and the
+source image (instance number, z, reconstruction kernel).
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
 from pacsnode.analysis.errors import AnalysisError
+from pacsnode.analysis.lung.segmentation import NOISY_PARENCHYMA_HU
 from pacsnode.analysis.results.core import (
     BANNER_TEXT_RGB,
     BANNER_WARNING_RGB,
@@ -93,7 +106,8 @@ def write_lung_results(
     series_number_base
         The SEG, SR and key image series get numbers base + 1, + 2 and + 3.
     key_slices
-        Number of key images, spread evenly over the slices that contain lung.
+        Number of key images: the centre slices of as many zones of equal lung
+        volume (fewer when the lungs span fewer slices).
     manufacturer
         Manufacturer (0008,0070) of the results.
     device_serial
@@ -202,13 +216,22 @@ def _measurements(volume_ml: float, mean_hu: float, laa950_percent: float) -> li
     measurements = []
     for name, value, unit, derivation in values:
         if not math.isfinite(value):
-            logger.warning(
-                "measurement left out: not a finite number",
-                extra={"action": "write_lung_results", "measurement": name.meaning, "value": value},
-            )
+            if volume_ml > 0:  # a lung not found has no density: nothing to warn about
+                logger.warning(
+                    "measurement left out: not a finite number",
+                    extra={"action": "write_lung_results", "measurement": name.meaning, "value": value},
+                )
             continue
         measurements.append(hd.sr.Measurement(name=name, value=float(value), unit=unit, derivation=derivation))
     return measurements
+
+
+def _evaluations(volume_ml: float) -> list[hd.sr.QualitativeEvaluation]:
+    """Intended use, and for a lung of volume 0 the finding that it was not found."""
+    evaluations = not_for_diagnostic_use()
+    if volume_ml <= 0:
+        evaluations.append(hd.sr.QualitativeEvaluation(name=CODES.lung_status, value=CODES.lung_not_found))
+    return evaluations
 
 
 def _build_sr(
@@ -250,7 +273,7 @@ def _build_sr(
                 finding_sites=[hd.sr.FindingSite(anatomic_location=CODES.lung, laterality=side)],
                 algorithm_id=algorithm,
                 measurements=_measurements(volume_ml, mean_hu, laa),
-                qualitative_evaluations=not_for_diagnostic_use(),
+                qualitative_evaluations=_evaluations(volume_ml),
             )
         )
     groups.append(
@@ -269,29 +292,74 @@ def _build_sr(
 
 
 def _key_slice_indices(labels: np.ndarray, count: int) -> list[int]:
-    """Slices at (i + 1) / (count + 1) of the slices that contain lung, in volume order."""
-    with_lung = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))
-    picks = [with_lung[min(len(with_lung) - 1, round((i + 1) * len(with_lung) / (count + 1)))] for i in range(count)]
-    return [int(k) for k in picks]
+    """The centre slices of ``count`` zones of equal lung volume, in volume order, each once."""
+    if count == 0:
+        return []
+    area = np.count_nonzero(labels.reshape(labels.shape[0], -1), axis=1)
+    cumulative = np.cumsum(area, dtype=np.float64) / float(area.sum())
+    picks = {int(np.searchsorted(cumulative, (i + 0.5) / count)) for i in range(count)}
+    return sorted(picks)
 
 
-def _banner_lines(result: LungResult, common: ResultContext) -> list[list[tuple[str, tuple[int, int, int]]]]:
-    return [
+#: Font scale and stroke of the banner on a 512-column image: bold enough to read in a 2x2 layout.
+_BANNER_SCALE, _BANNER_STROKE = 0.55, 2
+_INFO_RGB = (200, 200, 200)
+
+
+def _side(name: str, volume_ml: float, rgb: tuple[int, int, int]) -> tuple[str, tuple[int, int, int]]:
+    if volume_ml <= 0:
+        return (f"{name} not found", BANNER_WARNING_RGB)
+    return (f"{name} {volume_ml:.0f} mL", rgb)
+
+
+def _source_line(volume: Volume, index: int) -> str:
+    """Where the key image comes from: instance number, z (mm) and kernel of source slice ``index``."""
+    ds = volume.datasets[index]
+    parts = []
+    number = ds.get("InstanceNumber")
+    parts.append(f"CT image {number}" if number not in (None, "") else f"Slice {index + 1}/{len(volume.datasets)}")
+    position = ds.get("ImagePositionPatient")
+    if position is not None and len(position) == 3:
+        parts.append(f"z {float(position[2]):.1f} mm")
+    kernel = ds.get("ConvolutionKernel")
+    if kernel:
+        text = "/".join(str(k) for k in kernel) if not isinstance(kernel, str) else kernel
+        parts.append(f"Kernel {text[:16]}")
+    return "  ".join(parts)
+
+
+def _banner_lines(
+    volume: Volume, result: LungResult, common: ResultContext, index: int
+) -> list[list[tuple[str, tuple[int, int, int]]]]:
+    density = f"  Mean {result.mean_density_hu:.0f} HU" if math.isfinite(result.mean_density_hu) else ""
+    lines = [
         [(f"{common.pipeline_name} {common.pipeline_version} - {NOT_FOR_DIAGNOSTIC_USE}", BANNER_WARNING_RGB)],
         [
-            (f"R {result.right_volume_ml:.0f} mL", _RIGHT_RGB),
+            _side("R", result.right_volume_ml, _RIGHT_RGB),
             ("  ", BANNER_TEXT_RGB),
-            (f"L {result.left_volume_ml:.0f} mL", _LEFT_RGB),
-            (f"  Total {result.total_volume_ml:.0f} mL  LAA-950 {result.laa950_percent:.1f}%", BANNER_TEXT_RGB),
+            _side("L", result.left_volume_ml, _LEFT_RGB),
+            (f"  Total {result.total_volume_ml:.0f} mL", BANNER_TEXT_RGB),
         ],
+        [(f"LAA-950 {result.laa950_percent:.1f}%{density}", BANNER_TEXT_RGB)],
     ]
+    noise = result.parenchyma_noise_hu
+    if math.isfinite(noise) and noise > NOISY_PARENCHYMA_HU:
+        lines.append([(f"Noisy lung ({noise:.0f} HU): LAA-950 too high", BANNER_WARNING_RGB)])
+    lines.append([(_source_line(volume, index), _INFO_RGB)])
+    return lines
 
 
-def _render_key_image(volume: Volume, result: LungResult, index: int, banner: np.ndarray) -> np.ndarray:
-    """Slice ``index`` in the lung window with lung contours, below ``banner``; RGB uint8."""
+def _render_key_image(volume: Volume, result: LungResult, common: ResultContext, index: int) -> np.ndarray:
+    """Slice ``index`` in the lung window with each lung outlined just outside it, below its banner; RGB uint8."""
+    banner = render_banner(
+        volume.hu.shape[2],
+        _banner_lines(volume, result, common, index),
+        scale_at_512=_BANNER_SCALE,
+        stroke_at_512=_BANNER_STROKE,
+    )
     labels = result.labels[index]
     contours = [(labels == SEGMENT_RIGHT_LUNG, _RIGHT_RGB), (labels == SEGMENT_LEFT_LUNG, _LEFT_RGB)]
-    return key_image_pixels(volume.hu[index], LUNG_WINDOW, contours, banner)
+    return key_image_pixels(volume.hu[index], LUNG_WINDOW, contours, banner, outside=True)
 
 
 def _build_key_images(
@@ -302,14 +370,13 @@ def _build_key_images(
     series_number: int,
     count: int,
 ) -> list[hd.sc.SCImage]:
-    banner = render_banner(volume.hu.shape[2], _banner_lines(result, common))
     width, level = LUNG_WINDOW
     images = []
     for number, index in enumerate(_key_slice_indices(result.labels, count), start=1):
         sc = secondary_capture(
-            volume, index, _render_key_image(volume, result, index, banner), common, uid, series_number, number,
+            volume, index, _render_key_image(volume, result, common, index), common, uid, series_number, number,
             kind="lung key images",
-            derivation=f"Lung window W {width:.0f} L {level:.0f}, lung contours and banner burned in",
+            derivation=f"Lung window W {width:.0f} L {level:.0f}, lung outlines and banner burned in",
         )  # fmt: skip
         sc.ImageLaterality = "B"  # both lungs; also satisfies the Laterality (0020,0060) 2C rule
         images.append(sc)

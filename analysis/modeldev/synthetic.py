@@ -265,6 +265,12 @@ class PhantomSpec:
         Join the two lungs with a bridge of parenchyma across the midline
         (like an anterior junction) so that they form a single air component;
         the truth assigns the bridge to each side of the plane x = 0.
+    collapsed_lung
+        ``"right"`` or ``"left"``: that lung is airless (collapsed, or its
+        hemithorax filled): its ellipsoid is soft tissue, without vessels or
+        emphysema, and it is no lung in the truth (volume 0, densities NaN).
+        The other lung is the same as without it. Not with ``join_lungs`` or
+        ``nodules``.
     mirror_columns
         Store the columns in reverse order (ImageOrientationPatient
         ``-1\\0\\0\\0\\1\\0``): the same patient, the right lung now on the
@@ -307,6 +313,7 @@ class PhantomSpec:
     vessels: int = 10
     vessel_spheres: bool = True
     join_lungs: bool = False
+    collapsed_lung: str | None = None
     mirror_columns: bool = False
     nodules: int = 0
     nodule_diameter_mm: tuple[float, float] = (4.0, 24.0)
@@ -320,6 +327,10 @@ class PhantomSpec:
         if self.pixel_spacing <= 0 or self.slice_thickness_mm <= 0:
             raise ValueError("pixel_spacing_mm and slice_thickness_mm must be positive")
         _check_nodule_parameters(self.nodules, self.nodule_diameter_mm, self.nodule_kinds)
+        if self.collapsed_lung not in (None, "right", "left"):
+            raise ValueError(f"collapsed_lung must be None, 'right' or 'left', not {self.collapsed_lung!r}")
+        if self.collapsed_lung is not None and (self.join_lungs or self.nodules):
+            raise ValueError("a phantom with a collapsed lung has neither joined lungs nor nodules")
 
     @property
     def pixel_spacing(self) -> float:
@@ -437,6 +448,11 @@ def make_chest_phantom(spec: PhantomSpec = PhantomSpec(), *, seed: int = 0) -> C
                 start = _point_inside(rng, lung, 0.55)
                 end = start if spec.vessel_spheres and n % 4 == 2 else _point_inside(rng, lung, 0.55)
             _paint_capsule(hu, labels, label, start, end, radius, VESSEL_HU, xs, ys, zs)
+
+    if spec.collapsed_lung is not None:  # after drawing its vessels and pockets: the other lung stays the same
+        airless = labels == (1 if spec.collapsed_lung == "right" else 2)
+        hu[airless] = SOFT_TISSUE_HU
+        labels[airless] = 0
 
     # Air that is not lung: the trachea above the lungs, bowel gas below them.
     trachea_start = (0.0, -30.0, z_centre + 60.0)

@@ -20,6 +20,8 @@ Codes used (see :data:`CODES` for the private ones):
 - SR measurements: SCT 118565006 "Volume" in UCUM ``ml``; DCM 112031
   "Attenuation Coefficient" with derivation SCT 373098007 "Mean" in UCUM
   ``[hnsf'U]``; ``99PACSNODE LAA950`` (no standard code exists) in UCUM ``%``.
+- SR qualitative evaluation of a lung that was not found: ``99PACSNODE LUNGSTATUS``
+  = ``99PACSNODE LUNGNOTFOUND``, beside its volume of 0 mL.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ __all__ = [
     "segmentation",
     "window_to_grey",
     "draw_contour",
+    "drop_incomplete_study_references",
     "patient_orientation",
 ]
 
@@ -117,6 +120,8 @@ class _Codes:
     hounsfield_unit: Code = codes.UCUM.HounsfieldUnit
     percent: Code = codes.UCUM.Percent
     algorithm_family: Code = codes.cid7162.HistogramAnalysis
+    lung_status: Code = Code("LUNGSTATUS", PRIVATE_SCHEME, "Lung status")
+    lung_not_found: Code = Code("LUNGNOTFOUND", PRIVATE_SCHEME, "Not found (no aerated lung on this side)")
 
 
 #: The codes written by :func:`write_lung_results`.
@@ -274,7 +279,7 @@ def segmentation(
     kind: str,
 ) -> hd.seg.Segmentation:
     """A BINARY SEG of ``volume`` (empty frames left out), instance 1 of its own series."""
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=list(volume.datasets),
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -289,6 +294,8 @@ def segmentation(
         omit_empty_frames=True,
         **common.equipment(),
     )
+    drop_incomplete_study_references(seg)
+    return seg
 
 
 # --- Structured report --------------------------------------------------------------------------
@@ -326,7 +333,7 @@ def measurement_report_sr(
         procedure_reported=procedure,
         imaging_measurements=groups,
     )
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
         series_instance_uid=uid("SR", "series"),
@@ -339,6 +346,28 @@ def measurement_report_sr(
         coding_schemes=[private_scheme()],
         **common.equipment(),
     )
+    drop_incomplete_study_references(sr)
+    return sr
+
+
+def drop_incomplete_study_references(ds: Dataset) -> None:
+    """Remove Referenced Study Sequence items that lack a Referenced SOP Class or Instance UID.
+
+    highdicom copies the source's General Study module into a SEG or SR, this optional (Type 3)
+    sequence included. Real archives hold items without the Referenced SOP Class UID (left out by
+    de-identification or by the scanner), and both UIDs are Type 1 in an item: copied as they are,
+    the result would be invalid. What is left of the sequence is kept; an empty one is removed.
+    """
+    items = ds.get("ReferencedStudySequence")
+    if items is None:
+        return
+    complete = [item for item in items if item.get("ReferencedSOPClassUID") and item.get("ReferencedSOPInstanceUID")]
+    if len(complete) == len(items):
+        return
+    if complete:
+        ds.ReferencedStudySequence = complete
+    else:
+        del ds.ReferencedStudySequence
 
 
 def private_scheme() -> hd.coding_schemes.CodingSchemeIdentificationItem:
@@ -359,32 +388,54 @@ def window_to_grey(hu: np.ndarray, width: float, level: float) -> np.ndarray:
     return grey
 
 
-def draw_contour(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> None:
-    """Draw the outer contours of the 2D ``mask`` into ``rgb``, in place."""
-    thickness = max(1, rgb.shape[1] // 256)
+def draw_contour(rgb: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], *, outside: bool = False) -> None:
+    """Draw the contours of the 2D ``mask`` into ``rgb``, in place.
+
+    By default the outer contours, centred on the mask's edge pixels; with ``outside``, every
+    edge (holes too) as a band just outside the mask, so that the edge itself (a pleura, a
+    lesion's margin) stays visible. Either way ``columns // 256`` pixels wide (at least 1).
+    """
     mask = mask.astype(np.uint8)
     if not mask.any():
         return
+    if outside:
+        width = max(1, rgb.shape[1] // 256)
+        kernel = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+        grown = cv2.dilate(mask, kernel, iterations=width, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+        rgb[(grown > 0) & (mask == 0)] = colour
+        return
+    thickness = max(1, rgb.shape[1] // 256)
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     cv2.drawContours(rgb, contours, -1, colour, thickness, lineType=cv2.LINE_8)
 
 
-def render_banner(columns: int, lines: list[list[tuple[str, tuple[int, int, int]]]]) -> np.ndarray:
-    """An RGB band ``columns`` wide with ``lines`` of coloured text pieces, scaled to fit."""
+def render_banner(
+    columns: int,
+    lines: list[list[tuple[str, tuple[int, int, int]]]],
+    *,
+    scale_at_512: float = 0.5,
+    stroke_at_512: int = 1,
+) -> np.ndarray:
+    """An RGB band ``columns`` wide with ``lines`` of coloured text pieces, scaled to fit.
+
+    ``scale_at_512`` and ``stroke_at_512`` are the font scale and stroke width (pixels) for a
+    512-column image; both grow with ``columns``, and the scale shrinks to fit the widest line.
+    """
     font = cv2.FONT_HERSHEY_SIMPLEX
     margin = max(2, columns // 64)
-    scale = 0.5 * columns / 512.0
-    widest = max(cv2.getTextSize("".join(text for text, _ in line), font, 1.0, 1)[0][0] for line in lines)
+    stroke = max(1, round(stroke_at_512 * columns / 512.0))
+    scale = scale_at_512 * columns / 512.0
+    widest = max(cv2.getTextSize("".join(text for text, _ in line), font, 1.0, stroke)[0][0] for line in lines)
     scale = min(scale, (columns - 2 * margin) / widest)
-    (_, text_height), baseline = cv2.getTextSize("Ag", font, scale, 1)
+    (_, text_height), baseline = cv2.getTextSize("Ag", font, scale, stroke)
     line_height = text_height + baseline + margin
     band = np.zeros((margin + line_height * len(lines), columns, 3), dtype=np.uint8)
     for row, line in enumerate(lines):
         x = margin
         y = margin + row * line_height + text_height
         for text, colour in line:
-            cv2.putText(band, text, (x, y), font, scale, colour, 1, cv2.LINE_AA)
-            x += cv2.getTextSize(text, font, scale, 1)[0][0]
+            cv2.putText(band, text, (x, y), font, scale, colour, stroke, cv2.LINE_AA)
+            x += cv2.getTextSize(text, font, scale, stroke)[0][0]
     return band
 
 
@@ -401,12 +452,17 @@ def key_image_pixels(
     window: tuple[float, float],
     contours: list[tuple[np.ndarray, tuple[int, int, int]]],
     banner: np.ndarray,
+    *,
+    outside: bool = False,
 ) -> np.ndarray:
-    """The 2D ``hu`` in ``window`` (width, level) with (mask, colour) ``contours``, below ``banner``; RGB uint8."""
+    """The 2D ``hu`` in ``window`` (width, level) with (mask, colour) ``contours``, below ``banner``; RGB uint8.
+
+    ``outside``: the contours are drawn just outside each mask (see :func:`draw_contour`).
+    """
     grey = window_to_grey(hu, *window)
     rgb = np.repeat(grey[:, :, np.newaxis], 3, axis=2)
     for mask, colour in contours:
-        draw_contour(rgb, mask, colour)
+        draw_contour(rgb, mask, colour, outside=outside)
     return np.ascontiguousarray(np.concatenate([banner, rgb], axis=0))
 
 

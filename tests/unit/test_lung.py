@@ -2,17 +2,22 @@
 
 The phantom's truth (volumes, LAA-950, mean density) comes from its exact voxel
 masks; the segmentation of the written files must find it within 3 % (volumes)
-and 1 point (LAA-950). The loader must refuse, with a clear message, what it
-cannot make into a regular CT volume, including the real single CT slices
-shipped with pydicom and pydicom-data.
+and 1 point (LAA-950), leave the trachea and main bronchi out, and report a
+missing (collapsed) lung instead of failing. The loader must drop the images
+that are not part of the main stack (a scout, another orientation, pixel
+spacing or size, a stray slice) with a log line, and refuse, with a clear
+message, what it cannot make into a regular CT volume, including the real
+single CT slices shipped with pydicom and pydicom-data.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pydicom.examples
@@ -20,8 +25,10 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_encoder
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless, generate_uid
+from scipy import ndimage
 
 from pacsnode.analysis.errors import InputError
+from pacsnode.analysis.lung.pipeline import CtLungParams, CtLungPipeline
 from pacsnode.analysis.lung.segmentation import segment_lungs
 from pacsnode.analysis.modeldev.synthetic import (
     ChestPhantom,
@@ -31,6 +38,8 @@ from pacsnode.analysis.modeldev.synthetic import (
     make_chest_phantom,
     write_chest_ct,
 )
+from pacsnode.analysis.pipelines import PipelineInput, SeriesInput
+from pacsnode.analysis.results.core import CODES
 from pacsnode.analysis.types import LungResult, Volume
 from pacsnode.analysis.volume import load_series
 from tests.support.helpers import pydicom_data_files
@@ -172,6 +181,58 @@ def test_phantom_truth_is_the_ellipsoids(chest: Chest) -> None:
     assert chest.truth.total_volume_ml == pytest.approx(chest.truth.right_volume_ml + chest.truth.left_volume_ml)
 
 
+def _distance_to_segment(points: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    axis = end - start
+    t = np.clip(((points - start) @ axis) / float(axis @ axis), 0.0, 1.0)
+    distance: np.ndarray = np.linalg.norm(points - (start + t[..., None] * axis), axis=-1)
+    return distance
+
+
+def test_trachea_and_main_bronchi_joined_to_the_lungs_are_not_lung() -> None:
+    """The phantom's trachea continued by two bronchi (air tubes through the mediastinum) into the lungs.
+
+    Joined so, trachea, bronchi and both lungs are one air region; none of the trachea nor the
+    bronchi in the mediastinum may be labelled lung, and the lung volumes stay those of the truth.
+    """
+    spec = PhantomSpec(slices=80, size=128, blur_sigma_mm=1.0)
+    phantom = make_chest_phantom(spec, seed=6)
+    volume = phantom.to_volume()
+    k, r, c = np.meshgrid(*(np.arange(n) for n in phantom.hu.shape), indexing="ij")
+    points = np.stack(
+        [
+            phantom.origin[0] + c * phantom.spacing[2],
+            phantom.origin[1] + r * phantom.spacing[1],
+            phantom.origin[2] + k * phantom.spacing[0],
+        ],
+        axis=-1,
+    )
+    z0 = -150.0  # the phantom's anatomy is centred on this z
+    carina = np.array([0.0, -30.0, z0 + 60.0])
+    top = np.array([0.0, -30.0, float(points[-1, 0, 0, 2]) + 10.0])
+    ends = [np.array([-45.0, -20.0, z0 + 30.0]), np.array([45.0, -20.0, z0 + 34.0])]  # inside each lung
+    hu = phantom.hu.copy()
+    for end in ends:
+        hu[_distance_to_segment(points, carina, end) <= 5.0] = -1000
+    trachea_core = _distance_to_segment(points, carina, top) <= 6.0
+    # The bronchi in the mediastinum: more than 8 mm from the lungs (the cut at the hila may leave less).
+    mediastinum = ndimage.distance_transform_edt(phantom.labels == 0, sampling=phantom.spacing) > 8.0
+    bronchi_core = np.zeros(hu.shape, dtype=bool)
+    for end in ends:
+        bronchi_core |= (_distance_to_segment(points, carina, end) <= 3.0) & mediastinum
+    assert trachea_core.any() and bronchi_core.any()
+
+    joined = segment_lungs(replace(volume, hu=hu), remove_airways=False)
+    assert joined.labels[trachea_core].any()  # without the airway tracing they count as lung
+    result = segment_lungs(replace(volume, hu=hu))
+    assert not result.labels[trachea_core].any()
+    assert not result.labels[bronchi_core].any()
+    assert result.airways is not None and result.airways[trachea_core].all()
+    assert 5.0 < result.airway_volume_ml < 60.0
+    for side in ("right", "left", "total"):
+        expected = getattr(phantom, f"{side}_volume_ml")
+        assert abs(getattr(result, f"{side}_volume_ml") - expected) <= 0.03 * expected, side
+
+
 # ----------------------------------------------------------------- loading
 
 
@@ -287,15 +348,95 @@ def test_colour_ct_is_refused(series: list[Path]) -> None:
         load_series(series)
 
 
-def test_mixed_orientation_is_refused(series: list[Path]) -> None:
-    _edit(series[5], ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
+def _odd_copy(series: list[Path], index: int, name: str, **attributes: object) -> Path:
+    """A copy of slice ``index`` as a new image of the series (new SOP Instance UID), edited."""
+    copy = series[0].with_name(name)
+    shutil.copy(series[index], copy)
+    _edit(copy, SOPInstanceUID=generate_uid(), **attributes)
+    return copy
+
+
+def _loads_as_the_stack(series: list[Path], odd: list[Path], caplog: pytest.LogCaptureFixture, reason: str) -> None:
+    """``series`` plus the ``odd`` images loads to the volume of ``series`` alone, and says it dropped them."""
+    reference = load_series(series)
+    with caplog.at_level(logging.INFO, logger="pacsnode.analysis.volume"):
+        volume = load_series([*series, *odd])
+    assert np.array_equal(volume.hu, reference.hu)
+    assert [ds.SOPInstanceUID for ds in volume.datasets] == [ds.SOPInstanceUID for ds in reference.datasets]
+    dropped = [r.getMessage() for r in caplog.records if "not part of the main stack" in r.getMessage()]
+    assert len(dropped) == 1, caplog.text
+    assert f"dropped {len(odd)} of {len(series) + len(odd)} images" in dropped[0] and reason in dropped[0]
+    assert odd[0].name in dropped[0]
+
+
+def test_a_scout_in_the_series_is_dropped(series: list[Path], caplog: pytest.LogCaptureFixture) -> None:
+    """A localizer (ImageType LOCALIZER), here a coronal one: the axial stack still loads."""
+    scout = _odd_copy(
+        series, 3, "scout.dcm", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+        ImageOrientationPatient=[1, 0, 0, 0, 0, -1],
+    )  # fmt: skip
+    _loads_as_the_stack(series, [scout], caplog, "1 localizer (ImageType LOCALIZER)")
+
+
+def test_a_scout_in_a_written_phantom_series_is_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The synthetic chest, with a scout added, still loads and gives the lungs of the phantom."""
+    truth = write_chest_ct(tmp_path / "chest", PhantomSpec(slices=64, size=96), seed=3)
+    scout = _odd_copy(
+        truth.paths, 10, "scout.dcm", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+        ImageOrientationPatient=[1, 0, 0, 0, 0, -1], ImagePositionPatient=[-200.0, 0.0, 0.0],
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="pacsnode.analysis.volume"):
+        volume = load_series([scout, *truth.paths])
+    assert volume.hu.shape == truth.shape
+    assert [ds.SOPInstanceUID for ds in volume.datasets] == truth.sop_instance_uids  # the scout is not a slice
+    assert "1 localizer" in caplog.text
+    result = segment_lungs(volume)
+    assert abs(result.total_volume_ml - truth.total_volume_ml) <= 0.03 * truth.total_volume_ml
+
+
+def test_an_image_of_another_orientation_is_dropped(series: list[Path], caplog: pytest.LogCaptureFixture) -> None:
+    odd = _odd_copy(series, 5, "sagittal.dcm", ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
+    _loads_as_the_stack(series, [odd], caplog, "1 image with ImageOrientationPatient 0\\1\\0\\0\\0\\-1")
+
+
+def test_an_image_of_another_pixel_spacing_is_dropped(series: list[Path], caplog: pytest.LogCaptureFixture) -> None:
+    odd = _odd_copy(series, 2, "zoomed.dcm", PixelSpacing=[0.7, 0.7])
+    _loads_as_the_stack(series, [odd], caplog, "1 image with PixelSpacing 0.7\\0.7 mm")
+
+
+def test_a_slice_far_from_the_stack_is_dropped(series: list[Path], caplog: pytest.LogCaptureFixture) -> None:
+    """A stray image 100 mm beyond the last slice (3 mm apart): an outlier, not a gap to refuse."""
+    last = pydicom.dcmread(series[-1], stop_before_pixels=True)
+    x, y, z = (float(v) for v in last.ImagePositionPatient)
+    odd = _odd_copy(series, 11, "stray.dcm", ImagePositionPatient=[x, y, z + 100.0])
+    _loads_as_the_stack(series, [odd], caplog, "far from the stack along the slice normal (1 image)")
+
+
+def test_a_series_of_localizers_only_is_refused(series: list[Path]) -> None:
+    for path in series:
+        _edit(path, ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
+    with pytest.raises(InputError, match=r"^no images to make a volume of: all 12 images of the series are localizers"):
+        load_series(series)
+
+
+def test_two_stacks_of_the_same_size_are_refused(series: list[Path]) -> None:
+    for path in series[6:]:
+        _edit(path, ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
     with pytest.raises(InputError) as info:
         load_series(series)
     message = str(info.value)
-    assert message.startswith(
-        "mixed orientation: 11 images with ImageOrientationPatient 1\\0\\0\\0\\1\\0, 1 with another"
+    assert message.startswith("no main stack: the images form groups of the same size: 6 images of 48x48")
+    assert "ImageOrientationPatient 1\\0\\0\\0\\1\\0" in message and "0\\1\\0\\0\\0\\-1" in message
+
+
+def test_a_main_stack_too_small_after_the_odd_images_is_refused(series: list[Path]) -> None:
+    for path in series[:4]:
+        _edit(path, PixelSpacing=[0.7, 0.7])
+    with pytest.raises(InputError) as info:
+        load_series(series)
+    assert str(info.value).startswith(
+        "not enough slices: the main stack has 8 images (4 other images dropped: 4 images with PixelSpacing 0.7\\0.7 mm"
     )
-    assert series[5].name in message and "0\\1\\0\\0\\0\\-1" in message
 
 
 def test_a_gap_in_slice_spacing_is_refused(series: list[Path]) -> None:
@@ -308,7 +449,9 @@ def test_a_gap_in_slice_spacing_is_refused(series: list[Path]) -> None:
     assert "6.000 mm between" in message and "a gap (missing slices?)" in message
 
 
-def test_mixed_image_sizes_are_refused(small_series: ChestTruth, series: list[Path], tmp_path: Path) -> None:
+def test_an_image_of_another_size_is_dropped(
+    small_series: ChestTruth, series: list[Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     other = write_chest_ct(
         tmp_path / "other",
         PhantomSpec(slices=12, size=64),
@@ -318,17 +461,9 @@ def test_mixed_image_sizes_are_refused(small_series: ChestTruth, series: list[Pa
             series_instance_uid=small_series.series_instance_uid,
         ),
     )
-    shutil.copy(other.paths[7], series[7])
-    with pytest.raises(
-        InputError, match=r"^mixed image sizes \(rows x columns\): 11 images of 48x48, 1 image of 64x64"
-    ):
-        load_series(series)
-
-
-def test_mixed_pixel_spacing_is_refused(series: list[Path]) -> None:
-    _edit(series[2], PixelSpacing=[0.7, 0.7])
-    with pytest.raises(InputError, match=r"^mixed pixel spacing: 11 images with PixelSpacing 8\.33333\\8\.33333 mm"):
-        load_series(series)
+    odd = series[0].with_name("larger.dcm")
+    shutil.copy(other.paths[7], odd)
+    _loads_as_the_stack(series, [odd], caplog, "1 image of size 64x64, not 48x48")
 
 
 def test_duplicate_positions_are_refused(series: list[Path]) -> None:
@@ -404,20 +539,72 @@ def test_no_lungs_found_is_an_input_error() -> None:
         segment_lungs(empty)
 
 
-def test_one_lung_only_is_an_input_error() -> None:
-    phantom = make_chest_phantom(PhantomSpec(slices=40, size=64), seed=1)
+@pytest.mark.parametrize("missing", ["right", "left"])
+def test_one_lung_gives_results_that_say_the_other_was_not_found(missing: str) -> None:
+    """A collapsed (airless) lung: the other one is measured, the missing one is 0 mL with a note."""
+    phantom = make_chest_phantom(PhantomSpec(slices=80, size=96, blur_sigma_mm=1.0, collapsed_lung=missing), seed=1)
+    present = "left" if missing == "right" else "right"
+    assert getattr(phantom, f"{missing}_volume_ml") == 0.0
+    result = segment_lungs(phantom.to_volume())
+    expected = getattr(phantom, f"{present}_volume_ml")
+    assert abs(getattr(result, f"{present}_volume_ml") - expected) <= 0.03 * expected
+    assert getattr(result, f"{missing}_volume_ml") == 0.0
+    assert result.total_volume_ml == getattr(result, f"{present}_volume_ml")
+    assert np.isnan(getattr(result, f"{missing}_mean_density_hu"))
+    assert np.isnan(getattr(result, f"{missing}_laa950_percent"))
+    assert np.isfinite(result.mean_density_hu) and abs(result.laa950_percent - phantom.laa950_percent) <= 1.0
+    assert set(np.unique(result.labels).tolist()) == {0, 1 if present == "right" else 2}
+    assert len(result.notes) == 1
+    assert result.notes[0].startswith(f"{missing} lung not found: no air region of at least 100 mL")
+    assert "its volume is reported as 0 mL" in result.notes[0]
+
+
+def test_stomach_gas_is_not_taken_for_the_missing_lung() -> None:
+    """A collapsed left lung and a 180 mL gas bubble under the left diaphragm: the bubble is no lung."""
+    phantom = make_chest_phantom(PhantomSpec(slices=80, size=96, collapsed_lung="left"), seed=1)
+    k, r, c = np.meshgrid(*(np.arange(n) for n in phantom.hu.shape), indexing="ij")
+    x = phantom.origin[0] + c * phantom.spacing[2]
+    y = phantom.origin[1] + r * phantom.spacing[1]
+    z = phantom.origin[2] + k * phantom.spacing[0]
+    bubble = (x - 60.0) ** 2 + y**2 + (z - (-150.0 - 90.0)) ** 2 <= 35.0**2  # below the lungs (centre z -150)
     hu = phantom.hu.copy()
-    hu[phantom.labels == 2] = 40  # no left lung
-    volume = Volume(
-        hu=hu,
-        spacing=phantom.spacing,
-        origin=phantom.origin,
-        row_direction=phantom.row_direction,
-        column_direction=phantom.column_direction,
-        datasets=(),
+    hu[bubble] = -1000
+    assert np.count_nonzero(bubble) * phantom.to_volume().voxel_ml > 150.0
+    result = segment_lungs(replace(phantom.to_volume(), hu=hu))
+    assert result.left_volume_ml == 0.0 and not result.labels[bubble].any()
+    assert [note.split(":")[0] for note in result.notes] == ["left lung not found"]
+
+
+def test_the_pipeline_reports_a_missing_lung_in_its_summary_sr_and_key_images(tmp_path: Path) -> None:
+    truth = write_chest_ct(tmp_path / "chest", PhantomSpec(slices=64, size=96, collapsed_lung="left"), seed=2)
+    series = SeriesInput(
+        series_instance_uid=truth.series_instance_uid, modality="CT", series_description="", paths=tuple(truth.paths)
     )
-    with pytest.raises(InputError, match=r"^found only one lung: the right one"):
-        segment_lungs(volume)
+    inputs = PipelineInput(job_id=1, study_instance_uid=truth.study_instance_uid, series=(series,), uid_root="2.25")
+    output = CtLungPipeline().run(inputs, CtLungParams())
+    summary = output.summary
+    assert summary["left_lung_volume_ml"] == 0.0
+    assert abs(summary["right_lung_volume_ml"] - truth.right_volume_ml) <= 0.03 * truth.right_volume_ml
+    assert [note.split(":")[0] for note in summary["notes"]] == ["left lung not found"]
+    seg, sr, *scs = output.datasets
+    assert len(scs) == 3 and len(seg.SegmentSequence) == 2
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    report = hd.sr.srread(path).content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    status = {}
+    for group in report.get_volumetric_roi_measurement_groups():
+        assert group.referenced_segment is not None
+        number = group.referenced_segment.referenced_segment_numbers[0]
+        volume = [m.value for m in group.get_measurements() if m.name == CODES.volume]
+        values = [e.value for e in group.get_qualitative_evaluations() if e.name == CODES.lung_status]
+        status[number] = (volume, values)
+    assert status[2] == ([0.0], [CODES.lung_not_found])
+    assert status[1][1] == [] and status[1][0][0] > 1000.0
+
+
+def test_both_lungs_give_no_notes(chest: Chest) -> None:
+    assert chest.result.notes == ()
 
 
 # ----------------------------------------------------------------- phantom files

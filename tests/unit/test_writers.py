@@ -301,3 +301,17 @@ def test_key_slices_spread_over_lung(outputs: list[Dataset], volume: Volume) -> 
     indices = [uids.index(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) for ds in outputs[2:]]
     assert indices == sorted(set(indices))
     assert indices[0] >= 2 and indices[-1] <= SLICES - 3
+
+
+def test_key_slices_are_the_centres_of_zones_of_equal_lung_volume(volume: Volume, result: LungResult) -> None:
+    """Thin lung at both ends (slices 1 and 10), most of it in slices 5 to 7: the key images are there."""
+    labels = np.zeros_like(result.labels)
+    labels[1:11, 30:32, 30:32] = 1  # 4 voxels a slice
+    labels[5:8] = np.where(result.labels[5:8] > 0, result.labels[5:8], labels[5:8])
+    outputs = write(volume, replace(result, labels=labels), key_slices=3)
+    uids = [ds.SOPInstanceUID for ds in volume.datasets]
+    indices = [uids.index(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) for ds in outputs[2:]]
+    area = np.count_nonzero(labels.reshape(SLICES, -1), axis=1)
+    cumulative = np.cumsum(area) / area.sum()
+    assert indices == [int(np.searchsorted(cumulative, q)) for q in (1 / 6, 3 / 6, 5 / 6)]
+    assert indices == [5, 6, 7]

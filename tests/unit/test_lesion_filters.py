@@ -1,0 +1,90 @@
+"""Lung lesions among model findings: the lungs' region, tube and sheet shapes dropped, RECIST axes, masses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pacsnode.analysis.cnn.findings import MASS_MM, LesionFilter, axial_diameter_mm, findings_from_probabilities
+from pacsnode.analysis.cnn.writers import Finding
+from pacsnode.analysis.lung.region import region_from_labels
+from tests.unit.test_findings import LABEL, _ball, _volume
+
+SHAPE = (60, 120, 120)
+
+
+def _prob(mask: np.ndarray) -> np.ndarray:
+    return mask[None].astype(np.float32)
+
+
+LESIONS = LesionFilter()
+
+
+def _findings(
+    mask: np.ndarray, region: np.ndarray | None = None, lesions: LesionFilter | None = LESIONS
+) -> list[Finding]:
+    volume = _volume(SHAPE, body_centre_col=60)
+    return findings_from_probabilities(_prob(mask), volume, [LABEL], "sigmoid", region=region, lesions=lesions)
+
+
+def test_a_sphere_is_kept_a_tube_and_a_sheet_are_dropped() -> None:
+    sphere = _ball(SHAPE, (30, 40, 40), 6)
+    tube = np.zeros(SHAPE, dtype=bool)
+    tube[10:50, 90:93, 90:93] = True  # a vessel: 40 mm long, 3 mm wide
+    sheet = np.zeros(SHAPE, dtype=bool)
+    sheet[20:45, 60:62, 20:50] = True  # pleura: 25 x 30 mm, 2 mm thin
+    found = _findings(sphere | tube | sheet)
+    assert len(found) == 1
+    assert found[0].mask[30, 40, 40]
+    # Without the filter all three are findings: the test above can tell them apart.
+    assert len(_findings(sphere | tube | sheet, lesions=None)) == 3
+
+
+def test_a_rim_along_the_region_edge_is_dropped_a_ball_inside_kept() -> None:
+    region = np.zeros(SHAPE, dtype=bool)
+    region[:, 20:100, 20:100] = True
+    rim = region & ~np.pad(np.ones((60, 76, 76), dtype=bool), ((0, 0), (22, 22), (22, 22)))  # 2 mm inside the edge
+    rim[:, 20:60, :] = False  # an arc of it: thin and curved, not one plane
+    rim[:, :, 20:40] = False
+    ball = _ball(SHAPE, (30, 60, 60), 7)
+    found = _findings(rim | ball, region=region)
+    assert [bool(f.mask[30, 60, 60]) for f in found] == [True]
+    assert len(_findings(rim | ball, region=region, lesions=None)) == 2
+
+
+def test_findings_outside_the_lung_region_are_dropped() -> None:
+    labels = np.zeros(SHAPE, dtype=np.uint8)
+    labels[:, 20:100, 15:55] = 1
+    labels[:, 20:100, 65:105] = 2
+    region = region_from_labels(labels)
+    inside = _ball(SHAPE, (30, 60, 35), 5)
+    between = _ball(SHAPE, (30, 60, 60), 4)  # the mediastinum, between the two lungs
+    found = _findings(inside | between, region=region)
+    assert len(found) == 1 and found[0].mask[30, 60, 35]
+    assert len(_findings(inside | between, region=None)) == 2
+
+
+def test_the_region_closes_a_bay_of_the_lung_outline() -> None:
+    labels = np.zeros(SHAPE, dtype=np.uint8)
+    labels[:, 20:100, 15:55] = 1
+    labels[:, 50:70, 15:30] = 0  # a tumour against the chest wall: soft tissue, a bay in the air
+    region = region_from_labels(labels)
+    assert region[30, 60, 25] and not (labels[30, 60, 25])
+    assert not region[30, 60, 70]
+
+
+def test_recist_long_axis_is_in_plane_the_3d_extent_second() -> None:
+    z, y, x = np.ogrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    # Semi-axes 25 mm along the slices, 8 mm along rows, 12 mm along columns (1 mm voxels).
+    ellipsoid = ((z - 30) / 25.0) ** 2 + ((y - 60) / 8.0) ** 2 + ((x - 60) / 12.0) ** 2 <= 1.0
+    (finding,) = _findings(ellipsoid, lesions=None)
+    assert finding.longest_diameter_mm == pytest.approx(25.0, abs=2.0)  # 2 x 12 mm, on the middle slice
+    assert finding.extent_mm is not None and finding.extent_mm == pytest.approx(51.0, abs=2.0)  # 2 x 25 mm
+    assert axial_diameter_mm(np.argwhere(ellipsoid), (1.0, 1.0, 1.0)) == finding.longest_diameter_mm
+
+
+@pytest.mark.parametrize(("radius", "kind"), [(16.0, "mass"), (13.0, "nodule")])
+def test_a_lesion_of_30_mm_or_more_is_a_mass(radius: float, kind: str) -> None:
+    (finding,) = _findings(_ball(SHAPE, (30, 60, 60), radius))
+    assert finding.kind == kind
+    assert (finding.longest_diameter_mm >= MASS_MM) == (kind == "mass")
