@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -52,10 +53,13 @@ def configure_pynetdicom() -> None:
 
     The per-PDU debug handlers cost time on every fragment even when their log
     records are dropped, so they are not bound. File sending streams the stored
-    bytes without decoding them.
+    bytes without decoding them; received datasets are written to a file as
+    their fragments arrive.
     """
     pynetdicom_config.LOG_HANDLER_LEVEL = "none"
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    # Received datasets go to a file fragment by fragment, never whole into memory.
+    pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
 
 
 def _abstract_syntax(cx: PresentationContext) -> UID:
@@ -227,6 +231,9 @@ def _run_acceptor(settings: Settings, listen_socket: socket.socket, share: int) 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     archive = Archive(settings.storage)
+    # pynetdicom writes received datasets to temporary files: keep them in the store's tmp/ (the
+    # store's disk and its free-space floor, swept at start-up), not in a tmpfs /tmp.
+    tempfile.tempdir = str(archive.store.tmp_dir)
     node = Node(settings, archive=archive, listen_socket=listen_socket, share=share)
     node.start()
     stop.event.wait()

@@ -8,13 +8,19 @@ Error Comment and a log line, never an exception out of the handler.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
+import mmap
+import os
 import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
 from pynetdicom.events import Event
@@ -144,6 +150,7 @@ class AssociationLog:
         # provider until the thread object is collected: let it go now.
         dimse = getattr(event.assoc, "dimse", None)
         if dimse is not None:
+            _discard_partial_file(dimse.message)
             dimse.message = None
         with self._lock:
             stats = self._stats.pop(id(event.assoc), None)
@@ -229,13 +236,12 @@ class StoreService:
         # The peer sending the instance: the requestor, or the acceptor when this node pulls with C-GET.
         peer = event.assoc.acceptor if event.assoc.is_requestor else event.assoc.requestor
         may_overwrite = self.policy.trusted_to_overwrite(str(peer.ae_title), str(peer.address))
-        buffer = request.DataSet
         size = 0
         try:
-            with buffer.getbuffer() as view:
-                size = view.nbytes
+            with _received_dataset(request) as received:
+                size = received.view.nbytes
                 code, comment = self._store(
-                    view, size, sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling, may_overwrite
+                    received, size, sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling, may_overwrite
                 )
         except Exception as exc:  # a bug must cost one instance, not the association
             logger.exception("unexpected error storing %.80s", sop_instance_uid)
@@ -256,7 +262,7 @@ class StoreService:
 
     def _store(
         self,
-        dataset: memoryview,
+        received: _Received,
         size: int,
         sop_class_uid: str,
         sop_instance_uid: str,
@@ -274,13 +280,13 @@ class StoreService:
             # Only a whole, consistent dataset is acknowledged: every element inside the bytes
             # received, sequences and fragments closed, pixel data as long as the image needs,
             # no File Meta elements, the encoding of the negotiated transfer syntax.
-            check_dataset(dataset, transfer_syntax_uid, max_inflated_bytes=self.max_inflated_bytes)
+            check_dataset(received.view, transfer_syntax_uid, max_inflated_bytes=self.max_inflated_bytes)
         except UnreadableInstanceError as exc:
             return status.CANNOT_UNDERSTAND, str(exc)
         header = _file_header(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
         try:
             self.archive.check_space(size + len(header))
-            staged = self.archive.stage((header, dataset))
+            staged = self.archive.stage(itertools.chain((header,), received.chunks()))
         except OutOfSpaceError as exc:
             return status.OUT_OF_RESOURCES, str(exc)
         except StorageError as exc:
@@ -312,6 +318,82 @@ class StoreService:
         if result.outcome is not AddOutcome.STORED:
             logger.info("instance %s from %r: %s", sop_instance_uid, calling, result.outcome.value)
         return status.SUCCESS, ""
+
+
+def _discard_partial_file(message: Any) -> None:
+    """Remove the file pynetdicom was writing a dataset into when the association ended mid-way."""
+    partial = getattr(message, "_data_set_file", None)
+    if partial is None:
+        return
+    try:
+        partial.close()
+    except OSError:
+        pass
+    Path(partial.name).unlink(missing_ok=True)
+
+
+@dataclass
+class _Received:
+    """A received dataset: ``view`` for the structural walk (only element headers are read),
+    ``chunks()`` for copying it into the store without mapping every page into the process."""
+
+    view: memoryview
+    file: BinaryIO | None = None
+    offset: int = 0
+
+    def chunks(self) -> Iterator[bytes | memoryview]:
+        if self.file is None:
+            yield self.view
+            return
+        self.file.seek(self.offset)
+        while chunk := self.file.read(_COPY_CHUNK):
+            yield chunk
+
+
+_COPY_CHUNK = 1 << 20
+
+
+@contextlib.contextmanager
+def _received_dataset(request: Any) -> Iterator[_Received]:
+    """The dataset bytes of a C-STORE request, as received, without holding them in memory.
+
+    With pynetdicom's chunked receive (the node's setting) the fragments were
+    written to a temporary file as they arrived: the dataset is mapped from it
+    (page cache, not process memory) and the file is removed afterwards. An
+    in-memory dataset (the other setting) is viewed in place.
+    """
+    received = getattr(request, "_dataset_path", None)
+    if received is None:
+        with request.DataSet.getbuffer() as view:
+            yield _Received(view=view)
+        return
+    path = Path(received)
+    try:
+        with path.open("rb") as fh:
+            offset = _after_file_meta(fh)
+            if os.fstat(fh.fileno()).st_size <= offset:
+                yield _Received(view=memoryview(b""))
+                return
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                view = memoryview(mapped)[offset:]
+                try:
+                    yield _Received(view=view, file=fh, offset=offset)
+                finally:
+                    view.release()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _after_file_meta(fh: BinaryIO) -> int:
+    """Where the dataset starts in a file pynetdicom wrote: after preamble, prefix and group 0002."""
+    head = fh.read(_PREAMBLE_AND_GROUP_LENGTH)
+    if len(head) < _PREAMBLE_AND_GROUP_LENGTH or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+        raise UnreadableInstanceError("the received dataset's temporary file has no File Meta Information")
+    group_length = int.from_bytes(head[140:144], "little")
+    return _PREAMBLE_AND_GROUP_LENGTH + group_length
+
+
+_PREAMBLE_AND_GROUP_LENGTH = 144  # 128 + "DICM" + (0002,0000) UL 4
 
 
 def _element(group_element: tuple[int, int], vr: bytes, value: bytes) -> bytes:

@@ -21,11 +21,12 @@ import logging
 import select
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pydicom.valuerep import PersonName
@@ -255,6 +256,7 @@ class QueryRetrieveService:
         store_assoc: list[Any] = []
 
         def _established(store_event: Event) -> None:
+            _stream_stored_files(store_event.assoc)
             store_assoc.append(store_event.assoc)
 
         contexts = _store_contexts(located) if isinstance(located, list) else [build_context(Verification)]
@@ -296,6 +298,7 @@ class QueryRetrieveService:
             len(located),
             extra={"action": "c-get", "instances": len(located)},
         )
+        _stream_stored_files(event.assoc)
         yield len(located)
         yield from self._send(event, located, lambda: _accepted(event.assoc))
 
@@ -315,8 +318,14 @@ class QueryRetrieveService:
         """
         stored = location.transfer_syntax_uid
         syntaxes = accepted.get(location.sop_class_uid, set())
+        path = self.archive.instance_path(location.file_path)
+        if stored in syntaxes:
+            if path.is_file():
+                return _StoredFile(location, path)  # sent from the file as stored, never read whole
+            logger.error("cannot read stored instance %s: %s is missing", location.sop_instance_uid, path)
+            return _unsendable(location.sop_instance_uid)
         try:
-            ds = dcmread(self.archive.instance_path(location.file_path))
+            ds = dcmread(path)
         except Exception as exc:
             logger.error("cannot read stored instance %s: %s", location.sop_instance_uid, exc)
             return _unsendable(location.sop_instance_uid)
@@ -385,6 +394,54 @@ def _texts_of(element: DataElement) -> list[str]:
     value = element.value
     values = value if isinstance(value, list | tuple) else [value]
     return [str(v) for v in values if isinstance(v, str | PersonName)]
+
+
+_QUEUED_PDUS = 8
+
+
+class _StoredFile(Dataset):
+    """A stored instance to send as it is on disk: what pynetdicom checks, and the file's path.
+
+    pynetdicom's C-GET and C-MOVE service classes take only Datasets from the
+    handler; :func:`_stream_stored_files` makes the association send this one
+    from its file (pynetdicom's chunked send), so a retrieve never holds an
+    instance in memory.
+    """
+
+    def __init__(self, location: InstanceLocation, path: Path) -> None:
+        super().__init__()
+        self.SOPClassUID = location.sop_class_uid
+        self.SOPInstanceUID = location.sop_instance_uid
+        self.file_meta = FileMetaDataset()
+        self.file_meta.TransferSyntaxUID = UID(location.transfer_syntax_uid)
+        self.stored_path = path
+
+
+def _stream_stored_files(assoc: Any) -> None:
+    """Make ``assoc.send_c_store`` send a :class:`_StoredFile` from its path (once per association)."""
+    if getattr(assoc, "_pacsnode_streams_files", False):
+        return
+    send_c_store = assoc.send_c_store
+
+    def send(dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(dataset, _StoredFile):
+            return send_c_store(dataset.stored_path, *args, **kwargs)
+        return send_c_store(dataset, *args, **kwargs)
+
+    assoc.send_c_store = send
+    assoc._pacsnode_streams_files = True
+    # pynetdicom queues every PDU of a message before its reactor sends them: reading a file
+    # faster than the peer takes it would fill memory with the file after all. Wait while the
+    # queue holds a few PDUs already.
+    dul = assoc.dul
+    send_pdu = dul.send_pdu
+
+    def paced(primitive: Any) -> None:
+        while dul.to_provider_queue.qsize() >= _QUEUED_PDUS and dul.is_alive() and not assoc.is_aborted:
+            time.sleep(0.0005)
+        send_pdu(primitive)
+
+    dul.send_pdu = paced
 
 
 def _unsendable(sop_instance_uid: str) -> Dataset:
