@@ -520,8 +520,8 @@ class GuardedSocket(socket.socket):
                 if left <= 0:
                     raise GuardViolation("no A-ASSOCIATE-RQ within the ARTIM timeout", REASON_NOT_SPECIFIED)
                 super().settimeout(left)
-            else:
-                super().settimeout(guard.limits.network_timeout_s)
+            elif self.gettimeout() != guard.limits.network_timeout_s:
+                super().settimeout(guard.limits.network_timeout_s)  # once: each call costs two syscalls
             try:
                 data = super().recv(bufsize, flags)
             except TimeoutError as exc:
