@@ -149,6 +149,7 @@ class PduGuard:
         self.associate_received = False
         self._header = bytearray()
         self._pdu_type = 0
+        self.pdu_started_at: float | None = None  # when the first byte of the PDU being received came
         self._pdu_left = 0  # body bytes of the current PDU still to come
         self._associate = bytearray()  # the A-ASSOCIATE-RQ body, checked when whole
         self._pdv_header = bytearray()
@@ -160,6 +161,8 @@ class PduGuard:
     # -- the stream ---------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
         """Account for ``data``, the next bytes received; raise :class:`GuardViolation` on a fault."""
+        if self.pdu_started_at is None and data:
+            self.pdu_started_at = time.monotonic()
         view = memoryview(data)
         while view:
             if self._pdu_left == 0 and len(self._header) < 6:
@@ -214,6 +217,7 @@ class PduGuard:
             raise GuardViolation("a PDV item runs past the end of its P-DATA-TF PDU")
         self._header = bytearray()
         self._pdu_type = 0
+        self.pdu_started_at = None
 
     # -- P-DATA-TF ---------------------------------------------------------------------------
     def _p_data(self, chunk: memoryview) -> None:
@@ -520,8 +524,15 @@ class GuardedSocket(socket.socket):
                 if left <= 0:
                     raise GuardViolation("no A-ASSOCIATE-RQ within the ARTIM timeout", REASON_NOT_SPECIFIED)
                 super().settimeout(left)
+            elif guard.pdu_started_at is not None:
+                # Inside a PDU: all of it within network_timeout of its first byte, so a peer
+                # trickling a byte now and then cannot hold an association (and its slot) forever.
+                left = guard.pdu_started_at + guard.limits.network_timeout_s - time.monotonic()
+                if left <= 0:
+                    raise GuardViolation("a PDU not received within the network timeout", REASON_NOT_SPECIFIED)
+                super().settimeout(left)
             elif self.gettimeout() != guard.limits.network_timeout_s:
-                super().settimeout(guard.limits.network_timeout_s)  # once: each call costs two syscalls
+                super().settimeout(guard.limits.network_timeout_s)  # between PDUs: set once, two syscalls each
             try:
                 data = super().recv(bufsize, flags)
             except TimeoutError as exc:

@@ -632,6 +632,32 @@ def test_dataset_stream_past_max_instance_bytes_is_aborted_while_it_arrives(tmp_
 # -- 6. presentation contexts --------------------------------------------------------------------------
 
 
+def test_a_pdu_trickled_inside_an_association_is_cut_off_at_the_network_timeout(tmp_path: Path) -> None:
+    # An established association whose peer sends one byte of a P-DATA every 0.5 s: without a
+    # deadline per PDU it would hold its slot for as long as it trickles.
+    served = _start(tmp_path, timeouts={"network": 2})
+    stream = p_data(pdv(1, c_echo_rq(1), command=True, last=True))
+    with RawPeer(served.port) as peer:
+        peer.associate([(1, VERIFICATION, [IMPLICIT_VR_LE])])
+        started = time.monotonic()
+        sent = 0
+        while sent < len(stream) and time.monotonic() - started < 10:
+            try:
+                peer.send(stream[sent : sent + 1])
+            except OSError:
+                break
+            sent += 1
+            if not peer.is_quiet():
+                break
+            time.sleep(0.5)  # the trickle itself, not a wait for the node
+        outcome = peer.outcome(REFUSAL_DEADLINE, until_closed=True)
+        took = time.monotonic() - started
+    assert outcome.ended and sent < len(stream), (
+        f"{sent} of {len(stream)} bytes trickled over {took:.1f} s and the association is still open: {outcome}"
+    )
+    _assert_serves(served, tmp_path, "after the trickled PDU")
+
+
 def test_p_data_on_a_context_never_accepted_is_aborted(tmp_path: Path) -> None:
     served = _start(tmp_path, json_logs=True)
     mark = _log_size(served)
