@@ -5,6 +5,7 @@ Usage::
     .venv/bin/python bench/inference.py                 # 2 studies of 120 512x512 slices, 3 runs
     .venv/bin/python bench/inference.py --quick         # 1 study of 40 slices, 1 run
     .venv/bin/python -m bench.inference --studies 4 --slices 200 --runs 5 --device cuda
+    .venv/bin/python bench/inference.py --loader-only   # the engine's feed alone, no network
 
 What it runs
 ------------
@@ -32,17 +33,32 @@ network calls). Ratios pacsnode/loop. With CUDA, the model step on the GPU
 and end-to-end as a share of it are the figures to quote (target: >= 2,000
 slices/s model step on an H100, end-to-end >= 70 % of it); on a CPU, the
 end-to-end ratio (target >= 2x). The benchmark asserts nothing.
+
+``--loader-only``: the engine's feed without the network. The shipped model's
+network is swapped for one that does no work (its output is the input's first
+channel, so the shape is right); everything else runs as in a job: decode in a
+thread (``load_series``), the engine's loader thread (foreground crop, slices
+with their neighbours, host batches, pinned on CUDA), preprocessing and
+padding on the device, the output mapped back and copied to the host. The
+batch size is the one the engine picks for the real network (measured once on
+a few slices before the timed runs). Figures: slices/s with decoding, and of
+the feed alone from volumes already decoded (target: >= 5,000 slices/s of
+512x512, the rate a GPU model step must not wait on).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +69,7 @@ import numpy as np
 import pydicom
 import torch
 
-from pacsnode.analysis.cnn.engine import resolve_device, warm_model
+from pacsnode.analysis.cnn.engine import InferenceEngine, VolumeInput, WarmModel, resolve_device, warm_model
 from pacsnode.analysis.cnn.findings import findings_from_probabilities
 from pacsnode.analysis.cnn.package import load_package
 from pacsnode.analysis.cnn.pipeline import ModelParams, ModelPipeline
@@ -61,6 +77,9 @@ from pacsnode.analysis.cnn.preprocess import build_preprocessor
 from pacsnode.analysis.modeldev.synthetic import PhantomSpec, write_chest_ct
 from pacsnode.analysis.pipelines import PipelineInput, SeriesInput
 from pacsnode.analysis.types import Volume
+from pacsnode.analysis.volume import load_series
+
+LOADER_TARGET = 5000.0  # slices/s of 512x512 the feed must prepare, so that a GPU model step never waits on it
 
 
 def _write_corpus(root: Path, studies: int, slices: int) -> list[Any]:
@@ -179,6 +198,97 @@ def run_loop(truths: list[Any], params: ModelParams) -> dict[str, float]:
     return stats
 
 
+class NoNetwork(torch.nn.Module):
+    """Stands for the network in ``--loader-only``: no work, an output of the shape a segmentation gives."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1].expand(-1, self.channels, -1, -1)
+
+
+def feed_model(params: ModelParams, sample: VolumeInput) -> tuple[WarmModel, int]:
+    """The shipped model's warm copy with :class:`NoNetwork` in place of the network, and its batch size.
+
+    The batch size is the one the engine picks for the real network on ``sample``'s slice shape (run once
+    on a few of its slices); the copy starts from those measurements.
+    """
+    package = load_package(params.model)
+    warm = warm_model(package, params.engine)
+    engine = InferenceEngine(warm, params.engine)
+    engine.predict([VolumeInput(image=sample.image[:8], spacing=sample.spacing)])
+    batch = int(engine.stats["batch_size"])
+    feed = dataclasses.replace(
+        warm,
+        module=NoNetwork(package.manifest.output.channels_needed),
+        per_item_bytes=dict(warm.per_item_bytes),
+        cpu_batch=dict(warm.cpu_batch),
+        oom_batch={},
+        lock=threading.Lock(),
+    )
+    return feed, batch
+
+
+def run_feed(truths: list[Any], feed: WarmModel, params: ModelParams, volumes: list[VolumeInput] | None) -> float:
+    """Seconds for the engine to take every study through its feed; decoded in a thread when ``volumes`` is None."""
+    engine = InferenceEngine(feed, params.engine)
+    t0 = time.perf_counter()
+    if volumes is not None:
+        engine.predict(volumes)
+    else:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pacsnode-decode") as decoder:
+            futures = [decoder.submit(load_series, t.paths) for t in truths]
+
+            def decoded() -> Iterator[VolumeInput]:
+                for future in futures:
+                    volume = future.result()
+                    yield VolumeInput(image=volume.hu, spacing=volume.spacing)
+
+            engine.predict(decoded())
+    if feed.device.type == "cuda":
+        torch.cuda.synchronize(feed.device)
+    return time.perf_counter() - t0
+
+
+def loader_only(args: argparse.Namespace, params: ModelParams) -> dict[str, float]:
+    """The ``--loader-only`` figures: slices/s of the feed with decoding and from decoded volumes."""
+    slices = args.studies * args.slices
+    with tempfile.TemporaryDirectory(prefix="pacsnode-bench-loader-") as tmp:
+        t0 = time.perf_counter()
+        truths = _write_corpus(Path(tmp), args.studies, args.slices)
+        print(
+            f"corpus: {args.studies} studies x {args.slices} slices of 512x512 written in {time.perf_counter() - t0:.1f} s"
+        )
+        t0 = time.perf_counter()
+        decoded = [load_series(t.paths) for t in truths]
+        decode_s = time.perf_counter() - t0
+        volumes = [VolumeInput(image=v.hu, spacing=v.spacing) for v in decoded]
+        feed, batch = feed_model(params, volumes[0])
+        run_feed(truths, feed, params, volumes[:1])  # warm-up
+        with_decode = [run_feed(truths, feed, params, None) for _ in range(args.runs)]
+        from_volumes = [run_feed(truths, feed, params, volumes) for _ in range(args.runs)]
+    figures = {
+        "batch_size": float(batch),
+        "decode_slices_per_s": slices / decode_s,
+        "feed_slices_per_s": slices / statistics.median(from_volumes),
+        "loader_slices_per_s": slices / statistics.median(with_decode),
+        "target_slices_per_s": LOADER_TARGET,
+    }
+    met = figures["loader_slices_per_s"] >= LOADER_TARGET
+    print(
+        f"batch size {batch} (the engine's pick for the network); decode alone "
+        f"{figures['decode_slices_per_s']:.0f} slices/s (one thread)"
+    )
+    print(f"feed from decoded volumes: {figures['feed_slices_per_s']:.0f} slices/s")
+    print(
+        f"loader (decode -> volume -> preprocessing -> device batches): {figures['loader_slices_per_s']:.0f} "
+        f"slices/s; target >= {LOADER_TARGET:.0f}: {'met' if met else 'NOT met'}"
+    )
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--studies", type=int, default=2)
@@ -187,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", default="auto", help="engine batch size: auto or a number")
     parser.add_argument("--quick", action="store_true", help="1 study of 40 slices, 1 run")
+    parser.add_argument("--loader-only", action="store_true", help="the engine's feed alone, without the network")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -199,6 +310,12 @@ def main(argv: list[str] | None = None) -> int:
             "batch_size": args.batch_size if args.batch_size == "auto" else int(args.batch_size),
         },
     )
+    if args.loader_only:
+        print(f"device {device}, {os.cpu_count()} CPU cores, torch {torch.__version__}; loader only (no network)")
+        figures = loader_only(args, params)
+        if args.json:
+            args.json.write_text(json.dumps({"loader": figures, "device": str(device)}, indent=2))
+        return 0
     options = params.engine
     warm = warm_model(load_package(params.model), options)
     cpu = os.cpu_count()
