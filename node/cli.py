@@ -127,6 +127,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for manifest.json and model.pt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=2000)
+    p.add_argument(
+        "--real",
+        type=Path,
+        metavar="DIR",
+        help="folder of real CT series folders (tumour boxes in DIR/annotations.json): real lungs with inserted "
+        "nodules, the tumour and hard negatives in each batch",
+    )
     p = _command(
         sub, "evaluate", _cmd_evaluate, help="score a nodule model on held-out generated studies and real CT images"
     )
@@ -613,7 +620,7 @@ def _cmd_train(settings: Settings | None, args: argparse.Namespace) -> int:
     def progress(step: int, loss: float) -> None:
         print(f"step {step}/{args.steps}: loss {loss:.4f}", flush=True)
 
-    manifest = train(args.out, TrainConfig(seed=args.seed, steps=args.steps), progress=progress)
+    manifest = train(args.out, TrainConfig(seed=args.seed, steps=args.steps), progress=progress, real=args.real)
     size = (args.out / manifest["weights"]["file"]).stat().st_size
     print(
         f"wrote {args.out}/manifest.json and {manifest['weights']['file']} ({size / 1e6:.2f} MB), "

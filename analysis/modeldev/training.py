@@ -79,6 +79,12 @@ class TrainConfig:
     nodules_per_study: int = 10
     positive_fraction: float = 0.6  # crops centred near a nodule
     threads: int = 1  # fixed, so results do not depend on the core count (and one thread is steady under load)
+    # With real series (``train(real=...)``) only:
+    real_crops: int = 6  # crops of each batch from real series (the rest are phantom crops)
+    real_nodules: int = 12  # phantom nodules inserted into a real series' lungs
+    real_replace_every: int = 40  # steps between new insertions into one real series
+    real_inserted_fraction: float = 0.4  # real crops centred near an inserted nodule
+    real_tumour_fraction: float = 0.15  # real crops centred near an annotated tumour (the rest: anywhere in the lungs)
 
 
 def default_manifest(sha256: str, training: dict[str, Any]) -> dict[str, Any]:
@@ -167,10 +173,70 @@ def _crop(
     return np.ascontiguousarray(x), np.ascontiguousarray(y)
 
 
+@dataclass
+class _RealStudy:
+    series: Any  # pacsnode.analysis.modeldev.real.RealSeries
+    image: np.ndarray  # float32 HU with inserted nodules
+    target: np.ndarray  # uint8: inserted nodules and the tumour
+    inserted: np.ndarray  # (n, 3) voxel indexes inside inserted nodules
+    tumour: np.ndarray  # (n, 3) voxel indexes of the tumour
+    lung: np.ndarray  # (m, 3) voxel indexes of the lungs' region (hard negatives)
+
+
+def _real_study(series: Any, rng: np.random.Generator, config: TrainConfig) -> _RealStudy:
+    from pacsnode.analysis.modeldev.real import insert_nodules
+
+    image, inserted, _ = insert_nodules(series, rng, config.real_nodules)
+    target = ((inserted > 0) | series.tumour).astype(np.uint8)
+    # Slices next to the annotated ones may show the tumour without a box: no crop is centred there.
+    usable = np.ones(target.shape[0], dtype=bool)
+    if series.tumour_slices:
+        lo, hi = min(series.tumour_slices), max(series.tumour_slices)
+        usable[max(lo - 2, 0) : hi + 3] = False
+        usable[sorted(series.tumour_slices)] = True
+
+    def centres(mask: np.ndarray, step: int) -> np.ndarray:
+        found: np.ndarray = np.argwhere(mask[:, ::step, ::step]) * np.array([1, step, step])
+        if len(found):
+            found = found[usable[found[:, 0]]]
+        return found
+
+    return _RealStudy(
+        series=series,
+        image=image,
+        target=target,
+        inserted=centres(inserted > 0, 1),
+        tumour=centres(series.tumour, 1),
+        lung=centres(series.region, 4),
+    )
+
+
+def _real_crop(study: _RealStudy, rng: np.random.Generator, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    draw = rng.random()
+    if draw < config.real_inserted_fraction and len(study.inserted):
+        pool, positive = study.inserted, True
+    elif draw < config.real_inserted_fraction + config.real_tumour_fraction and len(study.tumour):
+        pool, positive = study.tumour, True
+    else:
+        pool, positive = study.lung, False
+    shell = _Study(image=study.image, target=study.target, positives=pool, body=pool)
+    return _crop(shell, rng, config, positive=positive)
+
+
 def train(
-    out_dir: Path, config: TrainConfig = TrainConfig(), *, progress: Callable[[int, float], None] | None = None
+    out_dir: Path,
+    config: TrainConfig = TrainConfig(),
+    *,
+    progress: Callable[[int, float], None] | None = None,
+    real: Path | None = None,
 ) -> dict[str, Any]:
     """Train the lung-nodule model and write a model package (manifest.json + model.pt) to ``out_dir``.
+
+    ``real`` is a folder of real CT series folders (:func:`pacsnode.analysis.modeldev.real.real_series_dirs`,
+    tumour boxes in an ``annotations.json`` beside them): each batch then holds ``config.real_crops``
+    crops of those series, with phantom nodules inserted into their lungs (labelled), the annotated
+    tumour (labelled) and the rest of the lungs (vessels, airways, pleura: labelled 0). Without it the
+    training is phantoms only, as it always was.
 
     Returns
     -------
@@ -202,17 +268,38 @@ def train(
     loss_fn = DiceCELoss(sigmoid=True, smooth_nr=1e-3, smooth_dr=1e-3, batch=True)
 
     pool = [_make_study(rng, config) for _ in range(config.studies_in_pool)]
+    real_rng = np.random.default_rng([config.seed, 1])  # the phantom draws stay those of phantom-only training
+    real_studies: list[_RealStudy] = []
+    real_names: list[str] = []
+    if real is not None:
+        from pacsnode.analysis.modeldev.real import load_real_series, real_series_dirs
+
+        for folder in real_series_dirs(Path(real)):
+            series = load_real_series(folder, pixel_mm=0.78125)
+            real_studies.append(_real_study(series, real_rng, config))
+            real_names.append(series.name)
+        if not real_studies:
+            raise ValueError(f"no CT series folders in {real}")
+    phantom_crops = config.batch_size - config.real_crops if real_studies else config.batch_size
     net.train()
     losses: list[float] = []
     for step in range(1, config.steps + 1):
         if step % config.replace_every == 0:
             pool[int(rng.integers(0, len(pool)))] = _make_study(rng, config)
         xs, ys = [], []
-        for _ in range(config.batch_size):
+        for _ in range(phantom_crops):
             study = pool[int(rng.integers(0, len(pool)))]
             image, label = _crop(study, rng, config, positive=bool(rng.random() < config.positive_fraction))
             xs.append(image)
             ys.append(label)
+        if real_studies:
+            if step % config.real_replace_every == 0:
+                k = int(real_rng.integers(0, len(real_studies)))
+                real_studies[k] = _real_study(real_studies[k].series, real_rng, config)
+            for _ in range(config.real_crops):
+                image, label = _real_crop(real_studies[int(real_rng.integers(0, len(real_studies)))], real_rng, config)
+                xs.append(image)
+                ys.append(label)
         x = torch.from_numpy(np.stack(xs))
         y = torch.from_numpy(np.stack(ys).astype(np.float32))
         with torch.no_grad():
@@ -232,13 +319,21 @@ def train(
     weights = out_dir / "model.pt"
     state = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
     torch.save(state, weights)
+    data = (
+        "synthetic chest CT phantoms (pacsnode.analysis.modeldev.synthetic) with solid, part-solid and ground-glass nodules "
+        "of 4-24 mm, noise 8-30 HU, blur 0-1 mm, slice thickness 1-2.5 mm"
+    )
+    if real_studies:
+        data += (
+            f"; real chest CT series {', '.join(real_names)} ({config.real_crops} of {config.batch_size} crops per batch): "
+            "phantom nodules inserted into their lungs, the annotated tumour as positives, the rest of the lungs as negatives"
+        )
+    else:
+        data += "; no patient data"
     training = {
-        "command": "pacsnode train",
+        "command": "pacsnode train" + (" --real DIR" if real_studies else ""),
         "config": asdict(config),
-        "data": (
-            "synthetic chest CT phantoms (pacsnode.analysis.modeldev.synthetic) with solid, part-solid and ground-glass nodules "
-            "of 4-24 mm, noise 8-30 HU, blur 0-1 mm, slice thickness 1-2.5 mm; no patient data"
-        ),
+        "data": data,
         "final_loss": round(float(np.mean(losses[-50:])), 4),
         "seconds": round(time.perf_counter() - started, 1),
         "torch": torch.__version__,
