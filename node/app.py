@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -39,8 +40,10 @@ from pacsnode.node.dicom.handlers import (
     StoreService,
     handle_echo,
 )
+from pacsnode.node.dicom.permissions import AccessPolicy
 from pacsnode.node.dicom.qr import QueryRetrieveService, handle_sop_extended
-from pacsnode.node.dicom.server import UNLIMITED_FOR_PYNETDICOM, NodeServer, PeerPolicy
+from pacsnode.node.dicom.server import UNLIMITED_FOR_PYNETDICOM, NodeServer
+from pacsnode.node.dicom.tls import server_context
 from pacsnode.storage import Archive
 
 __all__ = ["Node", "configure_pynetdicom", "serve", "open_listen_socket"]
@@ -91,6 +94,8 @@ class Node:
         The archive to store into (opened by the caller).
     listen_socket
         A listening socket to serve on; ``None`` binds the configured host and port.
+    tls_listen_socket
+        With ``node.tls.port`` set: the listening socket of the TLS port (``None`` binds it).
     share
         How many acceptor processes share the association limit.
     """
@@ -101,11 +106,14 @@ class Node:
         *,
         archive: Archive,
         listen_socket: socket.socket | None = None,
+        tls_listen_socket: socket.socket | None = None,
         share: int = 1,
     ) -> None:
         self.settings = settings
         self.archive = archive
         self._listen_socket = listen_socket
+        self._tls_listen_socket = tls_listen_socket
+        self.tls_server: NodeServer | None = None
         self.assoc_log = AssociationLog()
         self.store_service = StoreService(
             archive=archive, settings=settings.node, assoc_log=self.assoc_log, policy=settings.policy
@@ -114,7 +122,6 @@ class Node:
         self._share = share
         self.ae = self._build_ae(share)
         self.server: NodeServer | None = None
-        self._thread: threading.Thread | None = None
 
     def _build_ae(self, share: int) -> AE:
         node = self.settings.node
@@ -157,15 +164,22 @@ class Node:
         host, port = self.server.server_address[:2]
         return str(host), int(port)
 
-    def start(self) -> tuple[str, int]:
-        """Start accepting associations in a background thread; return (host, port)."""
+    @property
+    def tls_address(self) -> tuple[str, int] | None:
+        """(host, port) of the TLS listener beside the plain one (``node.tls.port``), if any."""
+        if self.tls_server is None:
+            return None
+        host, port = self.tls_server.server_address[:2]
+        return str(host), int(port)
+
+    def _server(self, port: int, listen_socket: socket.socket | None, tls: ssl.SSLContext | None) -> NodeServer:
         node = self.settings.node
         server = self.ae.make_server(
-            (node.host, node.port),
+            (node.host, port),
             evt_handlers=self._handlers(),
             server_class=NodeServer,
-            listen_socket=self._listen_socket,
-            policy=PeerPolicy(self.settings.policy),
+            listen_socket=listen_socket,
+            policy=AccessPolicy(self.settings.policy),
             limits=GuardLimits(
                 artim_s=node.timeouts.artim,
                 network_timeout_s=node.timeouts.network,
@@ -174,27 +188,49 @@ class Node:
             ),
             max_established=max(1, math.ceil(node.max_associations / self._share)),
             max_pending_per_host=node.max_pending_per_host,
+            tls=tls,
         )
         if not isinstance(server, NodeServer):  # make_server returns server_class | ThreadedAssociationServer
             raise TypeError(f"make_server returned a {type(server).__name__}, not a NodeServer")
         self.ae._servers.append(server)
-        self.server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="pacsnode-acceptor", daemon=True)
-        self._thread.start()
+        threading.Thread(target=server.serve_forever, name="pacsnode-acceptor", daemon=True).start()
+        return server
+
+    def start(self) -> tuple[str, int]:
+        """Start accepting associations in a background thread; return (host, port).
+
+        With ``node.tls`` and no ``tls.port`` that port speaks TLS only; with
+        ``tls.port`` a second listener speaks TLS there (:attr:`tls_address`).
+        """
+        node = self.settings.node
+        tls = server_context(node.tls) if node.tls is not None else None
+        main_tls = tls if node.tls is not None and node.tls.port is None else None
+        self.server = self._server(node.port, self._listen_socket, main_tls)
         logger.info(
-            "accepting associations as %r on %s:%d (pid %d)",
+            "accepting associations as %r on %s:%d%s (pid %d)",
             node.ae_title,
             *self.address,
+            " (TLS only)" if main_tls is not None else "",
             os.getpid(),
         )
+        if node.tls is not None and node.tls.port is not None:
+            self.tls_server = self._server(node.tls.port, self._tls_listen_socket, tls)
+            logger.info("accepting DICOM TLS associations on %s:%d", *self.address_tls())
         return self.address
+
+    def address_tls(self) -> tuple[str, int]:
+        address = self.tls_address
+        if address is None:
+            raise RuntimeError("no TLS listener beside the plain one")
+        return address
 
     def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let in-flight associations finish within ``grace`` seconds, then abort the rest."""
         grace = self.settings.node.timeouts.shutdown_grace if grace is None else grace
-        if self.server is not None:
-            self.server.shutdown()  # stops serve_forever, closes the listening socket
-            self.server = None
+        for server in (self.server, self.tls_server):
+            if server is not None:
+                server.shutdown()  # stops serve_forever, closes the listening socket
+        self.server = self.tls_server = None
         # Only established associations carry work to wait for: a connection still negotiating
         # is dropped with the process (its thread is a daemon), never waited on.
         deadline = time.monotonic() + grace
@@ -225,7 +261,9 @@ class _Stop:
         self.event.set()
 
 
-def _run_acceptor(settings: Settings, listen_socket: socket.socket, share: int) -> int:
+def _run_acceptor(
+    settings: Settings, listen_socket: socket.socket, share: int, tls_socket: socket.socket | None = None
+) -> int:
     """Body of one acceptor (in the serve process itself or in a forked child)."""
     stop = _Stop()
     signal.signal(signal.SIGTERM, stop)
@@ -234,7 +272,7 @@ def _run_acceptor(settings: Settings, listen_socket: socket.socket, share: int) 
     # pynetdicom writes received datasets to temporary files: keep them in the store's tmp/ (the
     # store's disk and its free-space floor, swept at start-up), not in a tmpfs /tmp.
     tempfile.tempdir = str(archive.store.tmp_dir)
-    node = Node(settings, archive=archive, listen_socket=listen_socket, share=share)
+    node = Node(settings, archive=archive, listen_socket=listen_socket, tls_listen_socket=tls_socket, share=share)
     node.start()
     stop.event.wait()
     logger.info("signal %d: shutting down acceptor (pid %d)", stop.signum, os.getpid())
@@ -253,6 +291,8 @@ def serve(settings: Settings) -> int:
     archive.close()
     node = settings.node
     listen_socket = open_listen_socket(node.host, node.port)
+    tls_port = node.tls.port if node.tls is not None else None
+    tls_socket = open_listen_socket(node.host, tls_port) if tls_port is not None else None
     count = node.acceptor_processes
     workers = settings.analysis.workers
     logger.info(
@@ -268,8 +308,8 @@ def serve(settings: Settings) -> int:
     if not settings.analysis.rules and workers:
         logger.info("no analysis rules configured: workers only export what is queued")
     if count == 1 and workers == 0:
-        return _run_acceptor(settings, listen_socket, 1)
-    return _supervise(settings, listen_socket, count, workers)
+        return _run_acceptor(settings, listen_socket, 1, tls_socket)
+    return _supervise(settings, listen_socket, count, workers, tls_socket)
 
 
 def run_workers(settings: Settings, count: int) -> int:
@@ -297,22 +337,34 @@ def _fork(body: Callable[[], int], what: str) -> int:
     return pid
 
 
-def _spawn(settings: Settings, listen_socket: socket.socket | None, share: int, role: str) -> int:
+def _spawn(
+    settings: Settings,
+    listen_socket: socket.socket | None,
+    share: int,
+    role: str,
+    tls_socket: socket.socket | None = None,
+) -> int:
     if role == "acceptor":
         assert listen_socket is not None
-        return _fork(lambda: _run_acceptor(settings, listen_socket, share), "acceptor")
+        return _fork(lambda: _run_acceptor(settings, listen_socket, share, tls_socket), "acceptor")
     from pacsnode.node.worker import run_worker_process
 
     return _fork(lambda: run_worker_process(settings), "worker")
 
 
-def _supervise(settings: Settings, listen_socket: socket.socket | None, count: int, workers: int) -> int:
+def _supervise(
+    settings: Settings,
+    listen_socket: socket.socket | None,
+    count: int,
+    workers: int,
+    tls_socket: socket.socket | None = None,
+) -> int:
     stop = _Stop()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     children: dict[int, str] = {}
     for _ in range(count):
-        children[_spawn(settings, listen_socket, count, "acceptor")] = "acceptor"
+        children[_spawn(settings, listen_socket, count, "acceptor", tls_socket)] = "acceptor"
     for _ in range(workers):
         children[_spawn(settings, listen_socket, count, "worker")] = "worker"
     while not stop.event.is_set():
@@ -331,7 +383,7 @@ def _supervise(settings: Settings, listen_socket: socket.socket | None, count: i
         else:
             logger.error("%s process %d exited (%s); starting another", role, pid, _describe(wait_status))
         time.sleep(0.5)
-        children[_spawn(settings, listen_socket, count, role)] = role
+        children[_spawn(settings, listen_socket, count, role, tls_socket)] = role
     logger.info("signal %d: stopping %d process(es)", stop.signum, len(children))
     for pid in children:
         try:
@@ -355,8 +407,9 @@ def _supervise(settings: Settings, listen_socket: socket.socket | None, count: i
         logger.error("%s process %d did not stop; killing it", role, pid)
         os.kill(pid, signal.SIGKILL)
         code = 1
-    if listen_socket is not None:
-        listen_socket.close()
+    for sock in (listen_socket, tls_socket):
+        if sock is not None:
+            sock.close()
     logger.info("pacsnode stopped")
     return code
 

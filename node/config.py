@@ -29,7 +29,10 @@ __all__ = [
     "NodeSettings",
     "PolicySettings",
     "RemoteNode",
+    "RemoteTls",
     "AllowedPeer",
+    "ListenerTls",
+    "Service",
     "LoggingSettings",
     "ExportSettings",
     "Timeouts",
@@ -69,6 +72,30 @@ class Timeouts(StrictModel):
     shutdown_grace: Seconds = 30.0
 
 
+class ListenerTls(StrictModel):
+    """DICOM TLS (PS3.15 B.1) on the listener: the node's certificate and the CAs its peers' certificates chain to.
+
+    ``port``: unset, ``node.port`` speaks TLS only (no plain listener); a number
+    opens a second listener with TLS there, beside the plain ``node.port``.
+    ``require_client_certificate``: a peer without a certificate that
+    ``ca_certificates`` trusts fails the handshake; otherwise a certificate is
+    checked when one is offered (and needed for ``allowed_peers`` entries that
+    name a ``certificate_subject``).
+    """
+
+    port: Port | None = None
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = True
+
+    @model_validator(mode="after")
+    def _trust(self) -> ListenerTls:
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates (the CAs client certificates chain to)")
+        return self
+
+
 class NodeSettings(StrictModel):
     ae_title: AETitle = "PACSNODE"
     host: str = "127.0.0.1"
@@ -81,6 +108,17 @@ class NodeSettings(StrictModel):
     # A deflated dataset may inflate to this much, not more (a 1 MiB stream can inflate to gigabytes).
     max_inflated_bytes: Annotated[int, Field(ge=1024)] = 256 << 20
     timeouts: Timeouts = Timeouts()
+    tls: ListenerTls | None = None
+
+    @model_validator(mode="after")
+    def _ports(self) -> NodeSettings:
+        if self.tls is not None and self.tls.port == self.port:
+            raise ValueError("tls.port equals node.port: leave tls.port unset for TLS only on node.port")
+        return self
+
+
+Service = Literal["echo", "store", "find", "move", "get"]
+ALL_SERVICES: tuple[Service, ...] = ("echo", "store", "find", "move", "get")
 
 
 class AllowedPeer(StrictModel):
@@ -90,11 +128,28 @@ class AllowedPeer(StrictModel):
     instances replace stored ones with other content; every other peer's get
     0x0111. A peer marked here matches on its AE title and, when ``host`` is
     set, its address too.
+
+    ``certificate_subject`` (``"CN=ct1.example.org, O=Hospital"``): the entry
+    matches only over TLS with a verified client certificate whose subject
+    holds each of these attributes. ``services``: what the peer may ask for;
+    anything else is refused with 0x0124 (Refused: Not Authorized).
+    ``move_destinations``: the AE titles it may C-MOVE to (unset: any remote node).
     """
 
     ae_title: AETitle
     host: str | None = None
+    certificate_subject: str | None = None
+    services: list[Service] = list(ALL_SERVICES)
+    move_destinations: list[AETitle] | None = None
     overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _subject(self) -> AllowedPeer:
+        if self.certificate_subject is not None:
+            from pacsnode.node.dicom.tls import parse_subject
+
+            parse_subject(self.certificate_subject)  # ValueError names the bad part
+        return self
 
 
 class PolicySettings(StrictModel):
@@ -110,10 +165,32 @@ class PolicySettings(StrictModel):
         )
 
 
+class RemoteTls(StrictModel):
+    """DICOM TLS towards a remote node: whom to trust, and the certificate pacsnode shows when asked.
+
+    ``ca_certificates`` unset: the system's trust store. ``server_name``: the
+    name the peer's certificate must carry (default: ``host``);
+    ``check_hostname: false`` trusts any name under a trusted CA.
+    """
+
+    ca_certificates: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+    server_name: str | None = None
+    check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _pair(self) -> RemoteTls:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together")
+        return self
+
+
 class RemoteNode(StrictModel):
     ae_title: AETitle
     host: str
     port: Port
+    tls: RemoteTls | None = None
 
 
 class QuerySettings(StrictModel):
@@ -213,7 +290,8 @@ def _anchor_paths(data: dict[str, Any], base: Path) -> None:
     store from any working directory. Touched: ``storage.root``, the file of a
     ``sqlite:///`` database URL, and a rule's ``params.model`` when it names a
     folder (contains a path separator or starts with a dot) rather than a
-    built-in model. Defaults that the file does not set stay relative to the
+    built-in model, and the certificate, key and CA files of ``node.tls`` and
+    each remote node's ``tls``. Defaults that the file does not set stay relative to the
     working directory.
     """
     storage = data.get("storage")
@@ -225,6 +303,16 @@ def _anchor_paths(data: dict[str, Any], base: Path) -> None:
             db_path = url[len(_SQLITE_PREFIX) :]
             if db_path and db_path != ":memory:" and not db_path.startswith("file:"):
                 storage["database_url"] = _SQLITE_PREFIX + str(_anchored(db_path, base))
+    node = data.get("node")
+    tls_sections = [node.get("tls")] if isinstance(node, dict) else []
+    remotes = data.get("remote_nodes")
+    if isinstance(remotes, dict):
+        tls_sections += [r.get("tls") for r in remotes.values() if isinstance(r, dict)]
+    for tls in tls_sections:
+        if isinstance(tls, dict):
+            for key in ("certificate", "private_key", "ca_certificates"):
+                if key in tls:
+                    tls[key] = _anchored(tls[key], base)
     analysis = data.get("analysis")
     rules = analysis.get("rules") if isinstance(analysis, dict) else None
     for rule in rules if isinstance(rules, list) else []:

@@ -26,6 +26,7 @@ from pacsnode.node.dicom.handlers import (
     IMPLEMENTATION_VERSION_NAME,
     set_nodelay,
 )
+from pacsnode.node.dicom.tls import client_args
 from pacsnode.node.errors import UnknownNodeError
 
 __all__ = ["ExportOutcome", "resolve_node", "echo", "collect_files", "send_files", "make_ae", "why_not_established"]
@@ -78,7 +79,11 @@ def echo(settings: Settings, remote: RemoteNode) -> tuple[bool, str]:
     ae = make_ae(settings)
     ae.add_requested_context(Verification)
     assoc = ae.associate(
-        remote.host, remote.port, ae_title=remote.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)]
+        remote.host,
+        remote.port,
+        ae_title=remote.ae_title,
+        evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+        **client_args(remote),
     )
     if not assoc.is_established:
         return False, why_not_established(assoc, remote)
@@ -187,7 +192,11 @@ def send_files(
         for sop_class, ts in dict.fromkeys((i.sop_class_uid, i.transfer_syntax_uid) for i in batch):
             ae.add_requested_context(sop_class, ts)
         assoc = ae.associate(
-            remote.host, remote.port, ae_title=remote.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)]
+            remote.host,
+            remote.port,
+            ae_title=remote.ae_title,
+            evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+            **client_args(remote),
         )
         if not assoc.is_established:
             reason = why_not_established(assoc, remote)

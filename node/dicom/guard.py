@@ -477,22 +477,26 @@ class GuardedSocket(socket.socket):
         timeout = accepted.gettimeout()
         sock = cls(accepted.family, accepted.type, accepted.proto, fileno=accepted.detach())
         sock.settimeout(timeout)
-        sock._connected_at = time.monotonic()
-        sock._peer = peer
-        sock._settled = on_settled
-        sock._association = None
-        sock._aborted = False
-        sock.guard = PduGuard(limits, sock._accepted_contexts)
+        sock.start_guard(limits, peer=peer, on_settled=on_settled)
+        return sock
+
+    def start_guard(self, limits: GuardLimits, *, peer: str, on_settled: Callable[[], None] | None = None) -> None:
+        """Set up the guard and start the ARTIM clock (from :meth:`adopt`, or after a TLS wrap)."""
+        self._connected_at = time.monotonic()
+        self._peer = peer
+        self._settled = on_settled
+        self._association = None
+        self._aborted = False
+        self.guard = PduGuard(limits, self._accepted_contexts)
         # A peer that connects and never speaks makes no read happen: a timer enforces ARTIM.
-        timer = threading.Timer(limits.artim_s, sock._artim_expired)
+        timer = threading.Timer(limits.artim_s, self._artim_expired)
         timer.daemon = True
         timer.start()
-        return sock
 
     def _artim_expired(self) -> None:
         if self._aborted or self.guard.associate_received or self.fileno() < 0:
             return
-        self._abort(GuardViolation("no A-ASSOCIATE-RQ within the ARTIM timeout", REASON_NOT_SPECIFIED))
+        self._abort(GuardViolation("no A-ASSOCIATE-RQ within the ARTIM timeout", REASON_NOT_SPECIFIED), from_timer=True)
 
     @property
     def aborted(self) -> bool:
@@ -552,9 +556,13 @@ class GuardedSocket(socket.socket):
     def abort(self, violation: GuardViolation) -> None:
         """Answer A-ABORT with ``violation``'s reason, log it, and close the connection (once)."""
         if not self._aborted:
-            self._abort(violation)
+            self._abort(violation, from_timer=True)
 
-    def _abort(self, violation: GuardViolation) -> None:
+    def _may_send_abort(self, from_timer: bool) -> bool:
+        """Whether an A-ABORT PDU can be written now (always on a plain socket)."""
+        return True
+
+    def _abort(self, violation: GuardViolation, *, from_timer: bool = False) -> None:
         self._aborted = True
         self._settle()
         SilenceAbortedThreads.silence_this_thread()
@@ -564,13 +572,14 @@ class GuardedSocket(socket.socket):
             violation,
             extra={"action": "a-abort", "peer": self._peer, "reason": violation.reason},
         )
+        if self._may_send_abort(from_timer):
+            try:
+                super().settimeout(1.0)
+                super().sendall(a_abort(violation.reason))
+            except (OSError, ValueError):
+                pass
         try:
-            super().settimeout(1.0)
-            super().sendall(a_abort(violation.reason))
-        except OSError:
-            pass
-        try:
-            self.shutdown(socket.SHUT_RDWR)
+            socket.socket.shutdown(self, socket.SHUT_RDWR)  # the descriptor itself, also under TLS
         except OSError:
             pass
 

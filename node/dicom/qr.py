@@ -38,6 +38,7 @@ from pacsnode.node.config import Settings
 from pacsnode.node.dicom import status
 from pacsnode.node.dicom.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS, Verification
 from pacsnode.node.dicom.handlers import failure_status, set_nodelay
+from pacsnode.node.dicom.tls import client_args
 from pacsnode.storage import Archive, StorageError
 from pacsnode.storage.query import (
     IdentifierError,
@@ -266,6 +267,7 @@ class QueryRetrieveService:
             {
                 "contexts": contexts,
                 "evt_handlers": [(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_ESTABLISHED, _established)],
+                **client_args(remote),
             },
         )
         if isinstance(located, Dataset):

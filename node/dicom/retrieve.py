@@ -28,6 +28,7 @@ from pacsnode.node.dicom.contexts import (
 )
 from pacsnode.node.dicom.export import make_ae, why_not_established
 from pacsnode.node.dicom.handlers import AssociationLog, StoreService, set_nodelay
+from pacsnode.node.dicom.tls import client_args
 from pacsnode.storage import Archive
 
 __all__ = ["DEFAULT_RETURN_KEYS", "FindResult", "RetrieveResult", "find", "retrieve"]
@@ -125,6 +126,7 @@ class RetrieveResult:
 
 def _associate(remote: RemoteNode, ae: AE, **kwargs: Any) -> Any:
     handlers = [(evt.EVT_CONN_OPEN, set_nodelay), *kwargs.pop("evt_handlers", [])]
+    kwargs.update(client_args(remote))
     assoc = ae.associate(remote.host, remote.port, ae_title=remote.ae_title, evt_handlers=handlers, **kwargs)
     if not assoc.is_established:
         raise ConnectionError(why_not_established(assoc, remote))

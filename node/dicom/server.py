@@ -8,9 +8,13 @@
 * ``max_associations`` counts established associations only: a connection still
   negotiating, or one that went away, never makes a legitimate peer wait;
 * a listening socket can be handed in, so several acceptor processes share one port;
-* the calling-AE allow list may also name the host each AE must come from; a peer
-  that does not match gets A-ASSOCIATE-RJ "calling AE title not recognised"
-  (rejected-permanent, service-user, reason 3), as pynetdicom's own AE-only check does.
+* the calling-AE allow list may also name the host each AE must come from (and over
+  TLS the client certificate's subject); a peer that does not match, or may use no
+  service, gets A-ASSOCIATE-RJ "calling AE title not recognised" (rejected-permanent,
+  service-user, reason 3), as pynetdicom's own AE-only check does; each request of an
+  accepted peer passes its permissions (:mod:`pacsnode.node.dicom.permissions`);
+* with a TLS context the accepted socket is wrapped first and the guard reads the
+  decrypted stream (:mod:`pacsnode.node.dicom.tls`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import socket
+import ssl
 import threading
 import time
 from typing import Any
@@ -26,8 +31,10 @@ from pynetdicom.acse import ACSE
 from pynetdicom.events import EVT_REJECTED, trigger
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from pacsnode.node.config import PolicySettings
+from pacsnode.node.dicom import permissions
 from pacsnode.node.dicom.guard import GuardedSocket, GuardLimits
+from pacsnode.node.dicom.permissions import AccessPolicy, Grant
+from pacsnode.node.dicom.tls import wrap_accepted
 
 __all__ = ["NodeServer", "PeerPolicy"]
 
@@ -46,28 +53,18 @@ _RJ_LOCAL_LIMIT_EXCEEDED = 0x02
 UNLIMITED_FOR_PYNETDICOM = 1 << 20
 
 
-class PeerPolicy:
-    """Which calling AE titles, from which hosts, may associate."""
+# Who may associate and use which service: see pacsnode.node.dicom.permissions.
+PeerPolicy = AccessPolicy
 
-    def __init__(self, settings: PolicySettings) -> None:
-        self.rules = [(peer.ae_title, peer.host) for peer in settings.allowed_peers]
-
-    @property
-    def restricts(self) -> bool:
-        return bool(self.rules)
-
-    def allows(self, calling_ae_title: str, host: str) -> bool:
-        if not self.rules:
-            return True
-        calling = calling_ae_title.strip()
-        return any(ae == calling and (allowed_host is None or allowed_host == host) for ae, allowed_host in self.rules)
+_NOTHING = Grant(services=frozenset())
 
 
 class _PolicyACSE(ACSE):
-    def __init__(self, assoc: Any, policy: PeerPolicy, max_established: int) -> None:
+    def __init__(self, assoc: Any, policy: AccessPolicy, max_established: int) -> None:
         super().__init__(assoc)
         self._policy = policy
         self._max_established = max_established
+        self.grant = _NOTHING  # what the peer may do, decided below
 
     def _negotiate_as_acceptor(self) -> None:
         established = sum(1 for a in self.assoc.ae.active_associations if a.is_acceptor and a.is_established)
@@ -81,23 +78,30 @@ class _PolicyACSE(ACSE):
             trigger(self.assoc, EVT_REJECTED, {})
             self.assoc.kill()
             return
-        if self._policy.restricts:
-            request = self.requestor.primitive
-            if request is None:  # set from the A-ASSOCIATE-RQ before negotiation starts
-                raise RuntimeError("no A-ASSOCIATE request to negotiate")
-            calling = str(request.calling_ae_title)
-            host = str(self.assoc.requestor.address)
-            if not self._policy.allows(calling, host):
-                self.requestor.ae_title = calling
-                logger.warning(
-                    "rejected association from %s: calling AE title %r is not allowed from this host",
-                    host,
-                    calling,
-                )
-                self.send_reject(_RJ_PERMANENT, _RJ_SOURCE_SERVICE_USER, _RJ_CALLING_AE_NOT_RECOGNISED)
-                trigger(self.assoc, EVT_REJECTED, {})
-                self.assoc.kill()
-                return
+        request = self.requestor.primitive
+        if request is None:  # set from the A-ASSOCIATE-RQ before negotiation starts
+            raise RuntimeError("no A-ASSOCIATE request to negotiate")
+        calling = str(request.calling_ae_title)
+        host = str(self.assoc.requestor.address)
+        subject = permissions.peer_subject(self.assoc)
+        grant = self._policy.grant(calling, host, subject)
+        if grant is None or not grant.services:
+            self.requestor.ae_title = calling
+            permissions.security_alert(
+                "rejected association from %s: calling AE title %r is not allowed from this host%s",
+                host,
+                calling,
+                "" if subject is None else f" with certificate {permissions.describe_subject(subject)}",
+                action="association-rejected",
+                peer=host,
+                calling_ae_title=calling,
+                certificate_subject=permissions.describe_subject(subject),
+            )
+            self.send_reject(_RJ_PERMANENT, _RJ_SOURCE_SERVICE_USER, _RJ_CALLING_AE_NOT_RECOGNISED)
+            trigger(self.assoc, EVT_REJECTED, {})
+            self.assoc.kill()
+            return
+        self.grant = grant
         super()._negotiate_as_acceptor()
 
 
@@ -106,7 +110,8 @@ class _NodeRequestHandler(RequestHandler):
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        assoc.acse = _PolicyACSE(assoc, self.server.policy, self.server.max_established)
+        acse = assoc.acse = _PolicyACSE(assoc, self.server.policy, self.server.max_established)
+        permissions.gate_requests(assoc, lambda: acse.grant)
         if isinstance(self.request, GuardedSocket):
             self.request.bind_association(assoc)
         return assoc
@@ -140,7 +145,9 @@ class NodeServer(ThreadedAssociationServer):
         An already bound and listening socket to serve on (shared between acceptor
         processes); ``None`` binds ``address`` here.
     policy
-        The peer allow list.
+        The peer allow list and permissions.
+    tls
+        A context from :func:`pacsnode.node.dicom.tls.server_context`: this listener speaks TLS only.
     """
 
     daemon_threads = True
@@ -155,12 +162,14 @@ class NodeServer(ThreadedAssociationServer):
         evt_handlers: Any = None,
         *,
         listen_socket: socket.socket | None = None,
-        policy: PeerPolicy,
+        policy: AccessPolicy,
         limits: GuardLimits,
         max_established: int,
         max_pending_per_host: int,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._listen_socket = listen_socket
+        self.tls = tls
         self.policy = policy
         self.limits = limits
         self.max_established = max_established
@@ -217,10 +226,10 @@ class NodeServer(ThreadedAssociationServer):
                 extra={"action": "connection-refused", "peer": host},
             )
             raise ConnectionRefusedError("too many pending connections from one host")  # socketserver skips it
-        guarded = GuardedSocket.adopt(
-            client, self.limits, peer=f"{host}:{address[1]}", on_settled=lambda: self._settled(host)
-        )
-        return guarded, address
+        peer, on_settled = f"{host}:{address[1]}", lambda: self._settled(host)
+        if self.tls is not None:
+            return wrap_accepted(self.tls, client, self.limits, peer=peer, on_settled=on_settled), address
+        return GuardedSocket.adopt(client, self.limits, peer=peer, on_settled=on_settled), address
 
     def _settled(self, host: str) -> None:
         """A connection from ``host`` sent its A-ASSOCIATE-RQ, or went away: it no longer counts as pending."""

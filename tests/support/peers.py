@@ -324,11 +324,14 @@ class StorescpPeer:
         Created if missing; holds the received files and ``storescp.log``.
     ae_title
         The AE title storescp answers to.
+    options
+        More storescp options (for example ``+tls KEY CERT +cf CA``).
     """
 
-    def __init__(self, workdir: Path, *, ae_title: str = "STORESCP") -> None:
+    def __init__(self, workdir: Path, *, ae_title: str = "STORESCP", options: Iterable[str] = ()) -> None:
         self.workdir = Path(workdir)
         self.ae_title = ae_title
+        self.options = list(options)
         self.port = free_port()
         self.received_dir = self.workdir / "received"
         self.log_path = self.workdir / "storescp.log"
@@ -340,7 +343,17 @@ class StorescpPeer:
         env = {**os.environ, "TCP_NODELAY": "1"}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [binary, "-v", "-aet", self.ae_title, "-od", str(self.received_dir), "+xa", str(self.port)],
+                [
+                    binary,
+                    "-v",
+                    "-aet",
+                    self.ae_title,
+                    "-od",
+                    str(self.received_dir),
+                    "+xa",
+                    *self.options,
+                    str(self.port),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,

@@ -75,6 +75,12 @@ SIGNATURES: list[tuple[type | Any, str, list[tuple[str, Any, Any]]]] = [
     ),
     # server.py: _NodeRequestHandler overrides _create_association() and returns super()'s association
     (RequestHandler, "_create_association", [("self", POS, P.empty)]),
+    # permissions.py: gate_requests wraps each accepted association's _serve_request(msg, context_id)
+    (
+        Association,
+        "_serve_request",
+        [("self", POS, P.empty), ("msg", POS, P.empty), ("context_id", POS, P.empty)],
+    ),
     # server.py: NodeServer passes these positionally, then request_handler by keyword
     (
         ThreadedAssociationServer,
