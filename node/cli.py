@@ -172,8 +172,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from pacsnode.node.app import serve
+    from pacsnode.node.dicom.permissions import exposure_warnings
+    from pacsnode.node.dicom.tls import check_tls
     from pacsnode.storage import StorageError
 
+    try:
+        check_tls(settings)
+    except ConfigError as exc:
+        print(f"pacsnode: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for warning in exposure_warnings(settings):
+        logger.warning("security: %s", warning, extra={"event": "security-warning"})
     try:
         return serve(settings)
     except StorageError as exc:
@@ -187,6 +196,8 @@ def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 def _cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
     from pacsnode.analysis import AnalysisError
     from pacsnode.analysis.pipelines import resolve_pipeline
+    from pacsnode.node.dicom.permissions import exposure_warnings
+    from pacsnode.node.dicom.tls import check_tls
 
     for rule in settings.analysis.rules:  # deeper checks a pipeline offers: e.g. build its model once
         pipeline = resolve_pipeline(rule.pipeline)
@@ -195,6 +206,13 @@ def _cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
         except AnalysisError as exc:
             print(f"pacsnode: config error: {settings.source}: analysis.rules[{rule.name}]: {exc}", file=sys.stderr)
             return EXIT_CONFIG
+    try:
+        check_tls(settings)
+    except ConfigError as exc:
+        print(f"pacsnode: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for warning in exposure_warnings(settings):
+        print(f"pacsnode: warning: {warning}", file=sys.stderr)
     print(f"{settings.source}: OK")
     print(json.dumps(redacted(settings.model_dump(mode="json")), indent=2))
     return EXIT_OK

@@ -496,7 +496,10 @@ class GuardedSocket(socket.socket):
     def _artim_expired(self) -> None:
         if self._aborted or self.guard.associate_received or self.fileno() < 0:
             return
-        self._abort(GuardViolation("no A-ASSOCIATE-RQ within the ARTIM timeout", REASON_NOT_SPECIFIED), from_timer=True)
+        self._abort(GuardViolation(self._artim_message(), REASON_NOT_SPECIFIED), from_timer=True)
+
+    def _artim_message(self) -> str:
+        return "no A-ASSOCIATE-RQ within the ARTIM timeout"
 
     @property
     def aborted(self) -> bool:
@@ -517,6 +520,19 @@ class GuardedSocket(socket.socket):
         settled, self._settled = self._settled, None
         if settled is not None:
             settled()
+            if not self.guard.associate_received:
+                self._release_waiting_association()
+
+    def _release_waiting_association(self) -> None:
+        """The connection ended before an A-ASSOCIATE-RQ: let pynetdicom's acceptor stop waiting for one.
+
+        Its reactor waits ``acse_timeout`` for the request on the DUL's queue; an empty
+        item there ends that wait at once, so a closed connection holds no thread.
+        """
+        association = self._association
+        queue = getattr(getattr(association, "dul", None), "to_user_queue", None)
+        if queue is not None:
+            queue.put(None)
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         if self._aborted:

@@ -18,6 +18,7 @@ AE title, address and the service.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,11 +27,11 @@ from typing import Any
 
 from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, C_STORE
 
-from pacsnode.node.config import ALL_SERVICES, AllowedPeer, PolicySettings, Service
+from pacsnode.node.config import ALL_SERVICES, AllowedPeer, PolicySettings, Service, Settings
 from pacsnode.node.dicom import status
 from pacsnode.node.dicom.tls import Subject, format_subject, parse_subject
 
-__all__ = ["AccessPolicy", "Grant", "gate_requests", "service_of"]
+__all__ = ["AccessPolicy", "Grant", "exposure_warnings", "gate_requests", "service_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -182,3 +183,41 @@ def peer_subject(assoc: Any) -> Subject | None:
 
 def describe_subject(subject: Subject | None) -> str:
     return format_subject(subject)
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: treat it as reachable from the network
+        return False
+
+
+def exposure_warnings(settings: Settings) -> list[str]:
+    """What an admin should fix before the node listens beyond loopback (``check-config`` prints these).
+
+    Empty while ``node.host`` is a loopback address.
+    """
+    node, policy = settings.node, settings.policy
+    if _loopback(node.host):
+        return []
+    where = f"the node listens on {node.host}"
+    out = []
+    if not policy.allowed_peers:
+        out.append(f"{where} and policy.allowed_peers is empty: any peer may store, query, retrieve and move")
+    if node.tls is None:
+        out.append(f"{where} without TLS (node.tls): patient data and AE titles cross the network in clear text")
+    elif node.tls.port is not None:
+        out.append(f"{where} with a plain port ({node.port}) beside the TLS port ({node.tls.port})")
+    for peer in policy.allowed_peers:
+        if peer.host is None and peer.certificate_subject is None and peer.services:
+            out.append(
+                f"policy.allowed_peers: {peer.ae_title} names neither a host nor a certificate_subject: "
+                f"anyone claiming that AE title may {', '.join(peer.services)}"
+            )
+        elif "move" in peer.services and peer.move_destinations is None:
+            out.append(
+                f"policy.allowed_peers: {peer.ae_title} may C-MOVE to every remote node (move_destinations unset)"
+            )
+    return out

@@ -23,14 +23,17 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from pacsnode.node.config import ListenerTls, RemoteNode
+from pacsnode.node.config import ListenerTls, RemoteNode, Settings
 from pacsnode.node.dicom.guard import REASON_NOT_SPECIFIED, GuardedSocket, GuardLimits, GuardViolation
+from pacsnode.node.errors import ConfigError
 
 __all__ = [
     "GuardedTLSSocket",
+    "check_tls",
     "Subject",
     "client_args",
     "client_context",
+    "format_subject",
     "parse_subject",
     "server_context",
     "subject_of",
@@ -170,6 +173,8 @@ class GuardedTLSSocket(GuardedSocket, ssl.SSLSocket):
             self._abort(GuardViolation("no TLS handshake within the ARTIM timeout", REASON_NOT_SPECIFIED))
             return False
         except ssl.SSLError as exc:
+            if self.aborted:  # the ARTIM timer closed it mid-handshake (and said so)
+                return False
             logger.warning(
                 "refused a TLS connection from %s: %s",
                 self._peer,
@@ -198,7 +203,37 @@ class GuardedTLSSocket(GuardedSocket, ssl.SSLSocket):
         except (ValueError, OSError):
             return None
 
+    def _artim_message(self) -> str:
+        if not self._handshaken:
+            return "no TLS handshake within the ARTIM timeout"
+        return super()._artim_message()
+
     def _may_send_abort(self, from_timer: bool) -> bool:
         # No A-ABORT before the handshake (there is no TLS channel to send it on), and none from the
         # ARTIM timer's thread while the association's thread may be inside the TLS connection.
         return self._handshaken and not from_timer
+
+
+def check_tls(settings: Settings) -> None:
+    """Load every certificate, key and CA file the configuration names, as the node will.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key (``node.tls``, ``remote_nodes.NAME.tls``) and what is wrong.
+    """
+    where = f"{settings.source}: " if settings.source else ""
+    if settings.node.tls is not None:
+        try:
+            server_context(settings.node.tls)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(f"{where}node.tls: cannot load the certificate, key or CA file: {exc}") from exc
+    for name, remote in settings.remote_nodes.items():
+        if remote.tls is None:
+            continue
+        try:
+            client_context(remote)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"{where}remote_nodes.{name}.tls: cannot load a certificate, key or CA file: {exc}"
+            ) from exc
