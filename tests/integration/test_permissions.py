@@ -43,10 +43,11 @@ PEERS = [
 ]
 
 
+World = tuple[RunningNode, StorescpPeer, StorescpPeer, Dataset]
+
+
 @pytest.fixture(scope="module")
-def world(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[RunningNode, StorescpPeer, StorescpPeer, Dataset]]:
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     require_private_netns()
     tmp = tmp_path_factory.mktemp("permissions")
     with (
@@ -90,7 +91,7 @@ def _alerts(caplog: pytest.LogCaptureFixture, service: str) -> list[logging.LogR
     ]
 
 
-def test_refused_services_get_not_authorized_and_do_nothing(world, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+def test_refused_services_get_not_authorized_and_do_nothing(world: World, caplog: pytest.LogCaptureFixture) -> None:
     node, ok, other, ds = world
     caplog.set_level(logging.WARNING)
     # FINDER may query, not store, retrieve or move
@@ -138,7 +139,7 @@ def test_refused_services_get_not_authorized_and_do_nothing(world, caplog: pytes
         assert record.status == status.NOT_AUTHORIZED  # type: ignore[attr-defined]
 
 
-def test_move_only_to_listed_destinations(world, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+def test_move_only_to_listed_destinations(world: World, caplog: pytest.LogCaptureFixture) -> None:
     node, ok, other, ds = world
     caplog.set_level(logging.WARNING)
     movescu = require("movescu")
@@ -158,7 +159,7 @@ def test_move_only_to_listed_destinations(world, caplog: pytest.LogCaptureFixtur
     assert ok.store_requests() == 1
 
 
-def test_dcmtk_store_and_find_follow_the_grants(world, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+def test_dcmtk_store_and_find_follow_the_grants(world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     node, _ok, _other, ds = world
     caplog.set_level(logging.WARNING)
     path = tmp_path / "one.dcm"
@@ -194,7 +195,7 @@ def test_dcmtk_store_and_find_follow_the_grants(world, tmp_path: Path, caplog: p
     assert dcmread(received).SOPInstanceUID == ds.SOPInstanceUID
 
 
-def test_peers_that_may_do_nothing_are_rejected(world, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+def test_peers_that_may_do_nothing_are_rejected(world: World, caplog: pytest.LogCaptureFixture) -> None:
     node, *_ = world
     caplog.set_level(logging.WARNING)
     assert echo_status(node.port, calling="MUTED") == "rejected"
@@ -206,7 +207,7 @@ def test_peers_that_may_do_nothing_are_rejected(world, caplog: pytest.LogCapture
     assert all(getattr(r, "event", None) == "security-alert" for r in rejected)
 
 
-def test_patient_root_find_is_the_same_service(world) -> None:  # type: ignore[no-untyped-def]
+def test_patient_root_find_is_the_same_service(world: World) -> None:
     node, *_ = world
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)

@@ -36,7 +36,7 @@ from tests.support import pdus
 from tests.support.certs import Authority, Issued, make_authority
 from tests.support.helpers import free_port, make_settings
 from tests.support.node import RunningNode
-from tests.support.peers import StorescpPeer, require, require_private_netns
+from tests.support.peers import OrthancPeer, StorescpPeer, require, require_private_netns
 
 
 @dataclass
@@ -48,6 +48,7 @@ class Pki:
     viewer: Issued
     outsider: Issued  # issued by the rogue CA, same name as the scanner
     storescp: Issued
+    orthanc: Issued
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         viewer=ca.issue("viewer.test"),
         outsider=rogue.issue("scanner.test"),
         storescp=ca.issue("storescp.test", server=True),
+        orthanc=ca.issue("orthanc.test", server=True),
     )
 
 
@@ -86,8 +88,11 @@ PEERS = [
 ]
 
 
+World = tuple[RunningNode, StorescpPeer]
+
+
 @pytest.fixture(scope="module")
-def world(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningNode, StorescpPeer]]:
+def world(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     """A TLS-only node (client certificates required) and a TLS storescp as its C-MOVE destination."""
     require_private_netns()
     tmp = tmp_path_factory.mktemp("tls")
@@ -165,7 +170,7 @@ def _alerts(caplog: pytest.LogCaptureFixture, action: str) -> list[logging.LogRe
     ]
 
 
-def test_pynetdicom_stores_over_tls_with_a_client_certificate(world, pki: Pki) -> None:  # type: ignore[no-untyped-def]
+def test_pynetdicom_stores_over_tls_with_a_client_certificate(world: World, pki: Pki) -> None:
     node, _ = world
     ds = make_dataset(rows=8, columns=8, seed=11)
     ae = AE(ae_title="SCANNER")
@@ -184,7 +189,7 @@ def test_pynetdicom_stores_over_tls_with_a_client_certificate(world, pki: Pki) -
     assert ds.SOPInstanceUID in uids
 
 
-def test_dcmtk_echo_store_find_and_move_over_tls(world, pki: Pki, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_dcmtk_echo_store_find_and_move_over_tls(world: World, pki: Pki, tmp_path: Path) -> None:
     node, dest = world
     port = str(node.port)
     echoed = _dcmtk("echoscu", pki.scanner, pki, "-aet", "SCANNER", "-aec", "PACSNODE", "127.0.0.1", port)
@@ -219,7 +224,7 @@ def test_dcmtk_echo_store_find_and_move_over_tls(world, pki: Pki, tmp_path: Path
     assert [dcmread(p).SOPInstanceUID for p in dest.received()] == [ds.SOPInstanceUID]
 
 
-def test_certificate_subject_ties_the_ae_title(world, pki: Pki, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+def test_certificate_subject_ties_the_ae_title(world: World, pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
     node, _ = world
     caplog.set_level(logging.WARNING)
     assert _echo(node.port, "SCANNER", _client_context(pki, pki.scanner)) == status.SUCCESS
@@ -232,7 +237,9 @@ def test_certificate_subject_ties_the_ae_title(world, pki: Pki, caplog: pytest.L
     assert all("CN=viewer.test" in r.certificate_subject for r in rejected)  # type: ignore[attr-defined]
 
 
-def test_plain_untrusted_and_anonymous_clients_are_refused(world, pki: Pki, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+def test_plain_untrusted_and_anonymous_clients_are_refused(
+    world: World, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
     node, _ = world
     caplog.set_level(logging.WARNING)
     plain = subprocess.run(
@@ -281,7 +288,7 @@ def _wait_closed(sock: socket.socket) -> bytes:
     return received
 
 
-def test_the_guard_protects_the_tls_port(world, pki: Pki, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+def test_the_guard_protects_the_tls_port(world: World, pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
     node, _ = world
     caplog.set_level(logging.WARNING)
     # 1. connect and never start the handshake; 2. start it and stall: both closed at ARTIM
@@ -322,7 +329,7 @@ def test_a_tls_port_beside_the_plain_one(pki: Pki, tmp_path: Path) -> None:
         node.stop()
 
 
-def test_exports_echo_and_find_go_over_tls(world, pki: Pki, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_exports_echo_and_find_go_over_tls(world: World, pki: Pki, tmp_path: Path) -> None:
     node, _ = world
     with StorescpPeer(
         tmp_path / "export",
@@ -355,3 +362,42 @@ def test_exports_echo_and_find_go_over_tls(world, pki: Pki, tmp_path: Path) -> N
 
 def _as_scanner(settings: Settings) -> Settings:
     return settings.model_copy(update={"node": settings.node.model_copy(update={"ae_title": "SCANNER"})})
+
+
+def test_orthanc_pushes_queries_and_retrieves_over_tls(pki: Pki, tmp_path: Path) -> None:
+    """Orthanc 1.9+ DICOM TLS: it stores into pacsnode, queries it, and receives a C-MOVE from it, all TLS."""
+    require_private_netns()
+    orthanc_tls = {
+        "DicomTlsEnabled": True,
+        "DicomTlsCertificate": str(pki.orthanc.certificate),
+        "DicomTlsPrivateKey": str(pki.orthanc.private_key),
+        "DicomTlsTrustedCertificates": str(pki.ca.certificate),
+        "DicomTlsRemoteCertificateRequired": True,
+    }
+    node_port = free_port()
+    node_modality = {"AET": "PACSNODE", "Host": "127.0.0.1", "Port": node_port, "UseDicomTls": True}
+    orthanc = OrthancPeer(tmp_path / "orthanc", config={**orthanc_tls, "DicomModalities": {"NODE": node_modality}})
+    settings = make_settings(
+        tmp_path,
+        node={"port": node_port, "tls": _listener(pki)},
+        policy={"allowed_peers": [{"ae_title": "ORTHANC", "certificate_subject": "CN=orthanc.test"}]},
+        remote_nodes={"orthanc": _remote("ORTHANC", orthanc.dicom_port, pki)},
+    )
+    node = RunningNode(settings)
+    try:
+        with orthanc:
+            ds = make_dataset(rows=8, columns=8, seed=21)
+            path = tmp_path / "ct.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            (orthanc_id,) = orthanc.upload([path])
+            orthanc.rest("POST", "/modalities/NODE/store", {"Resources": [orthanc_id], "Synchronous": True})
+            orthanc.rest("DELETE", f"/instances/{orthanc_id}")
+            node.wait_idle()
+            with node.archive.engine.connect() as conn:
+                assert conn.execute(select(Instance.sop_instance_uid)).scalars().all() == [ds.SOPInstanceUID]
+            query_id, answers = orthanc.query("NODE", "Study", {"StudyInstanceUID": ""})
+            assert [a["StudyInstanceUID"] for a in answers] == [ds.StudyInstanceUID]
+            orthanc.retrieve_answers(query_id, "ORTHANC")  # pacsnode's C-MOVE sub-operation to Orthanc, over TLS
+            assert orthanc.sop_instance_uids() == {ds.SOPInstanceUID}
+    finally:
+        node.stop()

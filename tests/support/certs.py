@@ -32,7 +32,7 @@ class Authority:
         key, csr, cert, ext = (stem.with_suffix(s) for s in (".key", ".csr", ".pem", ".ext"))
         _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(key))
         _openssl("req", "-new", "-key", str(key), "-subj", f"/O={organization}/CN={common_name}", "-out", str(csr))
-        usage = "serverAuth" if server else "clientAuth"
+        usage = "serverAuth,clientAuth" if server else "clientAuth"  # a server also calls out (exports, Orthanc)
         lines = ["basicConstraints=CA:FALSE", f"extendedKeyUsage={usage}"]
         if server:
             lines.append("subjectAltName=DNS:localhost,IP:127.0.0.1")
