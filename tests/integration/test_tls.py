@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -26,6 +27,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove, Verification
 from sqlalchemy import select
 
+from pacsnode.node import cli
 from pacsnode.node.config import Settings
 from pacsnode.node.dicom import status
 from pacsnode.node.dicom.export import echo, send_files
@@ -34,9 +36,10 @@ from pacsnode.node.testing.corpus import make_dataset
 from pacsnode.storage.models import Instance
 from tests.support import pdus
 from tests.support.certs import Authority, Issued, make_authority
-from tests.support.helpers import free_port, make_settings
+from tests.support.helpers import free_port, make_settings, wait_for_port
 from tests.support.node import RunningNode
 from tests.support.peers import OrthancPeer, StorescpPeer, require, require_private_netns
+from tests.support.served import Served
 
 
 @dataclass
@@ -401,3 +404,32 @@ def test_orthanc_pushes_queries_and_retrieves_over_tls(pki: Pki, tmp_path: Path)
             assert orthanc.sop_instance_uids() == {ds.SOPInstanceUID}
     finally:
         node.stop()
+
+
+def test_serve_opens_the_tls_port_in_every_acceptor_and_warns_when_exposed(
+    pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``pacsnode serve`` with two acceptor processes: the plain and the TLS port both answer.
+
+    Also ``check-config``: warnings (exit 0) for a node listening on every interface with an open
+    allow list and a plain port (quiet on loopback: tests/unit/test_security_config.py).
+    """
+    require_private_netns()
+    tls_port = free_port()
+    listener = _listener(pki, port=tls_port, require_client_certificate=False)
+    served = Served(tmp_path, processes=2, sections={"analysis": {"workers": 0, "rules": []}}, tls=listener)
+    served.start()
+    try:
+        wait_for_port(tls_port, proc=served.proc)
+        for _ in range(4):  # several associations, so both acceptor processes take some
+            assert _echo(served.port, "ANY", None) == status.SUCCESS
+            assert _echo(tls_port, "ANY", _client_context(pki, pki.scanner)) == status.SUCCESS
+    finally:
+        assert served.stop() == 0, served.log_tail()
+    exposed = yaml.safe_load(served.config.read_text())
+    exposed["node"]["host"] = "0.0.0.0"
+    served.config.write_text(yaml.safe_dump(exposed))
+    capsys.readouterr()
+    assert cli.main(["--config", str(served.config), "check-config"]) == 0  # in-process: no second start-up
+    warned = capsys.readouterr().err
+    assert "allowed_peers is empty" in warned and "plain port" in warned, warned
