@@ -169,12 +169,18 @@ class GuardedTLSSocket(GuardedSocket, ssl.SSLSocket):
                 raise TimeoutError
             self.settimeout(left)
             self.do_handshake()
-        except TimeoutError:
-            self._abort(GuardViolation("no TLS handshake within the ARTIM timeout", REASON_NOT_SPECIFIED))
-            return False
-        except ssl.SSLError as exc:
+        except (TimeoutError, ssl.SSLError, OSError) as exc:
             if self.aborted:  # the ARTIM timer closed it mid-handshake (and said so)
                 return False
+            return self._handshake_failed(exc)
+        self._handshaken = True
+        return True
+
+    def _handshake_failed(self, exc: OSError) -> bool:
+        if isinstance(exc, TimeoutError):
+            self._abort(GuardViolation("no TLS handshake within the ARTIM timeout", REASON_NOT_SPECIFIED))
+            return False
+        if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError):
             logger.warning(
                 "refused a TLS connection from %s: %s",
                 self._peer,
@@ -188,11 +194,8 @@ class GuardedTLSSocket(GuardedSocket, ssl.SSLSocket):
             )
             self._abort(GuardViolation(f"TLS handshake failed: {exc.reason or exc}", REASON_NOT_SPECIFIED))
             return False
-        except OSError:  # the peer went away mid-handshake
-            self._settle()
-            return False
-        self._handshaken = True
-        return True
+        self._settle()  # the peer went away before or during the handshake (a port probe, a health check)
+        return False
 
     def peer_subject(self) -> Subject | None:
         """The subject of the peer's verified certificate, if it showed one."""

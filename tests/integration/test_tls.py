@@ -316,6 +316,10 @@ def test_the_guard_protects_the_tls_port(world: World, pki: Pki, caplog: pytest.
         answer = _wait_closed(tls)
     assert answer[:1] == b"\x07" and len(answer) == 10, answer  # A-ABORT
     assert struct.unpack(">BBIBBBB", answer)[5] == 2  # source: service provider
+    # 5. a port probe (connect, close) is no TLS failure: no alert
+    socket.create_connection(("127.0.0.1", node.port)).close()
+    node.wait_idle()
+    assert not _alerts(caplog, "tls-refused")
 
 
 def test_a_tls_port_beside_the_plain_one(pki: Pki, tmp_path: Path) -> None:
