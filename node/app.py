@@ -11,6 +11,7 @@ restarts a child that died, and reports.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -29,7 +30,9 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import PresentationContext
 
+from pacsnode.node import audit
 from pacsnode.node.config import Settings, redact_url
+from pacsnode.node.dicom.auditing import DimseAudit
 from pacsnode.node.dicom.contexts import qr_contexts, scp_contexts
 from pacsnode.node.dicom.guard import GuardLimits
 from pacsnode.node.dicom.handlers import (
@@ -107,10 +110,13 @@ class Node:
         self.archive = archive
         self._listen_socket = listen_socket
         self.assoc_log = AssociationLog()
+        self.audit_trail = open_audit_trail(settings)
+        self.audit = DimseAudit(self.audit_trail, archive=archive, ae_title=settings.node.ae_title)
+        self._alerts = audit.SecurityAlertHandler(self.audit_trail)
         self.store_service = StoreService(
-            archive=archive, settings=settings.node, assoc_log=self.assoc_log, policy=settings.policy
+            archive=archive, settings=settings.node, assoc_log=self.assoc_log, policy=settings.policy, audit=self.audit
         )
-        self.qr_service = QueryRetrieveService(settings=settings, archive=archive)
+        self.qr_service = QueryRetrieveService(settings=settings, archive=archive, audit=self.audit)
         self._share = share
         self.ae = self._build_ae(share)
         self.server: NodeServer | None = None
@@ -142,6 +148,9 @@ class Node:
             (evt.EVT_REJECTED, log.on_rejected),
             (evt.EVT_ABORTED, log.on_aborted),
             (evt.EVT_CONN_CLOSE, log.on_close),
+            (evt.EVT_ESTABLISHED, self.audit.on_established),
+            (evt.EVT_REJECTED, self.audit.on_rejected),
+            (evt.EVT_CONN_CLOSE, self.audit.on_close),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, self.store_service.handle_store),
             (evt.EVT_C_FIND, self.qr_service.handle_find),
@@ -179,6 +188,7 @@ class Node:
             raise TypeError(f"make_server returned a {type(server).__name__}, not a NodeServer")
         self.ae._servers.append(server)
         self.server = server
+        logging.getLogger("pacsnode").addHandler(self._alerts)  # refusals logged as security alerts are audited
         self._thread = threading.Thread(target=server.serve_forever, name="pacsnode-acceptor", daemon=True)
         self._thread.start()
         logger.info(
@@ -205,6 +215,8 @@ class Node:
             logger.warning("aborting %d association(s) still open after %.0f s", len(remaining), grace)
             for assoc in remaining:
                 assoc.abort()
+        logging.getLogger("pacsnode").removeHandler(self._alerts)
+        self.audit_trail.close()
         self.archive.close()
 
     def _in_flight(self) -> list[Any]:
@@ -251,6 +263,35 @@ def serve(settings: Settings) -> int:
     configure_pynetdicom()
     archive = Archive.open(settings.storage)  # migrate + sweep before anyone accepts
     archive.close()
+    trail = _audit_start(settings, "serve")
+    try:
+        return _serve(settings)
+    finally:
+        _audit_stop(trail, "serve")
+
+
+def open_audit_trail(settings: Settings) -> audit.AuditTrail:
+    """The audit trail this process writes (see :mod:`pacsnode.node.audit`)."""
+    return audit.trail_for(settings.audit, storage_root=settings.storage.root, ae_title=settings.node.ae_title)
+
+
+def _audit_start(settings: Settings, role: str) -> audit.AuditTrail:
+    """Application Start and the configuration loaded, recorded before the process serves anyone."""
+    trail = open_audit_trail(settings)
+    trail.record(audit.application_activity(started=True, role=role))
+    digest = hashlib.sha256(settings.source.read_bytes()).hexdigest() if settings.source is not None else None
+    trail.record(audit.configuration_loaded(source=settings.source, sha256=digest))
+    return trail
+
+
+def _audit_stop(trail: audit.AuditTrail, role: str) -> None:
+    try:
+        trail.record(audit.application_activity(started=False, role=role))
+    finally:
+        trail.close()
+
+
+def _serve(settings: Settings) -> int:
     node = settings.node
     listen_socket = open_listen_socket(node.host, node.port)
     count = node.acceptor_processes
@@ -276,6 +317,14 @@ def run_workers(settings: Settings, count: int) -> int:
     """``pacsnode worker``: run ``count`` worker processes against the configured database."""
     archive = Archive.open(settings.storage)
     archive.close()
+    trail = _audit_start(settings, "worker")
+    try:
+        return _run_workers(settings, count)
+    finally:
+        _audit_stop(trail, "worker")
+
+
+def _run_workers(settings: Settings, count: int) -> int:
     logger.info("pacsnode worker: %d process(es) on index %s", count, redact_url(settings.storage.database_url))
     return _supervise(settings, None, 0, count)
 

@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from pacsnode.analysis.settings import AnalysisSettings
+from pacsnode.node.audit import AuditSettings
 from pacsnode.node.errors import ConfigError
 from pacsnode.storage.model_base import StrictModel
 from pacsnode.storage.settings import StorageSettings
@@ -146,6 +147,7 @@ class Settings(StrictModel):
     analysis: AnalysisSettings = AnalysisSettings()
     export: ExportSettings = ExportSettings()
     logging: LoggingSettings = LoggingSettings()
+    audit: AuditSettings = AuditSettings()
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -213,7 +215,7 @@ def _anchor_paths(data: dict[str, Any], base: Path) -> None:
     store from any working directory. Touched: ``storage.root``, the file of a
     ``sqlite:///`` database URL, and a rule's ``params.model`` when it names a
     folder (contains a path separator or starts with a dot) rather than a
-    built-in model. Defaults that the file does not set stay relative to the
+    built-in model, and ``audit.path``. Defaults that the file does not set stay relative to the
     working directory.
     """
     storage = data.get("storage")
@@ -225,6 +227,9 @@ def _anchor_paths(data: dict[str, Any], base: Path) -> None:
             db_path = url[len(_SQLITE_PREFIX) :]
             if db_path and db_path != ":memory:" and not db_path.startswith("file:"):
                 storage["database_url"] = _SQLITE_PREFIX + str(_anchored(db_path, base))
+    audit = data.get("audit")
+    if isinstance(audit, dict) and "path" in audit:
+        audit["path"] = _anchored(audit["path"], base)
     analysis = data.get("analysis")
     rules = analysis.get("rules") if isinstance(analysis, dict) else None
     for rule in rules if isinstance(rules, list) else []:

@@ -38,7 +38,9 @@ from typing import Any
 from pacsnode.analysis.errors import AnalysisError, SkipAnalysis
 from pacsnode.analysis.pipelines import PipelineInput, SeriesInput, resolve_pipeline
 from pacsnode.analysis.routing import select_series
+from pacsnode.node.app import open_audit_trail
 from pacsnode.node.config import Settings
+from pacsnode.node.dicom.auditing import WorkerAudit
 from pacsnode.node.dicom.export import ExportOutcome, send_files
 from pacsnode.node.scheduler import ImageSizes
 from pacsnode.storage import Archive
@@ -159,6 +161,7 @@ class Worker:
         self.image_sizes = ImageSizes(archive)  # the scheduler's reader: the same selection on both sides
         self.wake = threading.Event()  # set by the scheduler in this process when it queues a job
         self.export_wake = threading.Event()  # set when a job of this process queued exports
+        self.audit = WorkerAudit(open_audit_trail(settings), archive=archive, ae_title=settings.node.ae_title)
 
     # -- jobs ------------------------------------------------------------------------------------
     def run_jobs(self, stop: threading.Event, *, poll_s: float = 1.0) -> None:
@@ -250,6 +253,7 @@ class Worker:
 
     def _log_started(self, jobs: list[JobRecord]) -> None:
         for job in jobs:
+            self._audit_job(job, "started")
             logger.info(
                 "job %d started: %s for study %s (attempt %d of %d)%s",
                 job.id,
@@ -305,6 +309,19 @@ class Worker:
         self, job: JobRecord, owner: str, outcome: tuple[dict[str, Any], list[str]] | BaseException, started: float
     ) -> JobState | None:
         """Record one job's outcome: done (and its exports queued, in one transaction), retried or failed."""
+        state = self._record_outcome(job, owner, outcome, started)
+        if state is not None:
+            self._audit_job(job, "retry" if state is JobState.PENDING else state.value)
+        return state
+
+    def _audit_job(self, job: JobRecord, state: str) -> None:
+        self.audit.job(
+            job_id=job.id, pipeline=job.pipeline, rule=job.rule, study_instance_uid=job.study_instance_uid, state=state
+        )
+
+    def _record_outcome(
+        self, job: JobRecord, owner: str, outcome: tuple[dict[str, Any], list[str]] | BaseException, started: float
+    ) -> JobState | None:
         extra = {"action": "job", "job_id": job.id, "pipeline": job.pipeline}
         if isinstance(outcome, _LeaseLost):
             logger.error("job %d: lease lost to another worker; result discarded", job.id, extra=extra)
@@ -489,6 +506,14 @@ class Worker:
                 path = self.archive.instance_path(row.file_path)
                 files.append(path)
                 by_path[path] = item
+        if not by_path:
+            return len(batch)
+        self.audit.export(
+            destination=destination,
+            ae_title=remote.ae_title,
+            host=remote.host,
+            sop_instance_uids=[item.sop_instance_uid for item in by_path.values()],
+        )
         pending = {item.id for item in by_path.values()}
         renewed = time.monotonic()
 
