@@ -32,6 +32,7 @@ from pynetdicom.presentation import PresentationContext
 
 from pacsnode.node import audit
 from pacsnode.node.config import Settings, redact_url
+from pacsnode.node.deid import Reidentifier
 from pacsnode.node.dicom.auditing import DimseAudit
 from pacsnode.node.dicom.contexts import qr_contexts, scp_contexts
 from pacsnode.node.dicom.guard import GuardLimits
@@ -60,6 +61,10 @@ def configure_pynetdicom() -> None:
     their fragments arrive.
     """
     pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+    # pynetdicom dumps Q/R identifiers (patient names, IDs, birth dates) into its log at INFO and
+    # DEBUG; operational logs name UIDs, AE titles and counts only (the audit trail has the rest).
+    pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
+    pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
     # Received datasets go to a file fragment by fragment, never whole into memory.
     pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
@@ -113,8 +118,14 @@ class Node:
         self.audit_trail = open_audit_trail(settings)
         self.audit = DimseAudit(self.audit_trail, archive=archive, ae_title=settings.node.ae_title)
         self._alerts = audit.SecurityAlertHandler(self.audit_trail)
+        deidentifying = any(remote.deidentify for remote in settings.remote_nodes.values())
         self.store_service = StoreService(
-            archive=archive, settings=settings.node, assoc_log=self.assoc_log, policy=settings.policy, audit=self.audit
+            archive=archive,
+            settings=settings.node,
+            assoc_log=self.assoc_log,
+            policy=settings.policy,
+            audit=self.audit,
+            reidentifier=Reidentifier(archive) if deidentifying else None,
         )
         self.qr_service = QueryRetrieveService(settings=settings, archive=archive, audit=self.audit)
         self._share = share

@@ -338,11 +338,17 @@ def transfer_begun(
     studies: Iterable[StudyRef],
     instances: int,
     deidentified: bool = False,
+    burned_in_unknown: int = 0,
 ) -> AuditEvent:
-    """Instances about to leave the node (Begin Transferring DICOM Instances): C-MOVE, C-GET or an export."""
+    """Instances about to leave the node (Begin Transferring DICOM Instances): C-MOVE, C-GET or an export.
+
+    ``deidentified``: sent through the destination's de-identification profile;
+    ``burned_in_unknown``: how many of them do not say whether they have burned-in annotation.
+    """
     detail: dict[str, Any] = {"service": service, "instances": instances}
     if deidentified:
         detail["deidentified"] = True
+        detail["burned_in_unknown"] = burned_in_unknown
     return AuditEvent(
         kind=EventKind.TRANSFER_BEGUN,
         event_id=_BEGIN_TRANSFERRING,

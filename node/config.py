@@ -21,6 +21,7 @@ from pydantic import (
 
 from pacsnode.analysis.settings import AnalysisSettings
 from pacsnode.node.audit import AuditSettings
+from pacsnode.node.deid import DeidentifyProfile
 from pacsnode.node.errors import ConfigError
 from pacsnode.storage.model_base import StrictModel
 from pacsnode.storage.settings import StorageSettings
@@ -115,6 +116,8 @@ class RemoteNode(StrictModel):
     ae_title: AETitle
     host: str
     port: Port
+    # Exports to this node are de-identified (pacsnode.node.deid); None: sent as stored.
+    deidentify: DeidentifyProfile | None = None
 
 
 class QuerySettings(StrictModel):

@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from pacsnode.analysis.pipelines import PipelineInput, SeriesInput, resolve_pipe
 from pacsnode.analysis.routing import select_series
 from pacsnode.node.app import open_audit_trail
 from pacsnode.node.config import Settings
+from pacsnode.node.deid import BurnedInAnnotationError, Deidentifier, DeidentifyProfile
 from pacsnode.node.dicom.auditing import WorkerAudit
 from pacsnode.node.dicom.export import ExportOutcome, send_files
 from pacsnode.node.scheduler import ImageSizes
@@ -508,26 +510,65 @@ class Worker:
                 by_path[path] = item
         if not by_path:
             return len(batch)
-        self.audit.export(
-            destination=destination,
-            ae_title=remote.ae_title,
-            host=remote.host,
-            sop_instance_uids=[item.sop_instance_uid for item in by_path.values()],
-        )
-        pending = {item.id for item in by_path.values()}
-        renewed = time.monotonic()
+        with tempfile.TemporaryDirectory(dir=self.archive.store.tmp_dir, prefix="deid-") as scratch:
+            burned_in_unknown = 0
+            if remote.deidentify is not None:  # what leaves is the de-identified copy, never the stored file
+                files, by_path, burned_in_unknown = self._deidentified(
+                    destination, remote.deidentify, by_path, Path(scratch), owner
+                )
+                if not by_path:
+                    return len(batch)
+            self.audit.export(
+                destination=destination,
+                ae_title=remote.ae_title,
+                host=remote.host,
+                sop_instance_uids=[item.sop_instance_uid for item in by_path.values()],
+                deidentified=remote.deidentify is not None,
+                burned_in_unknown=burned_in_unknown,
+            )
+            pending = {item.id for item in by_path.values()}
+            renewed = time.monotonic()
 
-        def record(outcome: ExportOutcome) -> None:
-            nonlocal renewed
-            item = by_path[outcome.path]
-            pending.discard(item.id)
-            self._record_export(item, outcome, owner, destination, remote)
-            if time.monotonic() - renewed > export.lease_seconds / 3:  # a slow peer: keep the rest ours
-                self.exports.renew(sorted(pending), owner, lease_s=export.lease_seconds)
-                renewed = time.monotonic()
+            def record(outcome: ExportOutcome) -> None:
+                nonlocal renewed
+                item = by_path[outcome.path]
+                pending.discard(item.id)
+                self._record_export(item, outcome, owner, destination, remote)
+                if time.monotonic() - renewed > export.lease_seconds / 3:  # a slow peer: keep the rest ours
+                    self.exports.renew(sorted(pending), owner, lease_s=export.lease_seconds)
+                    renewed = time.monotonic()
 
-        send_files(self.settings, remote, files, progress=record)
+            send_files(self.settings, remote, files, progress=record)
         return len(batch)
+
+    def _deidentified(
+        self,
+        destination: str,
+        profile: DeidentifyProfile,
+        by_path: dict[Path, ExportRecord],
+        scratch: Path,
+        owner: str,
+    ) -> tuple[list[Path], dict[Path, ExportRecord], int]:
+        """De-identified copies of the files in ``scratch``; an instance that cannot be de-identified fails."""
+        deidentifier = Deidentifier(self.archive, destination=destination, profile=profile)
+        files: list[Path] = []
+        out: dict[Path, ExportRecord] = {}
+        unknown = 0
+        for index, (path, item) in enumerate(by_path.items()):
+            target = scratch / f"{index}.dcm"
+            try:
+                result = deidentifier.deidentify_file(path, target)
+            except BurnedInAnnotationError as exc:
+                self._export_failed(item, owner, str(exc))
+                continue
+            except Exception as exc:
+                logger.exception("cannot de-identify %s for %s", item.sop_instance_uid, destination)
+                self._export_failed(item, owner, f"cannot de-identify: {type(exc).__name__}")
+                continue
+            unknown += result.burned_in_unknown
+            files.append(target)
+            out[target] = item
+        return files, out, unknown
 
     def _record_export(
         self, item: ExportRecord, outcome: ExportOutcome, owner: str, destination: str, remote: Any

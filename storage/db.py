@@ -57,6 +57,9 @@ def make_engine(database_url: str) -> Engine:
         kwargs["connect_args"] = {"timeout": 60, "check_same_thread": False}
     else:
         kwargs["pool_pre_ping"] = True
+    # Statement parameters carry patient names, IDs and birth dates: an error message or a log
+    # line from the engine shows the statement only.
+    kwargs["hide_parameters"] = True
     try:
         engine = create_engine(url, **kwargs)
     except Exception as exc:  # unknown dialect, missing driver

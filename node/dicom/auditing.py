@@ -220,6 +220,7 @@ class WorkerAudit:
         host: str,
         sop_instance_uids: Iterable[str],
         deidentified: bool = False,
+        burned_in_unknown: int = 0,
     ) -> None:
         """Instances about to be sent to a remote node (Begin Transferring DICOM Instances)."""
         if not self.trail.enabled:
@@ -236,5 +237,6 @@ class WorkerAudit:
                 studies=[study_ref(s) for s in studies],
                 instances=len(uids),
                 deidentified=deidentified,
+                burned_in_unknown=burned_in_unknown,
             )
         )

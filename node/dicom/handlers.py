@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 
 from pacsnode.node.config import NodeSettings, PolicySettings
+from pacsnode.node.deid import Reidentifier
 from pacsnode.node.dicom import status
 from pacsnode.node.dicom.auditing import DimseAudit
 from pacsnode.storage import (
@@ -206,6 +207,9 @@ class StoreService:
     audit
         Where the first instance of each study of an association is audited before it is
         acknowledged; None: not audited.
+    reidentifier
+        Maps instances sent back under a pseudonymous study (a de-identifying destination's
+        results) onto the original study and patient; None: no destination de-identifies.
     """
 
     def __init__(
@@ -216,9 +220,11 @@ class StoreService:
         assoc_log: AssociationLog,
         policy: PolicySettings | None = None,
         audit: DimseAudit | None = None,
+        reidentifier: Reidentifier | None = None,
     ) -> None:
         self.archive = archive
         self.audit = audit
+        self.reidentifier = reidentifier
         self.max_instance_bytes = settings.max_instance_bytes
         self.max_inflated_bytes = min(settings.max_inflated_bytes, settings.max_instance_bytes)
         self.assoc_log = assoc_log
@@ -311,6 +317,16 @@ class StoreService:
         except InvalidInstanceError as exc:
             self.archive.discard(staged)
             return status.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)
+        reidentified = False
+        if self.reidentifier is not None:
+            try:
+                swapped = self.reidentifier.reidentify(staged, meta)
+            except Exception as exc:
+                self.archive.discard(staged)
+                logger.exception("cannot re-identify %.80s", sop_instance_uid)
+                return status.CANNOT_UNDERSTAND, f"cannot re-identify: {type(exc).__name__}"
+            if swapped is not None:
+                (staged, meta), reidentified = swapped, True
         try:
             result = self.archive.add(staged, meta, calling_ae_title=calling, may_overwrite=may_overwrite)
         except DuplicateInstanceError as exc:
@@ -325,7 +341,7 @@ class StoreService:
         if result.outcome is not AddOutcome.STORED:
             logger.info("instance %s from %r: %s", sop_instance_uid, calling, result.outcome.value)
         if self.audit is not None and event is not None:
-            self.audit.instance_stored(event, meta)  # on disk before the Success below
+            self.audit.instance_stored(event, meta, reidentified=reidentified)  # on disk before the Success below
         return status.SUCCESS, ""
 
 
