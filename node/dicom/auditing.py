@@ -48,7 +48,7 @@ class DimseAudit:
         self.archive = archive
         self.ae_title = ae_title
         self._lock = threading.Lock()
-        self._stored: dict[int, set[str]] = {}
+        self._stored: dict[int, set[tuple[str, str | None, str | None, str | None]]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -88,14 +88,17 @@ class DimseAudit:
 
     # -- services --------------------------------------------------------------------------------
     def instance_stored(self, event: Event, meta: InstanceMeta, *, reidentified: bool = False) -> None:
-        """Record the first instance of each study an association stores (DICOM Instances Transferred)."""
+        """Record the first instance of each study (and patient identity) an association stores."""
         if not self.enabled:
             return
+        # Once per study and association, and again for each other patient identity it carries
+        # (attribute conflicts: the trail keeps what each instance said).
         key = id(event.assoc)
+        seen = (meta.study_instance_uid, meta.patient_id, meta.patient_name, meta.patient_birth_date)
         with self._lock:
             studies = self._stored.setdefault(key, set())
-            first = meta.study_instance_uid not in studies
-            studies.add(meta.study_instance_uid)
+            first = seen not in studies
+            studies.add(seen)
         if not first:
             return
         calling, host = _peer(event.assoc)
@@ -116,7 +119,7 @@ class DimseAudit:
             )
         except audit.AuditError:
             with self._lock:
-                studies.discard(meta.study_instance_uid)
+                studies.discard(seen)
             raise
 
     def query(self, event: Event, *, identifier: Dataset, level: str, rows: list[dict[str, Any]]) -> None:
