@@ -59,14 +59,17 @@ class DimseAudit:
         if not self.enabled or event.assoc.is_requestor:
             return
         calling, host = _peer(event.assoc)
-        self.trail.record(
-            audit.association(
-                accepted=True,
-                calling_ae_title=calling,
-                called_ae_title=str(event.assoc.acceptor.ae_title).strip(),
-                host=host,
+        try:
+            self.trail.record(
+                audit.association(
+                    accepted=True,
+                    calling_ae_title=calling,
+                    called_ae_title=str(event.assoc.acceptor.ae_title).strip(),
+                    host=host,
+                )
             )
-        )
+        except audit.AuditError:  # an association that cannot be audited serves nothing
+            event.assoc.abort()
 
     def on_rejected(self, event: Event) -> None:
         if not self.enabled or event.assoc.is_requestor:
