@@ -118,14 +118,14 @@ class Node:
         self.audit_trail = open_audit_trail(settings)
         self.audit = DimseAudit(self.audit_trail, archive=archive, ae_title=settings.node.ae_title)
         self._alerts = audit.SecurityAlertHandler(self.audit_trail)
-        deidentifying = any(remote.deidentify for remote in settings.remote_nodes.values())
+        deidentifying = {name: r.ae_title for name, r in settings.remote_nodes.items() if r.deidentify is not None}
         self.store_service = StoreService(
             archive=archive,
             settings=settings.node,
             assoc_log=self.assoc_log,
             policy=settings.policy,
             audit=self.audit,
-            reidentifier=Reidentifier(archive) if deidentifying else None,
+            reidentifier=Reidentifier(archive, destinations=deidentifying) if deidentifying else None,
         )
         self.qr_service = QueryRetrieveService(settings=settings, archive=archive, audit=self.audit)
         self._share = share

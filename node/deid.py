@@ -135,8 +135,9 @@ class Deidentifier:
             if element is not None and element.value:
                 element.value = _shifted(element, study.day_offset)
 
+        base = self._base  # built once per destination, not once per sequence item
         rules: dict[Any, _Rule] = {}
-        for tag, action in self._base.items():
+        for tag, action in base.items():
             if len(tag) != 2:
                 continue
             name = getattr(action, "__name__", "")
@@ -156,7 +157,9 @@ class Deidentifier:
                 if element.VR == "SQ" and element.value:
                     for item in element.value:
                         walk(item)
-            anonymize_dataset(dataset, extra_anonymization_rules=rules, delete_private_tags=True)
+            anonymize_dataset(
+                dataset, extra_anonymization_rules=rules, delete_private_tags=True, base_rules_gen=lambda: dict(base)
+            )
 
         walk(ds)
         # Any UID still original (not a registry UID such as a SOP class): replaced too.
@@ -181,14 +184,31 @@ class Deidentifier:
 class Reidentifier:
     """Maps an instance sent back under a pseudonymous study onto the original study and patient."""
 
-    def __init__(self, archive: Archive) -> None:
+    def __init__(self, archive: Archive, *, destinations: dict[str, str]) -> None:
         self.archive = archive
+        self.destinations = destinations  # remote node name -> its AE title
 
-    def reidentify(self, staged: StagedFile, meta: InstanceMeta) -> tuple[StagedFile, InstanceMeta] | None:
-        """The staged instance re-identified (a new staged file, the old one discarded), or None if not ours."""
+    def reidentify(
+        self, staged: StagedFile, meta: InstanceMeta, *, calling_ae_title: str
+    ) -> tuple[StagedFile, InstanceMeta] | None:
+        """The staged instance re-identified (a new staged file, the old one discarded), or None if not ours.
+
+        Only the destination the study was sent to (its AE title) gets its instances
+        re-identified; another peer's instance under the same pseudonymous UID is stored as sent.
+        """
         with read_connection(self.archive.engine) as conn:
             study = mapping.find_by_deidentified_study(conn, meta.study_instance_uid)
             if study is None:
+                return None
+            if self.destinations.get(study.destination) != calling_ae_title.strip():
+                logger.warning(
+                    "instance %s names the pseudonymous study of destination %s but comes from %r: "
+                    "stored as sent, not re-identified",
+                    meta.sop_instance_uid,
+                    study.destination,
+                    calling_ae_title,
+                    extra={"action": "reidentify-refused", "destination": study.destination},
+                )
                 return None
             originals = mapping.original_uids(conn, study)
             identity = study_identity(conn, study.original_study_uid)

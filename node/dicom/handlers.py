@@ -320,7 +320,7 @@ class StoreService:
         reidentified = False
         if self.reidentifier is not None:
             try:
-                swapped = self.reidentifier.reidentify(staged, meta)
+                swapped = self.reidentifier.reidentify(staged, meta, calling_ae_title=calling)
             except Exception as exc:
                 self.archive.discard(staged)
                 logger.exception("cannot re-identify %.80s", sop_instance_uid)

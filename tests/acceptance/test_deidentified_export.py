@@ -6,7 +6,8 @@ the export through the Basic Application Level Confidentiality Profile (with mod
 dates), no original identifying value is left in the received files, decoded (every
 element, sequences included) or as raw bytes; UIDs are consistent within the study and
 across two exports. A Secondary Capture built against the de-identified study and sent back
-lands in the original study with the original patient and references.
+lands in the original study with the original patient and references; the same sent by
+another peer is stored as sent.
 """
 
 from __future__ import annotations
@@ -209,6 +210,19 @@ def test_deidentified_export_and_reidentified_result(
     assert stored.StudyInstanceUID == original["study"]
     assert stored.SourceImageSequence[0].ReferencedSOPInstanceUID == original["sop0"]
     assert "PatientIdentityRemoved" not in stored
+
+    # Another peer sending under the pseudonymous study is not re-identified: stored as sent.
+    sc.SOPInstanceUID = sc.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    sc.SeriesInstanceUID = generate_uid()  # the first result's series is now in the original study
+    sc.save_as(result, enforce_file_format=True)
+    sent = subprocess.run(
+        [require("storescu"), "-aet", "STRANGER", "-aec", "PACSNODE", "127.0.0.1", str(node.port), str(result)],
+        capture_output=True, text=True, timeout=60, check=False, env={"TCP_NODELAY": "1"},
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    with read_connection(node.archive.engine) as conn:
+        (elsewhere,) = studies_of_instances(conn, [str(sc.SOPInstanceUID)])
+    assert (elsewhere.study_instance_uid, elsewhere.patient_id) == (first.StudyInstanceUID, first.PatientID)
 
     # The audit trail: the export (de-identified, of the original study) and the re-identified result.
     events = list(read_events(trail_path(settings.audit, settings.storage.root)))
