@@ -57,13 +57,14 @@ def make_engine(database_url: str) -> Engine:
         kwargs["connect_args"] = {"timeout": 60, "check_same_thread": False}
     else:
         kwargs["pool_pre_ping"] = True
-    # Statement parameters carry patient names, IDs and birth dates: an error message or a log
-    # line from the engine shows the statement only.
-    kwargs["hide_parameters"] = True
     try:
         engine = create_engine(url, **kwargs)
     except Exception as exc:  # unknown dialect, missing driver
         raise StorageError(f"cannot use database URL {url!r}: {exc}") from exc
+    # Statement parameters carry patient names, IDs and birth dates: an error message or a log
+    # line from the engine shows the statement only (the attribute create_engine(hide_parameters=)
+    # sets; every StatementError and engine log line reads it).
+    engine.hide_parameters = True
     if url.get_backend_name() == "sqlite":
         _configure_sqlite(engine)
     return engine
