@@ -227,8 +227,8 @@ class Worker:
         beat = threading.Thread(
             target=self._heartbeat, args=(batch, finished), name=f"jobs-{batch.ids}-heartbeat", daemon=True
         )
+        self._log_started(jobs)  # audited before it runs: a trail that cannot be written stops it here
         beat.start()
-        self._log_started(jobs)
         states: dict[int, JobState | None] = {}
         errors: list[BaseException] = []
 
