@@ -11,6 +11,7 @@ restarts a child that died, and reports.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -30,7 +31,10 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import PresentationContext
 
+from pacsnode.node import audit
 from pacsnode.node.config import Settings, redact_url
+from pacsnode.node.deid import Reidentifier
+from pacsnode.node.dicom.auditing import DimseAudit
 from pacsnode.node.dicom.contexts import qr_contexts, scp_contexts
 from pacsnode.node.dicom.guard import GuardLimits
 from pacsnode.node.dicom.handlers import (
@@ -60,6 +64,10 @@ def configure_pynetdicom() -> None:
     their fragments arrive.
     """
     pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+    # pynetdicom dumps Q/R identifiers (patient names, IDs, birth dates) into its log at INFO and
+    # DEBUG; operational logs name UIDs, AE titles and counts only (the audit trail has the rest).
+    pynetdicom_config.LOG_REQUEST_IDENTIFIERS = False
+    pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
     pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
     # Received datasets go to a file fragment by fragment, never whole into memory.
     pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
@@ -115,10 +123,19 @@ class Node:
         self._tls_listen_socket = tls_listen_socket
         self.tls_server: NodeServer | None = None
         self.assoc_log = AssociationLog()
+        self.audit_trail = open_audit_trail(settings)
+        self.audit = DimseAudit(self.audit_trail, archive=archive, ae_title=settings.node.ae_title)
+        self._alerts = audit.SecurityAlertHandler(self.audit_trail)
+        deidentifying = {name: r.ae_title for name, r in settings.remote_nodes.items() if r.deidentify is not None}
         self.store_service = StoreService(
-            archive=archive, settings=settings.node, assoc_log=self.assoc_log, policy=settings.policy
+            archive=archive,
+            settings=settings.node,
+            assoc_log=self.assoc_log,
+            policy=settings.policy,
+            audit=self.audit,
+            reidentifier=Reidentifier(archive, destinations=deidentifying) if deidentifying else None,
         )
-        self.qr_service = QueryRetrieveService(settings=settings, archive=archive)
+        self.qr_service = QueryRetrieveService(settings=settings, archive=archive, audit=self.audit)
         self._share = share
         self.ae = self._build_ae(share)
         self.server: NodeServer | None = None
@@ -149,6 +166,9 @@ class Node:
             (evt.EVT_REJECTED, log.on_rejected),
             (evt.EVT_ABORTED, log.on_aborted),
             (evt.EVT_CONN_CLOSE, log.on_close),
+            (evt.EVT_ESTABLISHED, self.audit.on_established),
+            (evt.EVT_REJECTED, self.audit.on_rejected),
+            (evt.EVT_CONN_CLOSE, self.audit.on_close),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, self.store_service.handle_store),
             (evt.EVT_C_FIND, self.qr_service.handle_find),
@@ -203,6 +223,7 @@ class Node:
         ``tls.port`` a second listener speaks TLS there (:attr:`tls_address`).
         """
         node = self.settings.node
+        logging.getLogger("pacsnode").addHandler(self._alerts)  # refusals logged as security alerts are audited
         tls = server_context(node.tls) if node.tls is not None else None
         main_tls = tls if node.tls is not None and node.tls.port is None else None
         self.server = self._server(node.port, self._listen_socket, main_tls)
@@ -241,6 +262,8 @@ class Node:
             logger.warning("aborting %d association(s) still open after %.0f s", len(remaining), grace)
             for assoc in remaining:
                 assoc.abort()
+        logging.getLogger("pacsnode").removeHandler(self._alerts)
+        self.audit_trail.close()
         self.archive.close()
 
     def _in_flight(self) -> list[Any]:
@@ -289,6 +312,35 @@ def serve(settings: Settings) -> int:
     configure_pynetdicom()
     archive = Archive.open(settings.storage)  # migrate + sweep before anyone accepts
     archive.close()
+    trail = _audit_start(settings, "serve")
+    try:
+        return _serve(settings)
+    finally:
+        _audit_stop(trail, "serve")
+
+
+def open_audit_trail(settings: Settings) -> audit.AuditTrail:
+    """The audit trail this process writes (see :mod:`pacsnode.node.audit`)."""
+    return audit.trail_for(settings.audit, storage_root=settings.storage.root, ae_title=settings.node.ae_title)
+
+
+def _audit_start(settings: Settings, role: str) -> audit.AuditTrail:
+    """Application Start and the configuration loaded, recorded before the process serves anyone."""
+    trail = open_audit_trail(settings)
+    trail.record(audit.application_activity(started=True, role=role))
+    digest = hashlib.sha256(settings.source.read_bytes()).hexdigest() if settings.source is not None else None
+    trail.record(audit.configuration_loaded(source=settings.source, sha256=digest))
+    return trail
+
+
+def _audit_stop(trail: audit.AuditTrail, role: str) -> None:
+    try:
+        trail.record(audit.application_activity(started=False, role=role))
+    finally:
+        trail.close()
+
+
+def _serve(settings: Settings) -> int:
     node = settings.node
     listen_socket = open_listen_socket(node.host, node.port)
     tls_port = node.tls.port if node.tls is not None else None
@@ -316,6 +368,14 @@ def run_workers(settings: Settings, count: int) -> int:
     """``pacsnode worker``: run ``count`` worker processes against the configured database."""
     archive = Archive.open(settings.storage)
     archive.close()
+    trail = _audit_start(settings, "worker")
+    try:
+        return _run_workers(settings, count)
+    finally:
+        _audit_stop(trail, "worker")
+
+
+def _run_workers(settings: Settings, count: int) -> int:
     logger.info("pacsnode worker: %d process(es) on index %s", count, redact_url(settings.storage.database_url))
     return _supervise(settings, None, 0, count)
 

@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    p = _command(sub, "audit", _cmd_audit, help="who touched a study: the audit trail, filtered")
+    p.add_argument("--patient", metavar="ID", help="events naming this PatientID")
+    p.add_argument("--study", metavar="UID", help="events naming this Study Instance UID")
+    p.add_argument("--peer", metavar="AE", help="events with this AE title as a participant")
+    p.add_argument(
+        "--since", metavar="WHEN", help="ISO date or date-time (UTC unless it says), or an age: 30m, 12h, 7d"
+    )
+    p.add_argument("--kind", action="append", default=[], help="only this event kind (repeatable)")
+    p.add_argument("--json", action="store_true", help="JSON lines, as recorded")
     p = _command(
         sub, "worker", _cmd_worker, help="run analysis worker processes (jobs, exports, scheduling) until SIGTERM"
     )
@@ -376,6 +386,51 @@ def _cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
     for uid in result.failed_uids:
         print(f"  FAILED {printable(uid)}")
     return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _parse_since(text: str) -> datetime:
+    """``--since``: an ISO date or date-time (UTC unless it names an offset), or an age such as 7d, 12h, 30m."""
+    units = {"m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].isdigit():
+        return datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    when = datetime.fromisoformat(text)
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
+    from pacsnode.node.audit import read_events, trail_path
+
+    try:
+        since = _parse_since(args.since) if args.since else None
+    except ValueError:
+        print(f"pacsnode: --since {args.since!r}: not an ISO date, date-time or age (7d, 12h, 30m)", file=sys.stderr)
+        return EXIT_FAILED
+    events = read_events(
+        trail_path(settings.audit, settings.storage.root),
+        patient_id=args.patient,
+        study_uid=args.study,
+        peer=args.peer,
+        since=since,
+        kinds=args.kind,
+    )
+    for doc in events:
+        if args.json:
+            print(json.dumps(doc, ensure_ascii=False))
+            continue
+        who = ", ".join(
+            f"{p.get('role')}={p.get('ae_title', '')}" + (f"@{p['host']}" if p.get("host") else "")
+            for p in doc.get("participants") or []
+        )
+        studies = ", ".join(
+            f"{s.get('study_instance_uid')} (patient {s.get('patient_id', '?')})" for s in doc.get("studies") or []
+        )
+        outcome = "" if doc.get("outcome") == 0 else f" outcome={doc.get('outcome')}"
+        print(
+            printable(
+                f"{doc.get('time')} {doc.get('kind')}{outcome} {who}" + (f" studies: {studies}" if studies else "")
+            )
+        )
+    return EXIT_OK
 
 
 def _cmd_studies(settings: Settings, args: argparse.Namespace) -> int:

@@ -20,6 +20,8 @@ from pydantic import (
 )
 
 from pacsnode.analysis.settings import AnalysisSettings
+from pacsnode.node.audit import AuditSettings
+from pacsnode.node.deid import DeidentifyProfile
 from pacsnode.node.errors import ConfigError
 from pacsnode.storage.model_base import StrictModel
 from pacsnode.storage.settings import StorageSettings
@@ -191,6 +193,8 @@ class RemoteNode(StrictModel):
     host: str
     port: Port
     tls: RemoteTls | None = None
+    # Exports to this node are de-identified (pacsnode.node.deid); None: sent as stored.
+    deidentify: DeidentifyProfile | None = None
 
 
 class QuerySettings(StrictModel):
@@ -223,6 +227,7 @@ class Settings(StrictModel):
     analysis: AnalysisSettings = AnalysisSettings()
     export: ExportSettings = ExportSettings()
     logging: LoggingSettings = LoggingSettings()
+    audit: AuditSettings = AuditSettings()
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -290,7 +295,7 @@ def _anchor_paths(data: dict[str, Any], base: Path) -> None:
     store from any working directory. Touched: ``storage.root``, the file of a
     ``sqlite:///`` database URL, and a rule's ``params.model`` when it names a
     folder (contains a path separator or starts with a dot) rather than a
-    built-in model, and the certificate, key and CA files of ``node.tls`` and
+    built-in model, ``audit.path``, and the certificate, key and CA files of ``node.tls`` and
     each remote node's ``tls``. Defaults that the file does not set stay relative to the
     working directory.
     """
@@ -313,6 +318,9 @@ def _anchor_paths(data: dict[str, Any], base: Path) -> None:
             for key in ("certificate", "private_key", "ca_certificates"):
                 if key in tls:
                     tls[key] = _anchored(tls[key], base)
+    audit = data.get("audit")
+    if isinstance(audit, dict) and "path" in audit:
+        audit["path"] = _anchored(audit["path"], base)
     analysis = data.get("analysis")
     rules = analysis.get("rules") if isinstance(analysis, dict) else None
     for rule in rules if isinstance(rules, list) else []:

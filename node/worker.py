@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +39,10 @@ from typing import Any
 from pacsnode.analysis.errors import AnalysisError, SkipAnalysis
 from pacsnode.analysis.pipelines import PipelineInput, SeriesInput, resolve_pipeline
 from pacsnode.analysis.routing import select_series
+from pacsnode.node.app import open_audit_trail
 from pacsnode.node.config import Settings
+from pacsnode.node.deid import BurnedInAnnotationError, Deidentifier, DeidentifyProfile
+from pacsnode.node.dicom.auditing import WorkerAudit
 from pacsnode.node.dicom.export import ExportOutcome, send_files
 from pacsnode.node.scheduler import ImageSizes
 from pacsnode.storage import Archive
@@ -159,6 +163,7 @@ class Worker:
         self.image_sizes = ImageSizes(archive)  # the scheduler's reader: the same selection on both sides
         self.wake = threading.Event()  # set by the scheduler in this process when it queues a job
         self.export_wake = threading.Event()  # set when a job of this process queued exports
+        self.audit = WorkerAudit(open_audit_trail(settings), archive=archive, ae_title=settings.node.ae_title)
 
     # -- jobs ------------------------------------------------------------------------------------
     def run_jobs(self, stop: threading.Event, *, poll_s: float = 1.0) -> None:
@@ -222,8 +227,8 @@ class Worker:
         beat = threading.Thread(
             target=self._heartbeat, args=(batch, finished), name=f"jobs-{batch.ids}-heartbeat", daemon=True
         )
+        self._log_started(jobs)  # audited before it runs: a trail that cannot be written stops it here
         beat.start()
-        self._log_started(jobs)
         states: dict[int, JobState | None] = {}
         errors: list[BaseException] = []
 
@@ -250,6 +255,7 @@ class Worker:
 
     def _log_started(self, jobs: list[JobRecord]) -> None:
         for job in jobs:
+            self._audit_job(job, "started")
             logger.info(
                 "job %d started: %s for study %s (attempt %d of %d)%s",
                 job.id,
@@ -305,6 +311,19 @@ class Worker:
         self, job: JobRecord, owner: str, outcome: tuple[dict[str, Any], list[str]] | BaseException, started: float
     ) -> JobState | None:
         """Record one job's outcome: done (and its exports queued, in one transaction), retried or failed."""
+        state = self._record_outcome(job, owner, outcome, started)
+        if state is not None:
+            self._audit_job(job, "retry" if state is JobState.PENDING else state.value)
+        return state
+
+    def _audit_job(self, job: JobRecord, state: str) -> None:
+        self.audit.job(
+            job_id=job.id, pipeline=job.pipeline, rule=job.rule, study_instance_uid=job.study_instance_uid, state=state
+        )
+
+    def _record_outcome(
+        self, job: JobRecord, owner: str, outcome: tuple[dict[str, Any], list[str]] | BaseException, started: float
+    ) -> JobState | None:
         extra = {"action": "job", "job_id": job.id, "pipeline": job.pipeline}
         if isinstance(outcome, _LeaseLost):
             logger.error("job %d: lease lost to another worker; result discarded", job.id, extra=extra)
@@ -489,20 +508,67 @@ class Worker:
                 path = self.archive.instance_path(row.file_path)
                 files.append(path)
                 by_path[path] = item
-        pending = {item.id for item in by_path.values()}
-        renewed = time.monotonic()
+        if not by_path:
+            return len(batch)
+        with tempfile.TemporaryDirectory(dir=self.archive.store.tmp_dir, prefix="deid-") as scratch:
+            burned_in_unknown = 0
+            if remote.deidentify is not None:  # what leaves is the de-identified copy, never the stored file
+                files, by_path, burned_in_unknown = self._deidentified(
+                    destination, remote.deidentify, by_path, Path(scratch), owner
+                )
+                if not by_path:
+                    return len(batch)
+            self.audit.export(
+                destination=destination,
+                ae_title=remote.ae_title,
+                host=remote.host,
+                sop_instance_uids=[item.sop_instance_uid for item in by_path.values()],
+                deidentified=remote.deidentify is not None,
+                burned_in_unknown=burned_in_unknown,
+            )
+            pending = {item.id for item in by_path.values()}
+            renewed = time.monotonic()
 
-        def record(outcome: ExportOutcome) -> None:
-            nonlocal renewed
-            item = by_path[outcome.path]
-            pending.discard(item.id)
-            self._record_export(item, outcome, owner, destination, remote)
-            if time.monotonic() - renewed > export.lease_seconds / 3:  # a slow peer: keep the rest ours
-                self.exports.renew(sorted(pending), owner, lease_s=export.lease_seconds)
-                renewed = time.monotonic()
+            def record(outcome: ExportOutcome) -> None:
+                nonlocal renewed
+                item = by_path[outcome.path]
+                pending.discard(item.id)
+                self._record_export(item, outcome, owner, destination, remote)
+                if time.monotonic() - renewed > export.lease_seconds / 3:  # a slow peer: keep the rest ours
+                    self.exports.renew(sorted(pending), owner, lease_s=export.lease_seconds)
+                    renewed = time.monotonic()
 
-        send_files(self.settings, remote, files, progress=record)
+            send_files(self.settings, remote, files, progress=record)
         return len(batch)
+
+    def _deidentified(
+        self,
+        destination: str,
+        profile: DeidentifyProfile,
+        by_path: dict[Path, ExportRecord],
+        scratch: Path,
+        owner: str,
+    ) -> tuple[list[Path], dict[Path, ExportRecord], int]:
+        """De-identified copies of the files in ``scratch``; an instance that cannot be de-identified fails."""
+        deidentifier = Deidentifier(self.archive, destination=destination, profile=profile)
+        files: list[Path] = []
+        out: dict[Path, ExportRecord] = {}
+        unknown = 0
+        for index, (path, item) in enumerate(by_path.items()):
+            target = scratch / f"{index}.dcm"
+            try:
+                result = deidentifier.deidentify_file(path, target)
+            except BurnedInAnnotationError as exc:
+                self._export_failed(item, owner, str(exc))
+                continue
+            except Exception as exc:
+                logger.exception("cannot de-identify %s for %s", item.sop_instance_uid, destination)
+                self._export_failed(item, owner, f"cannot de-identify: {type(exc).__name__}")
+                continue
+            unknown += result.burned_in_unknown
+            files.append(target)
+            out[target] = item
+        return files, out, unknown
 
     def _record_export(
         self, item: ExportRecord, outcome: ExportOutcome, owner: str, destination: str, remote: Any

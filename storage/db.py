@@ -61,6 +61,10 @@ def make_engine(database_url: str) -> Engine:
         engine = create_engine(url, **kwargs)
     except Exception as exc:  # unknown dialect, missing driver
         raise StorageError(f"cannot use database URL {url!r}: {exc}") from exc
+    # Statement parameters carry patient names, IDs and birth dates: an error message or a log
+    # line from the engine shows the statement only (the attribute create_engine(hide_parameters=)
+    # sets; every StatementError and engine log line reads it).
+    engine.hide_parameters = True
     if url.get_backend_name() == "sqlite":
         _configure_sqlite(engine)
     return engine

@@ -35,6 +35,8 @@ __all__ = [
     "Series",
     "Instance",
     "Quarantined",
+    "DeidStudy",
+    "DeidUid",
     "Job",
     "Export",
     "JobState",
@@ -202,6 +204,41 @@ class Quarantined(Base):
     file_path: Mapped[str] = mapped_column(String(255))  # relative to the store root
     file_size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
+
+
+class DeidStudy(Base):
+    """A study exported de-identified to one destination: its pseudonymous identity there.
+
+    ``deidentified_study_uid`` is how the destination knows the study; results it sends
+    back under that UID are re-identified into ``original_study_uid``. ``day_offset``:
+    the days every date was moved by (Retain Longitudinal Temporal Information with
+    Modified Dates); ``pseudonym``: the PatientID and PatientName sent.
+    """
+
+    __tablename__ = "deid_studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    original_study_uid: Mapped[str] = mapped_column(String(_UI))
+    deidentified_study_uid: Mapped[str] = mapped_column(String(_UI), unique=True)
+    pseudonym: Mapped[str] = mapped_column(String(_LO))
+    day_offset: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+    __table_args__ = (Index("ux_deid_studies_destination_study", "destination", "original_study_uid", unique=True),)
+
+
+class DeidUid(Base):
+    """One UID replaced in a de-identified export (PS3.15 E.1 action U), per destination and study."""
+
+    __tablename__ = "deid_uids"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    deid_study_fk: Mapped[int] = mapped_column(ForeignKey("deid_studies.id"), index=True)
+    original_uid: Mapped[str] = mapped_column(String(_UI))
+    deidentified_uid: Mapped[str] = mapped_column(String(_UI), unique=True)
+
+    __table_args__ = (Index("ux_deid_uids_study_original", "deid_study_fk", "original_uid", unique=True),)
 
 
 class Job(Base):

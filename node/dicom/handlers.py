@@ -26,7 +26,9 @@ from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 
 from pacsnode.node.config import NodeSettings, PolicySettings
+from pacsnode.node.deid import Reidentifier
 from pacsnode.node.dicom import status
+from pacsnode.node.dicom.auditing import DimseAudit
 from pacsnode.storage import (
     AddOutcome,
     Archive,
@@ -202,6 +204,12 @@ class StoreService:
     policy
         The peer policy: which peers ``storage.duplicate_policy: overwrite`` trusts.
         None: no peer is trusted to overwrite.
+    audit
+        Where the first instance of each study of an association is audited before it is
+        acknowledged; None: not audited.
+    reidentifier
+        Maps instances sent back under a pseudonymous study (a de-identifying destination's
+        results) onto the original study and patient; None: no destination de-identifies.
     """
 
     def __init__(
@@ -211,8 +219,12 @@ class StoreService:
         settings: NodeSettings,
         assoc_log: AssociationLog,
         policy: PolicySettings | None = None,
+        audit: DimseAudit | None = None,
+        reidentifier: Reidentifier | None = None,
     ) -> None:
         self.archive = archive
+        self.audit = audit
+        self.reidentifier = reidentifier
         self.max_instance_bytes = settings.max_instance_bytes
         self.max_inflated_bytes = min(settings.max_inflated_bytes, settings.max_instance_bytes)
         self.assoc_log = assoc_log
@@ -241,7 +253,7 @@ class StoreService:
             with _received_dataset(request) as received:
                 size = received.view.nbytes
                 code, comment = self._store(
-                    received, size, sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling, may_overwrite
+                    received, size, sop_class_uid, sop_instance_uid, transfer_syntax_uid, calling, may_overwrite, event
                 )
         except Exception as exc:  # a bug must cost one instance, not the association
             logger.exception("unexpected error storing %.80s", sop_instance_uid)
@@ -269,6 +281,7 @@ class StoreService:
         transfer_syntax_uid: str,
         calling: str,
         may_overwrite: bool,
+        event: Event | None = None,
     ) -> tuple[int, str]:
         if not is_valid_uid(sop_class_uid) or not is_valid_uid(sop_instance_uid):
             return status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Affected SOP Class/Instance UID is not a valid UID"
@@ -304,6 +317,16 @@ class StoreService:
         except InvalidInstanceError as exc:
             self.archive.discard(staged)
             return status.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)
+        reidentified = False
+        if self.reidentifier is not None:
+            try:
+                swapped = self.reidentifier.reidentify(staged, meta, calling_ae_title=calling)
+            except Exception as exc:
+                self.archive.discard(staged)
+                logger.exception("cannot re-identify %.80s", sop_instance_uid)
+                return status.CANNOT_UNDERSTAND, f"cannot re-identify: {type(exc).__name__}"
+            if swapped is not None:
+                (staged, meta), reidentified = swapped, True
         try:
             result = self.archive.add(staged, meta, calling_ae_title=calling, may_overwrite=may_overwrite)
         except DuplicateInstanceError as exc:
@@ -317,6 +340,8 @@ class StoreService:
             return status.OUT_OF_RESOURCES, str(exc)
         if result.outcome is not AddOutcome.STORED:
             logger.info("instance %s from %r: %s", sop_instance_uid, calling, result.outcome.value)
+        if self.audit is not None and event is not None:
+            self.audit.instance_stored(event, meta, reidentified=reidentified)  # on disk before the Success below
         return status.SUCCESS, ""
 
 

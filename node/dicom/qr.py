@@ -36,6 +36,7 @@ from pynetdicom.presentation import PresentationContext
 
 from pacsnode.node.config import Settings
 from pacsnode.node.dicom import status
+from pacsnode.node.dicom.auditing import DimseAudit
 from pacsnode.node.dicom.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS, Verification
 from pacsnode.node.dicom.handlers import failure_status, set_nodelay
 from pacsnode.node.dicom.tls import client_args
@@ -122,11 +123,14 @@ class QueryRetrieveService:
         The whole configuration: query limits, known remote nodes, this node's AE title.
     archive
         The archive answering the queries and holding the files.
+    audit
+        Where queries and retrieves are audited before they are answered; None: not audited.
     """
 
-    def __init__(self, *, settings: Settings, archive: Archive) -> None:
+    def __init__(self, *, settings: Settings, archive: Archive, audit: DimseAudit | None = None) -> None:
         self.settings = settings
         self.archive = archive
+        self.audit = audit
 
     # -- C-FIND --------------------------------------------------------------------------------
     def handle_find(self, event: Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
@@ -163,6 +167,8 @@ class QueryRetrieveService:
             f"; keys not supported: {', '.join(parsed.unsupported)}" if parsed.unsupported else "",
             extra={"action": "c-find", "level": parsed.level.value, "matches": len(rows)},
         )
+        if self.audit is not None:
+            self.audit.query(event, identifier=identifier, level=parsed.level.value, rows=rows)
         for row in rows:
             _let_reactor_catch_up(event.assoc)
             if event.is_cancelled:
@@ -283,6 +289,14 @@ class QueryRetrieveService:
             remote.port,
             extra={"action": "c-move", "instances": len(located), "destination": destination_ae},
         )
+        if self.audit is not None:
+            self.audit.retrieve(
+                event,
+                service="C-MOVE",
+                sop_instance_uids=[loc.sop_instance_uid for loc in located],
+                destination_ae_title=destination_ae,
+                destination_host=remote.host,
+            )
         yield len(located)
         yield from self._send(event, located, lambda: _accepted(store_assoc[0] if store_assoc else None))
 
@@ -300,6 +314,14 @@ class QueryRetrieveService:
             len(located),
             extra={"action": "c-get", "instances": len(located)},
         )
+        if self.audit is not None:
+            self.audit.retrieve(
+                event,
+                service="C-GET",
+                sop_instance_uids=[loc.sop_instance_uid for loc in located],
+                destination_ae_title=str(peer).strip(),
+                destination_host=str(event.assoc.requestor.address),
+            )
         _stream_stored_files(event.assoc)
         yield len(located)
         yield from self._send(event, located, lambda: _accepted(event.assoc))

@@ -116,6 +116,8 @@ def make_settings(tmp_path: Path, **sections: dict[str, Any]) -> Settings:
             "database_url": f"sqlite:///{tmp_path / 'index.db'}",
             "min_free_bytes": 0,
         },
+        # The trail is written as in production, without an fsync per event (test time).
+        "audit": {"fsync": False},
     }
     for key, value in sections.items():
         data.setdefault(key, {})

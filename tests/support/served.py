@@ -33,6 +33,7 @@ class Served:
             "storage": {"root": str(self.root), "database_url": f"sqlite:///{self.db}", "min_free_bytes": 0},
             "remote_nodes": {"SELF": {"ae_title": "PACSNODE", "host": "127.0.0.1", "port": self.port}},
             "analysis": {"workers": 0},
+            "audit": {"fsync": False},  # written as in production, without an fsync per event (test time)
         }
         for key, value in (sections or {}).items():
             if isinstance(value, dict) and isinstance(config.get(key), dict):
