@@ -29,6 +29,7 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import PresentationContext
 
+from pacsnode.node import metrics
 from pacsnode.node.config import Settings, redact_url
 from pacsnode.node.dicom.contexts import qr_contexts, scp_contexts
 from pacsnode.node.dicom.guard import GuardLimits
@@ -236,6 +237,7 @@ def _run_acceptor(settings: Settings, listen_socket: socket.socket, share: int) 
     tempfile.tempdir = str(archive.store.tmp_dir)
     node = Node(settings, archive=archive, listen_socket=listen_socket, share=share)
     node.start()
+    metrics.start_heartbeat("acceptor")
     stop.event.wait()
     logger.info("signal %d: shutting down acceptor (pid %d)", stop.signum, os.getpid())
     node.stop()
@@ -251,6 +253,7 @@ def serve(settings: Settings) -> int:
     configure_pynetdicom()
     archive = Archive.open(settings.storage)  # migrate + sweep before anyone accepts
     archive.close()
+    metrics.install_temporary()  # before the fork: every process counts into one folder
     node = settings.node
     listen_socket = open_listen_socket(node.host, node.port)
     count = node.acceptor_processes
@@ -324,6 +327,7 @@ def _supervise(settings: Settings, listen_socket: socket.socket | None, count: i
             stop.event.wait(0.2)
             continue
         role = children.pop(pid, "unknown")
+        metrics.process_ended(pid)
         if role == "unknown":
             continue
         if role == "worker" and os.waitstatus_to_exitcode(wait_status) == _timeout_exit():

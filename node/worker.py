@@ -38,6 +38,7 @@ from typing import Any
 from pacsnode.analysis.errors import AnalysisError, SkipAnalysis
 from pacsnode.analysis.pipelines import PipelineInput, SeriesInput, resolve_pipeline
 from pacsnode.analysis.routing import select_series
+from pacsnode.node import metrics
 from pacsnode.node.config import Settings
 from pacsnode.node.dicom.export import ExportOutcome, send_files
 from pacsnode.node.scheduler import ImageSizes
@@ -239,6 +240,9 @@ class Worker:
                 errors.append(exc)
             else:
                 batch.mark_recorded(job.id)
+                metrics.job_finished(
+                    job.pipeline, metrics.job_outcome(states[job.id]), time.monotonic() - batch.started
+                )
 
         try:
             self._execute_batch(jobs, still_ours, finish, deadline=batch.deadline)
@@ -288,6 +292,7 @@ class Worker:
                 error = f"timed out after {batch.timeout_s:g} s (attempt {job.attempts} of {job.max_attempts})"
                 try:
                     state = self.jobs.fail(job.id, batch.owner, error, retry=True, policy=self.job_retry)
+                    metrics.job_finished(job.pipeline, "timeout", time.monotonic() - batch.started)
                     logger.error(
                         "job %d %s; now %s; restarting this worker",
                         job.id,
@@ -510,6 +515,7 @@ class Worker:
         """Mark one send as it completes, so a crash mid-batch resends only what was not acknowledged."""
         if outcome.ok:
             self.exports.mark_sent(item, owner)
+            metrics.export_finished(destination, "sent")
             logger.info(
                 "exported %s to %s (%s:%d)",
                 item.sop_instance_uid,
@@ -526,6 +532,7 @@ class Worker:
 
     def _export_failed(self, item: ExportRecord, owner: str, error: str) -> None:
         state = self.exports.mark_failed(item, owner, error, policy=self.export_retry)
+        metrics.export_finished(item.destination, metrics.export_outcome(state))
         level = logging.ERROR if state is ExportState.DEAD else logging.WARNING
         logger.log(
             level,
@@ -556,6 +563,7 @@ def run_worker_process(settings: Settings, *, scheduler: bool = True, exporter: 
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    metrics.start_heartbeat("worker")
     threads = []
     if exporter:
         threads.append(threading.Thread(target=worker.run_exports, args=(stop,), name="exporter", daemon=True))

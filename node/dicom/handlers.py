@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 
+from pacsnode.node import metrics
 from pacsnode.node.config import NodeSettings, PolicySettings
 from pacsnode.node.dicom import status
 from pacsnode.storage import (
@@ -160,6 +161,7 @@ class AssociationLog:
         if (stats.outcome == "closed" and event.assoc.is_aborted) or getattr(guarded, "aborted", False):
             stats.outcome = "aborted"
         duration = time.monotonic() - stats.started
+        metrics.association_closed(stats.calling_ae_title, stats.outcome, duration)
         level = logging.WARNING if stats.failures or stats.outcome in ("aborted", "rejected") else logging.INFO
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.failure_reasons.items()))
         logger.log(
@@ -246,6 +248,7 @@ class StoreService:
         except Exception as exc:  # a bug must cost one instance, not the association
             logger.exception("unexpected error storing %.80s", sop_instance_uid)
             code, comment = status.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}"
+        metrics.instance_received(calling, code, size)
         if code == status.SUCCESS:
             self.assoc_log.record(event, size=size, failure=None)
             return status.SUCCESS
