@@ -270,9 +270,19 @@ def serve(settings: Settings) -> int:
     )
     if not settings.analysis.rules and workers:
         logger.info("no analysis rules configured: workers only export what is queued")
-    if count == 1 and workers == 0:
+    http_socket = _open_http(settings)
+    if count == 1 and workers == 0 and http_socket is None:
         return _run_acceptor(settings, listen_socket, 1)
-    return _supervise(settings, listen_socket, count, workers)
+    return _supervise(settings, listen_socket, count, workers, http_socket=http_socket)
+
+
+def _open_http(settings: Settings) -> socket.socket | None:
+    """The HTTP server's listening socket (``http.enabled``), bound before any child starts."""
+    if not settings.http.enabled:
+        return None
+    from pacsnode.node.http.server import open_http_socket
+
+    return open_http_socket(settings)
 
 
 def run_workers(settings: Settings, count: int) -> int:
@@ -300,7 +310,18 @@ def _fork(body: Callable[[], int], what: str) -> int:
     return pid
 
 
-def _spawn(settings: Settings, listen_socket: socket.socket | None, share: int, role: str) -> int:
+def _spawn(
+    settings: Settings,
+    listen_socket: socket.socket | None,
+    share: int,
+    role: str,
+    http_socket: socket.socket | None = None,
+) -> int:
+    if role == "http":
+        from pacsnode.node.http.server import run_http_process
+
+        assert http_socket is not None
+        return _fork(lambda: run_http_process(settings, http_socket), "http")
     if role == "acceptor":
         assert listen_socket is not None
         return _fork(lambda: _run_acceptor(settings, listen_socket, share), "acceptor")
@@ -309,7 +330,14 @@ def _spawn(settings: Settings, listen_socket: socket.socket | None, share: int, 
     return _fork(lambda: run_worker_process(settings), "worker")
 
 
-def _supervise(settings: Settings, listen_socket: socket.socket | None, count: int, workers: int) -> int:
+def _supervise(
+    settings: Settings,
+    listen_socket: socket.socket | None,
+    count: int,
+    workers: int,
+    *,
+    http_socket: socket.socket | None = None,
+) -> int:
     stop = _Stop()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -318,6 +346,8 @@ def _supervise(settings: Settings, listen_socket: socket.socket | None, count: i
         children[_spawn(settings, listen_socket, count, "acceptor")] = "acceptor"
     for _ in range(workers):
         children[_spawn(settings, listen_socket, count, "worker")] = "worker"
+    if http_socket is not None:
+        children[_spawn(settings, listen_socket, count, "http", http_socket)] = "http"
     while not stop.event.is_set():
         try:
             pid, wait_status = os.waitpid(-1, os.WNOHANG)
@@ -335,7 +365,7 @@ def _supervise(settings: Settings, listen_socket: socket.socket | None, count: i
         else:
             logger.error("%s process %d exited (%s); starting another", role, pid, _describe(wait_status))
         time.sleep(0.5)
-        children[_spawn(settings, listen_socket, count, role)] = role
+        children[_spawn(settings, listen_socket, count, role, http_socket)] = role
     logger.info("signal %d: stopping %d process(es)", stop.signum, len(children))
     for pid in children:
         try:
@@ -359,8 +389,9 @@ def _supervise(settings: Settings, listen_socket: socket.socket | None, count: i
         logger.error("%s process %d did not stop; killing it", role, pid)
         os.kill(pid, signal.SIGKILL)
         code = 1
-    if listen_socket is not None:
-        listen_socket.close()
+    for sock in (listen_socket, http_socket):
+        if sock is not None:
+            sock.close()
     logger.info("pacsnode stopped")
     return code
 

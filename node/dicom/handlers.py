@@ -322,6 +322,39 @@ class StoreService:
             logger.info("instance %s from %r: %s", sop_instance_uid, calling, result.outcome.value)
         return status.SUCCESS, ""
 
+    def store_file(
+        self, path: Path, *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, calling: str
+    ) -> tuple[int, str]:
+        """Store a Part 10 file received another way (STOW-RS) through the C-STORE path.
+
+        The same checks, durability and statuses as :meth:`handle_store`; the UIDs come from the
+        file's File Meta Information. ``path`` is consumed (removed afterwards). Returns the
+        status and its comment ("" on success); never raises.
+        """
+        try:
+            with _received_dataset(_FileRequest(_dataset_path=str(path))) as received:
+                return self._store(
+                    received,
+                    received.view.nbytes,
+                    sop_class_uid,
+                    sop_instance_uid,
+                    transfer_syntax_uid,
+                    calling,
+                    False,
+                )
+        except UnreadableInstanceError as exc:
+            return status.CANNOT_UNDERSTAND, str(exc)
+        except Exception as exc:  # a bug must cost one instance, not the request
+            logger.exception("unexpected error storing %.80s", sop_instance_uid)
+            return status.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}"
+
+
+@dataclass(frozen=True)
+class _FileRequest:
+    """A stand-in for a C-STORE request whose dataset pynetdicom wrote to a file: a Part 10 file."""
+
+    _dataset_path: str
+
 
 def _discard_partial_file(message: Any) -> None:
     """Remove the file pynetdicom was writing a dataset into when the association ended mid-way."""

@@ -25,6 +25,7 @@ class Served:
         self, tmp_path: Path, processes: int = 1, sections: dict[str, object] | None = None, **node: object
     ) -> None:
         self.port = free_port()
+        self.http_port = free_port()
         self.root = tmp_path / "store"
         self.db = tmp_path / "index.db"
         self.config = tmp_path / "pacsnode.yaml"
@@ -33,6 +34,8 @@ class Served:
             "storage": {"root": str(self.root), "database_url": f"sqlite:///{self.db}", "min_free_bytes": 0},
             "remote_nodes": {"SELF": {"ae_title": "PACSNODE", "host": "127.0.0.1", "port": self.port}},
             "analysis": {"workers": 0},
+            # Off unless a test turns it on (sections={"http": {"enabled": True, ...}}).
+            "http": {"enabled": False, "port": self.http_port},
         }
         for key, value in (sections or {}).items():
             if isinstance(value, dict) and isinstance(config.get(key), dict):
