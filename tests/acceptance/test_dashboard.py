@@ -54,6 +54,7 @@ def _serve(tmp_path: Path, dest: StorescpPeer, token: str) -> Served:
             "lease_seconds": 10,
             "rules": [{"name": "lung", "pipeline": "ct-lung", "match": {"modality": ["CT"]}, "destinations": ["DEST"]}],
         },
+        "storage": {"fsync": False},  # a throwaway store: the pages are under test, not durability
         "export": {"max_attempts": 1, "backoff_seconds": 0.2, "backoff_max_seconds": 1, "poll_seconds": 0.2},
     }
     served = Served(tmp_path, sections=sections)
