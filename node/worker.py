@@ -478,10 +478,12 @@ class Worker:
         if not batch:
             return 0
         destination = batch[0].destination
-        remote = self.settings.remote_nodes.get(destination)
+        remote: Any = self.settings.remote_nodes.get(destination) or self.settings.dicomweb_nodes.get(destination)
         if remote is None:
             for item in batch:
-                self._export_failed(item, owner, f"destination {destination!r} is not in remote_nodes")
+                self._export_failed(
+                    item, owner, f"destination {destination!r} is not in remote_nodes or dicomweb_nodes"
+                )
             return len(batch)
         files: list[Path] = []
         by_path: dict[Path, ExportRecord] = {}
@@ -506,7 +508,12 @@ class Worker:
                 self.exports.renew(sorted(pending), owner, lease_s=export.lease_seconds)
                 renewed = time.monotonic()
 
-        send_files(self.settings, remote, files, progress=record)
+        if destination in self.settings.dicomweb_nodes:
+            from pacsnode.node.http.stow_client import send_files_stow
+
+            send_files_stow(remote, files, progress=record)
+        else:
+            send_files(self.settings, remote, files, progress=record)
         return len(batch)
 
     def _record_export(
@@ -517,11 +524,10 @@ class Worker:
             self.exports.mark_sent(item, owner)
             metrics.export_finished(destination, "sent")
             logger.info(
-                "exported %s to %s (%s:%d)",
+                "exported %s to %s (%s)",
                 item.sop_instance_uid,
                 destination,
-                remote.host,
-                remote.port,
+                getattr(remote, "url", None) or f"{remote.host}:{remote.port}",
                 extra={"action": "export", "destination": destination},
             )
             return

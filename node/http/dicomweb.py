@@ -42,8 +42,9 @@ def _ctx(request: Request) -> HttpContext:
 
 
 def _root(request: Request) -> str:
-    """The DICOMweb root URL as the client reached it (for RetrieveURL and BulkDataURI)."""
-    return str(request.base_url).rstrip("/") + "/dicom-web"
+    """The DICOMweb root URL (for RetrieveURL and BulkDataURI): ``http.public_url``, else as the client reached it."""
+    public = _ctx(request).settings.http.public_url
+    return (public or str(request.base_url)).rstrip("/") + "/dicom-web"
 
 
 def _error(code: int, message: str) -> Response:

@@ -74,6 +74,9 @@ class HttpSettings(StrictModel):
     port: Annotated[int, Field(ge=1, le=65535)] = 8112
     tls_cert: Path | None = None  # PEM certificate (chain); with tls_key, the server speaks HTTPS only
     tls_key: Path | None = None
+    # The URL clients reach the node at (behind a proxy, or for clients that send Host without the
+    # port); RetrieveURL and BulkDataURI start with it. None: taken from each request.
+    public_url: Annotated[str | None, Field(pattern=r"^https?://")] = None
     users: list[HttpUser] = []
     session_seconds: Annotated[float, Field(gt=0)] = 8 * 3600.0  # the dashboard's login cookie
     max_stow_bytes: Annotated[int, Field(ge=1024)] = 4 << 30  # one STOW-RS request body, at most

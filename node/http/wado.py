@@ -40,6 +40,7 @@ __all__ = [
 _CHUNK = 1 << 20
 _UNCOMPRESSED = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
 _BULK_THRESHOLD = 1024  # binary values longer than this are given as a BulkDataURI
+_PIXEL_TAGS = ("7FE00010", "7FE00008", "7FE00009")  # Pixel Data, Float and Double Float Pixel Data
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 
 
@@ -189,6 +190,11 @@ def metadata_json(path: Path, root: str) -> dict[str, Any]:
         return f"{instance_url}/bulkdata/{element.tag:08X}"
 
     document: dict[str, Any] = ds.to_json_dict(bulk_data_threshold=_BULK_THRESHOLD, bulk_data_element_handler=bulk)
+    for tag in _PIXEL_TAGS:  # pixel data is never inline in metadata (PS3.18 F.2), however small
+        element = document.get(tag)
+        if element is not None and "InlineBinary" in element:
+            del element["InlineBinary"]
+            element["BulkDataURI"] = f"{instance_url}/bulkdata/{tag}"
     return document
 
 

@@ -47,6 +47,12 @@ class Served:
         self.proc: subprocess.Popen[bytes] | None = None
         self._terminated = False
 
+    def set_http(self, **keys: object) -> None:
+        """Change keys of the http: section before :meth:`start`."""
+        config = yaml.safe_load(self.config.read_text())
+        config["http"] = {**config.get("http", {}), **keys}
+        self.config.write_text(yaml.safe_dump(config))
+
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
