@@ -194,8 +194,8 @@ def test_dashboard_and_metrics_show_what_the_node_did(tmp_path: Path) -> None:
         assert len(thumbnails) == 2, thumbnails  # the CT and the key images; the SEG and SR have none
         job_row = browser.text(f"#job-{job['id']}")
         assert "done" in job_row and "1 / " in job_row, job_row
-        assert len(browser.images_loaded("#key-images img")) == 3
-        assert len(browser.images_loaded(".seg img")) == 1
+        assert len(browser.images_loaded("figure.key img")) == 3
+        assert len(browser.images_loaded("figure.seg img")) == 1
         measured = {
             (cells[0], cells[1]): float(cells[2])
             for cells in (
@@ -206,7 +206,7 @@ def test_dashboard_and_metrics_show_what_the_node_did(tmp_path: Path) -> None:
         total = measured[("Both lungs", "Volume")]
         assert abs(total - job["result"]["total_lung_volume_ml"]) < 1.0, (measured, job["result"])
         assert len(browser.find_all(".exports tbody tr")) == 5
-        browser.screenshot("dashboard-study.png")
+        browser.screenshot("dashboard-study.png", max_height=1560)
 
         browser.get(f"{base}/jobs")
         _loaded(browser, "jobs")
@@ -225,7 +225,7 @@ def test_dashboard_and_metrics_show_what_the_node_did(tmp_path: Path) -> None:
         dead_rows = browser.find_all("#export-counts tbody tr")
         assert len(dead_rows) == 1 and "DEST" in dead_rows[0].text
         assert len(browser.find_all(".exports tbody tr button")) >= 5
-        browser.screenshot("dashboard-exports.png")
+        browser.screenshot("dashboard-exports.png", max_height=1000)
 
         # -- a retry without the page's token changes nothing; a viewer is refused -------------
         forged = httpx.post(f"{base}/exports/retry-dead", auth=(ADMIN, PASSWORD), data={}, timeout=30)
@@ -272,7 +272,7 @@ def test_dashboard_and_metrics_show_what_the_node_did(tmp_path: Path) -> None:
         browser.resize(390, 844)
         _login(browser, base, VIEWER, next_path=f"/studies/{truth.study_instance_uid}")
         _loaded(browser, "study on a phone, as a viewer")
-        assert len(browser.images_loaded("#key-images img")) == 3
+        assert len(browser.images_loaded("figure.key img")) == 3
         assert [b.text for b in browser.find_all("button")] == ["Log out"]
-        browser.screenshot("dashboard-phone.png", max_height=1800)
+        browser.screenshot("dashboard-phone.png", max_height=1500, scale=1)
     assert served.stop() == 0
