@@ -222,9 +222,16 @@ def install(path: Path | None = None) -> Path:
     return path
 
 
-def install_temporary() -> Path:
-    """:func:`install` into a new private temporary folder, removed when this process exits (``serve``)."""
-    path = Path(tempfile.mkdtemp(prefix="pacsnode-metrics-"))
+def install_temporary() -> Path | None:
+    """:func:`install` into a new private temporary folder, removed when this process exits (``serve``).
+
+    None, and metrics off, when no temporary folder can be made: the node serves without them.
+    """
+    try:
+        path = Path(tempfile.mkdtemp(prefix="pacsnode-metrics-"))
+    except OSError as exc:
+        logger.warning("metrics are off: cannot make a temporary folder for them: %s", exc)
+        return None
     owner = os.getpid()
 
     def remove() -> None:
@@ -341,7 +348,12 @@ def start_heartbeat(role: str, *, interval_s: float = HEARTBEAT_INTERVAL_S) -> t
     m = _metrics()
     if m is None:
         return None
-    gauge = m.heartbeat.labels(role)
+    try:
+        gauge = m.heartbeat.labels(role)
+        gauge.set(time.time())
+    except Exception:  # noqa: BLE001 - no heartbeat (the process shows as not alive), but it runs
+        logger.exception("metrics: cannot write the %s heartbeat", role)
+        return None
 
     def beat() -> None:
         while True:
@@ -351,7 +363,6 @@ def start_heartbeat(role: str, *, interval_s: float = HEARTBEAT_INTERVAL_S) -> t
                 logger.debug("metrics: heartbeat not written", exc_info=True)
             time.sleep(interval_s)
 
-    gauge.set(time.time())
     thread = threading.Thread(target=beat, name=f"metrics-heartbeat-{role}", daemon=True)
     thread.start()
     return thread
