@@ -183,8 +183,12 @@ class _Dashboard:
     async def study(self, request: Request) -> Response:
         uid = request.path_params["study_uid"]
         page: views.StudyPage | None = await self.read(views.study_page, uid)
-        if page is None:
-            return self.page(request, "studies.html", "studies", studies=[], more=False, q=uid, offset=0, limit=_PAGE)
+        if page is None:  # the studies page, searching for it: "No study matches ..."
+            missing = self.page(
+                request, "studies.html", "studies", studies=[], more=False, q=uid, offset=0, limit=_PAGE
+            )
+            missing.status_code = 404
+            return missing
         reports, segmentations = await run_in_threadpool(self._result_details, page)
         key_images = [r for r in page.results if r.kind == "sc"]
         return self.page(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, or_, select
+from sqlalchemy import Connection, func, or_, select
 from sqlalchemy.orm import Session
 
 from pacsnode.storage.models import Export, ExportState, Instance, Job, JobState, Patient, Series, Study
@@ -450,7 +450,7 @@ def source_slice(conn: Connection, sop_instance_uids: list[str]) -> str | None:
         return None
     rows = conn.execute(
         select(Instance.sop_instance_uid)
-        .where(and_(Instance.sop_instance_uid.in_(sop_instance_uids)))
+        .where(Instance.sop_instance_uid.in_(sop_instance_uids))
         .order_by(Instance.instance_number, Instance.id)
     ).scalars()
     ordered = list(rows)
