@@ -201,8 +201,8 @@ def _matching_element(tag: BaseTag, values: list[str]) -> DataElement:
         raise QidoError(f"{keyword_for_tag(tag) or tag}: matching on a sequence is not supported")
     items: list[str] = []
     for value in values:
-        # A list of UIDs may be written with commas (PS3.18 8.3.4.1) or backslashes.
-        parts = re.split(r"[,\\]", value) if vr == "UI" else value.split("\\")
+        # A list of UIDs or codes may be written with commas (PS3.18 8.3.4.1) or backslashes.
+        parts = re.split(r"[,\\]", value) if vr in ("UI", "CS") else value.split("\\")
         items.extend(part.strip() for part in parts)
     items = [item for item in items if item]
     if not items:
