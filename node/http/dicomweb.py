@@ -199,7 +199,7 @@ async def retrieve(request: Request) -> Response:
     except wado.NotAcceptableError as exc:
         _log_refused(request, 406, str(exc))
         return _error(406, str(exc))
-    files = [(_path(ctx, loc), loc.transfer_syntax_uid) for loc in located]
+    files = await run_in_threadpool(lambda: [(_path(ctx, loc), loc.transfer_syntax_uid) for loc in located])
     boundary = wado.new_boundary()
     logger.info(
         "WADO-RS %s by %r: %d instance(s)",
@@ -210,7 +210,14 @@ async def retrieve(request: Request) -> Response:
     )
     body = wado.multipart_stream(wado.dicom_parts(files, accepted), boundary)
     media = f'multipart/related; type="application/dicom"; boundary={boundary}'
-    return StreamingResponse(body, media_type=media)
+    headers = None
+    if all(accepted.transfer_syntax_uid in (None, stored) for _path, stored in files):
+        try:  # sent as stored: the length is known, so no chunked transfer coding
+            length = await run_in_threadpool(wado.stored_length, files, boundary)
+            headers = {"Content-Length": str(length)}
+        except OSError:
+            headers = None  # a file gone: the stream reports it
+    return StreamingResponse(body, media_type=media, headers=headers)
 
 
 @require(Role.VIEWER)

@@ -201,8 +201,8 @@ def _matching_element(tag: BaseTag, values: list[str]) -> DataElement:
         raise QidoError(f"{keyword_for_tag(tag) or tag}: matching on a sequence is not supported")
     items: list[str] = []
     for value in values:
-        # A list of UIDs may be written with commas (PS3.18 8.3.4.1) or backslashes.
-        parts = re.split(r"[,\\]", value) if vr == "UI" else value.split("\\")
+        # A list of UIDs or codes may be written with commas (PS3.18 8.3.4.1) or backslashes.
+        parts = re.split(r"[,\\]", value) if vr in ("UI", "CS") else value.split("\\")
         items.extend(part.strip() for part in parts)
     items = [item for item in items if item]
     if not items:
@@ -220,23 +220,57 @@ def _retrieve_url(root: str, row: Mapping[str, Any], level: Level) -> str:
     return url
 
 
+_NUMBER_VRS = frozenset({"IS", "DS", "SL", "SS", "UL", "US", "FL", "FD", "SV", "UV"})
+
+
+def _json_number(vr: str, value: Any) -> Any:
+    if isinstance(value, int | float):
+        return value
+    text = str(value).strip()
+    try:
+        return int(text) if vr in ("IS", "SL", "SS", "UL", "US", "SV", "UV") else float(text)
+    except ValueError:
+        return text
+
+
+def _pn_json(value: str) -> dict[str, str]:
+    groups = dict(zip(("Alphabetic", "Ideographic", "Phonetic"), str(value).split("="), strict=False))
+    return {k: v for k, v in groups.items() if v}
+
+
+def _json_attribute(vr: str, value: Any) -> dict[str, Any]:
+    """One attribute in the DICOM JSON model (PS3.18 F.2) from an index column's value."""
+    if value is None or value == "" or value == []:
+        return {"vr": vr}
+    values = value if isinstance(value, list | tuple) else [value]
+    if vr == "PN":
+        items: list[Any] = [_pn_json(v) for v in values]
+    elif vr in _NUMBER_VRS:
+        items = [_json_number(vr, v) for v in values]
+    else:
+        items = [str(v) for v in values]
+    return {"vr": vr, "Value": items}
+
+
 def answer_json(request: QidoRequest, row: Mapping[str, Any], *, root: str) -> dict[str, Any]:
-    """One match as a DICOM JSON object: the identifier's keys from the row, plus the node's own."""
+    """One match as a DICOM JSON object: the identifier's keys from the row, plus the node's own.
+
+    Index columns are written straight into the JSON model; keys answered from the stored header
+    (a :class:`~pydicom.dataelem.DataElement`) go through pydicom's own JSON conversion.
+    """
     level = request.query.level
-    answer = Dataset()
+    document: dict[str, Any] = {}
     for element in request.identifier:
         keyword = element.keyword
         if keyword in _NODE_KEYS or element.tag.element == 0:
             continue
         value = row.get(keyword)
+        key = f"{element.tag:08X}"
         if isinstance(value, DataElement):
-            answer.add(value)
-        elif value is not None and value != "":
-            answer.add_new(element.tag, element.VR, value)
+            document[key] = value.to_json_dict(bulk_data_element_handler=None, bulk_data_threshold=1 << 20)
         else:
-            answer.add_new(element.tag, element.VR, None)
-    answer.InstanceAvailability = "ONLINE"
+            document[key] = _json_attribute(element.VR, value)
+    document["00080056"] = {"vr": "CS", "Value": ["ONLINE"]}
     if "StudyInstanceUID" in row and (level is Level.STUDY or "SeriesInstanceUID" in row):
-        answer.RetrieveURL = _retrieve_url(root, row, level)
-    document: dict[str, Any] = answer.to_json_dict()
-    return document
+        document["00081190"] = {"vr": "UR", "Value": [_retrieve_url(root, row, level)]}
+    return dict(sorted(document.items()))

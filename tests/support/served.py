@@ -49,8 +49,12 @@ class Served:
 
     def set_http(self, **keys: object) -> None:
         """Change keys of the http: section before :meth:`start`."""
+        self.update_section("http", **keys)
+
+    def update_section(self, section: str, **keys: object) -> None:
+        """Set keys of one top-level section of the config before :meth:`start`."""
         config = yaml.safe_load(self.config.read_text())
-        config["http"] = {**config.get("http", {}), **keys}
+        config[section] = {**(config.get(section) or {}), **keys}
         self.config.write_text(yaml.safe_dump(config))
 
     def start(self) -> None:
