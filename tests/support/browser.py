@@ -16,10 +16,10 @@ from typing import Any
 import cv2
 import numpy as np
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support.expected_conditions import staleness_of
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.support.peers import require
@@ -61,11 +61,14 @@ class Browser:
 
     def navigate(self, action: Callable[[], object], *, timeout: float = 60) -> None:
         """Run ``action`` (a click, a submit) and wait until the next page has loaded."""
-        old = self.driver.find_element(By.TAG_NAME, "html")
+        # The old document carries a mark; the new one, once complete, does not. A script run while the
+        # browser is between documents can fail: the wait ignores that and asks again.
+        self.script("window.__pacsnodeOldPage = true;")
         action()
-        WebDriverWait(self.driver, timeout).until(staleness_of(old))
-        WebDriverWait(self.driver, timeout).until(
-            lambda d: d.execute_script("return document.readyState") == "complete"
+        WebDriverWait(self.driver, timeout, ignored_exceptions=(WebDriverException,)).until(
+            lambda d: d.execute_script(
+                "return window.__pacsnodeOldPage === undefined && document.readyState === 'complete';"
+            )
         )
 
     def click(self, css: str) -> None:
