@@ -9,9 +9,12 @@ as HTTP errors and the node's log.
 from __future__ import annotations
 
 import io
+import ssl
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pydicom
 import pytest
@@ -151,3 +154,35 @@ def test_refusals(node: _Node, corpus: list[Path]) -> None:
     assert viewer_store.value.response.status_code == 403
     log = node.served.log.read_text()
     assert "refused with 401" in log and "refused with 403" in log
+
+
+def test_tls_when_configured(tmp_path: Path) -> None:
+    """With http.tls_cert and tls_key the port speaks HTTPS only, and a login is still required."""
+    require_private_netns()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    (tmp_path / "node").mkdir()
+    served = Served(
+        tmp_path / "node",
+        sections={"http": {"enabled": True, "users": users_config(), "tls_cert": str(cert), "tls_key": str(key)}},
+    )
+    served.start()
+    try:
+        wait_for_port(served.http_port, proc=served.proc)
+        url = f"https://127.0.0.1:{served.http_port}/dicom-web/studies"
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(cert))) as client:
+            assert client.get(url).status_code == 401
+            ok = client.get(url, headers={"Authorization": f"Bearer {TOKEN}"})
+            assert ok.status_code == 200 and ok.json() == []
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url.replace("https://", "http://"), headers={"Authorization": f"Bearer {TOKEN}"})
+    finally:
+        served.stop()

@@ -275,3 +275,37 @@ def test_stow_wrong_target_study_and_garbage(
         f"{_ROOT}/studies", content=b"{}", headers={"Content-Type": "application/json"}, auth=auth("uploader")
     )
     assert r.status_code == 415
+
+
+def test_stow_instances_trigger_rules_like_pushed_ones(corpus: list[Path], tmp_path: Path) -> None:
+    """STOW-RS stores through the C-STORE path, so the scheduler queues the rules' jobs for it,
+    with the uploading user as the calling AE a rule can match on."""
+    from datetime import timedelta
+
+    from pacsnode.node.scheduler import Scheduler
+    from pacsnode.storage.index import utcnow
+    from pacsnode.storage.queue import JobQueue
+
+    rule = {
+        "name": "from-uploads",
+        "pipeline": "ct-lung",
+        "match": {"modality": ["CT"], "calling_ae": ["ulla"], "min_instances": 1, "anatomy": None},
+    }
+    settings = web_settings(tmp_path, analysis={"workers": 0, "quiet_seconds": 5, "rules": [rule]})
+    archive = Archive.open(settings.storage)
+    try:
+        ctx = HttpContext.open(settings, archive=archive)
+        ct_files = [p for p in corpus if pydicom.dcmread(p, stop_before_pixels=True).Modality == "CT"][:3]
+        series = {str(pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID) for p in ct_files}
+        with TestClient(build_app(ctx)) as client:
+            body, content_type = stow_body(ct_files)
+            r = client.post(
+                f"{_ROOT}/studies", content=body, headers={"Content-Type": content_type}, auth=auth("uploader")
+            )
+            assert r.status_code == 200
+        Scheduler(settings, archive).scan_once(utcnow() + timedelta(seconds=3600))
+        jobs = JobQueue(archive.engine).list()
+        assert {job.series_instance_uid for job in jobs} == series
+        assert all(job.rule == "from-uploads" for job in jobs)
+    finally:
+        archive.close()
