@@ -32,6 +32,7 @@ from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import PresentationContext
 
 from pacsnode.node import audit
+from pacsnode.node import metrics
 from pacsnode.node.config import Settings, redact_url
 from pacsnode.node.deid import Reidentifier
 from pacsnode.node.dicom.auditing import DimseAudit
@@ -297,6 +298,7 @@ def _run_acceptor(
     tempfile.tempdir = str(archive.store.tmp_dir)
     node = Node(settings, archive=archive, listen_socket=listen_socket, tls_listen_socket=tls_socket, share=share)
     node.start()
+    metrics.start_heartbeat("acceptor")
     stop.event.wait()
     logger.info("signal %d: shutting down acceptor (pid %d)", stop.signum, os.getpid())
     node.stop()
@@ -341,6 +343,7 @@ def _audit_stop(trail: audit.AuditTrail, role: str) -> None:
 
 
 def _serve(settings: Settings) -> int:
+    metrics.install_temporary()  # before the fork: every process counts into one folder
     node = settings.node
     listen_socket = open_listen_socket(node.host, node.port)
     tls_port = node.tls.port if node.tls is not None else None
@@ -359,9 +362,19 @@ def _serve(settings: Settings) -> int:
     )
     if not settings.analysis.rules and workers:
         logger.info("no analysis rules configured: workers only export what is queued")
-    if count == 1 and workers == 0:
+    http_socket = _open_http(settings)
+    if count == 1 and workers == 0 and http_socket is None:
         return _run_acceptor(settings, listen_socket, 1, tls_socket)
-    return _supervise(settings, listen_socket, count, workers, tls_socket)
+    return _supervise(settings, listen_socket, count, workers, tls_socket, http_socket=http_socket)
+
+
+def _open_http(settings: Settings) -> socket.socket | None:
+    """The HTTP server's listening socket (``http.enabled``), bound before any child starts."""
+    if not settings.http.enabled:
+        return None
+    from pacsnode.node.http.server import open_http_socket
+
+    return open_http_socket(settings)
 
 
 def run_workers(settings: Settings, count: int) -> int:
@@ -403,7 +416,13 @@ def _spawn(
     share: int,
     role: str,
     tls_socket: socket.socket | None = None,
+    http_socket: socket.socket | None = None,
 ) -> int:
+    if role == "http":
+        from pacsnode.node.http.server import run_http_process
+
+        assert http_socket is not None
+        return _fork(lambda: run_http_process(settings, http_socket), "http")
     if role == "acceptor":
         assert listen_socket is not None
         return _fork(lambda: _run_acceptor(settings, listen_socket, share, tls_socket), "acceptor")
@@ -418,6 +437,8 @@ def _supervise(
     count: int,
     workers: int,
     tls_socket: socket.socket | None = None,
+    *,
+    http_socket: socket.socket | None = None,
 ) -> int:
     stop = _Stop()
     signal.signal(signal.SIGTERM, stop)
@@ -427,6 +448,8 @@ def _supervise(
         children[_spawn(settings, listen_socket, count, "acceptor", tls_socket)] = "acceptor"
     for _ in range(workers):
         children[_spawn(settings, listen_socket, count, "worker")] = "worker"
+    if http_socket is not None:
+        children[_spawn(settings, listen_socket, count, "http", http_socket=http_socket)] = "http"
     while not stop.event.is_set():
         try:
             pid, wait_status = os.waitpid(-1, os.WNOHANG)
@@ -436,6 +459,7 @@ def _supervise(
             stop.event.wait(0.2)
             continue
         role = children.pop(pid, "unknown")
+        metrics.process_ended(pid)
         if role == "unknown":
             continue
         if role == "worker" and os.waitstatus_to_exitcode(wait_status) == _timeout_exit():
@@ -443,7 +467,7 @@ def _supervise(
         else:
             logger.error("%s process %d exited (%s); starting another", role, pid, _describe(wait_status))
         time.sleep(0.5)
-        children[_spawn(settings, listen_socket, count, role, tls_socket)] = role
+        children[_spawn(settings, listen_socket, count, role, tls_socket, http_socket)] = role
     logger.info("signal %d: stopping %d process(es)", stop.signum, len(children))
     for pid in children:
         try:
@@ -467,7 +491,7 @@ def _supervise(
         logger.error("%s process %d did not stop; killing it", role, pid)
         os.kill(pid, signal.SIGKILL)
         code = 1
-    for sock in (listen_socket, tls_socket):
+    for sock in (listen_socket, tls_socket, http_socket):
         if sock is not None:
             sock.close()
     logger.info("pacsnode stopped")

@@ -156,10 +156,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-real", action="store_true", help="skip the real CT images of pydicom-data")
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    p = _command(
+        sub, "hash-password", _cmd_hash_password, help="print the http.users password_hash of a password (asked for)"
+    )
+    p.add_argument("--stdin", action="store_true", help="read the password from standard input (one line)")
+    _command(sub, "make-token", _cmd_make_token, help="make a bearer token: print it and its http.users token hash")
     return parser
 
 
-_NO_CONFIG = {"train", "evaluate"}
+_NO_CONFIG = {"train", "evaluate", "hash-password", "make-token"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +183,34 @@ def main(argv: list[str] | None = None) -> int:
     except UnknownNodeError as exc:
         print(f"pacsnode: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+
+
+def _cmd_hash_password(settings: Settings | None, args: argparse.Namespace) -> int:
+    import getpass
+
+    from pacsnode.node.http.passwords import hash_password
+
+    if args.stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("pacsnode: the passwords differ", file=sys.stderr)
+            return EXIT_FAILED
+    if not password:
+        print("pacsnode: empty password", file=sys.stderr)
+        return EXIT_FAILED
+    print(hash_password(password))
+    return 0
+
+
+def _cmd_make_token(settings: Settings | None, args: argparse.Namespace) -> int:
+    from pacsnode.node.http.passwords import hash_token, make_token
+
+    token = make_token()
+    print(f"token:       {token}")
+    print(f"token_hashes: [{hash_token(token)}]   # for http.users; the token itself is shown only now")
+    return 0
 
 
 def _cmd_serve(settings: Settings, args: argparse.Namespace) -> int:

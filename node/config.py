@@ -23,6 +23,7 @@ from pacsnode.analysis.settings import AnalysisSettings
 from pacsnode.node.audit import AuditSettings
 from pacsnode.node.deid import DeidentifyProfile
 from pacsnode.node.errors import ConfigError
+from pacsnode.node.http.settings import DicomwebNode, HttpSettings
 from pacsnode.storage.model_base import StrictModel
 from pacsnode.storage.settings import StorageSettings
 
@@ -228,20 +229,25 @@ class Settings(StrictModel):
     export: ExportSettings = ExportSettings()
     logging: LoggingSettings = LoggingSettings()
     audit: AuditSettings = AuditSettings()
+    http: HttpSettings = HttpSettings()
+    dicomweb_nodes: dict[str, DicomwebNode] = {}  # export destinations reached by STOW-RS
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
     def _names(self) -> Settings:
-        for name in self.remote_nodes:
+        for name in self.dicomweb_nodes:
+            if name in self.remote_nodes:
+                raise ValueError(f"{name!r} is both a remote_nodes and a dicomweb_nodes entry; names are shared")
+        for name in [*self.remote_nodes, *self.dicomweb_nodes]:
             if not name or "@" in name:
                 raise ValueError(f"remote node name {name!r} must be non-empty and without '@'")
         for rule in self.analysis.rules:
             for destination in rule.destinations:
-                if destination not in self.remote_nodes:
-                    known = ", ".join(sorted(self.remote_nodes)) or "none defined"
+                if destination not in self.remote_nodes and destination not in self.dicomweb_nodes:
+                    known = ", ".join(sorted([*self.remote_nodes, *self.dicomweb_nodes])) or "none defined"
                     raise ValueError(
                         f"analysis.rules: rule {rule.name!r} sends results to {destination!r}, "
-                        f"which is not in remote_nodes ({known})"
+                        f"which is not in remote_nodes or dicomweb_nodes ({known})"
                     )
         return self
 
@@ -263,6 +269,12 @@ def redacted(dumped: dict[str, Any]) -> dict[str, Any]:
     if isinstance(storage.get("database_url"), str):
         storage["database_url"] = redact_url(storage["database_url"])
     out["storage"] = storage
+    nodes = out.get("dicomweb_nodes")
+    if isinstance(nodes, dict):
+        out["dicomweb_nodes"] = {
+            name: {k: ("***" if k in ("password", "token") and v else v) for k, v in dict(node).items()}
+            for name, node in nodes.items()
+        }
     return out
 
 
@@ -321,6 +333,11 @@ def _anchor_paths(data: dict[str, Any], base: Path) -> None:
     audit = data.get("audit")
     if isinstance(audit, dict) and "path" in audit:
         audit["path"] = _anchored(audit["path"], base)
+    http = data.get("http")
+    if isinstance(http, dict):
+        for key in ("tls_cert", "tls_key"):
+            if key in http:
+                http[key] = _anchored(http[key], base)
     analysis = data.get("analysis")
     rules = analysis.get("rules") if isinstance(analysis, dict) else None
     for rule in rules if isinstance(rules, list) else []:

@@ -39,6 +39,7 @@ from typing import Any
 from pacsnode.analysis.errors import AnalysisError, SkipAnalysis
 from pacsnode.analysis.pipelines import PipelineInput, SeriesInput, resolve_pipeline
 from pacsnode.analysis.routing import select_series
+from pacsnode.node import metrics
 from pacsnode.node.app import open_audit_trail
 from pacsnode.node.config import Settings
 from pacsnode.node.deid import BurnedInAnnotationError, Deidentifier, DeidentifyProfile
@@ -244,6 +245,9 @@ class Worker:
                 errors.append(exc)
             else:
                 batch.mark_recorded(job.id)
+                metrics.job_finished(
+                    job.pipeline, metrics.job_outcome(states[job.id]), time.monotonic() - batch.started
+                )
 
         try:
             self._execute_batch(jobs, still_ours, finish, deadline=batch.deadline)
@@ -294,6 +298,7 @@ class Worker:
                 error = f"timed out after {batch.timeout_s:g} s (attempt {job.attempts} of {job.max_attempts})"
                 try:
                     state = self.jobs.fail(job.id, batch.owner, error, retry=True, policy=self.job_retry)
+                    metrics.job_finished(job.pipeline, "timeout", time.monotonic() - batch.started)
                     logger.error(
                         "job %d %s; now %s; restarting this worker",
                         job.id,
@@ -492,10 +497,12 @@ class Worker:
         if not batch:
             return 0
         destination = batch[0].destination
-        remote = self.settings.remote_nodes.get(destination)
+        remote: Any = self.settings.remote_nodes.get(destination) or self.settings.dicomweb_nodes.get(destination)
         if remote is None:
             for item in batch:
-                self._export_failed(item, owner, f"destination {destination!r} is not in remote_nodes")
+                self._export_failed(
+                    item, owner, f"destination {destination!r} is not in remote_nodes or dicomweb_nodes"
+                )
             return len(batch)
         files: list[Path] = []
         by_path: dict[Path, ExportRecord] = {}
@@ -512,18 +519,19 @@ class Worker:
             return len(batch)
         with tempfile.TemporaryDirectory(dir=self.archive.store.tmp_dir, prefix="deid-") as scratch:
             burned_in_unknown = 0
-            if remote.deidentify is not None:  # what leaves is the de-identified copy, never the stored file
+            deidentify = getattr(remote, "deidentify", None)  # DICOMweb destinations have no profile
+            if deidentify is not None:  # what leaves is the de-identified copy, never the stored file
                 files, by_path, burned_in_unknown = self._deidentified(
-                    destination, remote.deidentify, by_path, Path(scratch), owner
+                    destination, deidentify, by_path, Path(scratch), owner
                 )
                 if not by_path:
                     return len(batch)
             self.audit.export(
                 destination=destination,
-                ae_title=remote.ae_title,
-                host=remote.host,
+                ae_title=getattr(remote, "ae_title", ""),
+                host=getattr(remote, "host", None) or str(getattr(remote, "url", "")),
                 sop_instance_uids=[item.sop_instance_uid for item in by_path.values()],
-                deidentified=remote.deidentify is not None,
+                deidentified=deidentify is not None,
                 burned_in_unknown=burned_in_unknown,
             )
             pending = {item.id for item in by_path.values()}
@@ -538,7 +546,12 @@ class Worker:
                     self.exports.renew(sorted(pending), owner, lease_s=export.lease_seconds)
                     renewed = time.monotonic()
 
-            send_files(self.settings, remote, files, progress=record)
+            if destination in self.settings.dicomweb_nodes:
+                from pacsnode.node.http.stow_client import send_files_stow
+
+                send_files_stow(remote, files, progress=record)
+            else:
+                send_files(self.settings, remote, files, progress=record)
         return len(batch)
 
     def _deidentified(
@@ -576,12 +589,12 @@ class Worker:
         """Mark one send as it completes, so a crash mid-batch resends only what was not acknowledged."""
         if outcome.ok:
             self.exports.mark_sent(item, owner)
+            metrics.export_finished(destination, "sent")
             logger.info(
-                "exported %s to %s (%s:%d)",
+                "exported %s to %s (%s)",
                 item.sop_instance_uid,
                 destination,
-                remote.host,
-                remote.port,
+                getattr(remote, "url", None) or f"{remote.host}:{remote.port}",
                 extra={"action": "export", "destination": destination},
             )
             return
@@ -592,6 +605,7 @@ class Worker:
 
     def _export_failed(self, item: ExportRecord, owner: str, error: str) -> None:
         state = self.exports.mark_failed(item, owner, error, policy=self.export_retry)
+        metrics.export_finished(item.destination, metrics.export_outcome(state))
         level = logging.ERROR if state is ExportState.DEAD else logging.WARNING
         logger.log(
             level,
@@ -622,6 +636,7 @@ def run_worker_process(settings: Settings, *, scheduler: bool = True, exporter: 
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    metrics.start_heartbeat("worker")
     threads = []
     if exporter:
         threads.append(threading.Thread(target=worker.run_exports, args=(stop,), name="exporter", daemon=True))

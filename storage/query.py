@@ -59,6 +59,7 @@ __all__ = [
     "TooManyMatchesError",
     "element_from_json",
     "find",
+    "find_page",
     "locate",
     "parse_find",
     "parse_retrieve",
@@ -652,20 +653,44 @@ def find(conn: Connection, query: FindQuery, *, limit: int | None) -> list[dict[
 
     Raises :class:`TooManyMatchesError` when more than ``limit`` entities match.
     """
+    rows = _find_rows(conn, query, fetch=None if limit is None else limit + 1, offset=0)
+    if limit is not None and len(rows) > limit:
+        raise TooManyMatchesError(f"more than {limit} matches; narrow the query")
+    return _decoded(query, rows)
+
+
+def find_page(conn: Connection, query: FindQuery, *, offset: int, count: int) -> tuple[list[dict[str, Any]], bool]:
+    """One page of a find (QIDO-RS ``offset`` and ``limit``), in the same order as :func:`find`.
+
+    Returns the rows (as :func:`find` does) and whether more matches follow the page.
+    """
+    rows = _find_rows(conn, query, fetch=count + 1, offset=offset)
+    more = len(rows) > count
+    return _decoded(query, rows[:count]), more
+
+
+def _find_keys(query: FindQuery) -> list[str]:
+    return list(dict.fromkeys([*query.return_keys, _UNIQUE_KEY[query.level]]))
+
+
+def _find_rows(conn: Connection, query: FindQuery, *, fetch: int | None, offset: int) -> list[dict[str, Any]]:
     dialect = conn.dialect.name
     table = _TABLES[query.level]
-    keys = list(dict.fromkeys([*query.return_keys, _UNIQUE_KEY[query.level]]))
     statement = (
-        select(*(_select_column(k, query.level) for k in keys))
+        select(*(_select_column(k, query.level) for k in _find_keys(query)))
         .select_from(_from_clause(query.level))
         .where(*_conditions(query, dialect))
         .order_by(table.c.id)
     )
-    if limit is not None:
-        statement = statement.limit(limit + 1)
-    rows = [dict(row._mapping) for row in conn.execute(statement)]
-    if limit is not None and len(rows) > limit:
-        raise TooManyMatchesError(f"more than {limit} matches; narrow the query")
+    if fetch is not None:
+        statement = statement.limit(fetch)
+    if offset:
+        statement = statement.offset(offset)
+    return [dict(row._mapping) for row in conn.execute(statement)]
+
+
+def _decoded(query: FindQuery, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keys = _find_keys(query)
     if "ModalitiesInStudy" in keys:
         for row in rows:
             value = row.get("ModalitiesInStudy")

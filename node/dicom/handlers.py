@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 
+from pacsnode.node import metrics
 from pacsnode.node.config import NodeSettings, PolicySettings
 from pacsnode.node.deid import Reidentifier
 from pacsnode.node.dicom import status
@@ -162,6 +163,7 @@ class AssociationLog:
         if (stats.outcome == "closed" and event.assoc.is_aborted) or getattr(guarded, "aborted", False):
             stats.outcome = "aborted"
         duration = time.monotonic() - stats.started
+        metrics.association_closed(stats.calling_ae_title, stats.outcome, duration)
         level = logging.WARNING if stats.failures or stats.outcome in ("aborted", "rejected") else logging.INFO
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.failure_reasons.items()))
         logger.log(
@@ -258,6 +260,7 @@ class StoreService:
         except Exception as exc:  # a bug must cost one instance, not the association
             logger.exception("unexpected error storing %.80s", sop_instance_uid)
             code, comment = status.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}"
+        metrics.instance_received(calling, code, size)
         if code == status.SUCCESS:
             self.assoc_log.record(event, size=size, failure=None)
             return status.SUCCESS
@@ -343,6 +346,39 @@ class StoreService:
         if self.audit is not None and event is not None:
             self.audit.instance_stored(event, meta, reidentified=reidentified)  # on disk before the Success below
         return status.SUCCESS, ""
+
+    def store_file(
+        self, path: Path, *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, calling: str
+    ) -> tuple[int, str]:
+        """Store a Part 10 file received another way (STOW-RS) through the C-STORE path.
+
+        The same checks, durability and statuses as :meth:`handle_store`; the UIDs come from the
+        file's File Meta Information. ``path`` is consumed (removed afterwards). Returns the
+        status and its comment ("" on success); never raises.
+        """
+        try:
+            with _received_dataset(_FileRequest(_dataset_path=str(path))) as received:
+                return self._store(
+                    received,
+                    received.view.nbytes,
+                    sop_class_uid,
+                    sop_instance_uid,
+                    transfer_syntax_uid,
+                    calling,
+                    False,
+                )
+        except UnreadableInstanceError as exc:
+            return status.CANNOT_UNDERSTAND, str(exc)
+        except Exception as exc:  # a bug must cost one instance, not the request
+            logger.exception("unexpected error storing %.80s", sop_instance_uid)
+            return status.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}"
+
+
+@dataclass(frozen=True)
+class _FileRequest:
+    """A stand-in for a C-STORE request whose dataset pynetdicom wrote to a file: a Part 10 file."""
+
+    _dataset_path: str
 
 
 def _discard_partial_file(message: Any) -> None:

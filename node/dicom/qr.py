@@ -34,6 +34,7 @@ from pynetdicom import build_context, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 
+from pacsnode.node import metrics
 from pacsnode.node.config import Settings
 from pacsnode.node.dicom import status
 from pacsnode.node.dicom.auditing import DimseAudit
@@ -135,6 +136,7 @@ class QueryRetrieveService:
     # -- C-FIND --------------------------------------------------------------------------------
     def handle_find(self, event: Event) -> Iterator[tuple[int | Dataset, Dataset | None]]:
         """EVT_C_FIND: one pending response per matching entity, then success."""
+        started = time.perf_counter()
         model = FIND_MODELS[event.context.abstract_syntax]
         peer = event.assoc.requestor.ae_title
         try:
@@ -157,6 +159,7 @@ class QueryRetrieveService:
         except StorageError as exc:
             yield self._refuse("C-FIND", peer, exc), None
             return
+        metrics.query_answered("C-FIND", parsed.level.value, time.perf_counter() - started)
         pending = status.PENDING_WARNING if parsed.unsupported else status.PENDING
         logger.info(
             "C-FIND from %r: %s level, %s root, %d match(es)%s",

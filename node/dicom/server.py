@@ -31,6 +31,7 @@ from pynetdicom.acse import ACSE
 from pynetdicom.events import EVT_REJECTED, trigger
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from pacsnode.node import metrics
 from pacsnode.node.dicom import permissions
 from pacsnode.node.dicom.guard import GuardedSocket, GuardLimits
 from pacsnode.node.dicom.permissions import AccessPolicy, Grant
@@ -219,6 +220,7 @@ class NodeServer(ThreadedAssociationServer):
                 self._pending[host] = pending + 1
         if pending >= self.max_pending_per_host:
             client.close()
+            metrics.connection_refused("pending-per-host")
             logger.warning(
                 "closed a connection from %s: %d connections from this host are still negotiating (the limit)",
                 host,

@@ -25,6 +25,7 @@ class Served:
         self, tmp_path: Path, processes: int = 1, sections: dict[str, object] | None = None, **node: object
     ) -> None:
         self.port = free_port()
+        self.http_port = free_port()
         self.root = tmp_path / "store"
         self.db = tmp_path / "index.db"
         self.config = tmp_path / "pacsnode.yaml"
@@ -34,6 +35,8 @@ class Served:
             "remote_nodes": {"SELF": {"ae_title": "PACSNODE", "host": "127.0.0.1", "port": self.port}},
             "analysis": {"workers": 0},
             "audit": {"fsync": False},  # written as in production, without an fsync per event (test time)
+            # Off unless a test turns it on (sections={"http": {"enabled": True, ...}}).
+            "http": {"enabled": False, "port": self.http_port},
         }
         for key, value in (sections or {}).items():
             if isinstance(value, dict) and isinstance(config.get(key), dict):
@@ -44,6 +47,16 @@ class Served:
         self.log = tmp_path / "serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._terminated = False
+
+    def set_http(self, **keys: object) -> None:
+        """Change keys of the http: section before :meth:`start`."""
+        self.update_section("http", **keys)
+
+    def update_section(self, section: str, **keys: object) -> None:
+        """Set keys of one top-level section of the config before :meth:`start`."""
+        config = yaml.safe_load(self.config.read_text())
+        config[section] = {**(config.get(section) or {}), **keys}
+        self.config.write_text(yaml.safe_dump(config))
 
     def start(self) -> None:
         with self.log.open("ab") as out:

@@ -62,7 +62,7 @@ def _write(tmp_path: Path, text: str) -> Path:
         ),
         (
             "analysis:\n  rules:\n    - name: r\n      pipeline: ct-lung\n      destinations: [PACS]\n",
-            "rule 'r' sends results to 'PACS', which is not in remote_nodes (none defined)",
+            "rule 'r' sends results to 'PACS', which is not in remote_nodes or dicomweb_nodes (none defined)",
         ),
         (
             "analysis:\n  rules:\n    - {name: r, pipeline: ct-lung}\n    - {name: r, pipeline: ct-lung}\n",
