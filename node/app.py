@@ -31,8 +31,7 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.events import EventHandlerType
 from pynetdicom.presentation import PresentationContext
 
-from pacsnode.node import audit
-from pacsnode.node import metrics
+from pacsnode.node import audit, metrics
 from pacsnode.node.config import Settings, redact_url
 from pacsnode.node.deid import Reidentifier
 from pacsnode.node.dicom.auditing import DimseAudit

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from pacsnode.node import metrics
 from pacsnode.node.http import qido, stow, wado
 from pacsnode.node.http.auth import User, require
 from pacsnode.node.http.context import HttpContext
@@ -107,6 +108,7 @@ def _search(level: Level, scope: Level) -> Callable[[Request], Any]:
             return _error(503, f"index unavailable: {exc}")
         root = _root(request)
         answers = [qido.answer_json(parsed, row, root=root) for row in rows]
+        metrics.query_answered("QIDO-RS", level.value, time.perf_counter() - started)
         warnings = []
         if more:
             warnings.append('299 pacsnode "There are additional results that can be requested"')
