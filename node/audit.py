@@ -535,16 +535,27 @@ class SecurityAlertHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if getattr(record, "event", None) != "security-alert":
             return
+        action = getattr(record, "action", None)
+        if action == "association-rejected":  # recorded as association-refused from EVT_REJECTED
+            return
         ae = getattr(record, "ae_title", None) or getattr(record, "calling_ae_title", None)
         host = getattr(record, "host", None) or getattr(record, "peer", None)
+        alert = getattr(record, "alert", None) or _ALERT_OF_ACTION.get(str(action), "node-authentication")
+        detail = {key: getattr(record, key) for key in _ALERT_DETAIL if getattr(record, key, None) is not None}
         self.trail.record(
             security_alert(
-                alert=str(getattr(record, "alert", "node-authentication")),
+                alert=str(alert),
                 description=record.getMessage(),
                 ae_title=str(ae) if ae else None,
                 host=str(host) if host else None,
+                detail=detail or None,
             )
         )
+
+
+# The ``action`` of the refusals logged by node.dicom.permissions and node.dicom.tls, as alert types.
+_ALERT_OF_ACTION = {"not-authorized": "use-of-restricted-function", "tls-refused": "node-authentication"}
+_ALERT_DETAIL = ("action", "service", "move_destination", "status", "certificate_subject", "reason")
 
 
 # -- reading -------------------------------------------------------------------------------------
