@@ -39,6 +39,7 @@ from pacsnode.node.dicom.handlers import (
     StoreService,
     handle_echo,
 )
+from pacsnode.node.dicom.lean import LeanDataPath
 from pacsnode.node.dicom.qr import QueryRetrieveService, handle_sop_extended
 from pacsnode.node.dicom.server import UNLIMITED_FOR_PYNETDICOM, NodeServer, PeerPolicy
 from pacsnode.storage import Archive
@@ -174,6 +175,7 @@ class Node:
             ),
             max_established=max(1, math.ceil(node.max_associations / self._share)),
             max_pending_per_host=node.max_pending_per_host,
+            data_path=LeanDataPath(archive=self.archive) if node.data_path == "lean" else None,
         )
         if not isinstance(server, NodeServer):  # make_server returns server_class | ThreadedAssociationServer
             raise TypeError(f"make_server returned a {type(server).__name__}, not a NodeServer")

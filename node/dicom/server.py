@@ -28,6 +28,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from pacsnode.node.config import PolicySettings
 from pacsnode.node.dicom.guard import GuardedSocket, GuardLimits
+from pacsnode.node.dicom.lean import LeanDataPath
 
 __all__ = ["NodeServer", "PeerPolicy"]
 
@@ -109,6 +110,8 @@ class _NodeRequestHandler(RequestHandler):
         assoc.acse = _PolicyACSE(assoc, self.server.policy, self.server.max_established)
         if isinstance(self.request, GuardedSocket):
             self.request.bind_association(assoc)
+        if self.server.data_path is not None:
+            self.server.data_path.install(assoc)
         return assoc
 
 
@@ -159,8 +162,10 @@ class NodeServer(ThreadedAssociationServer):
         limits: GuardLimits,
         max_established: int,
         max_pending_per_host: int,
+        data_path: LeanDataPath | None = None,
     ) -> None:
         self._listen_socket = listen_socket
+        self.data_path = data_path  # None: pynetdicom serves every association's data transfer
         self.policy = policy
         self.limits = limits
         self.max_established = max_established
