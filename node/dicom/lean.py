@@ -241,18 +241,23 @@ class _LeanConnection:
 
     def _read(self, n: int) -> memoryview:
         """The next ``n`` bytes (a view valid until the next read)."""
-        buf = self.buf
-        while len(buf) - self.pos < n:
-            if self.pos:
-                del buf[: self.pos]
-                self.pos = 0
-            data = self.sock.recv(max(_READ_SIZE, n - len(buf)))
+        while len(self.buf) - self.pos < n:
+            data = self.sock.recv(max(_READ_SIZE, n - len(self.buf) + self.pos))
             if not data:
                 raise _Closed()
-            buf += data
+            try:
+                if self.pos:
+                    del self.buf[: self.pos]
+                    self.pos = 0
+                self.buf += data
+            except BufferError:
+                # A view of an earlier PDU is still referenced (a frame kept by an exception a
+                # handler stored): leave that buffer to it and continue in a new one.
+                self.buf = self.buf[self.pos :] + data
+                self.pos = 0
         start = self.pos
         self.pos += n
-        return memoryview(buf)[start : start + n]
+        return memoryview(self.buf)[start : start + n]
 
     # -- P-DATA-TF ----------------------------------------------------------------------------
     def _p_data(self, length: int) -> None:
