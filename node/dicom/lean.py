@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import io
 import logging
+import socket
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,7 @@ logger = logging.getLogger(__name__)
 _LEAN_SYNTAXES = frozenset(STORAGE_SOP_CLASSES.values()) | {str(Verification)}
 _A_ASSOCIATE_AC = 0x02
 _A_RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
+_A_ABORT_BY_USER = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"  # source 0: service-user
 _READ_SIZE = 1 << 20
 _HANDOVER_WAIT_S = 30.0
 
@@ -204,6 +206,7 @@ class _LeanConnection:
     # -- the loop -----------------------------------------------------------------------------
     def serve(self) -> None:
         assoc = self.assoc
+        assoc.abort = self.abort_locally  # pynetdicom's abort() would queue its A-ABORT for the stopped DUL
         outcome = "closed"
         logger.debug("lean data path serving the association from %s", self._peer(), extra={"action": "lean"})
         try:
@@ -439,6 +442,16 @@ class _LeanConnection:
         except OSError:
             pass
 
+    def abort_locally(self, block: bool = True) -> None:
+        """A-ABORT from this node (source service-user), as ``Association.abort`` sends it (shutdown)."""
+        if self.assoc.is_released or self.assoc.is_aborted:
+            return
+        try:
+            self.sock.sendall(_A_ABORT_BY_USER)
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def _close(self, outcome: str) -> None:
         assoc = self.assoc
         assoc.is_established = False
@@ -448,6 +461,7 @@ class _LeanConnection:
             assoc.is_aborted = True
         assoc.dul.state_machine.current_state = "Sta1"
         self.transport.close()
+        self.sock.close()  # the transport skips close() when shutdown() fails (a peer already gone)
         evt.trigger(assoc, evt.EVT_CONN_CLOSE, {"address": assoc.requestor.address_info.as_tuple})
         assoc.kill()
 

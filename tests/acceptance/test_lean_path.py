@@ -396,3 +396,15 @@ def test_kill_9_during_a_four_sender_push_loses_nothing_acknowledged(tmp_path: P
         assert not [p for p in (served.root / "tmp").iterdir() if p.is_file()]
     finally:
         served.stop()
+
+
+def test_stopping_the_node_aborts_a_lean_association_still_open(
+    start_node: Any, tmp_path: Path, lean_log: pytest.LogCaptureFixture
+) -> None:
+    node = start_node(make_settings(tmp_path))
+    with RawPeer(node.port) as peer:
+        peer.associate([(1, VERIFICATION, [IMPLICIT_VR_LE])])
+        wait_until(lambda: _lean_served(lean_log), 20, "the lean loop to take the association")
+        node.node.stop(grace=0.2)
+        outcome = peer.outcome(20)
+        assert outcome.abort == (0, 0), outcome  # A-ABORT, source service-user
