@@ -7,10 +7,15 @@ server binds loopback only and nothing leaves the machine)::
 
 For each corpus (small 64x64 images; 512x512 16-bit CT slices) and each sender
 count (1 and 4 parallel DCMTK storescu associations), every receiver starts
-fresh, receives the corpus and is stopped. Printed: instances/s and MB/s per
-receiver, and pacsnode's ratio against each peer (medians over --repeat runs).
-pacsnode runs with fsync on; storescp writes files without fsync; Orthanc
-keeps its default SQLite index. All run with TCP_NODELAY=1.
+fresh, receives the corpus and is stopped. The receivers: pacsnode with its lean
+data path (``node.data_path: lean``, the default), pacsnode with pynetdicom's
+(``node.data_path: pynetdicom``), Orthanc and DCMTK storescp. Printed:
+instances/s per receiver, each pacsnode's ratio against Orthanc and storescp
+(medians over --repeat runs), and the CPU milliseconds each receiver's processes
+used per instance (utime + stime from /proc, the figure that scales to bigger
+machines). pacsnode runs with fsync on (file, directory, index commit before each
+Success); storescp writes files without fsync; Orthanc keeps its default SQLite
+index. All run with TCP_NODELAY=1.
 """
 
 from __future__ import annotations
@@ -40,29 +45,50 @@ REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and its live descendants, plus what its reaped children used."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0.0
+    # fields[0] is field 3 (state): utime 14, stime 15, cutime 16, cstime 17
+    own = sum(int(v) for v in fields[11:15]) / _TICKS
+    return own + sum(_cpu_seconds(int(child)) for child in children)
+
+
 class Receiver:
     name = ""
     aet = ""
     port = 0
+    proc: subprocess.Popen[bytes]
 
     def start(self, work: Path) -> None: ...
+
+    def cpu_seconds(self) -> float:
+        return _cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
         stop_process(self.proc)
 
 
 class Pacsnode(Receiver):
-    name, aet, port = "pacsnode", "PACSNODE", 11112
+    aet, port = "PACSNODE", 11112
 
-    def __init__(self, processes: int) -> None:
+    def __init__(self, processes: int, data_path: str) -> None:
         self.processes = processes
+        self.data_path = data_path
+        self.name = f"pacsnode-{data_path}"
 
     def start(self, work: Path) -> None:
         config = work / "pacsnode.yaml"
         config.write_text(
             yaml.safe_dump(
                 {
-                    "node": {"port": self.port, "acceptor_processes": self.processes},
+                    "node": {"port": self.port, "acceptor_processes": self.processes, "data_path": self.data_path},
                     "storage": {
                         "root": str(work / "store"),
                         "database_url": f"sqlite:///{work / 'index.db'}",
@@ -77,6 +103,12 @@ class Pacsnode(Receiver):
             [sys.executable, "-m", "pacsnode.node", "--config", str(config), "serve"], cwd=REPO, env=ENV
         )
         wait_port(self.port)
+        deadline = time.monotonic() + 30  # every acceptor process up before the clock starts
+        while len(Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()) < self.processes:
+            if time.monotonic() > deadline:
+                raise RuntimeError("pacsnode's acceptor processes did not start")
+            time.sleep(0.05)
+        time.sleep(0.5)
 
 
 class Storescp(Receiver):
@@ -143,17 +175,20 @@ def _push(receiver: Receiver, files: list[Path], senders: int) -> float:
     return elapsed
 
 
+_RECEIVERS = ("pacsnode-lean", "pacsnode-pynetdicom", "orthanc", "storescp")
+
+
 def _run(args: argparse.Namespace) -> None:
     base = Path(tempfile.mkdtemp(prefix="pacsnode-bench-", dir=args.workdir))
     corpora = {
         "small 64x64": write_series(base / "corpus-small", args.count, rows=64, columns=64),
         "CT 512x512": write_series(base / "corpus-ct", args.count, rows=512, columns=512),
     }
-    receivers = [Pacsnode(args.processes), Storescp(), Orthanc()]
+    receivers = [Pacsnode(args.processes, "lean"), Pacsnode(args.processes, "pynetdicom"), Orthanc(), Storescp()]
+    # (corpus, senders, receiver) -> [(instances/s, CPU ms per instance)]
     results: dict[tuple[str, int, str], list[tuple[float, float]]] = {}
     try:
         for corpus, files in corpora.items():
-            size_mb = sum(f.stat().st_size for f in files) / 1e6
             for senders in (1, 4):
                 for _ in range(args.repeat):
                     for receiver in receivers:
@@ -162,16 +197,17 @@ def _run(args: argparse.Namespace) -> None:
                         work.mkdir()
                         receiver.start(work)
                         try:
+                            cpu_before = receiver.cpu_seconds()
                             elapsed = _push(receiver, files, senders)
+                            cpu_ms = (receiver.cpu_seconds() - cpu_before) * 1000 / len(files)
                         finally:
                             receiver.stop()
                         shutil.rmtree(work, ignore_errors=True)
-                        results.setdefault((corpus, senders, receiver.name), []).append(
-                            (len(files) / elapsed, size_mb / elapsed)
-                        )
+                        rate = len(files) / elapsed
+                        results.setdefault((corpus, senders, receiver.name), []).append((rate, cpu_ms))
                         print(
-                            f"  {corpus:12s} {senders} sender(s) {receiver.name:9s} "
-                            f"{len(files) / elapsed:7.1f} inst/s {size_mb / elapsed:7.1f} MB/s",
+                            f"  {corpus:12s} {senders} sender(s) {receiver.name:19s} "
+                            f"{rate:7.1f} inst/s {cpu_ms:6.2f} CPU ms/inst",
                             flush=True,
                         )
     finally:
@@ -179,9 +215,13 @@ def _run(args: argparse.Namespace) -> None:
 
     print(
         f"\nIngest, {args.count} instances per corpus, median of {args.repeat} run(s), "
-        f"pacsnode with {args.processes} acceptor process(es), fsync on"
+        f"pacsnode with {args.processes} acceptor process(es), fsync on; instances/s (CPU ms per instance)"
     )
-    head = f"{'corpus':12s} {'senders':>7s} | {'pacsnode':>16s} | {'storescp':>16s} | {'orthanc':>16s} | {'vs storescp':>11s} {'vs orthanc':>10s}"
+    head = (
+        f"{'corpus':12s} {'senders':>7s} | "
+        + " | ".join(f"{name:>19s}" for name in _RECEIVERS)
+        + f" | {'lean/orthanc':>12s} {'pynd/orthanc':>12s} {'lean/storescp':>13s}"
+    )
     print(head)
     print("-" * len(head))
     for corpus in corpora:
@@ -191,12 +231,13 @@ def _run(args: argparse.Namespace) -> None:
                     statistics.median(r[0] for r in results[(corpus, senders, name)]),
                     statistics.median(r[1] for r in results[(corpus, senders, name)]),
                 )
-                for name in ("pacsnode", "storescp", "orthanc")
+                for name in _RECEIVERS
             }
-            cells = " | ".join(f"{med[n][0]:6.1f}/s {med[n][1]:6.1f}MB/s" for n in ("pacsnode", "storescp", "orthanc"))
+            cells = " | ".join(f"{med[n][0]:8.1f} ({med[n][1]:6.2f} ms)" for n in _RECEIVERS)
+            lean, pynd = med["pacsnode-lean"][0], med["pacsnode-pynetdicom"][0]
             print(
-                f"{corpus:12s} {senders:>7d} | {cells} | {med['pacsnode'][0] / med['storescp'][0]:10.2f}x "
-                f"{med['pacsnode'][0] / med['orthanc'][0]:9.2f}x"
+                f"{corpus:12s} {senders:>7d} | {cells} | {lean / med['orthanc'][0]:11.2f}x "
+                f"{pynd / med['orthanc'][0]:11.2f}x {lean / med['storescp'][0]:12.2f}x"
             )
 
 

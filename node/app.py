@@ -44,6 +44,7 @@ from pacsnode.node.dicom.handlers import (
     StoreService,
     handle_echo,
 )
+from pacsnode.node.dicom.lean import LeanDataPath
 from pacsnode.node.dicom.permissions import AccessPolicy
 from pacsnode.node.dicom.qr import QueryRetrieveService, handle_sop_extended
 from pacsnode.node.dicom.server import UNLIMITED_FOR_PYNETDICOM, NodeServer
@@ -208,6 +209,7 @@ class Node:
             ),
             max_established=max(1, math.ceil(node.max_associations / self._share)),
             max_pending_per_host=node.max_pending_per_host,
+            data_path=LeanDataPath(archive=self.archive) if node.data_path == "lean" else None,
             tls=tls,
         )
         if not isinstance(server, NodeServer):  # make_server returns server_class | ThreadedAssociationServer

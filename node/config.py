@@ -111,6 +111,10 @@ class NodeSettings(StrictModel):
     # A deflated dataset may inflate to this much, not more (a 1 MiB stream can inflate to gigabytes).
     max_inflated_bytes: Annotated[int, Field(ge=1024)] = 256 << 20
     timeouts: Timeouts = Timeouts()
+    # Storage associations (only Verification and storage classes proposed): after pynetdicom's
+    # negotiation, "lean" serves their data transfer in pacsnode's own loop (node/dicom/lean.py);
+    # "pynetdicom" leaves them to pynetdicom. Other associations always stay with pynetdicom.
+    data_path: Literal["lean", "pynetdicom"] = "lean"
     tls: ListenerTls | None = None
 
     @model_validator(mode="after")

@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from pacsnode.storage import index, quarantine, query
 from pacsnode.storage.db import WriteGate, make_engine, migrate, read_connection
 from pacsnode.storage.errors import DuplicateInstanceError, MisfiledInstanceError, StorageError
-from pacsnode.storage.files import InstanceStore, StagedFile
+from pacsnode.storage.files import InstanceStore, StagedFile, StageWriter
 from pacsnode.storage.index import InstanceMeta, Misfiling, StudySummary
 from pacsnode.storage.quarantine import QuarantineEntry
 from pacsnode.storage.settings import DuplicatePolicy, PatientMismatchPolicy, StorageSettings
@@ -98,6 +98,10 @@ class Archive:
 
     def stage(self, chunks: Iterable[bytes | memoryview]) -> StagedFile:
         return self.store.stage(chunks)
+
+    def open_stage(self) -> StageWriter:
+        """A staging file to write an arriving instance into, piece by piece (then :meth:`add`)."""
+        return self.store.open_stage()
 
     def discard(self, staged: StagedFile) -> None:
         self.store.discard(staged.path)

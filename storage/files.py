@@ -29,7 +29,7 @@ from pathlib import Path
 from pacsnode.storage.errors import OutOfSpaceError, StorageError
 from pacsnode.storage.settings import StorageSettings
 
-__all__ = ["InstanceStore", "StagedFile", "uid_digest"]
+__all__ = ["InstanceStore", "StageWriter", "StagedFile", "uid_digest"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,54 @@ class StagedFile:
     path: Path
     size: int
     sha256: str
+
+
+class StageWriter:
+    """A file in ``tmp/`` written piece by piece as the bytes arrive, hashed on the way.
+
+    Made by :meth:`InstanceStore.open_stage`; :meth:`finish` (fsync, when the store
+    fsyncs) returns the :class:`StagedFile`, :meth:`abandon` removes what was written.
+    """
+
+    def __init__(self, path: Path, fd: int, *, fsync: bool) -> None:
+        self.path = path
+        self._fd = fd
+        self._fsync = fsync
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        """Append ``chunk``; a write error removes the file and raises :class:`StorageError`."""
+        self._digest.update(chunk)
+        view = memoryview(chunk)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            self.abandon()
+            raise InstanceStore._os_error("cannot write to the store", exc) from exc
+        self.size += len(chunk)
+
+    def finish(self) -> StagedFile:
+        """Close the file (fsynced first where the store fsyncs) and return it as a staged file."""
+        try:
+            if self._fsync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            self.abandon()
+            raise InstanceStore._os_error("cannot write to the store", exc) from exc
+        self._close()
+        return StagedFile(path=self.path, size=self.size, sha256=self._digest.hexdigest())
+
+    def abandon(self) -> None:
+        """Close and remove the file (an association ended before the dataset was whole)."""
+        self._close()
+        InstanceStore.discard(self.path)
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
 
 
 class InstanceStore:
@@ -121,6 +169,15 @@ class InstanceStore:
             self.discard(path)
             raise
         return StagedFile(path=path, size=size, sha256=digest.hexdigest())
+
+    def open_stage(self) -> StageWriter:
+        """A new file in ``tmp/`` to write an arriving instance into (see :class:`StageWriter`)."""
+        path = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _PRIVATE_FILE)
+        except OSError as exc:
+            raise self._os_error("cannot create a file in the store", exc) from exc
+        return StageWriter(path, fd, fsync=self.fsync)
 
     def relative_path_for(self, sop_instance_uid: str, sha256: str) -> str:
         """Return the store-relative path of an instance's content (POSIX separators)."""

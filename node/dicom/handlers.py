@@ -37,6 +37,7 @@ from pacsnode.storage import (
     DuplicatePolicy,
     InvalidInstanceError,
     OutOfSpaceError,
+    StagedFile,
     StorageError,
     UnreadableInstanceError,
     read_header,
@@ -48,7 +49,9 @@ __all__ = [
     "IMPLEMENTATION_CLASS_UID",
     "IMPLEMENTATION_VERSION_NAME",
     "AssociationLog",
+    "STAGED_ATTRIBUTE",
     "StoreService",
+    "encode_file_header",
     "failure_status",
     "handle_echo",
     "set_nodelay",
@@ -299,10 +302,11 @@ class StoreService:
             check_dataset(received.view, transfer_syntax_uid, max_inflated_bytes=self.max_inflated_bytes)
         except UnreadableInstanceError as exc:
             return status.CANNOT_UNDERSTAND, str(exc)
-        header = _file_header(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
+        header = encode_file_header(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
         try:
             self.archive.check_space(size + len(header))
-            staged = self.archive.stage(itertools.chain((header,), received.chunks()))
+            # The lean data path wrote the very bytes stage() would write while they arrived.
+            staged = received.staged or self.archive.stage(itertools.chain((header,), received.chunks()))
         except OutOfSpaceError as exc:
             return status.OUT_OF_RESOURCES, str(exc)
         except StorageError as exc:
@@ -401,6 +405,7 @@ class _Received:
     view: memoryview
     file: BinaryIO | None = None
     offset: int = 0
+    staged: StagedFile | None = None  # already staged with our File Meta (the lean data path)
 
     def chunks(self) -> Iterator[bytes | memoryview]:
         if self.file is None:
@@ -438,7 +443,7 @@ def _received_dataset(request: Any) -> Iterator[_Received]:
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 view = memoryview(mapped)[offset:]
                 try:
-                    yield _Received(view=view, file=fh, offset=offset)
+                    yield _Received(view=view, file=fh, offset=offset, staged=getattr(request, STAGED_ATTRIBUTE, None))
                 finally:
                     view.release()
     finally:
@@ -456,6 +461,10 @@ def _after_file_meta(fh: BinaryIO) -> int:
 
 _PREAMBLE_AND_GROUP_LENGTH = 144  # 128 + "DICM" + (0002,0000) UL 4
 
+#: Set on a C-STORE request whose ``_dataset_path`` is a :class:`StagedFile` beginning with
+#: :func:`encode_file_header`'s bytes: the handler commits that file instead of copying it.
+STAGED_ATTRIBUTE = "pacsnode_staged"
+
 
 def _element(group_element: tuple[int, int], vr: bytes, value: bytes) -> bytes:
     """One explicit VR little endian element of group 0002 (short-length VRs, or OB)."""
@@ -470,7 +479,7 @@ def _ui(value: str) -> bytes:
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
-def _file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+def encode_file_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
     """Preamble, prefix and File Meta Information (PS3.10 7.1) for a received dataset.
 
     Encoded directly: this runs once per C-STORE, and building a pydicom

@@ -142,7 +142,20 @@ def gate_requests(assoc: Any, grant: Callable[[], Grant]) -> None:
     assoc._serve_request = gated
 
 
-def _refuse(assoc: Any, request: Any, context_id: int, service: Service, destination: str | None) -> None:
+def allows(assoc: Any, service: Service) -> tuple[bool, str]:
+    """Whether the peer of an accepted association may use ``service``; (False, comment) after logging the refusal.
+
+    For data paths that serve requests without pynetdicom's dispatcher (``node.dicom.lean``):
+    the same grant, alert and comment as :func:`gate_requests`.
+    """
+    grant = getattr(getattr(assoc, "acse", None), "grant", None)
+    if isinstance(grant, Grant) and grant.allows(service, None):
+        return True, ""
+    return False, _refusal(assoc, service, None)
+
+
+def _refusal(assoc: Any, service: Service, destination: str | None) -> str:
+    """Log the refusal as a security alert; the Error Comment for the response."""
     calling = str(assoc.requestor.ae_title)
     host = str(assoc.requestor.address)
     what = f"C-{service.upper()}" + (f" to {destination!r}" if destination is not None else "")
@@ -160,6 +173,11 @@ def _refuse(assoc: Any, request: Any, context_id: int, service: Service, destina
         move_destination=destination,
         status=status.NOT_AUTHORIZED,
     )
+    return comment
+
+
+def _refuse(assoc: Any, request: Any, context_id: int, service: Service, destination: str | None) -> None:
+    comment = _refusal(assoc, service, destination)
     received = getattr(request, "_dataset_path", None)
     if received is not None:  # a C-STORE dataset pynetdicom already wrote to a file
         Path(received).unlink(missing_ok=True)

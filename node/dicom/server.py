@@ -34,6 +34,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pacsnode.node import metrics
 from pacsnode.node.dicom import permissions
 from pacsnode.node.dicom.guard import GuardedSocket, GuardLimits
+from pacsnode.node.dicom.lean import LeanDataPath
 from pacsnode.node.dicom.permissions import AccessPolicy, Grant
 from pacsnode.node.dicom.tls import wrap_accepted
 
@@ -115,6 +116,8 @@ class _NodeRequestHandler(RequestHandler):
         permissions.gate_requests(assoc, lambda: acse.grant)
         if isinstance(self.request, GuardedSocket):
             self.request.bind_association(assoc)
+        if self.server.data_path is not None:
+            self.server.data_path.install(assoc)
         return assoc
 
 
@@ -167,9 +170,11 @@ class NodeServer(ThreadedAssociationServer):
         limits: GuardLimits,
         max_established: int,
         max_pending_per_host: int,
+        data_path: LeanDataPath | None = None,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self._listen_socket = listen_socket
+        self.data_path = data_path  # None: pynetdicom serves every association's data transfer
         self.tls = tls
         self.policy = policy
         self.limits = limits

@@ -9,7 +9,7 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from pacsnode.node.dicom.handlers import _file_header
+from pacsnode.node.dicom.handlers import encode_file_header
 from pacsnode.node.testing.corpus import UID_PREFIX, make_dataset
 from pacsnode.storage import (
     AddOutcome,
@@ -47,7 +47,7 @@ def _add(archive: Archive, ds, calling: str = "SCU"):  # type: ignore[no-untyped
     from pydicom import dcmread
 
     start = 132 + 12 + dcmread(BytesIO(raw)).file_meta.FileMetaInformationGroupLength
-    header = _file_header(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID))
+    header = encode_file_header(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID))
     staged = archive.stage([header, raw[start:]])
     meta = read_header(
         staged.path,

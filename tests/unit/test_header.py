@@ -8,7 +8,7 @@ from pydicom.filewriter import write_file_meta_info
 from pacsnode.node.dicom.handlers import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
-    _file_header,
+    encode_file_header,
 )
 from pacsnode.storage.index import is_valid_uid
 
@@ -30,7 +30,7 @@ def test_file_meta_matches_pydicom_encoding(sop_class: str, sop_inst: str, ts: s
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     fp = DicomBytesIO()
     write_file_meta_info(fp, meta, enforce_standard=True)
-    header = _file_header(sop_class, sop_inst, ts)
+    header = encode_file_header(sop_class, sop_inst, ts)
     assert header[:132] == b"\x00" * 128 + b"DICM"
     assert header[132:] == fp.getvalue()
 
