@@ -228,8 +228,12 @@ class Worker:
         beat = threading.Thread(
             target=self._heartbeat, args=(batch, finished), name=f"jobs-{batch.ids}-heartbeat", daemon=True
         )
-        self._log_started(jobs)  # audited before it runs: a trail that cannot be written stops it here
-        beat.start()
+        beat.start()  # leases renewed from now on: the audit writes below may wait on other processes' fsyncs
+        try:
+            self._log_started(jobs)  # audited before it runs: a trail that cannot be written stops it here
+        except BaseException:
+            finished.set()
+            raise
         states: dict[int, JobState | None] = {}
         errors: list[BaseException] = []
 

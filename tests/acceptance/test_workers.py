@@ -131,7 +131,9 @@ def _run_many(tmp_path: Path, url: str, workers, supervisors: int, per: int, job
         for n in range(jobs)
     ]
     for s in range(supervisors):
-        workers(url, per, name=f"w{s}")
+        # A lease long enough for a freshly started process on a busy 2-core machine to import the
+        # pipeline between its claim and its first renewal: this test is about exactly-once, not takeover.
+        workers(url, per, name=f"w{s}", lease_seconds=6)
 
     def owners() -> set[str]:
         running = (queue.get(i) for i in ids)
