@@ -379,8 +379,8 @@ class InferenceEngine:
                 with model_lock, streams.compute():
                     for volume, _, _ in batch.parts:
                         streams.wait(volume.ready, volume.prepared)
-                    probs = self._run_2d(self._network_input(batch, plan), batch)
-                    finishing += self._paste_batch(probs, batch, streams)
+                    logits = self._run_2d(self._network_input(batch, plan), batch)
+                    finishing += self._paste_batch(logits, batch, streams)
                 stats["model_s"] += time.perf_counter() - t0
                 stats["items"] += batch.size
                 stats["batches"] += 1
@@ -491,23 +491,28 @@ class InferenceEngine:
         x, pad = _pad_to_multiple(x, warm.package.manifest.input.divisible_by)
         return x.contiguous(memory_format=torch.channels_last), pad
 
-    def _paste_batch(self, probs: torch.Tensor, batch: _Batch, streams: Streams) -> list[StagedVolume]:
-        """Write a batch's probabilities into its volumes' outputs on the device; the volumes it completed.
+    def _paste_batch(self, logits: torch.Tensor, batch: _Batch, streams: Streams) -> list[StagedVolume]:
+        """Write a batch's probabilities (the activation of ``logits``) into its volumes' outputs on the device.
+
+        Returns the volumes it completed.
 
         A completed volume's output starts its copy to the host (on CUDA, on the copy-out stream).
         """
         completed = []
+        activation = self.warm.package.manifest.output.activation
         at = 0
         for volume, start, count in batch.parts:
-            part = probs[at : at + count].transpose(0, 1)  # (K, count, ...)
+            part = logits[at : at + count].transpose(0, 1)  # (K, count, ...)
             at += count
             if volume.output is None:
-                shape = (part.shape[0], volume.depth, *(volume.shape[1:] if part.ndim == 4 else ()))
-                volume.output = torch.zeros(shape, dtype=torch.float16, device=probs.device)
+                volume.output = _output_volume(part, volume)
+            target = volume.output[:, start : start + count]
             if part.ndim == 4 and volume.box is not None:
-                volume.output[:, start : start + count, volume.box[0], volume.box[1]] = part
+                target = target[:, :, volume.box[0], volume.box[1]]
+            if activation == "sigmoid":
+                torch.sigmoid(part, out=target)  # computed in float32, stored as float16
             else:
-                volume.output[:, start : start + count] = part
+                target.copy_(_activate(part.transpose(0, 1), activation).transpose(0, 1))
             volume.remaining -= count
             if volume.remaining == 0:
                 completed.append(volume)
@@ -553,7 +558,7 @@ class InferenceEngine:
     def _network_2d(
         self, xp: torch.Tensor, pad: tuple[int, ...], spacing: tuple[float, float], shape: tuple[int, int]
     ) -> torch.Tensor:
-        """The network on a prepared device batch; probabilities (float32) on the items' own grid."""
+        """The network on a prepared device batch; its output (float32) on the items' own grid, before the activation."""
         warm = self.warm
         with _network_context(warm):  # also in the loader thread, which times batch sizes with it
             with _autocast(warm):
@@ -562,7 +567,7 @@ class InferenceEngine:
             if logits.ndim == 4:
                 logits = _unpad(logits, pad)
                 logits = warm.preprocessor.restore(logits.float(), shape, spacing)
-            return _activate(logits.float(), warm.package.manifest.output.activation)
+            return logits.float()
 
     def _forward_2d(self, x: torch.Tensor, spacing: tuple[float, float], shape: tuple[int, int]) -> torch.Tensor:
         """The reference path on a host batch of raw items (N, C, H, W): every step on the batch, then the network.
@@ -572,7 +577,8 @@ class InferenceEngine:
         warm = self.warm
         with _network_context(warm):
             xp, pad = _prepare_2d(warm, x.to(warm.device, non_blocking=True), spacing)
-            return self._network_2d(xp, pad, spacing, shape)
+            logits = self._network_2d(xp, pad, spacing, shape)
+            return _activate(logits, warm.package.manifest.output.activation)
 
     def _budget(self) -> float:
         return self.options.memory_budget_mb * 1024 * 1024
@@ -782,6 +788,23 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and (
         "out of memory" in text or "CUDNN_STATUS_NOT_SUPPORTED" in text or "CUDNN_STATUS_ALLOC_FAILED" in text
     )
+
+
+def _output_volume(part: torch.Tensor, volume: StagedVolume) -> torch.Tensor:
+    """A volume's float16 output on the device: (K, slices, rows, columns), or (K, slices) for scores.
+
+    Zero outside the foreground box; what the box holds is written by the batches.
+    """
+    if part.ndim != 4:
+        return torch.empty((part.shape[0], volume.depth), dtype=torch.float16, device=part.device)
+    output = torch.empty((part.shape[0], *volume.shape), dtype=torch.float16, device=part.device)
+    if volume.box is not None:
+        rows, cols = volume.box
+        output[:, :, : rows.start] = 0
+        output[:, :, rows.stop :] = 0
+        output[:, :, rows, : cols.start] = 0
+        output[:, :, rows, cols.stop :] = 0
+    return output
 
 
 def _event_done(event: Any) -> bool:

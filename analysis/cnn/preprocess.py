@@ -210,7 +210,9 @@ def _window(step: WindowStep, x: torch.Tensor, in_place: bool = False) -> torch.
     if in_place:
         # ScaleIntensityRange's operations in its order, without its temporary tensors
         low, high = step.center - half, step.center + half
-        x.sub_(low).div_(high - low).mul_(step.out_max - step.out_min).add_(step.out_min)
+        x.sub_(low).div_(high - low)
+        if (step.out_min, step.out_max) != (0.0, 1.0):  # x * 1 + 0 is x
+            x.mul_(step.out_max - step.out_min).add_(step.out_min)
         return x.clamp_(step.out_min, step.out_max)
     scale = ScaleIntensityRange(  # element-wise: one call for the whole batch
         a_min=step.center - half, a_max=step.center + half, b_min=step.out_min, b_max=step.out_max, clip=True

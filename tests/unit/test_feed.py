@@ -75,11 +75,24 @@ def _volume(seed: int, depth: int = 7, rows: int = 45, cols: int = 50) -> Volume
     return VolumeInput(image=image, spacing=(2.0, 0.8, 0.8))
 
 
+CUDA_FP32 = FP32.model_copy(update={"device": "cuda"})
+DEVICES = [
+    pytest.param(FP32, id="cpu"),
+    pytest.param(
+        CUDA_FP32,
+        id="cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine"),
+    ),
+]
+
+
+@pytest.mark.parametrize("options", DEVICES)
 @pytest.mark.parametrize("name", list(STEP_LISTS))
-def test_the_feed_matches_the_reference_preprocessing(tmp_path: Path, name: str) -> None:
+def test_the_feed_matches_the_reference_preprocessing(tmp_path: Path, name: str, options: EngineOptions) -> None:
+    """On the CPU, and on CUDA (streams, pinned upload) against the CPU reference."""
     steps = STEP_LISTS[name]
     root = make_package(tmp_path / "m", preprocessing=steps, divisible_by=8)
-    engine = InferenceEngine(warm_model(load_package(root), FP32), FP32)
+    engine = InferenceEngine(warm_model(load_package(root), options), options)
     a, b = _volume(1), _volume(2, depth=6)
     got = engine.predict([a, b])  # 13 slices in batches of 4: one batch spans both volumes
     assert engine.stats["batches"] == 4
