@@ -118,6 +118,14 @@ class Streams:
         if self.cuda:
             self._copy_out.wait_stream(self._compute)
 
+    def mark(self) -> Any:
+        """An event recorded on the compute stream now (None on the CPU), to time the device's work."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        event.record(self._compute)
+        return event
+
     def event_after_copy_out(self) -> Any:
         if not self.cuda:
             return None
