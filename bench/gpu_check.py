@@ -14,6 +14,11 @@ Checks (sizes kept small: the whole run takes a few minutes on one GPU):
 * ``throughput``: model step and end-to-end slices/s through ``ModelPipeline``
   with the batch the engine picked (bench/inference.py's corpus and inputs);
   on a machine without CUDA this runs on the CPU (the CPU part).
+* ``feed``: the engine's 2D feed alone (bench/inference.py ``--loader-only``:
+  the network swapped for one that does no work) from decoded 512x512 phantom
+  volumes, slices/s at the batch the engine picks and at 64; on CUDA it fails
+  below 5,000 slices/s (the feed must never be what a GPU waits on); on the
+  CPU it is reported only.
 * ``oom-halving``: a network that raises ``torch.cuda.OutOfMemoryError`` above
   a batch size; the engine must halve, give the same output, and keep the
   halved size for the next call.
@@ -21,7 +26,7 @@ Checks (sizes kept small: the whole run takes a few minutes on one GPU):
   builds them) through the engine on CUDA against the CPU.
 * ``3d-stitched``: a small 3D UNet bundle with a memory budget that forces the
   sliding window to stitch its output in host memory, against the CPU.
-* ``cuda-tests``: tests/unit/test_engine.py and test_preprocess.py; fails when
+* ``cuda-tests``: tests/unit/test_engine.py, test_feed.py and test_preprocess.py; fails when
   a test is skipped for want of CUDA while CUDA is there.
 
 Exit status 0 when nothing failed.
@@ -146,6 +151,28 @@ def throughput() -> tuple[bool, str, dict[str, Any]]:
     return True, figures, data
 
 
+def feed() -> tuple[bool, str, dict[str, Any]]:
+    from pacsnode.analysis.modeldev.synthetic import PhantomSpec, make_chest_phantom
+
+    studies, slices = (2, 120) if CUDA else (1, 40)
+    device = "cuda" if CUDA else "cpu"
+    volumes = []
+    for n in range(studies):
+        phantom = make_chest_phantom(PhantomSpec(slices=slices, size=512, nodules=4), seed=100 + n)
+        volumes.append(VolumeInput(image=phantom.hu, spacing=phantom.spacing))
+    picked, batch = bench.measure_feed(ModelParams(model="lung-nodule", engine={"device": device}), volumes, 3)
+    at_64, _ = bench.measure_feed(
+        ModelParams(model="lung-nodule", engine={"device": device, "batch_size": 64}), volumes, 3
+    )
+    data = {"device": device, "batch_size": batch, "slices_per_s": picked, "slices_per_s_batch_64": at_64}
+    ok = not CUDA or min(picked, at_64) >= bench.LOADER_TARGET
+    figures = (
+        f"{device}: {picked:.0f} slices/s at batch {batch}, {at_64:.0f} at batch 64 "
+        f"(target on CUDA >= {bench.LOADER_TARGET:.0f}; {studies * slices} slices of 512x512)"
+    )
+    return ok, figures, data
+
+
 class _RunsOutOfMemory(torch.nn.Module):
     """The network, failing as CUDA does on a batch larger than ``most``; records each batch size."""
 
@@ -241,7 +268,16 @@ def stitched_3d() -> tuple[bool, str, dict[str, Any]]:
 
 def cuda_tests() -> tuple[bool, str, dict[str, Any]]:
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/unit/test_engine.py", "tests/unit/test_preprocess.py", "-q", "-rs"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/unit/test_engine.py",
+            "tests/unit/test_feed.py",
+            "tests/unit/test_preprocess.py",
+            "-q",
+            "-rs",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -271,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
             report("FAIL", "cuda", "no CUDA device and --require-gpu")
     agreement()
     check("throughput", False, throughput)
+    check("feed", False, feed)
     check("oom-halving", True, oom_halving)
     check("torchscript-bundle", True, torchscript_bundle)
     check("3d-stitched", True, stitched_3d)

@@ -252,6 +252,14 @@ def run_feed(truths: list[Any], feed: WarmModel, params: ModelParams, volumes: l
     return time.perf_counter() - t0
 
 
+def measure_feed(params: ModelParams, volumes: list[VolumeInput], runs: int) -> tuple[float, int]:
+    """Slices/s of the engine's feed from decoded ``volumes`` (median of ``runs``), and the batch size it used."""
+    feed, batch = feed_model(params, volumes[0])
+    run_feed([], feed, params, volumes[:1])  # warm-up
+    times = [run_feed([], feed, params, volumes) for _ in range(runs)]
+    return sum(v.image.shape[0] for v in volumes) / statistics.median(times), batch
+
+
 def loader_only(args: argparse.Namespace, params: ModelParams) -> dict[str, float]:
     """The ``--loader-only`` figures: slices/s of the feed with decoding and from decoded volumes."""
     slices = args.studies * args.slices

@@ -42,6 +42,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from pacsnode.analysis.cnn.feed import (
+    FeedPlan,
+    StagedVolume,
+    Streams,
+    foreground_box,
+    host_items,
+    plan_feed,
+    stage_volume,
+)
 from pacsnode.analysis.cnn.package import ModelPackage
 from pacsnode.analysis.cnn.preprocess import Preprocessor, build_preprocessor
 from pacsnode.analysis.errors import AnalysisError, InferenceTimeout, ModelError
@@ -267,11 +276,15 @@ class VolumeInput:
 
 @dataclass(frozen=True, kw_only=True)
 class _Batch:
-    x: torch.Tensor  # (N, C, H, W) float32, host
-    targets: list[tuple[int, int]]  # (volume index, slice index) of each item
+    """A batch as the loader thread describes it: runs of slices of staged volumes, cut on the device."""
+
+    parts: list[tuple[StagedVolume, int, int]]  # (volume, first slice, count), in order
     key: tuple[object, ...]  # the network's input shape (channels, rows, columns after preprocessing)
-    shape: tuple[int, int]  # rows, columns of the items as given
-    spacing: tuple[float, float]
+    x: torch.Tensor | None = None  # the items with their per-item steps done on the CPU (CPU-only steps)
+
+    @property
+    def size(self) -> int:
+        return sum(count for _, _, count in self.parts)
 
 
 class InferenceEngine:
@@ -329,8 +342,12 @@ class InferenceEngine:
     ) -> list[np.ndarray]:
         warm = self.warm
         stats = {"items": 0, "batches": 0, "model_s": 0.0, "wait_s": 0.0, "batch_size": 0}
-        assembler = _VolumeAssembler(on_done)
         model_lock = threading.Lock()  # the loader's probes and the batches never run the network at once
+        streams = Streams(warm.device)
+        staged: list[StagedVolume] = []  # in arrival order: filled by the loader thread
+        finishing: list[StagedVolume] = []  # complete, output being copied to the host
+        results: dict[int, np.ndarray] = {}
+        marks: list[tuple[Any, Any]] = []  # CUDA events around each batch on the compute stream
 
         def batch_size(key: tuple[object, ...], sample: VolumeInput, spacing: tuple[float, float]) -> int:
             with model_lock:
@@ -338,124 +355,238 @@ class InferenceEngine:
             stats["batch_size"] = max(stats["batch_size"], size)
             return size
 
+        def hand_over(wait: bool) -> None:
+            """Volumes whose output reached the host, handed on in the order they completed."""
+            while finishing and (wait or _event_done(finishing[0].done)):
+                volume = finishing.pop(0)
+                if volume.done is not None:
+                    volume.done.synchronize()
+                assert volume.host_output is not None
+                results[volume.index] = volume.host_output.numpy()
+                volume.release()
+                if on_done is not None:
+                    on_done(volume.index, results[volume.index])
+
+        spec = warm.package.manifest.input
+        plan = plan_feed(warm.preprocessor, spec.channels, spec.divisible_by)
         stream = _Prefetch(
-            self._slice_batches(volumes, assembler.arrived, batch_size, pin=warm.device.type == "cuda"),
-            depth=self.options.prefetch_batches,
+            self._slice_batches(volumes, staged, batch_size, streams, plan), depth=self.options.prefetch_batches
         )
         try:
             for batch in stream:
                 if deadline is not None and time.monotonic() > deadline:
                     raise InferenceTimeout("inference did not finish within the job's timeout")
                 t0 = time.perf_counter()
-                with model_lock:
-                    probs = self._run_2d(batch.x, batch.spacing, batch.shape, batch.key)
-                    host = probs.to("cpu", torch.float16).numpy()
-                stats["model_s"] += time.perf_counter() - t0
-                stats["items"] += len(batch.targets)
+                with model_lock, streams.compute():
+                    for volume, _, _ in batch.parts:
+                        streams.wait(volume.ready, volume.prepared)
+                    began = streams.mark()
+                    logits = self._run_2d(self._network_input(batch, plan), batch)
+                    finishing += self._paste_batch(logits, batch, streams)
+                    if began is not None:  # CUDA: the device's time, read once the work is done
+                        marks.append((began, streams.mark()))
+                    else:
+                        stats["model_s"] += time.perf_counter() - t0
+                stats["items"] += batch.size
                 stats["batches"] += 1
-                assembler.add(batch.targets, host)
+                hand_over(wait=False)
+            hand_over(wait=True)
+            if marks:
+                marks[-1][1].synchronize()
+                stats["model_s"] += sum(start.elapsed_time(end) for start, end in marks) / 1000.0
         finally:
             stats["wait_s"] += stream.waited
             stream.close()
         self.stats = stats
-        return assembler.volumes()
+        return [results[volume.index] for volume in staged]
 
     def _slice_batches(
         self,
         volumes: Iterable[VolumeInput],
-        arrived: dict[int, tuple[VolumeInput, tuple[slice, slice] | None]],
+        staged: list[StagedVolume],
         batch_size: Callable[[tuple[object, ...], VolumeInput, tuple[float, float]], int],
-        *,
-        pin: bool,
+        streams: Streams,
+        plan: FeedPlan,
     ) -> Iterator[_Batch]:
-        """Host batches (N, C, H, W) of slices with their neighbours as channels (edges repeat).
+        """Batches of slices of the staged volumes (see :mod:`pacsnode.analysis.cnn.feed`); in the loader thread.
 
-        Runs in the loader thread: takes each volume as it comes, crops it to the foreground, and
-        fills batches; consecutive volumes of one network input shape share batches.
+        Takes each volume as it comes, crops it to the foreground, uploads it and runs its per-slice
+        steps once; consecutive volumes of one network input shape share batches.
         """
-        spec = self.warm.package.manifest.input
-        channels = spec.channels
-        half = channels // 2
-        multiple = spec.divisible_by
-        buf: list[np.ndarray] = []
-        targets: list[tuple[int, int]] = []
+        warm = self.warm
+        spec = warm.package.manifest.input
+        parts: list[tuple[StagedVolume, int, int]] = []
+        filled = 0
         current: tuple[object, ...] | None = None
+        signature: tuple[object, ...] | None = None  # network input shape, crop and spacing of the batch
         size = 1
-        shape: tuple[int, int] = (0, 0)
-        spacing: tuple[float, float] = (1.0, 1.0)
 
         def flush() -> _Batch:
+            nonlocal filled
             assert current is not None
-            x = torch.from_numpy(np.stack(buf).astype(np.float32, copy=False))
-            if pin:
-                x = x.pin_memory()
-            batch = _Batch(x=x, targets=list(targets), key=current, shape=shape, spacing=spacing)
-            buf.clear()
-            targets.clear()
+            x = None
+            if plan.host and plan.per_item.steps:
+                pieces = [host_items(v, start, count, plan, pin=False) for v, start, count in parts]
+                x = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+                if warm.device.type == "cuda":
+                    x = x.pin_memory()
+            batch = _Batch(parts=list(parts), key=current, x=x)
+            parts.clear()
+            filled = 0
             return batch
 
         for vi, volume in enumerate(volumes):
-            inner, box = _cropped(volume, spec.foreground)
-            image = inner.image
-            arrived[vi] = (volume, box)
+            _check_volume(volume)
+            box = _foreground_box(volume, spec.foreground) if spec.foreground else None
+            inner = (
+                volume if box is None else VolumeInput(image=volume.image[:, box[0], box[1]], spacing=volume.spacing)
+            )
             item_spacing = (float(volume.spacing[1]), float(volume.spacing[2]))
-            grid = self.warm.preprocessor.spatial_shape_after(image.shape[1:], item_spacing)
+            crop = (int(inner.image.shape[1]), int(inner.image.shape[2]))
+            grid = warm.preprocessor.spatial_shape_after(crop, item_spacing)
             # Memory and speed depend on what the network sees: the preprocessed, padded slice.
-            key = (channels, *(-(-int(n) // multiple) * multiple for n in grid))
-            same = (key, image.shape[1:], item_spacing) == (current, shape, spacing)
-            if not same:
-                if buf:
+            key = (spec.channels, *(-(-int(n) // spec.divisible_by) * spec.divisible_by for n in grid))
+            if (key, crop, item_spacing) != signature:
+                if parts:
                     yield flush()
-                current, shape, spacing = key, (int(image.shape[1]), int(image.shape[2])), item_spacing
+                signature, current = (key, crop, item_spacing), key
                 size = batch_size(key, inner, item_spacing)
-            depth = image.shape[0]
-            for si in range(depth):
-                if half == 0:
-                    item = image[si : si + 1]
-                else:
-                    index = np.clip(np.arange(si - half, si + half + 1), 0, depth - 1)
-                    item = image[index]
-                buf.append(item)
-                targets.append((vi, si))
-                if len(buf) >= min(size, self._oom_limit(current)):
+            one = stage_volume(
+                index=vi,
+                image=volume.image,
+                box=box,
+                spacing=item_spacing,
+                plan=plan,
+                device=warm.device,
+                streams=streams,
+            )
+            staged.append(one)
+            start = 0
+            while start < one.depth:
+                limit = min(size, self._oom_limit(current))
+                count = min(one.depth - start, limit - filled)
+                parts.append((one, start, count))
+                filled += count
+                start += count
+                if filled >= limit:
                     yield flush()
-        if buf:
+        if parts:
             yield flush()
 
-    def _run_2d(
-        self, x: torch.Tensor, spacing: tuple[float, float], shape: tuple[int, int], key: tuple[object, ...]
-    ) -> torch.Tensor:
-        """Preprocess, run and map back one host batch; halves itself on CUDA out-of-memory.
+    def _network_input(self, batch: _Batch, plan: FeedPlan) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """The batch as the network takes it, on the device: per-item steps, padding, channels-last."""
+        warm = self.warm
+        plan_steps = plan.per_item
+        first = batch.parts[0][0]
+        half = plan.half
+        if batch.x is not None:
+            x = batch.x.to(warm.device, non_blocking=True)
+        elif not plan_steps.steps:
+            # The one copy of the feed: the neighbour views into the network's channels-last input.
+            rows, cols = first.prepared.shape[1:]
+            x = torch.empty((batch.size, 2 * half + 1, rows, cols), dtype=torch.float32, device=warm.device).contiguous(
+                memory_format=torch.channels_last
+            )
+            at = 0
+            for volume, start, count in batch.parts:
+                x[at : at + count].copy_(volume.items(start, count, half))
+                at += count
+            return x, first.pad
+        else:
+            views = [volume.items(start, count, half) for volume, start, count in batch.parts]
+            x = views[0].clone() if len(views) == 1 else torch.cat(views)  # the steps must not see overlaps
+            x, _ = plan_steps(x, first.item_spacing, in_place=True)
+        x, pad = _pad_to_multiple(x, warm.package.manifest.input.divisible_by)
+        return x.contiguous(memory_format=torch.channels_last), pad
+
+    def _paste_batch(self, logits: torch.Tensor, batch: _Batch, streams: Streams) -> list[StagedVolume]:
+        """Write a batch's probabilities (the activation of ``logits``) into its volumes' outputs on the device.
+
+        Returns the volumes it completed.
+
+        A completed volume's output starts its copy to the host (on CUDA, on the copy-out stream).
+        """
+        completed = []
+        activation = self.warm.package.manifest.output.activation
+        at = 0
+        for volume, start, count in batch.parts:
+            part = logits[at : at + count].transpose(0, 1)  # (K, count, ...)
+            at += count
+            if volume.output is None:
+                volume.output = _output_volume(part, volume)
+            target = volume.output[:, start : start + count]
+            if part.ndim == 4 and volume.box is not None:
+                target = target[:, :, volume.box[0], volume.box[1]]
+            if activation == "sigmoid":
+                torch.sigmoid(part, out=target)  # computed in float32, stored as float16
+            else:
+                target.copy_(_activate(part.transpose(0, 1), activation).transpose(0, 1))
+            volume.remaining -= count
+            if volume.remaining == 0:
+                completed.append(volume)
+        for volume in completed:
+            assert volume.output is not None
+            if volume.output.device.type == "cuda":
+                streams.copy_out_after_compute()
+                with streams.copy_out():
+                    host = torch.empty(volume.output.shape, dtype=torch.float16, pin_memory=True)
+                    host.copy_(volume.output, non_blocking=True)
+                    streams.used_by_copy_out(volume.output)
+                    volume.done = streams.event_after_copy_out()
+                volume.host_output = host
+            else:
+                volume.host_output = volume.output
+        return completed
+
+    def _run_2d(self, prepared: tuple[torch.Tensor, tuple[int, ...]], batch: _Batch) -> torch.Tensor:
+        """The network on one device batch, its output mapped back; halves itself on CUDA out-of-memory.
 
         The halved size sticks: batches already made larger are split before they run, and the loader
         makes no larger ones from then on (for this shape and memory budget).
         """
-        limit = self._oom_limit(key)
-        if x.shape[0] > limit:
-            return torch.cat([self._run_2d(x[i : i + limit], spacing, shape, key) for i in range(0, x.shape[0], limit)])
+        xp, pad = prepared
+        first = batch.parts[0][0]
+        limit = self._oom_limit(batch.key)
+        if xp.shape[0] > limit:
+            return torch.cat([self._run_2d((xp[i : i + limit], pad), batch) for i in range(0, xp.shape[0], limit)])
         try:
-            return self._forward_2d(x, spacing, shape)
+            return self._network_2d(xp, pad, first.spacing, first.crop)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
-            if x.shape[0] == 1 or not _is_out_of_memory(exc):
+            if xp.shape[0] == 1 or not _is_out_of_memory(exc):
                 raise
         # Out of the handler, so the failed batch's tensors (and its traceback's) are gone before the retry.
         _empty_cache(self.warm.device)
-        half = x.shape[0] // 2
-        logger.warning("CUDA out of memory at a batch of %d: splitting it, and smaller batches from now on", x.shape[0])
-        self.warm.oom_batch[self._oom_key(key)] = min(half, self._oom_limit(key))
-        return self._run_2d(x, spacing, shape, key)
+        half = xp.shape[0] // 2
+        logger.warning(
+            "CUDA out of memory at a batch of %d: splitting it, and smaller batches from now on", xp.shape[0]
+        )
+        self.warm.oom_batch[self._oom_key(batch.key)] = min(half, self._oom_limit(batch.key))
+        return self._run_2d(prepared, batch)
 
-    def _forward_2d(self, x: torch.Tensor, spacing: tuple[float, float], shape: tuple[int, int]) -> torch.Tensor:
+    def _network_2d(
+        self, xp: torch.Tensor, pad: tuple[int, ...], spacing: tuple[float, float], shape: tuple[int, int]
+    ) -> torch.Tensor:
+        """The network on a prepared device batch; its output (float32) on the items' own grid, before the activation."""
         warm = self.warm
         with _network_context(warm):  # also in the loader thread, which times batch sizes with it
-            xp, pad = _prepare_2d(warm, x.to(warm.device, non_blocking=True), spacing)
             with _autocast(warm):
                 logits = warm.module(xp)
             logits = _check_output(logits, warm, xp)
             if logits.ndim == 4:
                 logits = _unpad(logits, pad)
                 logits = warm.preprocessor.restore(logits.float(), shape, spacing)
-            return _activate(logits.float(), warm.package.manifest.output.activation)
+            return logits.float()
+
+    def _forward_2d(self, x: torch.Tensor, spacing: tuple[float, float], shape: tuple[int, int]) -> torch.Tensor:
+        """The reference path on a host batch of raw items (N, C, H, W): every step on the batch, then the network.
+
+        The engine's probes and the CPU batch timing use it; the feed must give what it gives.
+        """
+        warm = self.warm
+        with _network_context(warm):
+            xp, pad = _prepare_2d(warm, x.to(warm.device, non_blocking=True), spacing)
+            logits = self._network_2d(xp, pad, spacing, shape)
+            return _activate(logits, warm.package.manifest.output.activation)
 
     def _budget(self) -> float:
         return self.options.memory_budget_mb * 1024 * 1024
@@ -646,26 +777,12 @@ def _paste(prob: np.ndarray, volume: VolumeInput, box: tuple[slice, slice] | Non
 
 
 def _foreground_box(volume: VolumeInput, crop: Any) -> tuple[slice, slice]:
-    """In-plane (rows, columns) box of the voxels above the threshold in any slice, widened by the margin."""
-    above = volume.image > crop.threshold
-    rows = np.flatnonzero(above.any(axis=(0, 2)))
-    cols = np.flatnonzero(above.any(axis=(0, 1)))
-    height, width = volume.image.shape[1:]
-    if rows.size == 0:
-        return slice(0, height), slice(0, width)
+    """In-plane (rows, columns) box of the voxels above the threshold in any slice, widened by the margin.
 
-    def span(first: int, last: int, margin_mm: float, spacing: float, size: int) -> slice:
-        margin = int(np.ceil(margin_mm / spacing))
-        start, stop = max(0, first - margin), min(size, last + 1 + margin)
-        # Sizes in steps of 32 pixels, so that studies share shapes (batches, measured batch sizes).
-        want = min(size, -(-(stop - start) // _CROP_STEP) * _CROP_STEP)
-        start = max(0, min(start - (want - (stop - start)) // 2, size - want))
-        return slice(start, start + want)
-
-    return (
-        span(int(rows[0]), int(rows[-1]), crop.margin_mm, volume.spacing[1], height),
-        span(int(cols[0]), int(cols[-1]), crop.margin_mm, volume.spacing[2], width),
-    )
+    Sizes in steps of 32 pixels, so that studies share shapes (batches, measured batch sizes).
+    """
+    margin = (int(np.ceil(crop.margin_mm / volume.spacing[1])), int(np.ceil(crop.margin_mm / volume.spacing[2])))
+    return foreground_box(volume.image, crop.threshold, margin, _CROP_STEP)
 
 
 _CROP_STEP = 32
@@ -679,6 +796,28 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and (
         "out of memory" in text or "CUDNN_STATUS_NOT_SUPPORTED" in text or "CUDNN_STATUS_ALLOC_FAILED" in text
     )
+
+
+def _output_volume(part: torch.Tensor, volume: StagedVolume) -> torch.Tensor:
+    """A volume's float16 output on the device: (K, slices, rows, columns), or (K, slices) for scores.
+
+    Zero outside the foreground box; what the box holds is written by the batches.
+    """
+    if part.ndim != 4:
+        return torch.empty((part.shape[0], volume.depth), dtype=torch.float16, device=part.device)
+    output = torch.empty((part.shape[0], *volume.shape), dtype=torch.float16, device=part.device)
+    if volume.box is not None:
+        rows, cols = volume.box
+        output[:, :, : rows.start] = 0
+        output[:, :, rows.stop :] = 0
+        output[:, :, rows, : cols.start] = 0
+        output[:, :, rows, cols.stop :] = 0
+    return output
+
+
+def _event_done(event: Any) -> bool:
+    """Whether a CUDA event has completed (None: nothing to wait for)."""
+    return event is None or bool(event.query())
 
 
 def _empty_cache(device: torch.device) -> None:
@@ -789,39 +928,6 @@ def _activation_bytes(warm: WarmModel, probe: torch.Tensor, spacing: tuple[float
     # Live tensors are a fraction of all module outputs, but CUDA allocator slack and the float copies
     # of input and output come on top: count everything once, plus the output twice.
     return int(measured + x.numel() * 4 + 2 * out.numel() * 4)
-
-
-class _VolumeAssembler:
-    """Slices' outputs put together into whole volumes; a volume is handed on as soon as its last slice is in."""
-
-    def __init__(self, on_done: Callable[[int, np.ndarray], None] | None) -> None:
-        # Each volume as the loader thread took it, with its foreground box: filled by that thread.
-        self.arrived: dict[int, tuple[VolumeInput, tuple[slice, slice] | None]] = {}
-        self._on_done = on_done
-        self._partial: dict[int, np.ndarray] = {}
-        self._remaining: dict[int, int] = {}
-        self._done: dict[int, np.ndarray] = {}
-
-    def add(self, targets: list[tuple[int, int]], host: np.ndarray) -> None:
-        """Place one batch's outputs (``host[j]`` is (volume, slice) ``targets[j]``); hand on the volumes completed."""
-        for j, (vi, si) in enumerate(targets):
-            out = self._partial.get(vi)
-            if out is None:
-                depth = self.arrived[vi][0].image.shape[0]
-                out = self._partial[vi] = np.zeros((host.shape[1], depth, *host.shape[2:]), dtype=np.float16)
-                self._remaining[vi] = depth
-            out[:, si] = host[j]
-            self._remaining[vi] -= 1
-            if self._remaining[vi] == 0:
-                volume, box = self.arrived[vi]
-                self._done[vi] = _paste(out, volume, box)
-                del self._partial[vi]
-                if self._on_done is not None:
-                    self._on_done(vi, self._done[vi])
-
-    def volumes(self) -> list[np.ndarray]:
-        """The outputs of every volume that arrived, in order (all complete once the batches are through)."""
-        return [self._done[i] for i in range(len(self.arrived))]
 
 
 class _Prefetch:

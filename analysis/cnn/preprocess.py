@@ -89,8 +89,10 @@ __all__ = [
     "Step",
     "UnsharpStep",
     "WindowStep",
+    "acts_per_channel",
     "build_preprocessor",
     "parse_steps",
+    "runs_on_cpu",
 ]
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -203,8 +205,15 @@ def _geometry(
 # The steps on a batch
 
 
-def _window(step: WindowStep, x: torch.Tensor) -> torch.Tensor:
+def _window(step: WindowStep, x: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     half = step.width / 2.0
+    if in_place:
+        # ScaleIntensityRange's operations in its order, without its temporary tensors
+        low, high = step.center - half, step.center + half
+        x.sub_(low).div_(high - low)
+        if (step.out_min, step.out_max) != (0.0, 1.0):  # x * 1 + 0 is x
+            x.mul_(step.out_max - step.out_min).add_(step.out_min)
+        return x.clamp_(step.out_min, step.out_max)
     scale = ScaleIntensityRange(  # element-wise: one call for the whole batch
         a_min=step.center - half, a_max=step.center + half, b_min=step.out_min, b_max=step.out_max, clip=True
     )
@@ -314,10 +323,10 @@ def _uncrop_pad(x: torch.Tensor, before: tuple[int, ...], value: float) -> torch
     return _per_channel(BorderPad(spatial_border=border, value=value), x)
 
 
-def _apply(step: Step, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """``step`` on the batch ``x``; ``shape`` is the spatial shape it must produce."""
+def _apply(step: Step, x: torch.Tensor, shape: tuple[int, ...], in_place: bool = False) -> torch.Tensor:
+    """``step`` on the batch ``x``; ``shape`` is the spatial shape it must produce; ``in_place``: ``x`` may be reused."""
     if isinstance(step, WindowStep):
-        return _window(step, x)
+        return _window(step, x, in_place)
     if isinstance(step, NormalizeStep):
         return _normalize(step, x)
     if isinstance(step, (ResampleStep, ResizeStep)):
@@ -393,7 +402,9 @@ class Preprocessor:
             yield step, shape, after, spacing
             shape = after
 
-    def __call__(self, x: torch.Tensor, spacing: Sequence[float]) -> tuple[torch.Tensor, tuple[float, ...]]:
+    def __call__(
+        self, x: torch.Tensor, spacing: Sequence[float], *, in_place: bool = False
+    ) -> tuple[torch.Tensor, tuple[float, ...]]:
         """Run the steps on a batch.
 
         Parameters
@@ -404,6 +415,9 @@ class Preprocessor:
             result moved back).
         spacing
             The items' pixel spacing in mm: (row, col), or (slice, row, col).
+        in_place
+            ``x`` is the caller's to overwrite: element-wise steps write into it
+            (same values, no temporary tensors), so the result may be ``x`` itself.
 
         Returns
         -------
@@ -433,8 +447,27 @@ class Preprocessor:
             return x.new_empty((0, x.shape[1], *shape)), new_spacing
         with torch.no_grad():
             for step, _, after, _ in grids:
-                x = _apply(step, x, after)
+                x = _apply(step, x, after, in_place)
         return x.to(torch.float32), new_spacing
+
+    def split_per_slice(self) -> tuple[Preprocessor, Preprocessor]:
+        """The longest leading run of steps that treat each channel (each 2D slice) alone, and the rest.
+
+        Run on a volume's slices one at a time, the first part gives what it gives on any item those
+        slices are channels of; so a 2D model's neighbour-slice items can be cut from one preprocessed
+        volume (:mod:`pacsnode.analysis.cnn.feed`), each slice processed once.
+        """
+        count = 0
+        for step in self._steps:
+            if not acts_per_channel(step):
+                break
+            count += 1
+        return Preprocessor(self._steps[:count]), Preprocessor(self._steps[count:])
+
+    @property
+    def needs_cpu(self) -> bool:
+        """Whether a step runs through OpenCV on the CPU (bilateral denoising, CLAHE)."""
+        return any(runs_on_cpu(step) for step in self._steps)
 
     def spatial_shape_after(self, shape: Sequence[int], spacing: Sequence[float]) -> tuple[int, ...]:
         """The spatial shape the steps make of ``shape``: (H, W), (D, H, W), or a batch's full shape.
@@ -514,6 +547,30 @@ class Preprocessor:
     def describe(self) -> list[dict[str, Any]]:
         """The steps as JSON-able mappings (what the configuration would say, defaults filled in)."""
         return [step.model_dump(mode="json") for step in self._steps]
+
+
+def acts_per_channel(step: Step) -> bool:
+    """Whether ``step`` gives each channel of an item a result that depends on that channel alone."""
+    if isinstance(step, NormalizeStep):
+        return step.channel_wise
+    return isinstance(
+        step,
+        (
+            WindowStep,
+            ResampleStep,
+            ResizeStep,
+            CropPadStep,
+            GaussianDenoiseStep,
+            MedianDenoiseStep,
+            BilateralDenoiseStep,
+            UnsharpStep,
+        ),
+    )
+
+
+def runs_on_cpu(step: Step) -> bool:
+    """Whether ``step`` runs through OpenCV on the CPU, whatever the batch's device."""
+    return isinstance(step, (BilateralDenoiseStep, ClaheStep))
 
 
 def _label(step: Step) -> str:

@@ -186,3 +186,47 @@ def test_check_config_refuses_a_model_whose_weights_do_not_match(tmp_path: Path)
     )
     assert deep.returncode == 2
     assert "analysis.rules[cnn]" in deep.stderr and "cannot load model.pt" in deep.stderr, deep.stderr
+
+
+@pytest.mark.dcmtk
+def test_a_torchscript_monai_bundle_in_a_rule_at_default_settings_analyses_a_pushed_ct(
+    tmp_path: Path, storescp_factory: Callable[..., StorescpPeer]
+) -> None:
+    """A MONAI Bundle as the Model Zoo ships it (``models/model.ts``, a traced 2D network with batch norm),
+    named in a rule with no engine settings: the worker runs it on a pushed CT and its results arrive."""
+    from tests.support.models import make_bundle
+
+    bundle = make_bundle(tmp_path / "bundle", torchscript=True, dims="2d")
+    truth = write_chest_ct(tmp_path / "ct", PhantomSpec(slices=10, size=32), seed=3)
+    dest = storescp_factory(ae_title="DEST")
+    rule = {
+        "name": "bundle",
+        "pipeline": "model",
+        "match": {"modality": ["CT"]},
+        "params": {"model": str(bundle)},
+        "destinations": ["DEST"],
+    }
+    served = Served(
+        tmp_path,
+        sections={
+            "analysis": {
+                "workers": 1,
+                "quiet_seconds": 1.5,
+                "scan_interval_seconds": 0.3,
+                "lease_seconds": 10,
+                "rules": [rule],
+            },
+            "export": {"backoff_seconds": 0.5, "poll_seconds": 0.2},
+            "remote_nodes": {"DEST": {"ae_title": dest.ae_title, "host": "127.0.0.1", "port": dest.port}},
+        },
+    )
+    served.start()
+    storescu(served.port, truth.paths)
+    (job,) = jobs_in(served, {"done", "failed"})
+    assert job["state"] == "done", job["last_error"]
+    received = served.wait("the bundle's results at the destination", lambda: dest.received(), 60)
+    assert set(by_class(received)) <= {SEG, SR, SC}, by_class(received)
+    validate_results(received)
+    for ds in (pydicom.dcmread(f, stop_before_pixels=True) for f in received):
+        assert ds.StudyInstanceUID == truth.study_instance_uid
+    assert served.stop() == 0
