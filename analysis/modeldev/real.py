@@ -72,7 +72,7 @@ def load_real_series(folder: Path, pixel_mm: float) -> RealSeries:
     folder = Path(folder)
     volume = load_series(sorted(folder.glob("*.dcm")))
     labels = segment_lungs(volume).labels
-    region = region_from_labels(labels)
+    region = region_from_labels(labels, pixel_mm=float(min(volume.spacing[1:])))
     boxes = np.zeros(volume.hu.shape, dtype=bool)
     annotations = folder.parent / "annotations.json"
     tumour_slices: set[int] = set()
