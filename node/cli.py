@@ -155,6 +155,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-real", action="store_true", help="skip the real CT images of pydicom-data")
+    p.add_argument(
+        "--real",
+        type=Path,
+        metavar="DIR",
+        help="folder of real chest CT series folders with tumour boxes in DIR/annotations.json: false findings "
+        "per series, tumour found",
+    )
+    p.add_argument(
+        "--no-lesion-filter",
+        action="store_true",
+        help="score every component of the model's map (no lung region, no lesion filter)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     p = _command(
         sub, "hash-password", _cmd_hash_password, help="print the http.users password_hash of a password (asked for)"
@@ -742,6 +754,7 @@ def _cmd_evaluate(settings: Settings | None, args: argparse.Namespace) -> int:
         HELD_OUT_SEED_BASE,
         evaluate_phantoms,
         evaluate_real_ct,
+        evaluate_real_series,
         pydicom_data_ct_files,
     )
 
@@ -751,7 +764,12 @@ def _cmd_evaluate(settings: Settings | None, args: argparse.Namespace) -> int:
         print(f"pacsnode: {exc}", file=sys.stderr)
         return EXIT_FAILED
     seed = HELD_OUT_SEED_BASE if args.seed is None else args.seed
-    report = evaluate_phantoms(package, studies=args.studies, seed=seed, slices=args.slices, device=args.device)
+    lesions = not args.no_lesion_filter
+    report = evaluate_phantoms(
+        package, studies=args.studies, seed=seed, slices=args.slices, device=args.device, lesions=lesions
+    )
+    if args.real is not None:
+        report = evaluate_real_series(package, args.real, device=args.device, report=report, lesions=lesions)
     if not args.no_real:
         files = pydicom_data_ct_files()
         if not files:
@@ -786,4 +804,11 @@ def _cmd_evaluate(settings: Settings | None, args: argparse.Namespace) -> int:
             f"real CT (pydicom-data, no nodules marked): {report.real_ct_false_positives} findings "
             f"on {report.real_ct_images} images"
         )
+    for s in report.real_series:
+        tumour = (
+            f"tumour found ({s.tumour_kind}, long axis {s.tumour_long_axis_mm} mm, extent {s.tumour_extent_mm} mm)"
+            if s.tumour_found
+            else "tumour NOT found"
+        )
+        print(f"real series {s.series}: {s.findings} findings, {s.false_findings} false; {tumour}")
     return EXIT_OK

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,11 +22,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "MASS_MM",
+    "SHAPE_ONLY",
     "LesionFilter",
     "Shape",
     "axial_diameter_mm",
     "class_scores",
+    "density_of",
     "find_components",
+    "find_masses",
     "findings_from_probabilities",
     "label_spec",
     "longest_diameter_mm",
@@ -41,30 +44,78 @@ MASS_MM = 30.0
 
 @dataclass(frozen=True, kw_only=True)
 class LesionFilter:
-    """Which connected findings are lesions: the shape tests of :func:`findings_from_probabilities`.
+    """Which connected findings are lesions: the tests of :func:`findings_from_probabilities`.
 
-    The axes are the full lengths of the finding's principal axes (those of a solid
+    **Shape.** The axes are the full lengths of the finding's principal axes (those of a solid
     ellipsoid with its second moments), long >= middle >= short. A vessel is a tube
     (``long / middle`` above ``max_elongation``), pleura and fissures are sheets
     (``middle / short`` above ``max_flatness``, or more than ``max_boundary_fraction``
-    of the voxels within ``boundary_mm`` in-plane of the region's edge: a flat rim along
-    the lung's outline). A lesion whose long axis is ``mass_mm`` or more is a ``"mass"``,
-    a smaller one a ``"nodule"``.
+    of the voxels within ``boundary_mm`` in-plane of the region's edge while it fills less than
+    ``compact_fill`` of its ellipsoid: a rim along the lung's outline, not a round nodule against
+    the pleura). A lesion fills its own ellipsoid (``fill``, its volume over the
+    ellipsoid's, at least ``min_fill``): a branching tree of vessels, a curved streak or a
+    ring around a vessel does not.
+
+    **Density, in the image itself.** At most ``max_solid_contact`` of an in-plane rim of
+    ``contact_mm`` around the finding is soft tissue (``solid_hu`` or more): a finding wrapped
+    around a vessel, a bronchial wall or the chest wall is their blurred edge, not a lesion
+    (a lesion attached to them is found as a mass, below). Its mean density is at least
+    ``min_contrast_hu`` above the median of the lung around it (``background_mm`` in-plane,
+    below ``solid_hu``): the patient's own lung is the reference, whatever the kernel.
+
+    **Size against the slices.** The in-plane long axis must reach ``min_axis_slices`` slice
+    thicknesses: a smaller spot cannot be told from a vessel crossing the slice. On slices
+    thicker than ``max_nodule_slice_mm`` the model's own findings are not reported at all
+    (the shipped model was trained on 1-2.5 mm slices; on 5 mm real slices it marks the
+    partial volume around every vessel); masses still are.
+
+    **Masses.** With a region, the soft tissue inside it is opened in-plane with a disk of
+    radius ``mass_core_mm`` (vessels, bronchial walls and the pleura are thinner than its
+    diameter and vanish); a remaining 3D blob whose axial long axis is ``mass_mm`` or more, whose
+    craniocaudal extent is at least two thirds of that, with at least the volume of a
+    ``mass_mm`` sphere and not a sheet, is a ``"mass"`` finding (the model's findings on it are
+    merged into it). The other lesions are ``"mass"`` or ``"nodule"`` by their long axis.
+    ``None`` turns a test off.
     """
 
     max_elongation: float = 3.0
     max_flatness: float = 4.0
     boundary_mm: float = 5.0
     max_boundary_fraction: float = 0.5
+    compact_fill: float = 0.8
     mass_mm: float = MASS_MM
+    min_fill: float | None = 0.6
+    solid_hu: float = -300.0
+    contact_mm: float = 2.0
+    max_solid_contact: float | None = 0.6
+    background_mm: float = 10.0
+    min_contrast_hu: float | None = 100.0
+    min_axis_slices: float | None = 1.2
+    max_nodule_slice_mm: float | None = 3.0
+    mass_core_mm: float | None = 5.0
+
+
+#: The tests about shape only (no density, no slice thickness, no mass search): for probability maps without an image.
+SHAPE_ONLY = LesionFilter(
+    min_fill=None,
+    max_solid_contact=None,
+    min_contrast_hu=None,
+    min_axis_slices=None,
+    max_nodule_slice_mm=None,
+    mass_core_mm=None,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Shape:
-    """Principal axes (mm, long >= middle >= short) of a finding and its share near the region's edge."""
+    """Principal axes (mm, long >= middle >= short) of a finding, its share near the region's edge, how
+    much of its ellipsoid it fills, and (when measured) its soft-tissue contact and contrast to the lung."""
 
     axes_mm: tuple[float, float, float]
     boundary_fraction: float
+    fill: float = 1.0
+    solid_contact: float | None = None
+    contrast_hu: float | None = None
 
     @property
     def elongation(self) -> float:
@@ -75,13 +126,24 @@ class Shape:
         return self.axes_mm[1] / max(self.axes_mm[2], 1e-6)
 
     def rejected_by(self, rules: LesionFilter) -> str | None:
-        """Why the finding is not a lesion (``"tube"``, ``"sheet"``, ``"boundary"``), or None."""
+        """Why the finding is not a lesion (``"tube"``, ``"sheet"``, ``"boundary"``, ``"irregular"``,
+        ``"wraps tissue"``, ``"faint"``), or None."""
         if self.elongation > rules.max_elongation:
             return "tube"
         if self.flatness > rules.max_flatness:
             return "sheet"
-        if self.boundary_fraction > rules.max_boundary_fraction:
+        if self.boundary_fraction > rules.max_boundary_fraction and self.fill < rules.compact_fill:
             return "boundary"
+        if rules.min_fill is not None and self.fill < rules.min_fill:
+            return "irregular"
+        if rules.max_solid_contact is not None and (self.solid_contact or 0.0) > rules.max_solid_contact:
+            return "wraps tissue"
+        if (
+            rules.min_contrast_hu is not None
+            and self.contrast_hu is not None
+            and self.contrast_hu < rules.min_contrast_hu
+        ):
+            return "faint"
         return None
 
 
@@ -101,7 +163,93 @@ def shape_of(index: np.ndarray, spacing: tuple[float, float, float], near_edge: 
     boundary = 0.0
     if near_edge is not None:
         boundary = float(near_edge[tuple(index.T)].mean())
-    return Shape(axes_mm=(float(axes[0]), float(axes[1]), float(axes[2])), boundary_fraction=boundary)
+    ellipsoid_mm3 = np.pi / 6.0 * float(np.prod(axes))
+    fill = index.shape[0] * float(np.prod(sp)) / ellipsoid_mm3 if ellipsoid_mm3 > 0 else 1.0
+    return Shape(axes_mm=(float(axes[0]), float(axes[1]), float(axes[2])), boundary_fraction=boundary, fill=fill)
+
+
+def _disk(radius_px: int) -> np.ndarray:
+    import cv2
+
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius_px + 1, 2 * radius_px + 1))
+
+
+def _dilate_slices(mask: np.ndarray, radius_px: int) -> np.ndarray:
+    import cv2
+
+    kernel = _disk(radius_px)
+    return np.stack([cv2.dilate(m.astype(np.uint8), kernel) for m in mask]).astype(bool)
+
+
+def _grown_box(box: tuple[slice, ...], pad: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    return (
+        box[0],
+        *(slice(max(b.start - pad, 0), min(b.stop + pad, n)) for b, n in zip(box[1:], shape[1:], strict=True)),
+    )
+
+
+def density_of(
+    mask: np.ndarray,
+    box: tuple[slice, ...],
+    hu: np.ndarray,
+    spacing: tuple[float, float, float],
+    rules: LesionFilter,
+    region: np.ndarray | None = None,
+) -> tuple[float, float | None]:
+    """(soft-tissue share of the finding's in-plane rim, its mean HU minus the lung's around it).
+
+    ``mask`` is the finding inside ``box`` of the volume; see :class:`LesionFilter` for the
+    measures. The contrast is None when no lung lies around it.
+    """
+    pixel = float(min(spacing[1:]))
+    near = max(1, int(round(rules.contact_mm / pixel)))
+    far = max(near + 1, int(round(rules.background_mm / pixel)))
+    outer = _grown_box(box, far, hu.shape)
+    inner = tuple(slice(b.start - o.start, b.stop - o.start) for b, o in zip(box, outer, strict=True))
+    own = np.zeros(tuple(s.stop - s.start for s in outer), dtype=bool)
+    own[inner] = mask
+    image = hu[outer]
+    rim = _dilate_slices(own, near) & ~own
+    contact = float((image[rim] >= rules.solid_hu).mean()) if rim.any() else 0.0
+    around = _dilate_slices(own, far) & ~_dilate_slices(own, near) & (image < rules.solid_hu)
+    if region is not None:
+        around &= region[outer]
+    if not around.any():
+        return contact, None
+    return contact, float(image[own].mean()) - float(np.median(image[around]))
+
+
+def find_masses(
+    hu: np.ndarray, spacing: tuple[float, float, float], region: np.ndarray, rules: LesionFilter
+) -> list[np.ndarray]:
+    """Voxel indexes (n, 3) of each mass in ``region``: see "Masses" in :class:`LesionFilter`."""
+    import cv2
+    from scipy import ndimage
+
+    if rules.mass_core_mm is None:
+        return []
+    kernel = _disk(max(1, int(round(rules.mass_core_mm / float(min(spacing[1:]))))))
+    tissue = (hu >= rules.solid_hu) & region
+    core = np.zeros(hu.shape, dtype=bool)
+    for z in np.flatnonzero(tissue.reshape(tissue.shape[0], -1).any(axis=1)):
+        core[z] = cv2.morphologyEx(tissue[z].astype(np.uint8), cv2.MORPH_OPEN, kernel).astype(bool)
+    labels, count = ndimage.label(core, structure=np.ones((3, 3, 3), dtype=bool))
+    sphere_mm3 = np.pi / 6.0 * rules.mass_mm**3
+    masses = []
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        idx = np.argwhere(labels[box] == k) + np.array([s.start for s in box])
+        if idx.shape[0] * float(np.prod(spacing)) < sphere_mm3:
+            continue
+        if (box[0].stop - box[0].start) * spacing[0] < 2.0 / 3.0 * rules.mass_mm:
+            continue
+        if shape_of(idx, spacing).flatness > rules.max_flatness:
+            continue
+        if axial_diameter_mm(idx, spacing) < rules.mass_mm:
+            continue
+        masses.append(idx)
+    return masses
 
 
 def _near_edge(region: np.ndarray, spacing: tuple[float, float, float], within_mm: float) -> np.ndarray:
@@ -198,17 +346,15 @@ def findings_from_probabilities(
     """Threshold each label's map, split it into connected findings, measure each; largest first.
 
     ``region`` (bool, the volume's shape; None: everywhere) is where findings may lie: the map
-    outside it is dropped before the split. With ``lesions``, a finding shaped like a vessel or
-    pleura is dropped (:class:`LesionFilter`) and each one kept is a ``"mass"`` or ``"nodule"``
-    (its ``kind``). The long axis (``longest_diameter_mm``) is the largest in-plane diameter on
-    the axial slice where it is largest (RECIST), ``extent_mm`` the largest 3D extent.
-    At most ``max_findings`` per label (the largest kept), so a noisy map cannot exhaust memory.
+    outside it is dropped before the split. With ``lesions``, a finding that is not a lesion
+    (a vessel, pleura, the blur around them: :class:`LesionFilter`) is dropped, the masses in
+    the region are found in the image (given to the first label) and each finding kept is a
+    ``"mass"`` or ``"nodule"`` (its ``kind``). The long axis (``longest_diameter_mm``) is the
+    largest in-plane diameter on the axial slice where it is largest (RECIST), ``extent_mm`` the
+    largest 3D extent. At most ``max_findings`` per label (the largest kept), so a noisy map
+    cannot exhaust memory.
     """
-    from dataclasses import replace
-
     from scipy import ndimage
-
-    from pacsnode.analysis.cnn.writers import Finding
 
     if region is not None and region.shape != volume.hu.shape:
         raise ValueError(f"the region's shape {region.shape} differs from the volume's {volume.hu.shape}")
@@ -216,16 +362,43 @@ def findings_from_probabilities(
     if region is not None and lesions is not None:
         near_edge = _near_edge(region, volume.spacing, lesions.boundary_mm)
     findings: list[tuple[float, Finding]] = []
-    normal = np.cross(volume.row_direction, volume.column_direction)
-    for label in labels:
+    make = _FindingMaker(volume)
+    masses: list[np.ndarray] = []
+    if lesions is not None and region is not None and labels:
+        masses = find_masses(volume.hu, volume.spacing, region, lesions)
+    mass_zone = np.zeros(volume.hu.shape, dtype=bool)
+    for idx in masses:
+        mass_zone[tuple(idx.T)] = True
+    grow = 0
+    if masses and lesions is not None:
+        grow = max(1, int(round(lesions.contact_mm / min(volume.spacing[1:]))))
+        mass_zone = _dilate_slices(mass_zone, grow)
+    thick = (
+        lesions is not None
+        and lesions.max_nodule_slice_mm is not None
+        and volume.spacing[0] > lesions.max_nodule_slice_mm
+    )
+    if thick:
+        assert lesions is not None and lesions.max_nodule_slice_mm is not None
+        logger.info(
+            "slices of %.1f mm (over %.1f mm): the model's nodule findings are not reported, masses are",
+            volume.spacing[0],
+            lesions.max_nodule_slice_mm,
+        )
+    for n_label, label in enumerate(labels):
         channel = prob[_channel(label, activation)]
+        spec = label_spec(label)
+        if n_label == 0:
+            for idx in masses:
+                findings.append(make(idx, channel, label, spec, "mass", grow_px=grow))
+        if thick:
+            continue
         above = _above(channel, label.threshold)
         if region is not None:
             above &= region
         components, count, sizes = _components(above, volume.spacing, label.min_volume_mm3)
         if count == 0:
             continue
-        spec = label_spec(label)
         boxes = ndimage.find_objects(components)
         kept = 0
         dropped: dict[str, int] = {}
@@ -240,58 +413,108 @@ def findings_from_probabilities(
             idx = np.argwhere(mask_box) + np.array([s.start for s in box])
             kind = None
             if lesions is not None:
-                why = shape_of(idx, volume.spacing, near_edge).rejected_by(lesions)
+                why = _not_a_lesion(
+                    idx, box, mask_box, volume, lesions, near_edge, region, mass_zone if masses else None
+                )
                 if why is not None:
                     dropped[why] = dropped.get(why, 0) + 1
                     continue
+                kind = "mass" if axial_diameter_mm(idx, volume.spacing) >= lesions.mass_mm else "nodule"
             kept += 1
-            axial = axial_diameter_mm(idx, volume.spacing)
-            if lesions is not None:
-                kind = "mass" if axial >= lesions.mass_mm else "nodule"
-            centroid = idx.mean(axis=0)
-            patient = _patient(volume, normal, centroid)
-            mask = np.zeros(components.shape, dtype=bool)
-            mask[box] = mask_box
-            slice_index = int(round(centroid[0]))
-            # The patient's right is -x (LPS), measured from the body's midline on that slice, not x = 0.
-            side = "right" if patient[0] < _midline_x(volume, normal, slice_index) else "left"
-            finding_site = label.finding_site.to_code() if label.finding_site else None
-            laterality = None
-            if label.lateralize:
-                from pydicom.sr.codedict import codes
-
-                laterality = codes.cid244.Right if side == "right" else codes.cid244.Left
-            site = label.finding_site.meaning.lower() if label.finding_site else "body"
-            instance = volume.datasets[slice_index].get("InstanceNumber") if volume.datasets else None
-            location = (
-                f"{side} {site}, image {instance if instance is not None else slice_index + 1}, "
-                f"patient x {patient[0]:.0f} y {patient[1]:.0f} z {patient[2]:.0f} mm"
-            )
-            volume_ml = float(idx.shape[0] * volume.voxel_ml)
-            findings.append(
-                (
-                    volume_ml,
-                    Finding(
-                        label=spec,
-                        number=len(findings) + 1,
-                        mask=mask,
-                        probability=float(np.clip(channel[box][mask_box].astype(np.float32).max(), 0.0, 1.0)),
-                        volume_ml=volume_ml,
-                        longest_diameter_mm=axial,
-                        extent_mm=longest_diameter_mm(idx, volume.spacing),
-                        kind=kind,
-                        centroid_index=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
-                        centroid_patient_mm=(float(patient[0]), float(patient[1]), float(patient[2])),
-                        location=location,
-                        finding_site=finding_site,
-                        laterality=laterality,
-                    ),
-                )
-            )
+            findings.append(make(idx, channel, label, spec, kind))
         if dropped:
             logger.info("%s: dropped %s", label.name, ", ".join(f"{n} {why}" for why, n in sorted(dropped.items())))
     findings.sort(key=lambda pair: -pair[0])  # numbered largest first
     return [replace(f, number=n) for n, (_, f) in enumerate(findings, start=1)]
+
+
+def _not_a_lesion(
+    idx: np.ndarray,
+    box: tuple[slice, ...],
+    mask_box: np.ndarray,
+    volume: Volume,
+    rules: LesionFilter,
+    near_edge: np.ndarray | None,
+    region: np.ndarray | None,
+    mass_zone: np.ndarray | None,
+) -> str | None:
+    """Why a model finding is not reported (see :class:`LesionFilter`), or None."""
+    if mass_zone is not None and mass_zone[tuple(idx.T)].any():
+        return "part of a mass"
+    if (
+        rules.min_axis_slices is not None
+        and axial_diameter_mm(idx, volume.spacing) < rules.min_axis_slices * (volume.spacing[0])
+    ):
+        return "smaller than the slices"
+    shape = shape_of(idx, volume.spacing, near_edge)
+    if rules.max_solid_contact is not None or rules.min_contrast_hu is not None:
+        contact, contrast = density_of(mask_box, box, volume.hu, volume.spacing, rules, region)
+        shape = replace(shape, solid_contact=contact, contrast_hu=contrast)
+    return shape.rejected_by(rules)
+
+
+class _FindingMaker:
+    """Builds a :class:`Finding` (measures, location, side) from a finding's voxel indexes."""
+
+    def __init__(self, volume: Volume) -> None:
+        self.volume = volume
+        self.normal = np.cross(volume.row_direction, volume.column_direction)
+
+    def __call__(
+        self,
+        idx: np.ndarray,
+        channel: np.ndarray,
+        label: LabelOutput,
+        spec: Any,
+        kind: str | None,
+        grow_px: int = 0,
+    ) -> tuple[float, Finding]:
+        """(volume in mL, the finding); its probability is the map's largest on it (or on it grown in-plane
+        by ``grow_px``: the model marks a mass's edge, not its core)."""
+        from pacsnode.analysis.cnn.writers import Finding
+
+        volume = self.volume
+        mask = np.zeros(volume.hu.shape, dtype=bool)
+        mask[tuple(idx.T)] = True
+        box = _bounding_box(mask)
+        assert box is not None
+        box = _grown_box(box, grow_px, mask.shape)
+        scored = _dilate_slices(mask[box], grow_px) if grow_px else mask[box]
+        probability = float(np.clip(channel[box][scored].astype(np.float32).max(), 0.0, 1.0))
+        axial = axial_diameter_mm(idx, volume.spacing)
+        centroid = idx.mean(axis=0)
+        patient = _patient(volume, self.normal, centroid)
+        slice_index = int(round(centroid[0]))
+        # The patient's right is -x (LPS), measured from the body's midline on that slice, not x = 0.
+        side = "right" if patient[0] < _midline_x(volume, self.normal, slice_index) else "left"
+        finding_site = label.finding_site.to_code() if label.finding_site else None
+        laterality = None
+        if label.lateralize:
+            from pydicom.sr.codedict import codes
+
+            laterality = codes.cid244.Right if side == "right" else codes.cid244.Left
+        site = label.finding_site.meaning.lower() if label.finding_site else "body"
+        instance = volume.datasets[slice_index].get("InstanceNumber") if volume.datasets else None
+        location = (
+            f"{side} {site}, image {instance if instance is not None else slice_index + 1}, "
+            f"patient x {patient[0]:.0f} y {patient[1]:.0f} z {patient[2]:.0f} mm"
+        )
+        volume_ml = float(idx.shape[0] * volume.voxel_ml)
+        return volume_ml, Finding(
+            label=spec,
+            number=1,
+            mask=mask,
+            probability=probability,
+            volume_ml=volume_ml,
+            longest_diameter_mm=axial,
+            extent_mm=longest_diameter_mm(idx, volume.spacing),
+            kind=kind,
+            centroid_index=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
+            centroid_patient_mm=(float(patient[0]), float(patient[1]), float(patient[2])),
+            location=location,
+            finding_site=finding_site,
+            laterality=laterality,
+        )
 
 
 def _patient(volume: Volume, normal: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -321,16 +544,23 @@ def longest_diameter_mm(index: np.ndarray, spacing: tuple[float, float, float]) 
     the corners of the voxels, reduced to their convex hull before the
     pairwise distances.
     """
-    corners = np.array([[a, b, c] for a in (-0.5, 0.5) for b in (-0.5, 0.5) for c in (-0.5, 0.5)])
-    points = ((index[:, None, :] + corners[None]) * np.asarray(spacing)).reshape(-1, 3)
-    points = np.unique(points, axis=0)
+    return _longest_span(np.asarray(index), np.asarray(spacing, dtype=np.float64))
+
+
+def _longest_span(index: np.ndarray, spacing: np.ndarray) -> float:
+    """The longest distance between two corners of the boxes of size ``spacing`` centred on ``index`` (n, d)."""
+    dims = index.shape[1]
+    grid = np.stack(np.meshgrid(*([(-0.5, 0.5)] * dims), indexing="ij"), axis=-1).reshape(-1, dims)
+    points = np.unique(((index[:, None, :] + grid[None]) * spacing).reshape(-1, dims), axis=0)
     if points.shape[0] > 64:
         from scipy.spatial import ConvexHull, QhullError
 
         try:
             points = points[ConvexHull(points).vertices]
-        except QhullError:
+        except QhullError:  # all on a line or a plane: the extremes along each axis bound the span well enough
             pass
+    if points.shape[0] > 4096:  # degenerate hull: keep the pairwise matrix small
+        points = points[np.unique(np.concatenate([points.argmin(axis=0), points.argmax(axis=0)]))]
     diff = points[:, None, :] - points[None, :, :]
     return float(np.sqrt((diff**2).sum(axis=-1)).max())
 
@@ -339,15 +569,15 @@ def axial_diameter_mm(index: np.ndarray, spacing: tuple[float, float, float]) ->
     """The largest in-plane diameter of a finding over its axial slices (RECIST long axis), mm.
 
     ``index`` is (n, 3) voxel indexes (slice, row, column); on each slice, the longest distance
-    between two pixel corners of the finding there.
+    between two pixel corners of the finding there (through the 2D convex hull of the corners).
     """
     order = np.argsort(index[:, 0], kind="stable")
     rows = index[order]
     starts = np.flatnonzero(np.diff(rows[:, 0], prepend=rows[0, 0] - 1))
+    in_plane = np.asarray(spacing[1:], dtype=np.float64)
     best = 0.0
     for part in np.split(rows, starts[1:]):
-        flat = np.concatenate([np.zeros((part.shape[0], 1), dtype=part.dtype), part[:, 1:]], axis=1)
-        best = max(best, longest_diameter_mm(flat, (0.0, spacing[1], spacing[2])))
+        best = max(best, _longest_span(part[:, 1:], in_plane))
     return best
 
 

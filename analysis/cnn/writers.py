@@ -701,9 +701,10 @@ def _findings_key_images(
     images = []
     for number, finding in enumerate(largest, start=1):
         index = _finding_slice(finding)
-        kind = f" ({finding.kind})" if finding.kind else ""
-        extent = f" (3D {finding.extent_mm:.1f} mm)" if finding.extent_mm is not None else ""
-        text = (f"{finding.tracking_id}{kind}: {finding.longest_diameter_mm:.1f} mm{extent}, "
+        # A lesion is named by its kind ("mass 1"), the long axis is the RECIST one, the 3D extent second.
+        name = f"{finding.kind} {finding.number}" if finding.kind else finding.tracking_id
+        extent = f", 3D {finding.extent_mm:.1f} mm" if finding.extent_mm is not None else ""
+        text = (f"{name}: long axis {finding.longest_diameter_mm:.1f} mm{extent}, "
                 f"{finding.volume_ml:.2f} mL, p={finding.probability:.2f}")  # fmt: skip
         sc = _key_image(
             volume, index, [(finding.mask[index], finding.label.color)], [[(text, finding.label.color)]], run,

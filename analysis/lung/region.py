@@ -4,10 +4,12 @@ The lung segmentation (:func:`pacsnode.analysis.lung.segmentation.segment_lungs`
 keeps the aerated lung: a solid tumour that touches the chest wall or the hilum
 is soft tissue, not air, and makes a bay in the lung's outline rather than a
 hole in it, so neither the lung labels nor a filling of their holes contain it.
-The region here is, per slice and per lung, the filled convex outline (convex
-hull) of that lung: it closes the bays of the pleura and the hilum (and the
-fissures and vessels inside), while the chest wall and the body outside the
-lungs stay out.
+The region here is, per slice and per lung, that lung closed with a disk of
+radius ``CLOSING_MM`` and its holes filled: it closes the bays of the pleura and
+the hilum up to about twice that across (and the fissures and vessels inside),
+while the chest wall, the body outside the lungs and the heart stay out (a
+convex outline would take in the heart that the left lung wraps around, and
+the mediastinum).
 
 :func:`lung_region` computes it from a segmentation that was already made (the
 ``match.anatomy`` check returns one) or segments the volume itself; it keeps the
@@ -28,33 +30,39 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from pacsnode.analysis.types import LungResult, Volume
 
-__all__ = ["lung_region", "region_from_labels"]
+__all__ = ["CLOSING_MM", "lung_region", "region_from_labels"]
+
+#: Radius of the closing that turns a lung's outline into its region (mm).
+CLOSING_MM = 30.0
 
 _CACHE_SIZE = 2
 _cache: OrderedDict[int, tuple[weakref.ref[Volume], np.ndarray]] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def region_from_labels(labels: np.ndarray) -> np.ndarray:
-    """Per slice, the union of each labelled lung's filled convex outline; bool of the shape of ``labels``.
+def region_from_labels(labels: np.ndarray, pixel_mm: float = 1.0, closing_mm: float = CLOSING_MM) -> np.ndarray:
+    """Per slice, the union of each labelled lung closed in-plane and filled; bool of the shape of ``labels``.
 
     ``labels`` is a lung label map (0 background, one value per lung), as
-    :class:`~pacsnode.analysis.types.LungResult` ``labels``.
+    :class:`~pacsnode.analysis.types.LungResult` ``labels``; ``pixel_mm`` its in-plane pixel size.
     """
+    from scipy import ndimage
+
     if labels.ndim != 3:
         raise ValueError(f"the labels must be 3D (slices, rows, columns), not of shape {labels.shape}")
-    region = np.zeros(labels.shape, dtype=np.uint8)
+    radius = max(1, int(round(closing_mm / pixel_mm)))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    region = np.zeros(labels.shape, dtype=bool)
     values = [int(v) for v in np.unique(labels) if v != 0]
     for z in np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1)):
         for value in values:
             lung = (labels[z] == value).astype(np.uint8)
-            contours, _ = cv2.findContours(lung, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-            if not contours:
+            if not lung.any():
                 continue
-            hull = cv2.convexHull(np.vstack(contours))
-            cv2.fillPoly(region[z], [hull], 1)
-            region[z] |= lung  # the hull's outline is drawn through the voxel centres: keep every lung voxel
-    return region.astype(bool)
+            padded = cv2.copyMakeBorder(lung, radius, radius, radius, radius, cv2.BORDER_CONSTANT, value=0)
+            closed = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, kernel)[radius:-radius, radius:-radius]
+            region[z] |= ndimage.binary_fill_holes(closed.astype(bool) | lung.astype(bool))
+    return region
 
 
 def lung_region(volume: Volume, lungs: LungResult | None = None) -> np.ndarray:
@@ -74,7 +82,7 @@ def lung_region(volume: Volume, lungs: LungResult | None = None) -> np.ndarray:
         from pacsnode.analysis.lung.segmentation import segment_lungs
 
         lungs = segment_lungs(volume)
-    region = region_from_labels(lungs.labels)
+    region = region_from_labels(lungs.labels, pixel_mm=float(min(volume.spacing[1:])))
     region.setflags(write=False)
     with _cache_lock:
         _cache[key] = (weakref.ref(volume), region)  # a reused id is told apart by the dead reference

@@ -5,7 +5,14 @@ all nodule voxels, per-nodule sensitivity (a true nodule counts as found when
 a finding overlaps it), false positives per study (findings that overlap no
 true nodule), and the volume error of found nodules. On the real CT images
 of ``pydicom-data`` (no nodules marked, so every finding counts as false) it
-reports the findings per image.
+reports the findings per image. On real chest CT series with tumour boxes
+(``pacsnode evaluate --real DIR``, the layout of :mod:`pacsnode.analysis.modeldev.real`)
+it reports per series the findings, the false ones (overlapping no box) and
+whether the tumour is found, with its RECIST long axis.
+
+Findings are made as the ``ct-lung-nodule`` pipeline makes them: inside the
+lungs' region, through its :class:`~pacsnode.analysis.cnn.findings.LesionFilter`
+(``lesions=False``: every component of the map, as before that filter existed).
 """
 
 from __future__ import annotations
@@ -21,7 +28,15 @@ import numpy as np
 
 from pacsnode.analysis.cnn.package import ModelPackage
 
-__all__ = ["EvaluationReport", "StudyScore", "evaluate_phantoms", "evaluate_real_ct", "pydicom_data_ct_files"]
+__all__ = [
+    "EvaluationReport",
+    "RealSeriesScore",
+    "StudyScore",
+    "evaluate_phantoms",
+    "evaluate_real_ct",
+    "evaluate_real_series",
+    "pydicom_data_ct_files",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +54,17 @@ class StudyScore:
     volume_errors_percent: list[float]
 
 
+@dataclass(frozen=True, kw_only=True)
+class RealSeriesScore:
+    series: str
+    findings: int
+    false_findings: int
+    tumour_found: bool
+    tumour_long_axis_mm: float | None
+    tumour_extent_mm: float | None
+    tumour_kind: str | None
+
+
 @dataclass(kw_only=True)
 class EvaluationReport:
     model: str
@@ -51,6 +77,10 @@ class EvaluationReport:
     real_ct_images: int = 0
     real_ct_false_positives: int = 0
     real_ct_files: list[dict[str, Any]] = field(default_factory=list)
+    real_series: list[RealSeriesScore] = field(default_factory=list)
+    real_false_findings_per_series: float | None = None
+    real_tumours_found: str = ""
+    lesion_filter: bool = True
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,16 +104,15 @@ def evaluate_phantoms(
     size: int = 512,
     device: str = "auto",
     report: EvaluationReport | None = None,
+    lesions: bool = True,
 ) -> EvaluationReport:
     """Score the model on ``studies`` generated chest CTs with known nodules."""
     from pacsnode.analysis.cnn.engine import VolumeInput
-    from pacsnode.analysis.cnn.findings import findings_from_probabilities
     from pacsnode.analysis.modeldev.synthetic import PhantomSpec, make_chest_phantom
 
     started = time.perf_counter()
     report = report or EvaluationReport(model=f"{package.manifest.name} {package.manifest.version}")
     engine, _ = _engine(package, device)
-    labels = package.manifest.output.labels
     rng = np.random.default_rng(seed)
     inter = union = 0
     found_by_size: dict[str, list[int]] = {"<6 mm": [0, 0], "6-10 mm": [0, 0], ">=10 mm": [0, 0]}
@@ -101,7 +130,7 @@ def evaluate_phantoms(
         phantom = make_chest_phantom(spec, seed=study_seed)
         volume = phantom.to_volume()
         prob = engine.predict([VolumeInput(image=volume.hu, spacing=volume.spacing)])[0]
-        findings = findings_from_probabilities(prob, volume, labels, package.manifest.output.activation)
+        findings = _findings(prob, volume, package, lesions)
         truth = phantom.nodule_labels if phantom.nodule_labels is not None else np.zeros(volume.hu.shape, np.uint16)
         predicted = np.zeros(truth.shape, dtype=bool)
         for f in findings:
@@ -147,6 +176,78 @@ def evaluate_phantoms(
     report.false_positives_per_study = round(sum(s.false_positives for s in report.studies) / max(studies, 1), 2)
     report.mean_abs_volume_error_percent = round(float(np.mean(all_errors)), 1) if all_errors else 0.0
     report.sensitivity_by_size = {k: f"{v[0]}/{v[1]}" for k, v in found_by_size.items()}
+    report.lesion_filter = lesions
+    report.seconds += round(time.perf_counter() - started, 1)
+    return report
+
+
+def _findings(prob: np.ndarray, volume: Any, package: ModelPackage, lesions: bool) -> list[Any]:
+    """The findings as the ``ct-lung-nodule`` pipeline makes them (``lesions``), or every component of the map."""
+    from pacsnode.analysis.cnn.findings import LesionFilter, findings_from_probabilities
+    from pacsnode.analysis.errors import InputError
+    from pacsnode.analysis.lung.region import lung_region
+
+    output = package.manifest.output
+    if not lesions:
+        return findings_from_probabilities(prob, volume, output.labels, output.activation)
+    try:
+        region = lung_region(volume)
+    except InputError:
+        region = np.zeros(volume.hu.shape, dtype=bool)
+    return findings_from_probabilities(
+        prob, volume, output.labels, output.activation, region=region, lesions=LesionFilter()
+    )
+
+
+def evaluate_real_series(
+    package: ModelPackage,
+    root: Path,
+    *,
+    device: str = "auto",
+    report: EvaluationReport | None = None,
+    lesions: bool = True,
+) -> EvaluationReport:
+    """Run the model on each real CT series folder under ``root``; a finding on no tumour box is false."""
+    import json
+
+    from pacsnode.analysis.cnn.engine import VolumeInput
+    from pacsnode.analysis.modeldev.real import real_series_dirs
+    from pacsnode.analysis.volume import load_series
+
+    started = time.perf_counter()
+    report = report or EvaluationReport(model=f"{package.manifest.name} {package.manifest.version}")
+    engine, _ = _engine(package, device)
+    annotations_file = Path(root) / "annotations.json"
+    annotations = json.loads(annotations_file.read_text(encoding="utf-8")) if annotations_file.is_file() else {}
+    for folder in real_series_dirs(Path(root)):
+        volume = load_series(sorted(folder.glob("*.dcm")))
+        boxes = np.zeros(volume.hu.shape, dtype=bool)
+        slice_of = {str(ds.SOPInstanceUID): k for k, ds in enumerate(volume.datasets)}
+        for box in annotations.get(folder.name, {}).get("tumour_boxes", []):
+            k = slice_of.get(str(box["sop_instance_uid"]))
+            if k is None:
+                continue
+            x0, y0, x1, y1 = (int(v) for v in box["bbox_xyxy_px"])
+            boxes[k, y0 : y1 + 1, x0 : x1 + 1] = True
+        prob = engine.predict([VolumeInput(image=volume.hu, spacing=volume.spacing)])[0]
+        findings = _findings(prob, volume, package, lesions)
+        on_tumour = [f for f in findings if (f.mask & boxes).any()]
+        largest = max(on_tumour, key=lambda f: f.longest_diameter_mm, default=None)
+        score = RealSeriesScore(
+            series=folder.name,
+            findings=len(findings),
+            false_findings=len(findings) - len(on_tumour),
+            tumour_found=largest is not None,
+            tumour_long_axis_mm=round(largest.longest_diameter_mm, 1) if largest else None,
+            tumour_extent_mm=round(largest.extent_mm, 1) if largest and largest.extent_mm else None,
+            tumour_kind=largest.kind if largest else None,
+        )
+        report.real_series.append(score)
+        logger.info("real series %s: %s", folder.name, score)
+    if report.real_series:
+        n = len(report.real_series)
+        report.real_false_findings_per_series = round(sum(s.false_findings for s in report.real_series) / n, 2)
+        report.real_tumours_found = f"{sum(s.tumour_found for s in report.real_series)}/{n}"
     report.seconds += round(time.perf_counter() - started, 1)
     return report
 
@@ -197,7 +298,7 @@ def evaluate_real_ct(
         prob = engine.predict([VolumeInput(image=volume.hu, spacing=volume.spacing)])[0]
         findings = findings_from_probabilities(
             prob, volume, package.manifest.output.labels, package.manifest.output.activation
-        )
+        )  # single images: no lung region to speak of, every component counts
         report.real_ct_images += 1
         report.real_ct_false_positives += len(findings)
         report.real_ct_files.append(

@@ -36,7 +36,7 @@ class RealSeries:
     hu: np.ndarray  # float32 (slices, rows, columns), resampled to ``pixel_mm``
     pixel_mm: float
     slice_mm: float
-    region: np.ndarray  # bool, the lungs' region (filled convex outline per slice and lung)
+    region: np.ndarray  # bool, the lungs' region (each lung closed and filled per slice)
     lung: np.ndarray  # bool, the aerated lung (segmentation labels > 0)
     tumour: np.ndarray  # bool, tumour voxels (box ∩ HU > -300 ∩ region)
     tumour_slices: frozenset[int]  # slices with a tumour box
@@ -72,7 +72,7 @@ def load_real_series(folder: Path, pixel_mm: float) -> RealSeries:
     folder = Path(folder)
     volume = load_series(sorted(folder.glob("*.dcm")))
     labels = segment_lungs(volume).labels
-    region = region_from_labels(labels)
+    region = region_from_labels(labels, pixel_mm=float(min(volume.spacing[1:])))
     boxes = np.zeros(volume.hu.shape, dtype=bool)
     annotations = folder.parent / "annotations.json"
     tumour_slices: set[int] = set()

@@ -1,13 +1,26 @@
-"""Lung lesions among model findings: the lungs' region, tube and sheet shapes dropped, RECIST axes, masses."""
+"""Lung lesions among model findings: the lungs' region, tube and sheet shapes dropped, RECIST axes, masses.
+
+The shape tests run on probability maps over a uniform body (``SHAPE_ONLY``); the density, slice and
+mass tests on painted images (lung at -850 HU, soft tissue at 40 HU).
+"""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from pacsnode.analysis.cnn.findings import MASS_MM, LesionFilter, axial_diameter_mm, findings_from_probabilities
+from pacsnode.analysis.cnn.findings import (
+    MASS_MM,
+    SHAPE_ONLY,
+    LesionFilter,
+    axial_diameter_mm,
+    findings_from_probabilities,
+)
 from pacsnode.analysis.cnn.writers import Finding
 from pacsnode.analysis.lung.region import region_from_labels
+from pacsnode.analysis.types import Volume
 from tests.unit.test_findings import LABEL, _ball, _volume
 
 SHAPE = (60, 120, 120)
@@ -17,7 +30,7 @@ def _prob(mask: np.ndarray) -> np.ndarray:
     return mask[None].astype(np.float32)
 
 
-LESIONS = LesionFilter()
+LESIONS = SHAPE_ONLY
 
 
 def _findings(
@@ -88,3 +101,64 @@ def test_a_lesion_of_30_mm_or_more_is_a_mass(radius: float, kind: str) -> None:
     (finding,) = _findings(_ball(SHAPE, (30, 60, 60), radius))
     assert finding.kind == kind
     assert (finding.longest_diameter_mm >= MASS_MM) == (kind == "mass")
+
+
+def _lung_volume(slice_mm: float = 1.0) -> tuple[Volume, np.ndarray]:
+    """A lung of -850 HU filling the middle of the body (1 mm pixels, ``slice_mm`` slices) and its region."""
+    volume = _volume(SHAPE, body_centre_col=60)
+    hu = volume.hu.copy()
+    region = np.zeros(SHAPE, dtype=bool)
+    region[:, 20:100, 20:100] = True
+    hu[region] = -850
+    return replace(volume, hu=hu, spacing=(slice_mm, 1.0, 1.0)), region
+
+
+def _lesions_in(volume: Volume, prob_mask: np.ndarray, region: np.ndarray) -> list[Finding]:
+    return findings_from_probabilities(
+        _prob(prob_mask), volume, [LABEL], "sigmoid", region=region, lesions=LesionFilter()
+    )
+
+
+def test_a_dense_nodule_is_kept_a_faint_one_and_a_branching_streak_dropped() -> None:
+    volume, region = _lung_volume()
+    nodule = _ball(SHAPE, (30, 40, 40), 5)
+    faint = _ball(SHAPE, (30, 80, 40), 5)
+    streak = np.zeros(SHAPE, dtype=bool)  # the blur along a branching vessel, as the phantom model marks it
+    streak[28:33, 60:64, 60:84] = True
+    streak[28:33, 60:84, 80:84] = True
+    volume.hu[nodule] = 0
+    volume.hu[faint] = -800  # 50 HU above its lung: noise, not ground glass
+    volume.hu[streak] = -500
+    found = _lesions_in(volume, nodule | faint | streak, region)
+    assert [bool(f.mask[30, 40, 40]) for f in found] == [True]
+    assert found[0].kind == "nodule"
+    # The shape tests alone keep all three: the fill and density tests are what tells them apart.
+    shape_only = findings_from_probabilities(
+        _prob(nodule | faint | streak), volume, [LABEL], "sigmoid", lesions=LESIONS
+    )
+    assert len(shape_only) == 3
+
+
+def test_on_thick_slices_only_masses_are_reported() -> None:
+    volume, region = _lung_volume(slice_mm=5.0)
+    nodule = _ball(SHAPE, (30, 40, 40), 6)
+    mass = np.zeros(SHAPE, dtype=bool)
+    z, y, x = np.ogrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    mass = ((z - 30) * 5.0 / 20.0) ** 2 + ((y - 70) / 18.0) ** 2 + ((x - 70) / 18.0) ** 2 <= 1.0  # 36 mm across
+    volume.hu[nodule] = 0
+    volume.hu[mass] = 35
+    rim = _ball(SHAPE, (30, 70, 70), 0) | (mass & ~np.roll(mass, 3, axis=2))  # the model marks only an edge
+    found = _lesions_in(volume, nodule | rim, region)
+    assert len(found) == 1 and found[0].kind == "mass" and found[0].mask[30, 70, 70]
+    assert found[0].longest_diameter_mm == pytest.approx(37.0, abs=2.5)
+    # On thin slices the same nodule is reported beside the mass.
+    thin, _ = _lung_volume(slice_mm=1.0)
+    thin.hu[:] = volume.hu
+    kinds = sorted(f.kind or "" for f in _lesions_in(thin, nodule, region))
+    assert kinds == ["nodule"]
+
+
+def test_soft_tissue_thinner_than_the_mass_core_is_no_mass() -> None:
+    volume, region = _lung_volume(slice_mm=5.0)
+    volume.hu[:, 58:66, 20:100] = 40  # a band of tissue 8 mm thick across the lung (a fissure, a vessel): no mass
+    assert _lesions_in(volume, np.zeros(SHAPE, dtype=bool), region) == []
