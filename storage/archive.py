@@ -80,6 +80,8 @@ class Archive:
         self.store = InstanceStore(settings)
         self.engine = engine if engine is not None else make_engine(settings.database_url)
         self._write_gate = WriteGate(self.engine)
+        # Series this process committed: the next instance of one is indexed in three statements.
+        self._known_series = index.KnownSeriesCache()
 
     @classmethod
     def open(cls, settings: StorageSettings) -> Archive:
@@ -195,7 +197,14 @@ class Archive:
                 # between our read and our insert: read again and re-decide.
                 last_exc = exc
                 logger.debug("index race on %s (attempt %d): %s", meta.sop_instance_uid, attempt + 1, exc)
+                self._known_series.discard(meta.series_instance_uid)
+            except index.StaleSeriesError as exc:
+                # The series this process remembered was deleted or changed meanwhile: the long way.
+                last_exc = exc
+                logger.debug("index changed under %s (attempt %d): %s", meta.sop_instance_uid, attempt + 1, exc)
+                self._known_series.discard(meta.series_instance_uid)
             except OperationalError as exc:
+                self._known_series.discard(meta.series_instance_uid)
                 raise StorageError(f"index database error: {exc.orig}") from exc
         raise StorageError(f"index kept conflicting after {_ATTEMPTS} attempts: {last_exc}")
 
@@ -244,18 +253,37 @@ class Archive:
                     raise DuplicateInstanceError("already stored; this peer is not trusted to overwrite")
                 index.remove_instance(conn, existing)
                 old_file = existing.file_path
-            misfiled = index.misfiling(conn, meta)
-            if misfiled is not None:
-                self._misfiled(misfiled, meta, calling_ae_title, is_result)  # raises unless accepted
-            index.add_instance(
-                conn,
-                meta,
-                file_path=relative,
-                file_size=staged.size,
-                sha256=staged.sha256,
-                calling_ae_title=calling_ae_title,
-                is_result=is_result,
-            )
+                self._known_series.clear()  # the removal may have deleted a series, study or patient
+            known = None if old_file is not None or is_result else self._known_series.get(meta.series_instance_uid)
+            if known is not None and known.holds(meta):
+                # Not misfiled: this series, of this study and patient, was committed before.
+                index.add_to_known_series(
+                    conn,
+                    meta,
+                    known,
+                    file_path=relative,
+                    file_size=staged.size,
+                    sha256=staged.sha256,
+                    calling_ae_title=calling_ae_title,
+                )
+                known = None  # nothing new to remember
+            else:
+                misfiled = index.misfiling(conn, meta)
+                if misfiled is not None:
+                    self._misfiled(misfiled, meta, calling_ae_title, is_result)  # raises unless accepted
+                known = index.add_instance(
+                    conn,
+                    meta,
+                    file_path=relative,
+                    file_size=staged.size,
+                    sha256=staged.sha256,
+                    calling_ae_title=calling_ae_title,
+                    is_result=is_result,
+                )
+                if misfiled is not None:
+                    known = None
+        if known is not None:  # committed: remembered only now
+            self._known_series.put(known)
         if old_file is not None:
             logger.warning(
                 "overwrote instance %s with other content from %s (policy overwrite)",
