@@ -16,13 +16,15 @@ from __future__ import annotations
 import enum
 import io
 import logging
-from collections.abc import Iterable
+import os
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from pacsnode.storage import index, quarantine, query
@@ -38,6 +40,8 @@ __all__ = ["Archive", "AddOutcome"]
 logger = logging.getLogger(__name__)
 
 _ATTEMPTS = 5
+# The most instances one group commit takes.
+_GROUP_LIMIT = 64
 
 
 class AddOutcome(enum.Enum):
@@ -56,12 +60,121 @@ class AddResult:
     file_path: str
 
 
+@dataclass(frozen=True)
+class _Decision:
+    """What one instance's share of an index transaction decided (acted on once it commits)."""
+
+    result: AddResult
+    old_file: str | None = None
+    known: index.KnownSeries | None = None
+
+
 class _Quarantine(Exception):
     """Raised inside the index transaction to roll it back: the instance goes to the quarantine instead."""
 
     def __init__(self, misfiling: Misfiling) -> None:
         super().__init__(misfiling.value)
         self.misfiling = misfiling
+
+
+class _Member:
+    """One instance waiting for the group commit, and then what became of it."""
+
+    def __init__(
+        self,
+        meta: InstanceMeta,
+        relative: str,
+        staged: StagedFile,
+        calling_ae_title: str | None,
+        is_result: bool,
+        policy: DuplicatePolicy | None,
+        may_overwrite: bool,
+    ) -> None:
+        self.meta = meta
+        self.relative = relative
+        self.staged = staged
+        self.calling_ae_title = calling_ae_title
+        self.is_result = is_result
+        self.policy = policy
+        self.may_overwrite = may_overwrite
+        self.done = threading.Event()
+        self.decision: _Decision | None = None
+        self.error: BaseException | None = None
+
+    def arguments(
+        self,
+    ) -> tuple[InstanceMeta, str, StagedFile, str | None, bool, DuplicatePolicy | None, bool]:
+        return (
+            self.meta,
+            self.relative,
+            self.staged,
+            self.calling_ae_title,
+            self.is_result,
+            self.policy,
+            self.may_overwrite,
+        )
+
+
+class _GroupCommit:
+    """A committer thread: indexes every instance that has arrived in one transaction, then the next lot.
+
+    Each caller waits for the commit that holds its row. No waiting for company: while one
+    transaction commits (its fsync), the instances arriving meanwhile queue up and form the
+    next one, so a lone sender is served at once and concurrent ones share commits.
+    """
+
+    def __init__(self, commit: Callable[[list[_Member]], None], limit: int = _GROUP_LIMIT) -> None:
+        self._commit = commit
+        self._limit = limit
+        self._cond = threading.Condition()
+        self._queue: list[_Member] = []
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._closed = False
+        self.batches = 0  # transactions begun (for tests)
+
+    def submit(self, member: _Member) -> bool:
+        """Queue ``member`` and wait for its transaction; False: closed, or to be indexed alone."""
+        with self._cond:
+            if self._closed:
+                return False
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                # First use in this process (acceptor processes are forked before they serve).
+                self._pid, self._queue = os.getpid(), []
+                self._thread = threading.Thread(target=self._run, name="pacsnode-group-commit", daemon=True)
+                self._thread.start()
+            self._queue.append(member)
+            self._cond.notify()
+        member.done.wait()
+        return not isinstance(member.error, (IntegrityError, index.StaleSeriesError))
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch, self._queue = self._queue[: self._limit], self._queue[self._limit :]
+                self.batches += 1
+            try:
+                self._commit(batch)
+            except BaseException as exc:  # never leave a sender waiting, never call it stored
+                logger.exception("group commit failed")
+                for member in batch:
+                    member.decision = None
+                    member.error = StorageError(f"index transaction failed: {type(exc).__name__}")
+            finally:
+                for member in batch:
+                    member.done.set()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread() and self._pid == os.getpid():
+            thread.join(timeout=60)
 
 
 class Archive:
@@ -80,6 +193,10 @@ class Archive:
         self.store = InstanceStore(settings)
         self.engine = engine if engine is not None else make_engine(settings.database_url)
         self._write_gate = WriteGate(self.engine)
+        # Series this process committed: the next instance of one is indexed in three statements.
+        self._known_series = index.KnownSeriesCache()
+        # Concurrent instances share index transactions (storage.group_commit).
+        self._group = _GroupCommit(self._commit_group) if settings.group_commit else None
 
     @classmethod
     def open(cls, settings: StorageSettings) -> Archive:
@@ -90,6 +207,8 @@ class Archive:
         return archive
 
     def close(self) -> None:
+        if self._group is not None:
+            self._group.close()
         self.engine.dispose()
 
     # -- ingest ------------------------------------------------------------------------------
@@ -186,6 +305,14 @@ class Archive:
         policy: DuplicatePolicy | None = None,
         may_overwrite: bool = True,
     ) -> AddResult:
+        if self._group is not None:
+            member = _Member(meta, relative, staged, calling_ae_title, is_result, policy, may_overwrite)
+            if self._group.submit(member):
+                if member.error is not None:
+                    raise member.error
+                assert member.decision is not None
+                return self._after_commit(member.decision, meta, relative, calling_ae_title)
+            # Not indexed in the group (a race with another process, a series changed meanwhile): alone.
         last_exc: Exception | None = None
         for attempt in range(_ATTEMPTS):
             try:
@@ -195,7 +322,14 @@ class Archive:
                 # between our read and our insert: read again and re-decide.
                 last_exc = exc
                 logger.debug("index race on %s (attempt %d): %s", meta.sop_instance_uid, attempt + 1, exc)
+                self._known_series.discard(meta.series_instance_uid)
+            except index.StaleSeriesError as exc:
+                # The series this process remembered was deleted or changed meanwhile: the long way.
+                last_exc = exc
+                logger.debug("index changed under %s (attempt %d): %s", meta.sop_instance_uid, attempt + 1, exc)
+                self._known_series.discard(meta.series_instance_uid)
             except OperationalError as exc:
+                self._known_series.discard(meta.series_instance_uid)
                 raise StorageError(f"index database error: {exc.orig}") from exc
         raise StorageError(f"index kept conflicting after {_ATTEMPTS} attempts: {last_exc}")
 
@@ -209,45 +343,75 @@ class Archive:
         policy: DuplicatePolicy | None,
         may_overwrite: bool,
     ) -> AddResult:
-        old_file: str | None = None
         with self._write_gate(), self.engine.begin() as conn:
-            existing = index.find_instance(conn, meta.sop_instance_uid)
-            if existing is not None:
-                if existing.sha256 == staged.sha256:
-                    return AddResult(outcome=AddOutcome.IDENTICAL_DUPLICATE, file_path=existing.file_path)
-                policy = policy or self.settings.duplicate_policy
-                if policy is DuplicatePolicy.REJECT:
-                    logger.warning(
-                        "rejected instance %s: already stored with other content (policy reject)",
-                        meta.sop_instance_uid,
-                    )
-                    raise DuplicateInstanceError(f"already stored with different content: {meta.sop_instance_uid}")
-                if policy is DuplicatePolicy.KEEP_FIRST:
-                    logger.warning(
-                        "ignored instance %s from %s: already stored with other content (policy keep_first)",
-                        meta.sop_instance_uid,
-                        calling_ae_title,
-                    )
-                    return AddResult(outcome=AddOutcome.KEPT_FIRST, file_path=existing.file_path)
-                if not may_overwrite:
-                    logger.warning(
-                        "refused instance %s from %r: already stored with other content, and the peer is not "
-                        "trusted to overwrite (policy overwrite)",
-                        meta.sop_instance_uid,
-                        calling_ae_title,
-                        extra={
-                            "action": "overwrite-refused",
-                            "sop_instance_uid": meta.sop_instance_uid,
-                            "calling_ae_title": calling_ae_title,
-                        },
-                    )
-                    raise DuplicateInstanceError("already stored; this peer is not trusted to overwrite")
-                index.remove_instance(conn, existing)
-                old_file = existing.file_path
+            decision = self._decide(conn, meta, relative, staged, calling_ae_title, is_result, policy, may_overwrite)
+        return self._after_commit(decision, meta, relative, calling_ae_title)
+
+    def _decide(
+        self,
+        conn: Connection,
+        meta: InstanceMeta,
+        relative: str,
+        staged: StagedFile,
+        calling_ae_title: str | None,
+        is_result: bool,
+        policy: DuplicatePolicy | None,
+        may_overwrite: bool,
+    ) -> _Decision:
+        """Index one instance in the caller's transaction (or decide it is not to be indexed)."""
+        old_file: str | None = None
+        existing = index.find_instance(conn, meta.sop_instance_uid)
+        if existing is not None:
+            if existing.sha256 == staged.sha256:
+                return _Decision(AddResult(outcome=AddOutcome.IDENTICAL_DUPLICATE, file_path=existing.file_path))
+            policy = policy or self.settings.duplicate_policy
+            if policy is DuplicatePolicy.REJECT:
+                logger.warning(
+                    "rejected instance %s: already stored with other content (policy reject)",
+                    meta.sop_instance_uid,
+                )
+                raise DuplicateInstanceError(f"already stored with different content: {meta.sop_instance_uid}")
+            if policy is DuplicatePolicy.KEEP_FIRST:
+                logger.warning(
+                    "ignored instance %s from %s: already stored with other content (policy keep_first)",
+                    meta.sop_instance_uid,
+                    calling_ae_title,
+                )
+                return _Decision(AddResult(outcome=AddOutcome.KEPT_FIRST, file_path=existing.file_path))
+            if not may_overwrite:
+                logger.warning(
+                    "refused instance %s from %r: already stored with other content, and the peer is not "
+                    "trusted to overwrite (policy overwrite)",
+                    meta.sop_instance_uid,
+                    calling_ae_title,
+                    extra={
+                        "action": "overwrite-refused",
+                        "sop_instance_uid": meta.sop_instance_uid,
+                        "calling_ae_title": calling_ae_title,
+                    },
+                )
+                raise DuplicateInstanceError("already stored; this peer is not trusted to overwrite")
+            index.remove_instance(conn, existing)
+            old_file = existing.file_path
+            self._known_series.clear()  # the removal may have deleted a series, study or patient
+        known = None if old_file is not None or is_result else self._known_series.get(meta.series_instance_uid)
+        if known is not None and known.holds(meta):
+            # Not misfiled: this series, of this study and patient, was committed before.
+            index.add_to_known_series(
+                conn,
+                meta,
+                known,
+                file_path=relative,
+                file_size=staged.size,
+                sha256=staged.sha256,
+                calling_ae_title=calling_ae_title,
+            )
+            known = None  # nothing new to remember
+        else:
             misfiled = index.misfiling(conn, meta)
             if misfiled is not None:
                 self._misfiled(misfiled, meta, calling_ae_title, is_result)  # raises unless accepted
-            index.add_instance(
+            known = index.add_instance(
                 conn,
                 meta,
                 file_path=relative,
@@ -256,6 +420,18 @@ class Archive:
                 calling_ae_title=calling_ae_title,
                 is_result=is_result,
             )
+            if misfiled is not None:
+                known = None
+        outcome = AddOutcome.STORED if old_file is None else AddOutcome.OVERWRITTEN
+        return _Decision(AddResult(outcome=outcome, file_path=relative), old_file=old_file, known=known)
+
+    def _after_commit(
+        self, decision: _Decision, meta: InstanceMeta, relative: str, calling_ae_title: str | None
+    ) -> AddResult:
+        """What follows the commit that holds the instance: remember its series, remove an overwritten file."""
+        if decision.known is not None:  # committed: remembered only now
+            self._known_series.put(decision.known)
+        old_file = decision.old_file
         if old_file is not None:
             logger.warning(
                 "overwrote instance %s with other content from %s (policy overwrite)",
@@ -264,8 +440,40 @@ class Archive:
             )
             if old_file != relative:
                 self.store.remove(old_file)
-            return AddResult(outcome=AddOutcome.OVERWRITTEN, file_path=relative)
-        return AddResult(outcome=AddOutcome.STORED, file_path=relative)
+        return decision.result
+
+    def _commit_group(self, batch: list[_Member]) -> None:
+        """Index a batch of instances in one transaction, each in a savepoint of its own.
+
+        A member refused (duplicate, misfiled, to be quarantined) or caught in a race rolls back
+        its savepoint only and carries its exception; the others commit together. A failure of
+        the transaction itself fails every member with :class:`StorageError`: none is indexed.
+        A batch of one needs no savepoint: its failure rolls the transaction back.
+        """
+        alone = len(batch) == 1
+        try:
+            with self._write_gate(), self.engine.begin() as conn:
+                for member in batch:
+                    if alone:
+                        member.decision = self._decide(conn, *member.arguments())
+                        continue
+                    try:
+                        with conn.begin_nested():
+                            member.decision = self._decide(conn, *member.arguments())
+                    except OperationalError:
+                        raise
+                    except Exception as exc:
+                        member.error = exc
+        except Exception as exc:
+            if alone and not isinstance(exc, OperationalError):
+                batch[0].decision, batch[0].error = None, exc
+            else:
+                cause = exc.orig if isinstance(exc, OperationalError) else exc
+                logger.error("index transaction of %d instance(s) failed: %s", len(batch), cause)
+                for member in batch:
+                    self._known_series.discard(member.meta.series_instance_uid)
+                    member.decision = None
+                    member.error = StorageError(f"index database error: {cause}")
 
     def _misfiled(
         self, misfiling: Misfiling, meta: InstanceMeta, calling_ae_title: str | None, is_result: bool

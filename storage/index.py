@@ -15,17 +15,22 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import re
+import struct
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydicom import config as pydicom_config
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag
-from sqlalchemy import Connection, CursorResult, Row, func, select, update
+from sqlalchemy import Connection, CursorResult, Row, bindparam, func, select, update
 
 from pacsnode.storage.errors import InvalidInstanceError, UnreadableInstanceError
 from pacsnode.storage.models import Instance, Patient, Series, Study
@@ -41,6 +46,9 @@ __all__ = [
     "misfiling",
     "remove_instance",
     "find_instance",
+    "KnownSeries",
+    "add_to_known_series",
+    "StaleSeriesError",
     "list_studies",
     "is_valid_uid",
     "utcnow",
@@ -236,8 +244,15 @@ def header_json(ds: Dataset) -> dict[str, Any]:
     decode is left out; this never raises for a dataset dcmread accepted.
     """
     out: dict[str, Any] = {}
+    plain_charset = _plain_charset(ds)
     for tag in list(ds.keys()):
         if not _kept(ds, tag):
+            continue
+        # Typed DataElement by pydicom's overload, but an element not converted yet comes back raw.
+        raw: DataElement | RawDataElement = ds.get_item(tag, keep_deferred=True)
+        short = _short_value_json(raw, plain_charset) if isinstance(raw, RawDataElement) else None
+        if short is not None:  # within the limit by construction
+            out[f"{tag:08X}"] = short
             continue
         try:
             document = _element_json(ds, tag)
@@ -252,6 +267,93 @@ def header_json(ds: Dataset) -> dict[str, Any]:
         if size <= _JSON_VALUE_LIMIT:
             out[f"{tag:08X}"] = document
     return out
+
+
+# Text VRs whose values are in the default repertoire whatever the Specific Character Set, and
+# which pydicom decodes by splitting and stripping only (DA and TM unless it converts dates).
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "TM", "UI"})
+# Text VRs in the dataset's character set: taken the short way only when that set reads ASCII bytes
+# as ASCII (_PLAIN_CHARSETS). Multi-valued ones, then one-value texts.
+_TEXT_VRS = frozenset({"LO", "SH", "UC"})
+_LONG_TEXT_VRS = frozenset({"LT", "ST", "UT"})
+_PLAIN_CHARSETS = frozenset({"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192"})
+_NUMBER_TEXT = {
+    "DS": re.compile(r" *[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)? *"),
+    "IS": re.compile(r" *[+-]?[0-9]+ *"),
+}
+_BINARY_INTEGERS = {"US": ("H", 2), "SS": ("h", 2), "UL": ("I", 4), "SL": ("i", 4)}
+# A value this long as stored cannot exceed _JSON_VALUE_LIMIT as JSON (a printable ASCII byte
+# becomes at most two characters and each text value adds four; a 2-byte integer at most 8).
+_SHORT_VALUE = 400
+
+
+def _plain_charset(ds: Dataset) -> bool:
+    """Whether the dataset's Specific Character Set decodes ASCII bytes as ASCII, one set only."""
+    try:
+        charset = ds.get("SpecificCharacterSet")
+    except Exception:  # pydicom raises a wide range on malformed values
+        return False
+    if charset is None:
+        return True
+    return isinstance(charset, str) and charset.strip() in _PLAIN_CHARSETS
+
+
+def _short_value_json(raw: RawDataElement, plain_charset: bool) -> dict[str, Any] | None:
+    """The JSON of a short, plain value straight from its bytes, exactly as pydicom's conversion and
+    :func:`_element_json` give it; None: take that way.
+
+    Most of a header is such values (UIDs, codes, dates, numbers as text, short texts, small
+    integers): converting them through pydicom's data elements costs more than the rest of an
+    instance's indexing. Anything unusual (non-ASCII or control characters, an invalid number,
+    another character set, an ambiguous VR) goes through pydicom.
+    """
+    value = raw.value
+    if not isinstance(value, bytes) or len(value) > _SHORT_VALUE:
+        return None
+    vr = raw.VR
+    if vr is None:  # implicit VR: the dictionary's, as pydicom takes it (an unknown or ambiguous one: its way)
+        try:
+            vr = dictionary_VR(raw.tag)
+        except KeyError:
+            return None
+    integer = _BINARY_INTEGERS.get(vr)
+    if integer is not None:
+        code, size = integer
+        if len(value) % size:
+            return None
+        if not value:
+            return {"vr": vr}
+        order = "<" if raw.is_little_endian else ">"
+        return {"vr": vr, "Value": list(struct.unpack(f"{order}{len(value) // size}{code}", value))}
+    number = _NUMBER_TEXT.get(vr)
+    if number is None and vr not in _ASCII_VRS:
+        if not plain_charset or (vr not in _TEXT_VRS and vr not in _LONG_TEXT_VRS):
+            return None
+    elif vr in ("DA", "TM") and pydicom_config.datetime_conversion:
+        return None
+    try:
+        text = value.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    if vr == "AE":
+        if "\x00" in text:
+            return None
+        items = [item.strip() for item in text.split("\\")]
+    elif vr in _TEXT_VRS:
+        items = [item.rstrip("\x00 ") for item in text.split("\\")]
+    elif vr in _LONG_TEXT_VRS:
+        items = [text.rstrip("\x00 ")]
+    else:
+        items = text.rstrip(" \x00").split("\\")
+    if len(items) == 1 and not items[0]:
+        return {"vr": vr}
+    if not all(item.isascii() and item.isprintable() for item in items):
+        return None
+    if number is not None:
+        if not all(number.fullmatch(item) for item in items):
+            return None
+        return {"vr": vr, "Value": [item.strip() for item in items]}
+    return {"vr": vr, "Value": items}
 
 
 def _kept(ds: Dataset, tag: BaseTag) -> bool:
@@ -343,9 +445,15 @@ def inserted_id(result: CursorResult[Any]) -> int:
     return int(key[0])
 
 
+# Statements of the hot path, built once: SQLAlchemy memoizes a statement's cache key on the
+# object, so executing the same object skips both building it and looking up its compiled form anew.
+_FIND_INSTANCE = select(_instances).where(_instances.c.sop_instance_uid == bindparam("uid"))
+_INSERT_INSTANCE = _instances.insert()
+
+
 def find_instance(conn: Connection, sop_instance_uid: str) -> Row[Any] | None:
     """Return the instance row for a SOP Instance UID, or ``None``."""
-    return conn.execute(select(_instances).where(_instances.c.sop_instance_uid == sop_instance_uid)).first()
+    return conn.execute(_FIND_INSTANCE, {"uid": sop_instance_uid}).first()
 
 
 class Misfiling(enum.Enum):
@@ -413,7 +521,7 @@ def add_instance(
     sha256: str,
     calling_ae_title: str | None,
     is_result: bool = False,
-) -> None:
+) -> KnownSeries | None:
     """Insert one instance and its patient/study/series in the caller's transaction.
 
     The caller has checked that no row for this SOP Instance UID exists, and
@@ -427,12 +535,15 @@ def add_instance(
     ``is_result`` marks pacsnode's own analysis results: their series is
     flagged and the study's quiet-time clock (``last_received_at``) is left alone.
     A patient, study or series created here keeps ``meta.dicom_json`` (its first header).
+
+    Returns what :func:`add_to_known_series` needs for the next instance of the series, or
+    None when the instance went somewhere other than the study and patient it names.
     """
     now = utcnow()
     series = conn.execute(
         select(_series.c.id, _series.c.study_fk).where(_series.c.series_instance_uid == meta.series_instance_uid)
     ).first()
-    study_fk = _study_for(conn, meta, now, indexed_study_fk=None if series is None else int(series.study_fk))
+    study_fk, facts = _study_for(conn, meta, now, indexed_study_fk=None if series is None else int(series.study_fk))
     if series is None:
         series_fk = _insert_series(conn, meta, study_fk, now, is_result)
     else:
@@ -449,16 +560,177 @@ def add_instance(
         sha256=sha256,
         calling_ae_title=calling_ae_title,
     )
+    if facts is None:
+        return None
+    patient_fk, patient_values, study_values = facts
+    return KnownSeries(
+        series_instance_uid=meta.series_instance_uid,
+        series_id=int(series_fk),
+        study_instance_uid=meta.study_instance_uid,
+        study_id=study_fk,
+        patient_key=meta.patient_id or "",
+        patient_id=patient_fk,
+        patient_values=patient_values,
+        study_values=study_values,
+    )
 
 
-def _patient_for(conn: Connection, meta: InstanceMeta) -> int:
-    """The id of the patient a new study belongs to, inserted when new (its counts start at zero)."""
+@dataclass(frozen=True, kw_only=True)
+class KnownSeries:
+    """A series as a committed transaction indexed it: its row ids, its study's and patient's keys,
+    and the study and patient attributes as indexed (for the conflict log lines)."""
+
+    series_instance_uid: str
+    series_id: int
+    study_instance_uid: str
+    study_id: int
+    patient_key: str
+    patient_id: int
+    patient_values: tuple[Any, ...]
+    study_values: tuple[Any, ...]
+
+    def holds(self, meta: InstanceMeta) -> bool:
+        """Whether ``meta`` names this series, its study and its patient (so it is not misfiled)."""
+        return (
+            meta.series_instance_uid == self.series_instance_uid
+            and meta.study_instance_uid == self.study_instance_uid
+            and (meta.patient_id or "") == self.patient_key
+        )
+
+
+class StaleSeriesError(Exception):
+    """The index no longer holds a :class:`KnownSeries` as remembered (deleted meanwhile, perhaps by
+    another process): the caller rolls back and indexes the instance the long way."""
+
+
+class KnownSeriesCache:
+    """Series committed by this process, by SeriesInstanceUID, for :func:`add_to_known_series`.
+
+    Only committed rows go in (:meth:`put` after the commit). An entry is never trusted
+    blindly: :func:`add_to_known_series` checks every id against its UID and parent in
+    the statements that count the instance, so a series, study or patient deleted by
+    another process (or its id reused) costs one rolled-back attempt, never a misfiled row.
+    """
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._entries: dict[str, KnownSeries] = {}
+        self._lock = threading.Lock()
+        self._limit = limit
+
+    def get(self, series_instance_uid: str) -> KnownSeries | None:
+        return self._entries.get(series_instance_uid)
+
+    def put(self, known: KnownSeries) -> None:
+        with self._lock:
+            if len(self._entries) >= self._limit:
+                self._entries.clear()
+            self._entries[known.series_instance_uid] = known
+
+    def discard(self, series_instance_uid: str) -> None:
+        with self._lock:
+            self._entries.pop(series_instance_uid, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+# Count one more instance in a known study, only if it still is that study of that patient.
+_BUMP_KNOWN_STUDY = (
+    update(_studies)
+    .where(
+        _studies.c.id == bindparam("k_study_id"),
+        _studies.c.study_instance_uid == bindparam("k_study_uid"),
+        _studies.c.patient_fk
+        == select(_patients.c.id)
+        .where(_patients.c.id == bindparam("k_patient_id"), _patients.c.patient_id == bindparam("k_patient_key"))
+        .scalar_subquery(),
+    )
+    .values(num_instances=_studies.c.num_instances + 1, last_received_at=bindparam("k_now"))
+)
+# ... and in a known series, only if it still is that series of that study.
+_BUMP_KNOWN_SERIES = (
+    update(_series)
+    .where(
+        _series.c.id == bindparam("k_series_id"),
+        _series.c.series_instance_uid == bindparam("k_series_uid"),
+        _series.c.study_fk == bindparam("k_study_id"),
+    )
+    .values(num_instances=_series.c.num_instances + 1, last_received_at=bindparam("k_now"))
+)
+
+
+def add_to_known_series(
+    conn: Connection,
+    meta: InstanceMeta,
+    known: KnownSeries,
+    *,
+    file_path: str,
+    file_size: int,
+    sha256: str,
+    calling_ae_title: str | None,
+) -> None:
+    """:func:`add_instance` for a received instance (not a result) of a series the index holds,
+    in three statements: the study and series counts, each checked against the ids, UIDs and
+    parents remembered, then the instance row.
+
+    The caller has checked ``known.holds(meta)`` (so the instance is not misfiled) and that no
+    row for its SOP Instance UID exists. Raises :class:`StaleSeriesError` when the index no
+    longer matches ``known``; the caller must then roll the transaction back. The study is
+    counted (and on PostgreSQL locked) before the series, in the order :func:`add_instance` locks them.
+    """
+    _log_known_conflicts("study", known, known.study_values, meta, _STUDY_ATTRIBUTES)
+    _log_known_conflicts("patient", known, known.patient_values, meta, _PATIENT_ATTRIBUTES)
+    now = utcnow()
+    params = {
+        "k_study_id": known.study_id,
+        "k_study_uid": known.study_instance_uid,
+        "k_patient_id": known.patient_id,
+        "k_patient_key": known.patient_key,
+        "k_series_id": known.series_id,
+        "k_series_uid": known.series_instance_uid,
+        "k_now": now,
+    }
+    if conn.execute(_BUMP_KNOWN_STUDY, params).rowcount != 1:
+        raise StaleSeriesError(f"study {known.study_instance_uid} changed in the index")
+    if conn.execute(_BUMP_KNOWN_SERIES, params).rowcount != 1:
+        raise StaleSeriesError(f"series {known.series_instance_uid} changed in the index")
+    _insert_instance(
+        conn,
+        meta,
+        known.series_id,
+        now,
+        file_path=file_path,
+        file_size=file_size,
+        sha256=sha256,
+        calling_ae_title=calling_ae_title,
+    )
+
+
+def _log_known_conflicts(
+    level: str, known: KnownSeries, indexed: tuple[Any, ...], meta: InstanceMeta, names: tuple[str, ...]
+) -> None:
+    """:func:`_log_conflicts` against the values a :class:`KnownSeries` remembers."""
+    for name, old in zip(names, indexed, strict=True):
+        new = getattr(meta, name)
+        if new is not None and old is not None and new != old:
+            logger.warning(
+                "%s of study %s: %s differs from the indexed value (kept the indexed value)",
+                level,
+                known.study_instance_uid,
+                name,
+            )
+
+
+def _patient_for(conn: Connection, meta: InstanceMeta) -> tuple[int, tuple[Any, ...]]:
+    """The id of the patient a new study belongs to, inserted when new (its counts start at zero),
+    with its attributes as indexed."""
     patient_key = meta.patient_id or ""
     patient = conn.execute(select(_patients).where(_patients.c.patient_id == patient_key)).first()
     if patient is not None:
         _log_conflicts("patient", meta.study_instance_uid, patient, meta, _PATIENT_ATTRIBUTES)
-        return int(patient.id)
-    return inserted_id(
+        return int(patient.id), _values(patient, _PATIENT_ATTRIBUTES)
+    patient_fk = inserted_id(
         conn.execute(
             _patients.insert().values(
                 patient_id=patient_key,
@@ -472,10 +744,24 @@ def _patient_for(conn: Connection, meta: InstanceMeta) -> int:
             )
         )
     )
+    return patient_fk, _values(meta, _PATIENT_ATTRIBUTES)
 
 
-def _study_for(conn: Connection, meta: InstanceMeta, now: datetime, *, indexed_study_fk: int | None) -> int:
+def _values(row: Any, names: tuple[str, ...]) -> tuple[Any, ...]:
+    return tuple(getattr(row, name) for name in names)
+
+
+# The patient's id and attributes, then the study's attributes, as indexed.
+_StudyFacts = tuple[int, tuple[Any, ...], tuple[Any, ...]]
+
+
+def _study_for(
+    conn: Connection, meta: InstanceMeta, now: datetime, *, indexed_study_fk: int | None
+) -> tuple[int, _StudyFacts | None]:
     """The id of the instance's study, locked for the counts; a new study counts for its patient.
+
+    With it, the facts a :class:`KnownSeries` keeps, or None when the study indexed is not
+    the one the instance names, or belongs to another patient.
 
     ``indexed_study_fk``: the study of the instance's series when that is indexed already (the
     instance goes there whatever StudyInstanceUID it names).
@@ -489,13 +775,15 @@ def _study_for(conn: Connection, meta: InstanceMeta, now: datetime, *, indexed_s
     )
     study = conn.execute(select(_studies).where(where).with_for_update()).first()
     if study is not None:
+        facts: _StudyFacts | None = None
         if study.study_instance_uid == meta.study_instance_uid:
             _log_conflicts("study", study.study_instance_uid, study, meta, _STUDY_ATTRIBUTES)
             patient = conn.execute(select(_patients).where(_patients.c.id == study.patient_fk)).one()
             if patient.patient_id == (meta.patient_id or ""):
                 _log_conflicts("patient", study.study_instance_uid, patient, meta, _PATIENT_ATTRIBUTES)
-        return int(study.id)
-    patient_fk = _patient_for(conn, meta)
+                facts = (int(patient.id), _values(patient, _PATIENT_ATTRIBUTES), _values(study, _STUDY_ATTRIBUTES))
+        return int(study.id), facts
+    patient_fk, patient_values = _patient_for(conn, meta)
     study_fk = inserted_id(
         conn.execute(
             _studies.insert().values(
@@ -518,7 +806,7 @@ def _study_for(conn: Connection, meta: InstanceMeta, now: datetime, *, indexed_s
         )
     )
     conn.execute(update(_patients).where(_patients.c.id == patient_fk).values(num_studies=_patients.c.num_studies + 1))
-    return study_fk
+    return study_fk, (patient_fk, patient_values, _values(meta, _STUDY_ATTRIBUTES))
 
 
 def _insert_series(conn: Connection, meta: InstanceMeta, study_fk: int, now: datetime, is_result: bool) -> int:
@@ -593,20 +881,21 @@ def _insert_instance(
     calling_ae_title: str | None,
 ) -> None:
     conn.execute(
-        _instances.insert().values(
-            series_fk=series_fk,
-            sop_instance_uid=meta.sop_instance_uid,
-            sop_class_uid=meta.sop_class_uid,
-            instance_number=meta.instance_number,
-            specific_character_set=meta.specific_character_set,
-            transfer_syntax_uid=meta.transfer_syntax_uid,
-            file_path=file_path,
-            file_size=file_size,
-            sha256=sha256,
-            calling_ae_title=calling_ae_title,
-            received_at=now,
-            dicom_json=meta.dicom_json,
-        )
+        _INSERT_INSTANCE,
+        {
+            "series_fk": series_fk,
+            "sop_instance_uid": meta.sop_instance_uid,
+            "sop_class_uid": meta.sop_class_uid,
+            "instance_number": meta.instance_number,
+            "specific_character_set": meta.specific_character_set,
+            "transfer_syntax_uid": meta.transfer_syntax_uid,
+            "file_path": file_path,
+            "file_size": file_size,
+            "sha256": sha256,
+            "calling_ae_title": calling_ae_title,
+            "received_at": now,
+            "dicom_json": meta.dicom_json,
+        },
     )
 
 

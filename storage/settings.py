@@ -69,3 +69,10 @@ class StorageSettings(StrictModel):
         default=True,
         description="fsync files and directories before acknowledging; turn off only for throwaway test stores.",
     )
+    group_commit: bool = Field(
+        default=True,
+        description=(
+            "Concurrent instances of one process share index transactions: a committer indexes all that have "
+            "arrived in one transaction, each Success waits for the commit holding its row. false: one each."
+        ),
+    )

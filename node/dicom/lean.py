@@ -340,9 +340,9 @@ class _LeanConnection:
         return cx
 
     def _echo(self, context_id: int, command: _Command) -> None:
-        allowed, comment = permissions.allows(self.assoc, "echo")
+        allowed, refusal = permissions.allows(self.assoc, "echo")
         if not allowed:
-            self._respond(context_id, _C_ECHO_RSP, command, status.NOT_AUTHORIZED, comment, with_instance=False)
+            self._respond(context_id, _C_ECHO_RSP, command, status.NOT_AUTHORIZED, refusal, with_instance=False)
             return
         request = C_ECHO()
         request.MessageID = command.message_id
@@ -368,12 +368,12 @@ class _LeanConnection:
             request.MoveOriginatorApplicationEntityTitle = command.move_originator_ae
         if command.move_originator_id is not None:
             request.MoveOriginatorMessageID = command.move_originator_id
-        allowed, comment = permissions.allows(self.assoc, "store")
+        allowed, refusal = permissions.allows(self.assoc, "store")
         if not allowed:  # the same refusal as on pynetdicom's path; nothing received is kept
             self.write_error = None
             if writer is not None:
                 writer.abandon()
-            self._respond(context_id, _C_STORE_RSP, command, status.NOT_AUTHORIZED, comment)
+            self._respond(context_id, _C_STORE_RSP, command, status.NOT_AUTHORIZED, refusal)
             return
         if self.write_error is not None:
             error, self.write_error = self.write_error, None

@@ -27,7 +27,7 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, event, select
 
 from pacsnode.node.testing.corpus import UID_PREFIX, make_dataset, write_series
 from pacsnode.storage.index import find_instance
@@ -408,3 +408,42 @@ def test_stopping_the_node_aborts_a_lean_association_still_open(
         node.node.stop(grace=0.2)
         outcome = peer.outcome(20)
         assert outcome.abort == (0, 0), outcome  # A-ABORT, source service-user
+
+
+def test_concurrent_associations_share_index_transactions(
+    start_node: Any, tmp_path: Path, lean_log: pytest.LogCaptureFixture
+) -> None:
+    """Four associations store while the index is held: the committer takes the first instance, the
+    other three queue behind it and are committed together; every Success follows its commit."""
+    node = start_node(make_settings(tmp_path))
+    archive = node.archive
+    group = archive._group
+    assert group is not None
+    commits: list[int] = []
+    event.listen(archive.engine, "commit", lambda conn: commits.append(1))
+    datasets = [make_dataset(rows=16, columns=16) for _ in range(4)]
+    statuses: list[list[int | None]] = [[] for _ in datasets]
+
+    def send(i: int) -> None:
+        statuses[i] = store_datasets(node.port, [datasets[i]])
+
+    def taken_and_queued() -> tuple[int, int]:
+        with group._cond:
+            return group.batches, len(group._queue)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
+    with archive._write_gate():  # another writer holds the index
+        threads[0].start()
+        wait_until(lambda: taken_and_queued() == (1, 0), 60, "the first instance in the committer's hands")
+        for thread in threads[1:]:
+            thread.start()
+        wait_until(lambda: taken_and_queued() == (1, 3), 60, "three instances queued behind it")
+        assert statuses == [[], [], [], []]  # nobody acknowledged before the commit
+    for thread in threads:
+        thread.join(timeout=60)
+    assert statuses == [[0]] * 4
+    assert len(commits) == 2
+    with archive.engine.connect() as conn:
+        for ds in datasets:
+            assert find_instance(conn, str(ds.SOPInstanceUID)) is not None
+    assert _lean_served(lean_log) == 4

@@ -1,0 +1,128 @@
+"""header_json's shortcut for plain text values gives exactly what pydicom's conversion gives."""
+
+from __future__ import annotations
+
+import struct
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from pacsnode.node.dicom.handlers import encode_file_header
+from pacsnode.node.testing.corpus import make_dataset
+from pacsnode.storage import index
+from tests.support.helpers import REAL_CHEST_CT_SERIES, find_real_chest_ct
+
+
+def _both_ways(raw: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], dict[str, Any]]:
+    def read() -> Dataset:
+        return dcmread(BytesIO(raw), stop_before_pixels=True, defer_size=index._JSON_VALUE_LIMIT)
+
+    fast = index.header_json(read())
+    with monkeypatch.context() as patched:
+        patched.setattr(index, "_short_value_json", lambda raw, plain_charset: None)
+        slow = index.header_json(read())
+    return fast, slow
+
+
+def _encoded(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    dcmwrite(buffer, ds, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+# Values as stored, some plain, some that the shortcut must hand to pydicom.
+ODD_VALUES: list[tuple[int, str, str]] = [
+    (0x00080008, "CS", "ORIGINAL\\PRIMARY\\\\AXIAL"),
+    (0x00080060, "CS", " CT "),
+    (0x00180050, "DS", " 1.50"),
+    (0x00280030, "DS", "0.703125\\+7.0e-1 "),
+    (0x00281050, "DS", "40\\-400"),
+    (0x00281051, "DS", "abc"),
+    (0x00200011, "IS", "012 "),
+    (0x00200012, "IS", "1\\"),
+    (0x00201041, "DS", ".5"),
+    (0x00080020, "DA", ""),
+    (0x00080030, "TM", "120000.5 "),
+    (0x00080054, "AE", " STORE \\ SCP"),
+    (0x00181020, "LO", "v1\\v2"),
+    (0x00080070, "LO", "Acme"),
+    (0x00081010, "SH", "R\u00e9ntgen"),
+    (0x00102160, "SH", ""),
+    (0x00180015, "CS", "CHEST\x01"),
+    (0x0020000E, "UI", "1.2.3"),
+    (0x00081150, "UI", "1.2.840.10008.5.1.4.1.1.2\\1.2.3"),
+    (0x00101010, "AS", "042Y"),
+]
+
+
+_LONG_LENGTH_VRS = {"OB", "OW", "OF", "SQ", "UT", "UN", "UC", "UR"}
+
+
+def _part10(values: list[tuple[int, str, bytes]], *, explicit: bool) -> bytes:
+    """A file whose elements carry exactly these bytes (pydicom's writer would tidy them)."""
+    body = b""
+    for tag, vr, value in sorted(values):
+        value += (b"\x00" if vr == "UI" else b" ") * (len(value) % 2)
+        head = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+        if not explicit:
+            body += head + struct.pack("<I", len(value)) + value
+        elif vr in _LONG_LENGTH_VRS:
+            body += head + vr.encode() + b"\x00\x00" + struct.pack("<I", len(value)) + value
+        else:
+            body += head + vr.encode() + struct.pack("<H", len(value)) + value
+    syntax = ExplicitVRLittleEndian if explicit else ImplicitVRLittleEndian
+    return encode_file_header(str(CTImageStorage), "1.2.3.4", str(syntax)) + body
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+@pytest.mark.parametrize("charset", [b"ISO_IR 100", b"", b"ISO_IR 13", b"ISO 2022 IR 87"])
+def test_shortcut_matches_pydicom_on_odd_values(
+    explicit: bool, charset: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = [(tag, vr, value.encode("latin-1")) for tag, vr, value in ODD_VALUES]
+    values += [
+        (0x00080005, "CS", charset),
+        (0x00080016, "UI", str(CTImageStorage).encode()),
+        (0x00080018, "UI", b"1.2.3.4"),
+        (0x0020000D, "UI", b"1.2.3.5"),
+        (0x00280010, "US", struct.pack("<H", 512)),
+        (0x00280011, "US", b""),
+        (0x00280106, "SS", struct.pack("<h", -1024)),
+        (0x00181151, "IS", b"-5"),
+        (0x00080201, "SH", b"+0100"),
+        (0x00081030, "LO", b" Chest\\CT  "),
+        (0x00204000, "LT", b"line one\r\nline two  "),
+        (0x00324000, "LT", b"a comment\\with a backslash "),
+    ]
+    fast, slow = _both_ways(_part10(values, explicit=explicit), monkeypatch)
+    assert fast == slow
+    assert fast["00280030"] == {"vr": "DS", "Value": ["0.703125", "+7.0e-1"]}
+    assert fast["00080054"] == {"vr": "AE", "Value": ["STORE", "SCP"]}
+    assert fast["00180050"] == {"vr": "DS", "Value": ["1.50"]}
+    assert fast["00080020"] == {"vr": "DA"}
+    assert fast["00280010"] == {"vr": "US", "Value": [512]}
+
+
+def test_shortcut_matches_pydicom_on_the_synthetic_corpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    for modality in ("CT", "MR"):
+        fast, slow = _both_ways(_encoded(make_dataset(rows=16, columns=16, modality=modality)), monkeypatch)
+        assert fast == slow
+        assert fast
+
+
+@pytest.mark.skipif(find_real_chest_ct() is None, reason="real chest CT not available (PACSNODE_TEST_DATA)")
+def test_shortcut_matches_pydicom_on_real_ct(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data: TCIA Lung-PET-CT-Dx (Li et al. 2020, https://doi.org/10.7937/TCIA.2020.NNC2-0461, CC BY 4.0)."""
+    root = find_real_chest_ct()
+    assert root is not None
+    for name in REAL_CHEST_CT_SERIES:
+        for path in sorted(Path(root, name).glob("*.dcm"))[:3]:
+            fast, slow = _both_ways(path.read_bytes(), monkeypatch)
+            assert fast == slow
+            assert len(fast) > 50
