@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
@@ -28,6 +28,8 @@ from pacsnode.node.http.settings import Role
 from pacsnode.storage import StorageError
 from pacsnode.storage.db import read_connection
 from pacsnode.storage.query import InstanceLocation, Level, Model, QueryError, find_page, parse_retrieve
+
+_Accepted = TypeVar("_Accepted")
 
 __all__ = ["DICOM_JSON", "routes"]
 
@@ -180,6 +182,25 @@ async def _located(request: Request) -> list[InstanceLocation] | Response:
     return located
 
 
+def _not_acceptable(request: Request, exc: wado.NotAcceptableError) -> Response:
+    _log_refused(request, 406, str(exc))
+    return _error(406, str(exc))
+
+
+async def _negotiated(
+    request: Request, negotiate: Callable[[str], _Accepted]
+) -> tuple[_Accepted, list[InstanceLocation]] | Response:
+    """What the Accept header asks for (``negotiate``), then the instances the path names; or the error response."""
+    try:
+        accepted = negotiate(request.headers.get("accept", ""))
+    except wado.NotAcceptableError as exc:
+        return _not_acceptable(request, exc)
+    located = await _located(request)
+    if isinstance(located, Response):
+        return located
+    return accepted, located
+
+
 def _path(ctx: HttpContext, location: InstanceLocation) -> Path:
     return ctx.archive.instance_path(location.file_path)
 
@@ -188,19 +209,14 @@ def _path(ctx: HttpContext, location: InstanceLocation) -> Path:
 async def retrieve(request: Request) -> Response:
     """Study, series or instance as multipart/related; type="application/dicom"."""
     ctx = _ctx(request)
-    try:
-        accepted = wado.negotiate_dicom(request.headers.get("accept", ""))
-    except wado.NotAcceptableError as exc:
-        _log_refused(request, 406, str(exc))
-        return _error(406, str(exc))
-    located = await _located(request)
-    if isinstance(located, Response):
-        return located
+    found = await _negotiated(request, wado.negotiate_dicom)
+    if isinstance(found, Response):
+        return found
+    accepted, located = found
     try:
         wado.check_transcodable({loc.transfer_syntax_uid for loc in located}, accepted)
     except wado.NotAcceptableError as exc:
-        _log_refused(request, 406, str(exc))
-        return _error(406, str(exc))
+        return _not_acceptable(request, exc)
     files = await run_in_threadpool(lambda: [(_path(ctx, loc), loc.transfer_syntax_uid) for loc in located])
     boundary = wado.new_boundary()
     logger.info(
@@ -268,8 +284,7 @@ async def frames(request: Request) -> Response:
         as_stored = wado.negotiate_frames(request.headers.get("accept", ""), loc.transfer_syntax_uid)
         parts = await run_in_threadpool(wado.frame_parts, _path(ctx, loc), numbers, as_stored)
     except wado.NotAcceptableError as exc:
-        _log_refused(request, 406, str(exc))
-        return _error(406, str(exc))
+        return _not_acceptable(request, exc)
     except LookupError as exc:
         return _error(404, str(exc))
     boundary = wado.new_boundary()
@@ -282,14 +297,10 @@ def _rendered(*, thumbnail: bool) -> Callable[[Request], Any]:
     @require(Role.VIEWER)
     async def rendered(request: Request) -> Response:
         ctx = _ctx(request)
-        try:
-            media = wado.negotiate_image(request.headers.get("accept", ""))
-        except wado.NotAcceptableError as exc:
-            _log_refused(request, 406, str(exc))
-            return _error(406, str(exc))
-        located = await _located(request)
-        if isinstance(located, Response):
-            return located
+        found = await _negotiated(request, wado.negotiate_image)
+        if isinstance(found, Response):
+            return found
+        media, located = found
         loc = located[len(located) // 2]  # a series or study: its middle image
         frame = request.path_params.get("frame", "1")
         query = request.query_params

@@ -25,10 +25,11 @@ from tests.support.peers import StorescpPeer
 from tests.support.served import Served
 
 
-def _node(tmp_path: Path, dest: StorescpPeer, params: dict[str, Any]) -> Served:
+def _node(tmp_path: Path, dest: StorescpPeer, *, name: str, pipeline: str, params: dict[str, Any]) -> Served:
+    """A served node with one CT rule (``pipeline`` with ``params``) exporting to ``dest``."""
     rule = {
-        "name": "nodules",
-        "pipeline": "ct-lung-nodule",
+        "name": name,
+        "pipeline": pipeline,
         "match": {"modality": ["CT"]},
         "params": params,
         "destinations": ["DEST"],
@@ -90,7 +91,13 @@ def test_pushed_ct_with_nodules_comes_back_with_each_nodule_measured(
     truth = write_chest_ct(tmp_path / "ct", spec, seed=11)
     assert len(truth.nodules) == 3
     dest = storescp_factory(ae_title="DEST")
-    served = _node(tmp_path, dest, {"engine": {"device": "cpu"}, "max_key_images": 5})
+    served = _node(
+        tmp_path,
+        dest,
+        name="nodules",
+        pipeline="ct-lung-nodule",
+        params={"engine": {"device": "cpu"}, "max_key_images": 5},
+    )
 
     storescu(served.port, truth.paths)
     (job,) = jobs_in(served, {"done", "failed"})
@@ -199,28 +206,7 @@ def test_a_torchscript_monai_bundle_in_a_rule_at_default_settings_analyses_a_pus
     bundle = make_bundle(tmp_path / "bundle", torchscript=True, dims="2d")
     truth = write_chest_ct(tmp_path / "ct", PhantomSpec(slices=10, size=32), seed=3)
     dest = storescp_factory(ae_title="DEST")
-    rule = {
-        "name": "bundle",
-        "pipeline": "model",
-        "match": {"modality": ["CT"]},
-        "params": {"model": str(bundle)},
-        "destinations": ["DEST"],
-    }
-    served = Served(
-        tmp_path,
-        sections={
-            "analysis": {
-                "workers": 1,
-                "quiet_seconds": 1.5,
-                "scan_interval_seconds": 0.3,
-                "lease_seconds": 10,
-                "rules": [rule],
-            },
-            "export": {"backoff_seconds": 0.5, "poll_seconds": 0.2},
-            "remote_nodes": {"DEST": {"ae_title": dest.ae_title, "host": "127.0.0.1", "port": dest.port}},
-        },
-    )
-    served.start()
+    served = _node(tmp_path, dest, name="bundle", pipeline="model", params={"model": str(bundle)})
     storescu(served.port, truth.paths)
     (job,) = jobs_in(served, {"done", "failed"})
     assert job["state"] == "done", job["last_error"]
