@@ -268,7 +268,7 @@ def _upload(crop: np.ndarray, device: torch.device) -> torch.Tensor:
         return torch.from_numpy(crop)
     cuda = device.type == "cuda"
     staging = torch.empty(crop.shape, dtype=torch.from_numpy(crop[:0]).dtype, pin_memory=cuda)
-    staging.numpy()[...] = crop  # the one host copy: from the decoded (cropped) array into pinned memory
+    staging.copy_(torch.from_numpy(crop))  # the one host copy, into pinned memory: torch copies in threads
     return staging.to(device, non_blocking=cuda)
 
 
