@@ -326,6 +326,18 @@ def measure_feed(params: ModelParams, volumes: list[VolumeInput], runs: int) -> 
     return sum(v.image.shape[0] for v in volumes) / statistics.median(times), batch
 
 
+def measure_host_side(params: ModelParams, volumes: list[VolumeInput], runs: int) -> tuple[float, int]:
+    """Slices/s of the feed's host side (:func:`host_side_model`) from decoded ``volumes``, median of ``runs``.
+
+    And the batch size it ran at.
+    """
+    feed, _ = feed_model(params, volumes[0])
+    meta, meta_params, batch = host_side_model(feed, params)
+    run_feed([], meta, meta_params, volumes[:1])  # warm-up
+    times = [run_feed([], meta, meta_params, volumes)[0] for _ in range(runs)]
+    return sum(v.image.shape[0] for v in volumes) / statistics.median(times), batch
+
+
 def count_device_ops(feed: WarmModel, params: ModelParams, volumes: list[VolumeInput]) -> int | None:
     """Top-level torch operations one run of the feed dispatches, in every thread; None where torch cannot count them.
 
