@@ -107,6 +107,25 @@ def test_the_feed_matches_the_reference_preprocessing(tmp_path: Path, name: str,
         np.testing.assert_allclose(out.astype(np.float32), want.astype(np.float32), atol=2e-3)
 
 
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [("window", "in place"), ("window", "padded"), ("resampled", "padded"), ("per channel", "padded")],
+    ids=["in place", "padded", "resampled", "per channel"],
+)
+def test_per_slice_steps_in_chunks_of_a_few_slices_match_the_reference(
+    tmp_path: Path, name: str, shape: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real volume is many chunks (2 MiB each on the CPU): chunk edges must not show in the output."""
+    steps = STEP_LISTS[name]
+    root = make_package(tmp_path / "m", preprocessing=steps, divisible_by=8)
+    engine = InferenceEngine(warm_model(load_package(root), FP32), FP32)
+    volume = _volume(6, rows=48, cols=56) if shape == "in place" else _volume(6)  # 48x56: no padding to 8
+    monkeypatch.setattr(feed, "_CHUNK_ELEMENTS", 2 * volume.image.shape[1] * volume.image.shape[2])  # 2 slices
+    got = engine.predict([volume])[0]
+    want = reference(root, volume, steps=steps)
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-3)
+
+
 def test_per_slice_steps_act_on_each_channel_alone() -> None:
     """The split's premise: a step the feed runs once per slice gives each channel what it gives that slice."""
     rng = np.random.default_rng(3)
