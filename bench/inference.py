@@ -39,7 +39,7 @@ network is swapped for :class:`NoNetwork` (no work; its output, one zeroed
 tensor per shape made once, is dense like a real network's); everything else
 runs as in a job. The batch size is the one the engine picks for the real
 network (measured once on a few slices before the timed runs). Figures, each
-a median of ``--runs``:
+a median of ``--runs`` (of at least 11 for the host side, a few ms a run):
 
 * **decode alone**: the node's series loader (``load_series``: headers,
   sorting, pixel data to int16 HU) in one thread. Decoding in two threads
@@ -398,7 +398,7 @@ def loader_only(args: argparse.Namespace, params: ModelParams) -> dict[str, floa
         from_volumes = [run_feed(truths, feed, params, volumes) for _ in range(args.runs)]
         meta, meta_params, gpu_batch = host_side_model(feed, params)
         run_feed(truths, meta, meta_params, volumes[:1])  # warm-up
-        host = [run_feed(truths, meta, meta_params, volumes) for _ in range(max(5, args.runs))]  # ms each
+        host = [run_feed(truths, meta, meta_params, volumes) for _ in range(max(11, args.runs))]  # ms each
         ops = count_device_ops(meta, meta_params, volumes)
     key = max(feed.per_item_bytes, key=lambda k: feed.per_item_bytes[k])  # (channels, rows, columns) of the input
     crop = (int(key[1]), int(key[2]))  # type: ignore[call-overload]  # the shipped model: the foreground box
