@@ -18,7 +18,9 @@ Checks (sizes kept small: the whole run takes a few minutes on one GPU):
   the network swapped for one that does no work) from decoded 512x512 phantom
   volumes, slices/s at the batch the engine picks and at 64; on CUDA it fails
   below 5,000 slices/s (the feed must never be what a GPU waits on); on the
-  CPU it is reported only.
+  CPU it is reported only. Beside it, the host side alone (``--loader-only``'s
+  meta-device figure), so that a GPU run shows how close that CPU-only
+  measurement comes to the real one.
 * ``oom-halving``: a network that raises ``torch.cuda.OutOfMemoryError`` above
   a batch size; the engine must halve, give the same output, and keep the
   halved size for the next call.
@@ -164,11 +166,20 @@ def feed() -> tuple[bool, str, dict[str, Any]]:
     at_64, _ = bench.measure_feed(
         ModelParams(model="lung-nodule", engine={"device": device, "batch_size": 64}), volumes, 3
     )
-    data = {"device": device, "batch_size": batch, "slices_per_s": picked, "slices_per_s_batch_64": at_64}
+    host, host_batch = bench.measure_host_side(ModelParams(model="lung-nodule", engine={"device": device}), volumes, 5)
+    data = {
+        "device": device,
+        "batch_size": batch,
+        "slices_per_s": picked,
+        "slices_per_s_batch_64": at_64,
+        "host_side_slices_per_s": host,
+        "host_side_batch_size": host_batch,
+    }
     ok = not CUDA or min(picked, at_64) >= bench.LOADER_TARGET
     figures = (
         f"{device}: {picked:.0f} slices/s at batch {batch}, {at_64:.0f} at batch 64 "
-        f"(target on CUDA >= {bench.LOADER_TARGET:.0f}; {studies * slices} slices of 512x512)"
+        f"(target on CUDA >= {bench.LOADER_TARGET:.0f}; {studies * slices} slices of 512x512); "
+        f"host side alone (meta device) {host:.0f} slices/s at batch {host_batch}"
     )
     return ok, figures, data
 

@@ -46,6 +46,7 @@ from pacsnode.analysis.cnn.feed import (
     FeedPlan,
     StagedVolume,
     Streams,
+    copy_to_host,
     foreground_box,
     host_items,
     plan_feed,
@@ -484,8 +485,11 @@ class InferenceEngine:
         elif not plan_steps.steps:
             # The one copy of the feed: the neighbour views into the network's channels-last input.
             rows, cols = first.prepared.shape[1:]
-            x = torch.empty((batch.size, 2 * half + 1, rows, cols), dtype=torch.float32, device=warm.device).contiguous(
-                memory_format=torch.channels_last
+            x = torch.empty(
+                (batch.size, 2 * half + 1, rows, cols),
+                dtype=torch.float32,
+                device=warm.device,
+                memory_format=torch.channels_last,  # allocated so: no pass over memory to make it channels-last
             )
             at = 0
             for volume, start, count in batch.parts:
@@ -526,16 +530,7 @@ class InferenceEngine:
                 completed.append(volume)
         for volume in completed:
             assert volume.output is not None
-            if volume.output.device.type == "cuda":
-                streams.copy_out_after_compute()
-                with streams.copy_out():
-                    host = torch.empty(volume.output.shape, dtype=torch.float16, pin_memory=True)
-                    host.copy_(volume.output, non_blocking=True)
-                    streams.used_by_copy_out(volume.output)
-                    volume.done = streams.event_after_copy_out()
-                volume.host_output = host
-            else:
-                volume.host_output = volume.output
+            volume.host_output, volume.done = copy_to_host(volume.output, streams)
         return completed
 
     def _run_2d(self, prepared: tuple[torch.Tensor, tuple[int, ...]], batch: _Batch) -> torch.Tensor:
@@ -614,8 +609,7 @@ class InferenceEngine:
         if per_item is None:
             probe = torch.zeros((1, channels, rows, cols), dtype=torch.float32, device=warm.device)
             per_item = warm.per_item_bytes[key] = _activation_bytes(warm, probe, spacing)
-        limit = 256 if self.options.batch_size == "auto" else self.options.batch_size
-        fits = int(max(1, min(limit, self._oom_limit(key), self._budget() // max(per_item, 1))))
+        fits = self.batch_that_fits(key, per_item)
         if warm.device.type == "cuda" or self.options.batch_size != "auto":
             size = fits
         else:
@@ -626,6 +620,15 @@ class InferenceEngine:
             "batch size %d (%.1f MB per slice, budget %.0f MB)", size, per_item / 2**20, self._budget() / 2**20
         )
         return size
+
+    def batch_that_fits(self, key: tuple[object, ...], per_item: int) -> int:
+        """The largest batch of items of shape ``key`` whose activations (``per_item`` bytes each) fit the budget.
+
+        What the engine runs on CUDA (at most ``options.batch_size``, 256 for ``auto``); on the CPU an
+        ``auto`` batch size is the fastest of the sizes up to it.
+        """
+        limit = _AUTO_BATCH_MOST if self.options.batch_size == "auto" else self.options.batch_size
+        return int(max(1, min(limit, self._oom_limit(key), self._budget() // max(per_item, 1))))
 
     def _fastest_cpu_batch(self, sample: VolumeInput, channels: int, spacing: tuple[float, float], fits: int) -> int:
         candidates = [b for b in (1, 2, 4, 8, 16) if b <= fits] or [1]
@@ -786,6 +789,7 @@ def _foreground_box(volume: VolumeInput, crop: Any) -> tuple[slice, slice]:
 
 
 _CROP_STEP = 32
+_AUTO_BATCH_MOST = 256  # items per batch with batch_size "auto", whatever the memory budget allows
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -25,6 +25,13 @@ The path from a decoded volume to the network's batch, shaped so that the device
 
 On the CPU the same code runs with the device = the CPU: the "upload" is a view of the caller's array
 and the streams are no-ops.
+
+On torch's ``meta`` device (tensors with a shape and no data: every device operation is dispatched and
+does nothing) the same code runs the host's part of a device run alone: the foreground box, the staging
+copy of each volume (into ordinary memory: pinning needs CUDA), every device operation dispatched, the
+Python of each batch, a host buffer for each output (its copy from the device is left out: a meta tensor
+has nothing to copy, as a DMA copy asks nothing of the CPU). ``bench/inference.py --loader-only`` measures
+with it what the CPU must do per slice when the device kernels run elsewhere. The results are not values.
 """
 
 from __future__ import annotations
@@ -38,11 +45,15 @@ import torch
 
 from pacsnode.analysis.cnn.preprocess import Preprocessor
 
-__all__ = ["FeedPlan", "StagedVolume", "Streams", "plan_feed"]
+__all__ = ["FeedPlan", "StagedVolume", "Streams", "copy_to_host", "plan_feed"]
 
-# Elements per chunk when the per-slice steps run over a volume: a few 512x512 slices, so that the
-# in-place passes of one chunk stay in the CPU's caches and one chunk's temporaries stay small.
-_CHUNK_ELEMENTS = 1 << 20
+# Elements per chunk when the per-slice steps run over a volume: two 512x512 slices (2 MiB of float32),
+# so that the in-place passes of one chunk stay in a core's L2 cache and one chunk's temporaries stay
+# small (a window over int16 slices: ~15 % faster than with 4 MiB chunks on the 2-core CI machine).
+_CHUNK_ELEMENTS = 1 << 19
+# On a GPU the caches do not matter and every operation costs the host a launch: 64 slices of 512x512 a
+# chunk (64 MiB of float32 temporaries at most).
+_DEVICE_CHUNK_ELEMENTS = 1 << 24
 
 # Dtypes that go to the device as they are; anything else is converted to float32 on the host first.
 _UPLOADABLE = {np.dtype(t) for t in ("int16", "int32", "uint8", "int8", "float32", "float64")}
@@ -203,7 +214,7 @@ def stage_volume(
         height, width = grid[0] + pads[0][1], grid[1] + pads[1][1]
         half = plan.half
         prepared = torch.empty((depth + 2 * half, height, width), dtype=torch.float32, device=work)
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, rows * cols))
+        chunk = max(1, (_CHUNK_ELEMENTS if work.type == "cpu" else _DEVICE_CHUNK_ELEMENTS) // max(1, rows * cols))
         direct = tuple(grid) == (rows, cols) and (height, width) == (rows, cols)
         item_spacing: tuple[float, ...] = spacing
         for start in range(0, depth, chunk):
@@ -249,18 +260,39 @@ def host_items(staged: StagedVolume, start: int, count: int, plan: FeedPlan, pin
 
 
 def _upload(crop: np.ndarray, device: torch.device) -> torch.Tensor:
-    """The (cropped) volume on ``device`` in its dtype: a view on the CPU, through pinned memory to CUDA."""
-    if device.type != "cuda":
+    """The (cropped) volume on ``device`` in its dtype: a view on the CPU, through pinned memory to CUDA.
+
+    On another device (``meta``) through a staging buffer as to CUDA, not pinned.
+    """
+    if device.type == "cpu":
         return torch.from_numpy(crop)
-    staging = torch.empty(crop.shape, dtype=torch.from_numpy(crop[:0]).dtype, pin_memory=True)
-    staging.numpy()[...] = crop  # the one host copy: from the decoded (cropped) array into pinned memory
-    return staging.to(device, non_blocking=True)
+    cuda = device.type == "cuda"
+    staging = torch.empty(crop.shape, dtype=torch.from_numpy(crop[:0]).dtype, pin_memory=cuda)
+    staging.copy_(torch.from_numpy(crop))  # the one host copy, into pinned memory: torch copies in threads
+    return staging.to(device, non_blocking=cuda)
 
 
 def _upload_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def copy_to_host(output: torch.Tensor, streams: Streams) -> tuple[torch.Tensor, Any]:
+    """A finished device ``output`` in host memory (pinned on CUDA), and the event of its copy (None: done).
+
+    On CUDA the copy runs on the copy-out stream after everything queued on the compute stream. A ``meta``
+    output has no data: the host buffer is made and left as it is (see the module's docstring).
+    """
+    if output.device.type == "cpu":
+        return output, None
+    streams.copy_out_after_compute()
+    with streams.copy_out():
+        host = torch.empty(output.shape, dtype=output.dtype, pin_memory=streams.cuda)
+        if output.device.type != "meta":
+            host.copy_(output, non_blocking=streams.cuda)
+        streams.used_by_copy_out(output)
+        return host, streams.event_after_copy_out()
 
 
 def foreground_box(image: np.ndarray, threshold: float, margin: tuple[int, int], step: int) -> tuple[slice, slice]:

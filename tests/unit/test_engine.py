@@ -87,6 +87,21 @@ def test_the_memory_budget_sets_the_batch_size(tmp_path: Path) -> None:
     np.testing.assert_allclose(out_small.astype(np.float32), out_large.astype(np.float32), atol=2e-3)
 
 
+def test_the_batch_that_fits_is_the_budget_over_the_activations_within_the_limits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the engine runs on CUDA, and what bench/inference.py --loader-only runs its host side at."""
+    root = make_package(tmp_path / "m")
+    key = (3, 64, 64)
+    auto = _engine(root, batch_size="auto", memory_budget_mb=1)
+    assert auto.batch_that_fits(key, 100_000) == 2**20 // 100_000  # 10
+    assert auto.batch_that_fits(key, 10) == 256  # auto: at most 256, whatever the budget allows
+    assert auto.batch_that_fits(key, 2**21) == 1  # nothing fits: one at a time, never zero
+    assert _engine(root, batch_size=4, memory_budget_mb=1).batch_that_fits(key, 100_000) == 4
+    monkeypatch.setitem(auto.warm.oom_batch, auto._oom_key(key), 3)  # an out-of-memory error cut this shape to 3
+    assert auto.batch_that_fits(key, 100_000) == 3
+
+
 def test_a_passed_deadline_stops_inference(tmp_path: Path) -> None:
     root = make_package(tmp_path / "m")
     with pytest.raises(InferenceTimeout, match="timeout"):

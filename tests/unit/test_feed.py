@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from pacsnode.analysis.cnn import feed
 from pacsnode.analysis.cnn.engine import EngineOptions, InferenceEngine, VolumeInput, warm_model
-from pacsnode.analysis.cnn.feed import Streams, foreground_box, plan_feed
+from pacsnode.analysis.cnn.feed import Streams, copy_to_host, foreground_box, plan_feed
 from pacsnode.analysis.cnn.package import load_package
 from pacsnode.analysis.cnn.preprocess import acts_per_channel, build_preprocessor, parse_steps
 from pacsnode.analysis.modeldev.synthetic import PhantomSpec, make_chest_phantom
@@ -101,6 +105,25 @@ def test_the_feed_matches_the_reference_preprocessing(tmp_path: Path, name: str,
         assert out.shape == want.shape and out.dtype == np.float16
         assert float(want.astype(np.float32).std()) > 1e-3  # not a constant map
         np.testing.assert_allclose(out.astype(np.float32), want.astype(np.float32), atol=2e-3)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [("window", "in place"), ("window", "padded"), ("resampled", "padded"), ("per channel", "padded")],
+    ids=["in place", "padded", "resampled", "per channel"],
+)
+def test_per_slice_steps_in_chunks_of_a_few_slices_match_the_reference(
+    tmp_path: Path, name: str, shape: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real volume is many chunks (2 MiB each on the CPU): chunk edges must not show in the output."""
+    steps = STEP_LISTS[name]
+    root = make_package(tmp_path / "m", preprocessing=steps, divisible_by=8)
+    engine = InferenceEngine(warm_model(load_package(root), FP32), FP32)
+    volume = _volume(6, rows=48, cols=56) if shape == "in place" else _volume(6)  # 48x56: no padding to 8
+    monkeypatch.setattr(feed, "_CHUNK_ELEMENTS", 2 * volume.image.shape[1] * volume.image.shape[2])  # 2 slices
+    got = engine.predict([volume])[0]
+    want = reference(root, volume, steps=steps)
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-3)
 
 
 def test_per_slice_steps_act_on_each_channel_alone() -> None:
@@ -232,3 +255,54 @@ def test_on_cuda_compute_waits_for_the_copy_in_and_copy_out_for_the_compute(monk
     assert recorded == ["compute", "copy-out"]  # memory made on one stream, read on another, is not reused early
     cpu = Streams(torch.device("cpu"))
     assert cpu.event_after_copy_in() is None and cpu.event_after_copy_out() is None
+
+
+# Steps that read values (z-score and min-max normalisation: a host round trip each on a GPU) cannot run on meta.
+VALUE_FREE = [name for name in STEP_LISTS if name not in ("zscore per item", "per channel")]
+
+
+@pytest.mark.parametrize("name", VALUE_FREE)
+def test_on_the_meta_device_the_feed_runs_its_host_side_and_hands_back_host_buffers(
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host side of a device run (bench/inference.py --loader-only): every branch, the staging copy, host outputs."""
+    root = make_package(tmp_path / "m", preprocessing=STEP_LISTS[name], divisible_by=8)
+    warm = warm_model(load_package(root), FP32)
+    a, b = _volume(1), _volume(2, depth=6)
+    InferenceEngine(warm, FP32).predict([a])  # the activations measured on the CPU, as the bench does
+    meta = dataclasses.replace(
+        warm,
+        module=copy.deepcopy(warm.module).to("meta"),
+        device=torch.device("meta"),
+        per_item_bytes=dict(warm.per_item_bytes),
+        cpu_batch={},
+        oom_batch={},
+        lock=threading.Lock(),
+    )
+    staged: list[tuple[str, tuple[int, ...]]] = []
+    upload = feed._upload
+
+    def spy(crop: np.ndarray, device: torch.device) -> torch.Tensor:
+        out = upload(crop, device)
+        staged.append((out.device.type, tuple(out.shape)))
+        return out
+
+    monkeypatch.setattr(feed, "_upload", spy)
+    engine = InferenceEngine(meta, FP32)
+    got = engine.predict([a, b])
+    assert engine.stats["batches"] == 4  # 13 slices in batches of 4, as on the CPU
+    assert [out.shape for out in got] == [(1, *a.image.shape), (1, *b.image.shape)]
+    assert all(isinstance(out, np.ndarray) and out.dtype == np.float16 for out in got)
+    # the volumes went through the staging copy to the device, or stayed on the host for a CPU-only step
+    where = "cpu" if plan_feed(meta.preprocessor, 3, 8).host else "meta"
+    assert staged == [(where, a.image.shape), (where, b.image.shape)]
+
+
+def test_a_cpu_output_is_the_host_output_and_a_meta_one_gets_a_host_buffer() -> None:
+    streams = Streams(torch.device("cpu"))
+    cpu = torch.zeros((1, 3, 4, 5), dtype=torch.float16)
+    host, done = copy_to_host(cpu, streams)
+    assert host is cpu and done is None
+    host, done = copy_to_host(torch.empty((1, 3, 4, 5), dtype=torch.float16, device="meta"), streams)
+    assert host.device.type == "cpu" and host.shape == (1, 3, 4, 5) and host.dtype == torch.float16
+    assert done is None
