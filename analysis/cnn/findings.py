@@ -312,7 +312,8 @@ def outline_mass(
             parts, _ = ndimage.label(grown)
             touching = np.unique(parts[own[z]])
             mask[z] = ndimage.binary_fill_holes(np.isin(parts, touching[touching > 0]))
-    return np.argwhere(mask) + origin
+    outline: np.ndarray = np.argwhere(mask) + origin
+    return outline
 
 
 def _mass_slices(mask: np.ndarray, spacing: tuple[float, float, float], fraction: float) -> np.ndarray:
