@@ -163,6 +163,13 @@ def _parser() -> argparse.ArgumentParser:
         "per series, tumour found",
     )
     p.add_argument(
+        "--inserted",
+        type=int,
+        default=12,
+        metavar="N",
+        help="with --real: nodules inserted into each series' lungs, sensitivity by size (default 12; 0: none)",
+    )
+    p.add_argument(
         "--no-lesion-filter",
         action="store_true",
         help="score every component of the model's map (no lung region, no lesion filter)",
@@ -769,7 +776,9 @@ def _cmd_evaluate(settings: Settings | None, args: argparse.Namespace) -> int:
         package, studies=args.studies, seed=seed, slices=args.slices, device=args.device, lesions=lesions
     )
     if args.real is not None:
-        report = evaluate_real_series(package, args.real, device=args.device, report=report, lesions=lesions)
+        report = evaluate_real_series(
+            package, args.real, device=args.device, report=report, lesions=lesions, inserted=args.inserted, seed=seed
+        )
     if not args.no_real:
         files = pydicom_data_ct_files()
         if not files:
@@ -806,9 +815,16 @@ def _cmd_evaluate(settings: Settings | None, args: argparse.Namespace) -> int:
         )
     for s in report.real_series:
         tumour = (
-            f"tumour found ({s.tumour_kind}, long axis {s.tumour_long_axis_mm} mm, extent {s.tumour_extent_mm} mm)"
+            f"tumour found ({s.tumour_kind}, long axis {s.tumour_long_axis_mm} mm, 3D extent "
+            f"{s.tumour_extent_mm} mm, on {s.tumour_slices_mm} mm of slices)"
             if s.tumour_found
             else "tumour NOT found"
         )
         print(f"real series {s.series}: {s.findings} findings, {s.false_findings} false; {tumour}")
+        if s.inserted_nodules:
+            print(
+                f"  with {s.inserted_nodules} inserted nodules: {s.inserted_found} found "
+                f"({', '.join(f'{k}: {v}' for k, v in s.inserted_by_size.items())}), "
+                f"{s.inserted_false_findings} false findings"
+            )
     return EXIT_OK

@@ -33,6 +33,7 @@ __all__ = [
     "findings_from_probabilities",
     "label_spec",
     "longest_diameter_mm",
+    "outline_mass",
     "shape_of",
 ]
 
@@ -75,6 +76,21 @@ class LesionFilter:
     craniocaudal extent is at least two thirds of that, with at least the volume of a
     ``mass_mm`` sphere and not a sheet, is a ``"mass"`` finding (the model's findings on it are
     merged into it). The other lesions are ``"mass"`` or ``"nodule"`` by their long axis.
+
+    **A mass's outline.** The opened core leaves out a tumour's spiculated or ground-glass margin.
+    On each of its slices the core grows into the lung around it, up to ``margin_mm`` from it,
+    where the image averaged over ``margin_smooth_mm`` in-plane is at least ``margin_hu`` (a
+    ground-glass or spiculated margin is; the aerated lung and a single vessel crossing it are
+    not), inside the region; what the growth adds is opened with a disk of radius
+    ``margin_open_mm`` (a vessel leaving the tumour is thinner than its diameter and stays out)
+    and kept where it touches the core. ``margin_hu`` None: the core is the outline.
+
+    **A mass's slices.** The opened core of a tumour at the hilum joins the hilar vessels and
+    bronchi, which run on for centimetres above and below it. From the core's slice of largest
+    in-plane diameter outward, a slice belongs to the mass while its section of the core overlaps
+    the section kept on the slice before and its in-plane diameter is at least
+    ``min_section_fraction`` of that largest one; the rest is not the mass (it is not grown,
+    measured, drawn or counted). None: every slice of the core.
     ``None`` turns a test off.
     """
 
@@ -93,6 +109,11 @@ class LesionFilter:
     min_axis_slices: float | None = 1.2
     max_nodule_slice_mm: float | None = 3.0
     mass_core_mm: float | None = 5.0
+    margin_hu: float | None = -500.0
+    margin_mm: float = 10.0
+    margin_smooth_mm: float = 4.0
+    margin_open_mm: float = 2.0
+    min_section_fraction: float | None = 0.5
 
 
 #: The tests about shape only (no density, no slice thickness, no mass search): for probability maps without an image.
@@ -103,6 +124,8 @@ SHAPE_ONLY = LesionFilter(
     min_axis_slices=None,
     max_nodule_slice_mm=None,
     mass_core_mm=None,
+    margin_hu=None,
+    min_section_fraction=None,
 )
 
 
@@ -252,6 +275,75 @@ def find_masses(
     return masses
 
 
+def outline_mass(
+    core: np.ndarray, hu: np.ndarray, spacing: tuple[float, float, float], region: np.ndarray, rules: LesionFilter
+) -> np.ndarray:
+    """Voxel indexes (n, 3) of a mass from those of its opened ``core`` (:func:`find_masses`): its margin added and
+    the slices that are not the mass left out; see "A mass's outline" and "A mass's slices" in :class:`LesionFilter`."""
+    import cv2
+    from scipy import ndimage
+
+    pixel = float(min(spacing[1:]))
+    margin_px = max(1, int(round(rules.margin_mm / pixel)))
+    smooth_px = max(1, int(round(rules.margin_smooth_mm / pixel))) | 1  # odd: centred on the voxel
+    pad = margin_px + smooth_px
+    lo, hi = core.min(axis=0), core.max(axis=0) + 1
+    box = (
+        slice(int(lo[0]), int(hi[0])),
+        *(
+            slice(max(int(a) - pad, 0), min(int(b) + pad, n))
+            for a, b, n in zip(lo[1:], hi[1:], hu.shape[1:], strict=True)
+        ),
+    )
+    origin = np.array([b.start for b in box])
+    mask = np.zeros(tuple(b.stop - b.start for b in box), dtype=bool)
+    mask[tuple((core - origin).T)] = True
+    if rules.min_section_fraction is not None:  # before the margin: a hilar vessel's section would grow too
+        mask = _mass_slices(mask, spacing, rules.min_section_fraction)
+    if rules.margin_hu is not None:
+        own = mask
+        smooth = ndimage.uniform_filter(hu[box].astype(np.float32), size=(1, smooth_px, smooth_px))
+        added = (smooth >= rules.margin_hu) & region[box] & _dilate_slices(own, margin_px)
+        kernel = _disk(max(1, int(round(rules.margin_open_mm / pixel))))
+        mask = np.zeros_like(own)
+        for z in range(own.shape[0]):
+            opened = cv2.morphologyEx((added[z] | own[z]).astype(np.uint8), cv2.MORPH_OPEN, kernel).astype(bool)
+            grown = opened | own[z]
+            parts, _ = ndimage.label(grown)
+            touching = np.unique(parts[own[z]])
+            mask[z] = ndimage.binary_fill_holes(np.isin(parts, touching[touching > 0]))
+    outline: np.ndarray = np.argwhere(mask) + origin
+    return outline
+
+
+def _mass_slices(mask: np.ndarray, spacing: tuple[float, float, float], fraction: float) -> np.ndarray:
+    """``mask`` on the slices of the mass only: see "A mass's slices" in :class:`LesionFilter`."""
+    from scipy import ndimage
+
+    in_plane = np.asarray(spacing[1:], dtype=np.float64)
+
+    def diameter(section: np.ndarray) -> float:
+        return _longest_span(np.argwhere(section), in_plane) if section.any() else 0.0
+
+    widths = [diameter(m) for m in mask]
+    start = int(np.argmax(widths))
+    floor = fraction * widths[start]
+    kept = np.zeros_like(mask)
+    kept[start] = mask[start]
+    for step in (-1, 1):
+        previous = mask[start]
+        z = start + step
+        while 0 <= z < mask.shape[0]:
+            parts, _ = ndimage.label(mask[z], structure=np.ones((3, 3), dtype=bool))
+            joined = np.unique(parts[previous])
+            section = np.isin(parts, joined[joined > 0])
+            if diameter(section) < floor:
+                break
+            kept[z] = previous = section
+            z += step
+    return kept
+
+
 def _near_edge(region: np.ndarray, spacing: tuple[float, float, float], within_mm: float) -> np.ndarray:
     """Voxels of ``region`` within ``within_mm`` in-plane of its outside, slice by slice."""
     from scipy import ndimage
@@ -364,15 +456,15 @@ def findings_from_probabilities(
     findings: list[tuple[float, Finding]] = []
     make = _FindingMaker(volume)
     masses: list[np.ndarray] = []
-    if lesions is not None and region is not None and labels:
-        masses = find_masses(volume.hu, volume.spacing, region, lesions)
     mass_zone = np.zeros(volume.hu.shape, dtype=bool)
-    for idx in masses:
-        mass_zone[tuple(idx.T)] = True
-    grow = 0
+    if lesions is not None and region is not None and labels:
+        for core in find_masses(volume.hu, volume.spacing, region, lesions):
+            masses.append(outline_mass(core, volume.hu, volume.spacing, region, lesions))
+            # The model's findings on the core's slices left out of the mass (hilar vessels) are still its blur.
+            mass_zone[tuple(core.T)] = True
+            mass_zone[tuple(masses[-1].T)] = True
     if masses and lesions is not None:
-        grow = max(1, int(round(lesions.contact_mm / min(volume.spacing[1:]))))
-        mass_zone = _dilate_slices(mass_zone, grow)
+        mass_zone = _dilate_slices(mass_zone, max(1, int(round(lesions.contact_mm / min(volume.spacing[1:])))))
     thick = (
         lesions is not None
         and lesions.max_nodule_slice_mm is not None
@@ -390,7 +482,7 @@ def findings_from_probabilities(
         spec = label_spec(label)
         if n_label == 0:
             for idx in masses:
-                findings.append(make(idx, channel, label, spec, "mass", grow_px=grow))
+                findings.append(make(idx, channel, label, spec, "mass", source="image rule"))
         if thick:
             continue
         above = _above(channel, label.threshold)
@@ -467,21 +559,21 @@ class _FindingMaker:
         label: LabelOutput,
         spec: Any,
         kind: str | None,
-        grow_px: int = 0,
+        source: str = "model",
     ) -> tuple[float, Finding]:
-        """(volume in mL, the finding); its probability is the map's largest on it (or on it grown in-plane
-        by ``grow_px``: the model marks a mass's edge, not its core)."""
+        """(volume in mL, the finding); a finding of the model has the map's largest probability on it, one of
+        another ``source`` (a mass found in the image) none: the map's value there does not score it."""
         from pacsnode.analysis.cnn.writers import Finding
 
         volume = self.volume
         mask = np.zeros(volume.hu.shape, dtype=bool)
         mask[tuple(idx.T)] = True
-        box = _bounding_box(mask)
-        assert box is not None
-        box = _grown_box(box, grow_px, mask.shape)
-        scored = _dilate_slices(mask[box], grow_px) if grow_px else mask[box]
-        probability = float(np.clip(channel[box][scored].astype(np.float32).max(), 0.0, 1.0))
-        axial = axial_diameter_mm(idx, volume.spacing)
+        probability = None
+        if source == "model":
+            box = _bounding_box(mask)
+            assert box is not None
+            probability = float(np.clip(channel[box][mask[box]].astype(np.float32).max(), 0.0, 1.0))
+        axial, axial_slice = _axial_long_axis(idx, volume.spacing)
         centroid = idx.mean(axis=0)
         patient = _patient(volume, self.normal, centroid)
         slice_index = int(round(centroid[0]))
@@ -509,6 +601,8 @@ class _FindingMaker:
             longest_diameter_mm=axial,
             extent_mm=longest_diameter_mm(idx, volume.spacing),
             kind=kind,
+            source=source,
+            key_slice=axial_slice if kind is not None else None,
             centroid_index=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
             centroid_patient_mm=(float(patient[0]), float(patient[1]), float(patient[2])),
             location=location,
@@ -571,14 +665,21 @@ def axial_diameter_mm(index: np.ndarray, spacing: tuple[float, float, float]) ->
     ``index`` is (n, 3) voxel indexes (slice, row, column); on each slice, the longest distance
     between two pixel corners of the finding there (through the 2D convex hull of the corners).
     """
+    return _axial_long_axis(index, spacing)[0]
+
+
+def _axial_long_axis(index: np.ndarray, spacing: tuple[float, float, float]) -> tuple[float, int]:
+    """(:func:`axial_diameter_mm`, the slice where it lies)."""
     order = np.argsort(index[:, 0], kind="stable")
     rows = index[order]
     starts = np.flatnonzero(np.diff(rows[:, 0], prepend=rows[0, 0] - 1))
     in_plane = np.asarray(spacing[1:], dtype=np.float64)
-    best = 0.0
+    best, where = 0.0, int(rows[0, 0])
     for part in np.split(rows, starts[1:]):
-        best = max(best, _longest_span(part[:, 1:], in_plane))
-    return best
+        span = _longest_span(part[:, 1:], in_plane)
+        if span > best:
+            best, where = span, int(part[0, 0])
+    return best, where
 
 
 def class_scores(prob: np.ndarray, manifest: Any) -> tuple[list[ClassScore], int | None]:

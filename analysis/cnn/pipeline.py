@@ -236,7 +236,8 @@ class ModelPipeline(Pipeline):
                 {
                     "label": f.label.name,
                     "number": f.number,
-                    "probability": round(f.probability, 3),
+                    **({"probability": round(f.probability, 3)} if f.probability is not None else {}),
+                    **({"source": f.source} if f.source != "model" else {}),
                     "volume_ml": round(f.volume_ml, 3),
                     "longest_diameter_mm": round(f.longest_diameter_mm, 1),
                     **({"extent_mm": round(f.extent_mm, 1)} if f.extent_mm is not None else {}),

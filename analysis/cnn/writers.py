@@ -24,7 +24,8 @@ Codes used (see :data:`MODEL_CODES`):
   "Absent" (CID 240 Present-Absent).
 - Free text: ``99PACSNODE LOCATION`` "Location description" (the location
   of a finding and its centroid in patient coordinates), ``99PACSNODE LESIONKIND``
-  "Lesion kind" (``mass`` or ``nodule`` when the pipeline tells them apart),
+  "Lesion kind" (``mass`` or ``nodule`` when the pipeline tells them apart), ``99PACSNODE SOURCE``
+  "Finding source" for a finding that is not the model's (``image rule``; it has no probability),
   DCM 121106 "Comment" ("No nodule detected").
 - A finding's second size, when given: ``99PACSNODE EXTENT3D`` "Largest 3D
   extent" in mm (the long axis above is the largest in-plane diameter).
@@ -79,6 +80,7 @@ __all__ = [
     "Finding",
     "LabelSpec",
     "MODEL_CODES",
+    "finding_line",
     "write_classification_results",
     "write_segmentation_results",
 ]
@@ -105,6 +107,7 @@ class _ModelCodes:
     location: Code = Code("LOCATION", PRIVATE_SCHEME, "Location description")
     extent: Code = Code("EXTENT3D", PRIVATE_SCHEME, "Largest 3D extent")
     lesion_kind: Code = Code("LESIONKIND", PRIVATE_SCHEME, "Lesion kind")
+    source: Code = Code("SOURCE", PRIVATE_SCHEME, "Finding source")
     comment: Code = codes.DCM.Comment
     present: Code = codes.cid240.Present
     absent: Code = codes.cid240.Absent
@@ -150,19 +153,23 @@ class Finding:
 
     ``number`` is 1-based and unique within the run; the finding's tracking
     identifier is ``"<label.name> <number>"``. ``mask`` is boolean with the
-    shape of ``volume.hu``; ``probability`` lies in 0..1; ``centroid_index``
+    shape of ``volume.hu``; ``probability`` (0..1) is the model's, for a finding of the model's
+    map; a finding of another ``source`` (``"image rule"``: a mass found in the image itself) has
+    none, since the map's value on it says nothing about it. ``centroid_index``
     is (slice, row, column), ``centroid_patient_mm`` patient (x, y, z).
     ``finding_site`` is an anatomic location (for example SCT 39607008 "Lung"),
     ``laterality`` one of DICOM CID 244 and needs a ``finding_site``.
     ``longest_diameter_mm`` is the long axis (for lesions, the largest in-plane diameter,
     RECIST), ``extent_mm`` (optional) the largest 3D extent; ``kind`` (optional) what the
-    finding is called in the SR and on the key images, for example ``"mass"`` or ``"nodule"``.
+    finding is called in the SR and on the key images, for example ``"mass"`` or ``"nodule"``;
+    ``key_slice`` (optional) the slice its key image shows (for a lesion, the slice of its long
+    axis), else the slice through its centroid.
     """
 
     label: LabelSpec
     number: int
     mask: np.ndarray
-    probability: float
+    probability: float | None
     volume_ml: float
     longest_diameter_mm: float
     centroid_index: tuple[float, float, float]
@@ -172,6 +179,8 @@ class Finding:
     laterality: Code | None = None
     extent_mm: float | None = None
     kind: str | None = None
+    source: str = "model"
+    key_slice: int | None = None
 
     @property
     def tracking_id(self) -> str:
@@ -456,7 +465,10 @@ def _check_finding(volume: Volume, finding: Finding, labels: Sequence[LabelSpec]
         raise AnalysisError(f"{name}: mask shape {finding.mask.shape} differs from volume shape {volume.hu.shape}")
     if not finding.mask.any():
         raise AnalysisError(f"{name}: the mask is empty")
-    _check_probability(finding.probability, name)
+    if finding.source == "model" and finding.probability is None:
+        raise AnalysisError(f"{name}: a finding of the model needs its probability")
+    if finding.probability is not None:
+        _check_probability(finding.probability, name)
     sizes = [("volume", finding.volume_ml), ("longest diameter", finding.longest_diameter_mm)]
     if finding.extent_mm is not None:
         sizes.append(("3D extent", finding.extent_mm))
@@ -617,12 +629,18 @@ def _finding_group(
                 if finding.extent_mm is not None
                 else []
             ),
-            hd.sr.Measurement(name=MODEL_CODES.probability, value=finding.probability, unit=MODEL_CODES.no_units),
+            *(
+                [hd.sr.Measurement(name=MODEL_CODES.probability, value=finding.probability, unit=MODEL_CODES.no_units)]
+                if finding.probability is not None
+                else []
+            ),
         ],
         qualitative_evaluations=[_presence(finding.label.type, True), *not_for_diagnostic_use()],
     )
     if finding.kind:
         _add_text(group, MODEL_CODES.lesion_kind, finding.kind)
+    if finding.source != "model":
+        _add_text(group, MODEL_CODES.source, finding.source)
     x, y, z = finding.centroid_patient_mm
     centroid = f"centroid x {x:.1f}, y {y:.1f}, z {z:.1f} mm"
     _add_text(group, MODEL_CODES.location, f"{finding.location}; {centroid}" if finding.location else centroid)
@@ -680,7 +698,10 @@ def _add_text(group: _Group, name: Code, text: str) -> None:
 
 
 def _finding_slice(finding: Finding) -> int:
-    """The slice through the centroid, or the slice of the mask nearest to it."""
+    """The finding's key slice if it is on the mask, else the slice through the centroid or the slice of the mask nearest
+    to it."""
+    if finding.key_slice is not None and finding.mask[finding.key_slice].any():
+        return finding.key_slice
     with_finding = np.flatnonzero(finding.mask.reshape(finding.mask.shape[0], -1).any(axis=1))
     centre = finding.centroid_index[0]
     return int(with_finding[np.argmin(np.abs(with_finding - centre))])
@@ -701,11 +722,7 @@ def _findings_key_images(
     images = []
     for number, finding in enumerate(largest, start=1):
         index = _finding_slice(finding)
-        # A lesion is named by its kind ("mass 1"), the long axis is the RECIST one, the 3D extent second.
-        name = f"{finding.kind} {finding.number}" if finding.kind else finding.tracking_id
-        extent = f", 3D {finding.extent_mm:.1f} mm" if finding.extent_mm is not None else ""
-        text = (f"{name}: long axis {finding.longest_diameter_mm:.1f} mm{extent}, "
-                f"{finding.volume_ml:.2f} mL, p={finding.probability:.2f}")  # fmt: skip
+        text = finding_line(finding)
         sc = _key_image(
             volume, index, [(finding.mask[index], finding.label.color)], [[(text, finding.label.color)]], run,
             series_number, number, burned_in=f"contour of {finding.tracking_id} and banner",
@@ -714,6 +731,20 @@ def _findings_key_images(
             sc.ImageLaterality = _IMAGE_LATERALITY[finding.laterality]
         images.append(sc)
     return images
+
+
+def finding_line(finding: Finding) -> str:
+    """The key image's banner line of a finding: ``mass 1 (image rule): long axis 59.8 mm, 3D 65.0 mm, 47.92 mL``.
+
+    A lesion is named by its kind, the long axis is the RECIST one, the 3D extent second; the model's
+    probability (``, p=0.93``) only for the model's findings, another one says where it comes from.
+    """
+    name = f"{finding.kind} {finding.number}" if finding.kind else finding.tracking_id
+    if finding.source != "model":
+        name = f"{name} ({finding.source})"
+    extent = f", 3D {finding.extent_mm:.1f} mm" if finding.extent_mm is not None else ""
+    probability = f", p={finding.probability:.2f}" if finding.probability is not None else ""
+    return f"{name}: long axis {finding.longest_diameter_mm:.1f} mm{extent}, {finding.volume_ml:.2f} mL{probability}"
 
 
 def _score_line(score: ClassScore) -> tuple[str, tuple[int, int, int]]:

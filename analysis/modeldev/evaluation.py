@@ -8,7 +8,14 @@ of ``pydicom-data`` (no nodules marked, so every finding counts as false) it
 reports the findings per image. On real chest CT series with tumour boxes
 (``pacsnode evaluate --real DIR``, the layout of :mod:`pacsnode.analysis.modeldev.real`)
 it reports per series the findings, the false ones (overlapping no box) and
-whether the tumour is found, with its RECIST long axis.
+whether the tumour is found, with its RECIST long axis; with ``inserted`` nodules per series, the
+same series again with phantom nodules painted into its aerated lung
+(:func:`pacsnode.analysis.modeldev.real.insert_nodules`, seeded), scored per nodule by size
+(:data:`REAL_SIZE_BUCKETS`, the nodule's volume-equivalent diameter). Those findings are made in
+the lungs' region of the series without the nodules (its filled outline holds them), so the series
+is segmented once. On slices thicker than the lesion filter's ``max_nodule_slice_mm`` only masses
+are reported, so nodules below the mass size are not found there: that is the filter's choice, and
+the figures show it.
 
 Findings are made as the ``ct-lung-nodule`` pipeline makes them: inside the
 lungs' region, through its :class:`~pacsnode.analysis.cnn.findings.LesionFilter`
@@ -29,6 +36,7 @@ import numpy as np
 from pacsnode.analysis.cnn.package import ModelPackage
 
 __all__ = [
+    "REAL_SIZE_BUCKETS",
     "EvaluationReport",
     "RealSeriesScore",
     "StudyScore",
@@ -54,6 +62,19 @@ class StudyScore:
     volume_errors_percent: list[float]
 
 
+#: Size classes (mm, volume-equivalent diameter) of the nodules inserted into real lungs: [low, high).
+REAL_SIZE_BUCKETS: tuple[tuple[str, float, float], ...] = (
+    ("<6 mm", 0.0, 6.0),
+    ("6-10 mm", 6.0, 10.0),
+    ("10-20 mm", 10.0, 20.0),
+    ("20-30 mm", 20.0, 30.0),
+    (">=30 mm", 30.0, float("inf")),
+)
+
+#: Diameters (mm) of the inserted nodules, drawn log-uniformly: every class above gets some.
+INSERTED_DIAMETER_MM = (4.0, 45.0)
+
+
 @dataclass(frozen=True, kw_only=True)
 class RealSeriesScore:
     series: str
@@ -63,6 +84,11 @@ class RealSeriesScore:
     tumour_long_axis_mm: float | None
     tumour_extent_mm: float | None
     tumour_kind: str | None
+    tumour_slices_mm: float | None = None  # craniocaudal span of the tumour's finding
+    inserted_nodules: int = 0
+    inserted_found: int = 0
+    inserted_by_size: dict[str, str] = field(default_factory=dict)
+    inserted_false_findings: int = 0  # on the series with nodules: findings on neither a nodule nor the tumour
 
 
 @dataclass(kw_only=True)
@@ -80,6 +106,8 @@ class EvaluationReport:
     real_series: list[RealSeriesScore] = field(default_factory=list)
     real_false_findings_per_series: float | None = None
     real_tumours_found: str = ""
+    real_inserted_sensitivity: float | None = None
+    real_inserted_by_size: dict[str, str] = field(default_factory=dict)
     lesion_filter: bool = True
     seconds: float = 0.0
 
@@ -181,8 +209,11 @@ def evaluate_phantoms(
     return report
 
 
-def _findings(prob: np.ndarray, volume: Any, package: ModelPackage, lesions: bool) -> list[Any]:
-    """The findings as the ``ct-lung-nodule`` pipeline makes them (``lesions``), or every component of the map."""
+def _findings(
+    prob: np.ndarray, volume: Any, package: ModelPackage, lesions: bool, region: np.ndarray | None = None
+) -> list[Any]:
+    """The findings as the ``ct-lung-nodule`` pipeline makes them (``lesions``; in ``region``, by default the
+    volume's lungs' region), or every component of the map."""
     from pacsnode.analysis.cnn.findings import LesionFilter, findings_from_probabilities
     from pacsnode.analysis.errors import InputError
     from pacsnode.analysis.lung.region import lung_region
@@ -191,7 +222,7 @@ def _findings(prob: np.ndarray, volume: Any, package: ModelPackage, lesions: boo
     if not lesions:
         return findings_from_probabilities(prob, volume, output.labels, output.activation)
     try:
-        region = lung_region(volume)
+        region = lung_region(volume) if region is None else region
     except InputError:
         region = np.zeros(volume.hu.shape, dtype=bool)
     return findings_from_probabilities(
@@ -206,11 +237,17 @@ def evaluate_real_series(
     device: str = "auto",
     report: EvaluationReport | None = None,
     lesions: bool = True,
+    inserted: int = 0,
+    seed: int = HELD_OUT_SEED_BASE,
 ) -> EvaluationReport:
-    """Run the model on each real CT series folder under ``root``; a finding on no tumour box is false."""
+    """Run the model on each real CT series folder under ``root``; a finding on no tumour box is false.
+
+    With ``inserted`` > 0, each series is run again with that many nodules inserted into its lungs
+    (series ``n`` from seed ``seed + n``), see the module's description."""
     import json
 
     from pacsnode.analysis.cnn.engine import VolumeInput
+    from pacsnode.analysis.lung.region import lung_region
     from pacsnode.analysis.modeldev.real import real_series_dirs
     from pacsnode.analysis.volume import load_series
 
@@ -229,10 +266,24 @@ def evaluate_real_series(
                 continue
             x0, y0, x1, y1 = (int(v) for v in box["bbox_xyxy_px"])
             boxes[k, y0 : y1 + 1, x0 : x1 + 1] = True
+        lungs = None
+        if inserted > 0:  # segmented once: the lungs' region of the findings and where the nodules go
+            from pacsnode.analysis.lung.segmentation import segment_lungs
+
+            lungs = segment_lungs(volume)
         prob = engine.predict([VolumeInput(image=volume.hu, spacing=volume.spacing)])[0]
-        findings = _findings(prob, volume, package, lesions)
+        findings = _findings(prob, volume, package, lesions, region=lung_region(volume, lungs) if lungs else None)
         on_tumour = [f for f in findings if (f.mask & boxes).any()]
         largest = max(on_tumour, key=lambda f: f.longest_diameter_mm, default=None)
+        span = None
+        if largest is not None:
+            slices = np.flatnonzero(largest.mask.any(axis=(1, 2)))
+            span = round(float(slices[-1] - slices[0] + 1) * volume.spacing[0], 1)
+        nodules: dict[str, Any] = {}
+        if lungs is not None:
+            nodules = _score_inserted(
+                engine, package, volume, lungs, boxes, lesions, inserted, seed + len(report.real_series), folder.name
+            )
         score = RealSeriesScore(
             series=folder.name,
             findings=len(findings),
@@ -241,6 +292,8 @@ def evaluate_real_series(
             tumour_long_axis_mm=round(largest.longest_diameter_mm, 1) if largest else None,
             tumour_extent_mm=round(largest.extent_mm, 1) if largest and largest.extent_mm else None,
             tumour_kind=largest.kind if largest else None,
+            tumour_slices_mm=span,
+            **nodules,
         )
         report.real_series.append(score)
         logger.info("real series %s: %s", folder.name, score)
@@ -248,8 +301,77 @@ def evaluate_real_series(
         n = len(report.real_series)
         report.real_false_findings_per_series = round(sum(s.false_findings for s in report.real_series) / n, 2)
         report.real_tumours_found = f"{sum(s.tumour_found for s in report.real_series)}/{n}"
+        total = sum(s.inserted_nodules for s in report.real_series)
+        if total:
+            report.real_inserted_sensitivity = round(sum(s.inserted_found for s in report.real_series) / total, 4)
+            report.real_inserted_by_size = _sum_fractions([s.inserted_by_size for s in report.real_series])
     report.seconds += round(time.perf_counter() - started, 1)
     return report
+
+
+def _score_inserted(
+    engine: Any,
+    package: ModelPackage,
+    volume: Any,
+    lungs: Any,
+    boxes: np.ndarray,
+    lesions: bool,
+    count: int,
+    seed: int,
+    name: str,
+) -> dict[str, Any]:
+    """The :class:`RealSeriesScore` fields of ``count`` nodules inserted into ``volume``'s lungs (seeded)."""
+    from dataclasses import replace
+
+    from pacsnode.analysis.cnn.engine import VolumeInput
+    from pacsnode.analysis.lung.region import lung_region
+    from pacsnode.analysis.modeldev.real import TUMOUR_MIN_HU, RealSeries, insert_nodules
+
+    region = lung_region(volume, lungs)
+    series = RealSeries(
+        name=name,
+        hu=volume.hu.astype(np.float32),
+        pixel_mm=float(volume.spacing[1]),
+        slice_mm=float(volume.spacing[0]),
+        region=region,
+        lung=lungs.labels > 0,
+        tumour=boxes & (volume.hu > TUMOUR_MIN_HU) & region,
+        tumour_slices=frozenset(np.flatnonzero(boxes.any(axis=(1, 2))).tolist()),
+    )
+    image, labels, truths = insert_nodules(series, np.random.default_rng(seed), count, diameter_mm=INSERTED_DIAMETER_MM)
+    info = np.iinfo(volume.hu.dtype) if np.issubdtype(volume.hu.dtype, np.integer) else None
+    hu = np.round(image) if info is None else np.clip(np.round(image), info.min, info.max)
+    with_nodules = replace(volume, hu=hu.astype(volume.hu.dtype))
+    prob = engine.predict([VolumeInput(image=with_nodules.hu, spacing=with_nodules.spacing)])[0]
+    findings = _findings(prob, with_nodules, package, lesions, region=region)
+    by_size = {bucket: [0, 0] for bucket, _, _ in REAL_SIZE_BUCKETS}
+    found = 0
+    for number, (diameter, _) in enumerate(truths, start=1):
+        bucket = next(b for b, low, high in REAL_SIZE_BUCKETS if low <= diameter < high)
+        by_size[bucket][1] += 1
+        if any((labels[f.mask] == number).any() for f in findings):
+            by_size[bucket][0] += 1
+            found += 1
+    false = sum(1 for f in findings if not ((labels[f.mask] > 0).any() or (f.mask & boxes).any()))
+    logger.info("real series %s with %d inserted nodules: %d found, %d false findings", name, len(truths), found, false)
+    return {
+        "inserted_nodules": len(truths),
+        "inserted_found": found,
+        "inserted_by_size": {k: f"{v[0]}/{v[1]}" for k, v in by_size.items()},
+        "inserted_false_findings": false,
+    }
+
+
+def _sum_fractions(parts: Sequence[dict[str, str]]) -> dict[str, str]:
+    """``{"a": "1/2"}`` + ``{"a": "0/3"}`` -> ``{"a": "1/5"}``."""
+    total: dict[str, list[int]] = {}
+    for part in parts:
+        for key, value in part.items():
+            found, count = (int(v) for v in value.split("/"))
+            pair = total.setdefault(key, [0, 0])
+            pair[0] += found
+            pair[1] += count
+    return {k: f"{v[0]}/{v[1]}" for k, v in total.items()}
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -10,6 +10,7 @@ fail under ``CI=true``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -46,10 +47,15 @@ def cnn_volume(tmp_path_factory: pytest.TempPathFactory) -> Volume:
     return cnn_outputs.make_volume(tmp_path_factory.mktemp("ct"))
 
 
-@pytest.mark.parametrize("scenario", ["segmentation", "no findings", "classification"])
+@pytest.mark.parametrize("scenario", ["segmentation", "image-rule mass", "no findings", "classification"])
 def test_cnn_results_pass_the_validator(scenario: str, cnn_volume: Volume, tmp_path: Path) -> None:
     if scenario == "segmentation":
         outputs = cnn_outputs.write_seg(cnn_volume, cnn_outputs.make_findings(cnn_volume))
+    elif scenario == "image-rule mass":  # no probability, its source and kind as text in the SR
+        first = cnn_outputs.make_findings(cnn_volume)[0]
+        outputs = cnn_outputs.write_seg(
+            cnn_volume, [replace(first, probability=None, source="image rule", kind="mass")]
+        )
     elif scenario == "no findings":
         outputs = cnn_outputs.write_seg(cnn_volume, [])
     else:

@@ -259,13 +259,14 @@ def _bad_findings(findings: tuple[Finding, ...]) -> dict[str, tuple[list[Finding
         "unknown label": ([replace(first, label=other)], "not one of the model's labels"),
         "laterality without site": ([replace(first, finding_site=None)], "laterality needs a finding site"),
         "negative volume": ([replace(first, volume_ml=-1.0)], "volume"),
+        "model finding without probability": ([replace(first, probability=None)], "needs its probability"),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["mask shape", "empty mask", "probability", "nan probability", "duplicate number", "unknown label",
-     "laterality without site", "negative volume"],
+     "laterality without site", "negative volume", "model finding without probability"],
 )  # fmt: skip
 def test_inconsistent_findings_are_analysis_errors(case: str, volume: Volume, findings: tuple[Finding, ...]) -> None:
     bad, message = _bad_findings(findings)[case]
@@ -300,3 +301,30 @@ def test_equipment_options_are_used(volume: Volume) -> None:
     assert sr.SoftwareVersions == "9.9"
     procedure = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "121058"]
     assert procedure[0].ConceptCodeSequence[0].CodeValue == CODES.procedure.value
+
+
+def test_a_finding_of_an_image_rule_has_no_probability_and_names_its_source(
+    volume: Volume, findings: tuple[Finding, ...], tmp_path: Path
+) -> None:
+    mass = replace(findings[0], probability=None, source="image rule", kind="mass")
+    paths = save(write_seg(volume, [mass], max_key_images=1), tmp_path)
+    (group,) = read_report(paths[1]).get_volumetric_roi_measurement_groups()
+    names = {m.name.value for m in group.get_measurements()}
+    assert MODEL_CODES.probability.value not in names and MODEL_CODES.long_axis.value in names
+    assert texts(group, MODEL_CODES.source) == ["image rule"]
+    # A finding of the model names no source: it has its probability.
+    model = read_report(save(write_seg(volume, [findings[0]], max_key_images=1), tmp_path / "model")[1])
+    (group,) = model.get_volumetric_roi_measurement_groups()
+    assert texts(group, MODEL_CODES.source) == []
+    assert MODEL_CODES.probability.value in {m.name.value for m in group.get_measurements()}
+
+
+def test_the_key_image_line_gives_the_probability_of_model_findings_only(findings: tuple[Finding, ...]) -> None:
+    from pacsnode.analysis.cnn.writers import finding_line
+
+    model = replace(findings[0], kind="nodule", probability=0.93, extent_mm=12.0)
+    assert finding_line(model).startswith(f"nodule {model.number}: long axis ")
+    assert finding_line(model).endswith(", p=0.93") and ", 3D 12.0 mm," in finding_line(model)
+    mass = replace(model, kind="mass", probability=None, source="image rule")
+    assert finding_line(mass).startswith(f"mass {mass.number} (image rule): long axis ")
+    assert "p=" not in finding_line(mass)
