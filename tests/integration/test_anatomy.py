@@ -236,13 +236,13 @@ def test_the_default_config_analyses_both_real_series(tmp_path: Path) -> None:
         assert {(f.study_description, f.series_description, f.protocol_name) for f in facts} == {
             ("Chest", "5mm", "2 Chest C-/Thorax")
         }
-        # Both chest rules select both series (the nodule rule is disabled, so only ct-lung is queued).
+        # Both chest rules are enabled and select both series. Only ct-lung's jobs run here: the
+        # nodule rule's run through `serve` is tests/acceptance/test_real_chest_ct.py's.
         sizes = ImageSizes(archive)
         for rule in rules.values():
-            assert select_series(rule, facts, sizes) == facts, rule.name
-        assert not rules["chest-ct-nodules"].enabled
-
-        _run_jobs(settings, archive)
+            assert rule.enabled and select_series(rule, facts, sizes) == facts, rule.name
+        lung_only = settings.analysis.model_copy(update={"rules": [rules["chest-ct-lung"]]})
+        _run_jobs(settings.model_copy(update={"analysis": lung_only}), archive)
         jobs = JobQueue(archive.engine).list()
     finally:
         archive.close()

@@ -35,14 +35,14 @@ def jobs(served: Served) -> list[dict[str, Any]]:
     return json.loads(served.cli("jobs", "--json").stdout)  # type: ignore[no-any-return]
 
 
-def jobs_in(served: Served, states: set[str], count: int = 1) -> list[dict[str, Any]]:
-    """Wait until at least ``count`` jobs exist and every one is in ``states``; return them."""
+def jobs_in(served: Served, states: set[str], count: int = 1, timeout: float = 120) -> list[dict[str, Any]]:
+    """Wait (up to ``timeout`` seconds) until at least ``count`` jobs exist and every one is in ``states``."""
 
     def check() -> list[dict[str, Any]] | None:
         listed = jobs(served)
         return listed if len(listed) >= count and all(j["state"] in states for j in listed) else None
 
-    return served.wait(f"{count} job(s) in {states}", check, timeout=120)
+    return served.wait(f"{count} job(s) in {states}", check, timeout=timeout)
 
 
 def by_class(files: list[Path]) -> Counter[str]:
