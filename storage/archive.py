@@ -16,7 +16,6 @@ from __future__ import annotations
 import enum
 import io
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -99,71 +98,79 @@ class _Member:
 
     def __init__(self, request: _Request) -> None:
         self.request = request
-        self.done = threading.Event()
+        # Set when the member's transaction has ended, or when its thread is to commit ``batch``.
+        self.wake = threading.Event()
+        self.batch: list[_Member] | None = None
         self.decision: _Decision | None = None
         self.error: BaseException | None = None
 
 
 class _GroupCommit:
-    """A committer thread: indexes every instance that has arrived in one transaction, then the next lot.
+    """Group commit, leader and followers: every instance that has arrived is indexed in one transaction.
 
-    Each caller waits for the commit that holds its row. No waiting for company: while one
-    transaction commits (its fsync), the instances arriving meanwhile queue up and form the
-    next one, so a lone sender is served at once and concurrent ones share commits.
+    No committer thread: an instance that arrives while no transaction is being committed is
+    committed at once in its sender's own thread, so a lone sender pays no hand-over to another
+    thread and back. Instances arriving while a transaction commits (its fsync) queue up; when
+    it ends, its leader hands the queue to the thread of the first queued instance, which commits
+    them all together (at most ``limit``) and then hands on in turn. Each caller returns only once
+    the transaction holding its row has ended.
     """
 
     def __init__(self, commit: Callable[[list[_Member]], None], limit: int = _GROUP_LIMIT) -> None:
         self._commit = commit
         self._limit = limit
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # guards the fields below
         self._queue: list[_Member] = []
-        self._thread: threading.Thread | None = None
-        self._pid = 0
+        self._leading = False  # a transaction is being committed: newcomers queue
         self._closed = False
         self.batches = 0  # transactions begun (for tests)
 
     def submit(self, member: _Member) -> bool:
-        """Queue ``member`` and wait for its transaction; False: closed, or to be indexed alone."""
+        """Index ``member`` in the next transaction; False: closed, or to be indexed alone."""
         with self._cond:
             if self._closed:
                 return False
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                # First use in this process (acceptor processes are forked before they serve).
-                self._pid, self._queue = os.getpid(), []
-                self._thread = threading.Thread(target=self._run, name="pacsnode-group-commit", daemon=True)
-                self._thread.start()
-            self._queue.append(member)
-            self._cond.notify()
-        member.done.wait()
+            if self._leading:
+                self._queue.append(member)
+                batch = None
+            else:
+                self._leading, batch = True, [member]
+                self.batches += 1
+        if batch is None:
+            member.wake.wait()
+            batch = member.batch  # None: committed by another member's thread
+        if batch is not None:
+            self._lead(batch)
         return not isinstance(member.error, (IntegrityError, index.StaleSeriesError))
 
-    def _run(self) -> None:
-        while True:
+    def _lead(self, batch: list[_Member]) -> None:
+        """Commit ``batch``, then hand the queue that formed meanwhile to one of its threads."""
+        try:
+            self._commit(batch)
+        except BaseException as exc:  # never leave a sender waiting, never call it stored
+            logger.exception("group commit failed")
+            for member in batch:
+                member.decision = None
+                member.error = StorageError(f"index transaction failed: {type(exc).__name__}")
+        finally:
             with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                batch, self._queue = self._queue[: self._limit], self._queue[self._limit :]
-                self.batches += 1
-            try:
-                self._commit(batch)
-            except BaseException as exc:  # never leave a sender waiting, never call it stored
-                logger.exception("group commit failed")
-                for member in batch:
-                    member.decision = None
-                    member.error = StorageError(f"index transaction failed: {type(exc).__name__}")
-            finally:
-                for member in batch:
-                    member.done.set()
+                following = self._queue[: self._limit]
+                self._queue = self._queue[self._limit :]
+                if following:
+                    self.batches += 1
+                    following[0].batch = following
+                else:
+                    self._leading = False
+            for member in batch:
+                member.batch = None
+                member.wake.set()
+            if following:
+                following[0].wake.set()
 
     def close(self) -> None:
+        """Refuse new members (they are indexed alone); a transaction under way still ends normally."""
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread() and self._pid == os.getpid():
-            thread.join(timeout=60)
 
 
 class Archive:
@@ -184,7 +191,7 @@ class Archive:
         self._write_gate = WriteGate(self.engine)
         # Series this process committed: the next instance of one is indexed in three statements.
         self._known_series = index.KnownSeriesCache()
-        # Concurrent instances share index transactions (storage.group_commit).
+        # Concurrent instances share index transactions (storage.group_commit), led by their own threads.
         self._group = _GroupCommit(self._commit_group) if settings.group_commit else None
 
     @classmethod
