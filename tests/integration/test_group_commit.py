@@ -51,10 +51,10 @@ def _stored_files(archive: Archive) -> list[Path]:
 def _push_concurrently(archive: Archive, datasets: list[Any]) -> list[BaseException | AddOutcome]:
     """Add each dataset from its own thread while the index is held, so they queue up together.
 
-    The first is alone in the committer's hands (blocked on the held index) before the others
-    start, so they all queue behind it and form the next transaction together. The committer
-    may have run batches before (an earlier add): count from where it stands, or a second
-    instance can reach it before it wakes and the two share the first batch.
+    The first leads a transaction of its own (blocked on the held index) before the others
+    start, so they all queue behind it and form the next transaction together. Batches may
+    have been taken before (an earlier add): count from there, or the test cannot tell that
+    the first instance's batch has begun before the others arrive.
     """
     outcomes: list[BaseException | AddOutcome] = [AddOutcome.STORED] * len(datasets)
 
@@ -66,9 +66,9 @@ def _push_concurrently(archive: Archive, datasets: list[Any]) -> list[BaseExcept
 
     threads = [threading.Thread(target=push, args=(i,)) for i in range(len(datasets))]
     taken = _taken(archive)
-    with archive._write_gate():  # another writer holds the index: the committer waits
+    with archive._write_gate():  # another writer holds the index: its transaction waits
         threads[0].start()
-        wait_until(lambda: _taken(archive) == taken + 1, 60, "the first instance in the committer's hands")
+        wait_until(lambda: _taken(archive) == taken + 1, 60, "the first instance's transaction begun")
         for thread in threads[1:]:
             thread.start()
         wait_until(lambda: _queued(archive) == len(datasets) - 1, 60, "the others queued behind it")
