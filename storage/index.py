@@ -36,6 +36,7 @@ from sqlalchemy import Connection, CursorResult, Row, bindparam, func, select, u
 from pacsnode.storage.errors import InvalidInstanceError, UnreadableInstanceError
 from pacsnode.storage.models import Instance, Patient, Series, Study
 from pacsnode.storage.query import pn_search_key
+from pacsnode.storage.statements import HotStatement
 
 __all__ = [
     "InstanceMeta",
@@ -594,11 +595,15 @@ def inserted_id(result: CursorResult[Any]) -> int:
 # Statements of the hot path, built once: SQLAlchemy memoizes a statement's cache key on the
 # object, so executing the same object skips both building it and looking up its compiled form anew.
 _FIND_INSTANCE = select(_instances).where(_instances.c.sop_instance_uid == bindparam("uid"))
-_INSERT_INSTANCE = _instances.insert()
+# Whether the instance is indexed at all: the common answer, no, in one lean statement.
+_INSTANCE_INDEXED = HotStatement(select(_instances.c.id).where(_instances.c.sop_instance_uid == bindparam("uid")))
+_INSERT_INSTANCE = HotStatement(_instances.insert())
 
 
 def find_instance(conn: Connection, sop_instance_uid: str) -> Row[Any] | None:
     """Return the instance row for a SOP Instance UID, or ``None``."""
+    if _INSTANCE_INDEXED.first(conn, {"uid": sop_instance_uid}) is None:
+        return None
     return conn.execute(_FIND_INSTANCE, {"uid": sop_instance_uid}).first()
 
 
@@ -782,7 +787,7 @@ class KnownSeriesCache:
 
 
 # Count one more instance in a known study, only if it still is that study of that patient.
-_BUMP_KNOWN_STUDY = (
+_BUMP_KNOWN_STUDY = HotStatement(
     update(_studies)
     .where(
         _studies.c.id == bindparam("k_study_id"),
@@ -795,7 +800,7 @@ _BUMP_KNOWN_STUDY = (
     .values(num_instances=_studies.c.num_instances + 1, last_received_at=bindparam("k_now"))
 )
 # ... and in a known series, only if it still is that series of that study.
-_BUMP_KNOWN_SERIES = (
+_BUMP_KNOWN_SERIES = HotStatement(
     update(_series)
     .where(
         _series.c.id == bindparam("k_series_id"),
@@ -837,9 +842,9 @@ def add_to_known_series(
         "k_series_uid": known.series_instance_uid,
         "k_now": now,
     }
-    if conn.execute(_BUMP_KNOWN_STUDY, params).rowcount != 1:
+    if _BUMP_KNOWN_STUDY.execute(conn, params) != 1:
         raise StaleSeriesError(f"study {known.study_instance_uid} changed in the index")
-    if conn.execute(_BUMP_KNOWN_SERIES, params).rowcount != 1:
+    if _BUMP_KNOWN_SERIES.execute(conn, params) != 1:
         raise StaleSeriesError(f"series {known.series_instance_uid} changed in the index")
     _insert_instance(
         conn,
@@ -1026,8 +1031,8 @@ def _insert_instance(
     sha256: str,
     calling_ae_title: str | None,
 ) -> None:
-    conn.execute(
-        _INSERT_INSTANCE,
+    _INSERT_INSTANCE.execute(
+        conn,
         {
             "series_fk": series_fk,
             "sop_instance_uid": meta.sop_instance_uid,
