@@ -16,7 +16,6 @@ from __future__ import annotations
 import enum
 import io
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -77,104 +76,101 @@ class _Quarantine(Exception):
         self.misfiling = misfiling
 
 
-class _Member:
-    """One instance waiting for the group commit, and then what became of it."""
+@dataclass(frozen=True, kw_only=True)
+class _Request:
+    """One committed file to index, and how: the single argument of every indexing step.
 
-    def __init__(
-        self,
-        meta: InstanceMeta,
-        relative: str,
-        staged: StagedFile,
-        calling_ae_title: str | None,
-        is_result: bool,
-        policy: DuplicatePolicy | None,
-        may_overwrite: bool,
-    ) -> None:
-        self.meta = meta
-        self.relative = relative
-        self.staged = staged
-        self.calling_ae_title = calling_ae_title
-        self.is_result = is_result
-        self.policy = policy
-        self.may_overwrite = may_overwrite
-        self.done = threading.Event()
+    The group commit and the path alone (no group, or a retry after a race) both decide
+    through :meth:`Archive._decide` on one of these, so the two cannot drift apart.
+    """
+
+    meta: InstanceMeta
+    relative: str
+    staged: StagedFile
+    calling_ae_title: str | None
+    is_result: bool = False
+    policy: DuplicatePolicy | None = None
+    may_overwrite: bool = True
+
+
+class _Member:
+    """One request waiting for the group commit, and then what became of it."""
+
+    def __init__(self, request: _Request) -> None:
+        self.request = request
+        # Set when the member's transaction has ended, or when its thread is to commit ``batch``.
+        self.wake = threading.Event()
+        self.batch: list[_Member] | None = None
         self.decision: _Decision | None = None
         self.error: BaseException | None = None
 
-    def arguments(
-        self,
-    ) -> tuple[InstanceMeta, str, StagedFile, str | None, bool, DuplicatePolicy | None, bool]:
-        return (
-            self.meta,
-            self.relative,
-            self.staged,
-            self.calling_ae_title,
-            self.is_result,
-            self.policy,
-            self.may_overwrite,
-        )
-
 
 class _GroupCommit:
-    """A committer thread: indexes every instance that has arrived in one transaction, then the next lot.
+    """Group commit, leader and followers: every instance that has arrived is indexed in one transaction.
 
-    Each caller waits for the commit that holds its row. No waiting for company: while one
-    transaction commits (its fsync), the instances arriving meanwhile queue up and form the
-    next one, so a lone sender is served at once and concurrent ones share commits.
+    No committer thread: an instance that arrives while no transaction is being committed is
+    committed at once in its sender's own thread, so a lone sender pays no hand-over to another
+    thread and back. Instances arriving while a transaction commits (its fsync) queue up; when
+    it ends, its leader hands the queue to the thread of the first queued instance, which commits
+    them all together (at most ``limit``) and then hands on in turn. Each caller returns only once
+    the transaction holding its row has ended.
     """
 
     def __init__(self, commit: Callable[[list[_Member]], None], limit: int = _GROUP_LIMIT) -> None:
         self._commit = commit
         self._limit = limit
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # guards the fields below
         self._queue: list[_Member] = []
-        self._thread: threading.Thread | None = None
-        self._pid = 0
+        self._leading = False  # a transaction is being committed: newcomers queue
         self._closed = False
         self.batches = 0  # transactions begun (for tests)
 
     def submit(self, member: _Member) -> bool:
-        """Queue ``member`` and wait for its transaction; False: closed, or to be indexed alone."""
+        """Index ``member`` in the next transaction; False: closed, or to be indexed alone."""
         with self._cond:
             if self._closed:
                 return False
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                # First use in this process (acceptor processes are forked before they serve).
-                self._pid, self._queue = os.getpid(), []
-                self._thread = threading.Thread(target=self._run, name="pacsnode-group-commit", daemon=True)
-                self._thread.start()
-            self._queue.append(member)
-            self._cond.notify()
-        member.done.wait()
+            if self._leading:
+                self._queue.append(member)
+                batch = None
+            else:
+                self._leading, batch = True, [member]
+                self.batches += 1
+        if batch is None:
+            member.wake.wait()
+            batch = member.batch  # None: committed by another member's thread
+        if batch is not None:
+            self._lead(batch)
         return not isinstance(member.error, (IntegrityError, index.StaleSeriesError))
 
-    def _run(self) -> None:
-        while True:
+    def _lead(self, batch: list[_Member]) -> None:
+        """Commit ``batch``, then hand the queue that formed meanwhile to one of its threads."""
+        try:
+            self._commit(batch)
+        except BaseException as exc:  # never leave a sender waiting, never call it stored
+            logger.exception("group commit failed")
+            for member in batch:
+                member.decision = None
+                member.error = StorageError(f"index transaction failed: {type(exc).__name__}")
+        finally:
             with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                batch, self._queue = self._queue[: self._limit], self._queue[self._limit :]
-                self.batches += 1
-            try:
-                self._commit(batch)
-            except BaseException as exc:  # never leave a sender waiting, never call it stored
-                logger.exception("group commit failed")
-                for member in batch:
-                    member.decision = None
-                    member.error = StorageError(f"index transaction failed: {type(exc).__name__}")
-            finally:
-                for member in batch:
-                    member.done.set()
+                following = self._queue[: self._limit]
+                self._queue = self._queue[self._limit :]
+                if following:
+                    self.batches += 1
+                    following[0].batch = following
+                else:
+                    self._leading = False
+            for member in batch:
+                member.batch = None
+                member.wake.set()
+            if following:
+                following[0].wake.set()
 
     def close(self) -> None:
+        """Refuse new members (they are indexed alone); a transaction under way still ends normally."""
         with self._cond:
             self._closed = True
-            self._cond.notify_all()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread() and self._pid == os.getpid():
-            thread.join(timeout=60)
 
 
 class Archive:
@@ -195,7 +191,7 @@ class Archive:
         self._write_gate = WriteGate(self.engine)
         # Series this process committed: the next instance of one is indexed in three statements.
         self._known_series = index.KnownSeriesCache()
-        # Concurrent instances share index transactions (storage.group_commit).
+        # Concurrent instances share index transactions (storage.group_commit), led by their own threads.
         self._group = _GroupCommit(self._commit_group) if settings.group_commit else None
 
     @classmethod
@@ -249,11 +245,20 @@ class Archive:
         """
         relative = self.store.relative_path_for(meta.sop_instance_uid, staged.sha256)
         self.store.commit(staged, relative)
+        request = _Request(
+            meta=meta,
+            relative=relative,
+            staged=staged,
+            calling_ae_title=calling_ae_title,
+            is_result=is_result,
+            policy=policy,
+            may_overwrite=may_overwrite,
+        )
         try:
             try:
-                result = self._index(meta, relative, staged, calling_ae_title, is_result, policy, may_overwrite)
+                result = self._index(request)
             except _Quarantine as misfiled:
-                result = self._quarantine(meta, relative, staged, calling_ae_title, misfiled.misfiling)
+                result = self._quarantine(request, misfiled.misfiling)
         except BaseException:
             self._forget(relative, meta)
             raise
@@ -295,28 +300,20 @@ class Archive:
             staged, meta, calling_ae_title=calling_ae_title, is_result=True, policy=DuplicatePolicy.OVERWRITE
         )
 
-    def _index(
-        self,
-        meta: InstanceMeta,
-        relative: str,
-        staged: StagedFile,
-        calling_ae_title: str | None,
-        is_result: bool = False,
-        policy: DuplicatePolicy | None = None,
-        may_overwrite: bool = True,
-    ) -> AddResult:
+    def _index(self, request: _Request) -> AddResult:
+        meta = request.meta
         if self._group is not None:
-            member = _Member(meta, relative, staged, calling_ae_title, is_result, policy, may_overwrite)
+            member = _Member(request)
             if self._group.submit(member):
                 if member.error is not None:
                     raise member.error
                 assert member.decision is not None
-                return self._after_commit(member.decision, meta, relative, calling_ae_title)
+                return self._after_commit(member.decision, request)
             # Not indexed in the group (a race with another process, a series changed meanwhile): alone.
         last_exc: Exception | None = None
         for attempt in range(_ATTEMPTS):
             try:
-                return self._index_once(meta, relative, staged, calling_ae_title, is_result, policy, may_overwrite)
+                return self._index_once(request)
             except IntegrityError as exc:
                 # Another association indexed the same patient/study/series/instance
                 # between our read and our insert: read again and re-decide.
@@ -333,32 +330,16 @@ class Archive:
                 raise StorageError(f"index database error: {exc.orig}") from exc
         raise StorageError(f"index kept conflicting after {_ATTEMPTS} attempts: {last_exc}")
 
-    def _index_once(
-        self,
-        meta: InstanceMeta,
-        relative: str,
-        staged: StagedFile,
-        calling_ae_title: str | None,
-        is_result: bool,
-        policy: DuplicatePolicy | None,
-        may_overwrite: bool,
-    ) -> AddResult:
+    def _index_once(self, request: _Request) -> AddResult:
         with self._write_gate(), self.engine.begin() as conn:
-            decision = self._decide(conn, meta, relative, staged, calling_ae_title, is_result, policy, may_overwrite)
-        return self._after_commit(decision, meta, relative, calling_ae_title)
+            decision = self._decide(conn, request)
+        return self._after_commit(decision, request)
 
-    def _decide(
-        self,
-        conn: Connection,
-        meta: InstanceMeta,
-        relative: str,
-        staged: StagedFile,
-        calling_ae_title: str | None,
-        is_result: bool,
-        policy: DuplicatePolicy | None,
-        may_overwrite: bool,
-    ) -> _Decision:
+    def _decide(self, conn: Connection, request: _Request) -> _Decision:
         """Index one instance in the caller's transaction (or decide it is not to be indexed)."""
+        meta, relative, staged = request.meta, request.relative, request.staged
+        calling_ae_title, is_result = request.calling_ae_title, request.is_result
+        policy = request.policy
         old_file: str | None = None
         existing = index.find_instance(conn, meta.sop_instance_uid)
         if existing is not None:
@@ -378,7 +359,7 @@ class Archive:
                     calling_ae_title,
                 )
                 return _Decision(AddResult(outcome=AddOutcome.KEPT_FIRST, file_path=existing.file_path))
-            if not may_overwrite:
+            if not request.may_overwrite:
                 logger.warning(
                     "refused instance %s from %r: already stored with other content, and the peer is not "
                     "trusted to overwrite (policy overwrite)",
@@ -425,9 +406,7 @@ class Archive:
         outcome = AddOutcome.STORED if old_file is None else AddOutcome.OVERWRITTEN
         return _Decision(AddResult(outcome=outcome, file_path=relative), old_file=old_file, known=known)
 
-    def _after_commit(
-        self, decision: _Decision, meta: InstanceMeta, relative: str, calling_ae_title: str | None
-    ) -> AddResult:
+    def _after_commit(self, decision: _Decision, request: _Request) -> AddResult:
         """What follows the commit that holds the instance: remember its series, remove an overwritten file."""
         if decision.known is not None:  # committed: remembered only now
             self._known_series.put(decision.known)
@@ -435,10 +414,10 @@ class Archive:
         if old_file is not None:
             logger.warning(
                 "overwrote instance %s with other content from %s (policy overwrite)",
-                meta.sop_instance_uid,
-                calling_ae_title,
+                request.meta.sop_instance_uid,
+                request.calling_ae_title,
             )
-            if old_file != relative:
+            if old_file != request.relative:
                 self.store.remove(old_file)
         return decision.result
 
@@ -455,11 +434,11 @@ class Archive:
             with self._write_gate(), self.engine.begin() as conn:
                 for member in batch:
                     if alone:
-                        member.decision = self._decide(conn, *member.arguments())
+                        member.decision = self._decide(conn, member.request)
                         continue
                     try:
                         with conn.begin_nested():
-                            member.decision = self._decide(conn, *member.arguments())
+                            member.decision = self._decide(conn, member.request)
                     except OperationalError:
                         raise
                     except Exception as exc:
@@ -471,7 +450,7 @@ class Archive:
                 cause = exc.orig if isinstance(exc, OperationalError) else exc
                 logger.error("index transaction of %d instance(s) failed: %s", len(batch), cause)
                 for member in batch:
-                    self._known_series.discard(member.meta.series_instance_uid)
+                    self._known_series.discard(member.request.meta.series_instance_uid)
                     member.decision = None
                     member.error = StorageError(f"index database error: {cause}")
 
@@ -516,20 +495,19 @@ class Archive:
             "calling_ae_title": calling_ae_title,
         }
 
-    def _quarantine(
-        self,
-        meta: InstanceMeta,
-        relative: str,
-        staged: StagedFile,
-        calling_ae_title: str | None,
-        misfiling: Misfiling,
-    ) -> AddResult:
+    def _quarantine(self, request: _Request, misfiling: Misfiling) -> AddResult:
         """Move a committed file from ``objects/`` to ``quarantine/`` and record it, in one transaction.
 
         The move happens inside the transaction, after the row is decided: a failure
         before the commit removes the moved file again, a crash leaves at most a file
         no row points to. The same bytes quarantined again keep the one row and file.
         """
+        meta, relative, staged, calling_ae_title = (
+            request.meta,
+            request.relative,
+            request.staged,
+            request.calling_ae_title,
+        )
         target = self.store.quarantine_path_for(meta.sop_instance_uid, staged.sha256)
         moved = False
         try:

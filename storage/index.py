@@ -21,26 +21,29 @@ import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from pydicom import config as pydicom_config
 from pydicom import dcmread
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from sqlalchemy import Connection, CursorResult, Row, bindparam, func, select, update
 
 from pacsnode.storage.errors import InvalidInstanceError, UnreadableInstanceError
 from pacsnode.storage.models import Instance, Patient, Series, Study
 from pacsnode.storage.query import pn_search_key
+from pacsnode.storage.statements import HotStatement
 
 __all__ = [
     "InstanceMeta",
     "Misfiling",
     "StudySummary",
     "read_header",
+    "read_received_header",
     "header_json",
     "add_instance",
     "misfiling",
@@ -204,7 +207,151 @@ def read_header(
         raise UnreadableInstanceError(f"cannot parse the dataset: {exc}") from exc
     except Exception as exc:  # pydicom raises a wide range on hostile bytes
         raise UnreadableInstanceError(f"cannot parse the dataset: {type(exc).__name__}: {exc}") from exc
+    return _checked_meta(
+        ds,
+        values,
+        expected_sop_class_uid=expected_sop_class_uid,
+        expected_sop_instance_uid=expected_sop_instance_uid,
+        transfer_syntax_uid=transfer_syntax_uid,
+    )
 
+
+_IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+_EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+_DEFLATED = frozenset({"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95", "1.2.840.10008.1.2.4.205"})
+_TRANSLATED_TAGS = [
+    (keyword, BaseTag(tag)) for keyword in _TRANSLATION if (tag := tag_for_keyword(keyword)) is not None
+]
+# Where dcmread(stop_before_pixels=True) stops: Pixel Data, Float and Double Float Pixel Data.
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
+
+
+def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag in _PIXEL_TAGS
+
+
+def read_received_header(
+    data: bytes | memoryview,
+    *,
+    pixel_data_offset: int | None,
+    path: Path,
+    expected_sop_class_uid: str,
+    expected_sop_instance_uid: str,
+    transfer_syntax_uid: str,
+) -> InstanceMeta:
+    """:func:`read_header` from the received dataset bytes (no File Meta), as walked already.
+
+    The same result as :func:`read_header` on ``path`` (the staged file: our File Meta, then
+    ``data``), without opening, reading and parsing the file a second time: pydicom reads the
+    elements before ``pixel_data_offset`` (from ``check_dataset``) straight from ``data``, values
+    larger than the JSON limit skipped unread, never copied. A deflated dataset, or one whose
+    indexed attributes are that large, is read from ``path`` instead.
+    """
+    uid = transfer_syntax_uid.strip(" \x00")
+    if uid in _DEFLATED:
+        return read_header(
+            path,
+            expected_sop_class_uid=expected_sop_class_uid,
+            expected_sop_instance_uid=expected_sop_instance_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
+        )
+    view = memoryview(data)
+    if pixel_data_offset is not None:
+        view = view[:pixel_data_offset]
+    try:
+        ds = read_dataset(
+            cast(BinaryIO, _ViewReader(view)),
+            uid == _IMPLICIT_VR_LITTLE_ENDIAN,
+            uid != _EXPLICIT_VR_BIG_ENDIAN,
+            stop_when=_at_pixel_data,
+            defer_size=_JSON_VALUE_LIMIT,
+        )
+        for _, tag in _TRANSLATED_TAGS:
+            # Typed DataElement by pydicom's overload, but an element not converted yet comes back raw.
+            raw: DataElement | RawDataElement | None = ds.get_item(tag, keep_deferred=True) if tag in ds else None
+            if isinstance(raw, RawDataElement) and raw.length and _deferred(raw):
+                # deferred: only the file can give it (pydicom re-reads a deferred value from its file)
+                return read_header(
+                    path,
+                    expected_sop_class_uid=expected_sop_class_uid,
+                    expected_sop_instance_uid=expected_sop_instance_uid,
+                    transfer_syntax_uid=transfer_syntax_uid,
+                )
+        values = _translated_values(ds)
+    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError) as exc:
+        raise UnreadableInstanceError(f"cannot parse the dataset: {exc}") from exc
+    except Exception as exc:  # pydicom raises a wide range on hostile bytes
+        raise UnreadableInstanceError(f"cannot parse the dataset: {type(exc).__name__}: {exc}") from exc
+    finally:
+        view.release()
+    return _checked_meta(
+        ds,
+        values,
+        expected_sop_class_uid=expected_sop_class_uid,
+        expected_sop_instance_uid=expected_sop_instance_uid,
+        transfer_syntax_uid=transfer_syntax_uid,
+    )
+
+
+def _translated_values(ds: Dataset) -> dict[str, str | int | None]:
+    """The ``_TRANSLATION`` values of ``ds``, as ``_text(ds.get(keyword))`` gives them.
+
+    A short plain value is taken from its bytes the way :func:`header_json` takes it
+    (:func:`_short_value_json`, which gives exactly pydicom's conversion); anything else
+    (person names, other character sets) is converted by pydicom.
+    """
+    plain_charset = _plain_charset(ds)
+    values: dict[str, str | int | None] = {}
+    for keyword, tag in _TRANSLATED_TAGS:
+        name, limit = _TRANSLATION[keyword]
+        # Typed DataElement by pydicom's overload, but an element not converted yet comes back raw.
+        raw: DataElement | RawDataElement | None = ds.get_item(tag, keep_deferred=True) if tag in ds else None
+        short = _short_value_json(raw, plain_charset) if isinstance(raw, RawDataElement) else None
+        if short is None:
+            values[name] = _text(ds.get(keyword), limit)
+        else:
+            items = short.get("Value") or []
+            values[name] = _text(items[0] if len(items) == 1 else items or None, limit)
+    return values
+
+
+def _deferred(raw: RawDataElement) -> bool:
+    """Whether dcmread left the value unread (``defer_size``): it has no bytes."""
+    value: object = raw.value
+    return value is None
+
+
+class _ViewReader:
+    """A read-only file over a memoryview for pydicom: reads copy only the bytes asked for."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        start = self._pos
+        end = len(self._view) if size < 0 else min(len(self._view), start + size)
+        self._pos = max(start, end)
+        return bytes(self._view[start:end])
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = (0, self._pos, len(self._view))[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _checked_meta(
+    ds: Dataset,
+    values: dict[str, str | int | None],
+    *,
+    expected_sop_class_uid: str,
+    expected_sop_instance_uid: str,
+    transfer_syntax_uid: str,
+) -> InstanceMeta:
+    """The :class:`InstanceMeta` of a parsed header, once its identity checks out."""
     identity = ("sop_class_uid", "sop_instance_uid", "study_instance_uid", "series_instance_uid")
     if not any(values[name] for name in identity):
         raise UnreadableInstanceError("no identifying attribute could be parsed: not a DICOM dataset")
@@ -448,11 +595,15 @@ def inserted_id(result: CursorResult[Any]) -> int:
 # Statements of the hot path, built once: SQLAlchemy memoizes a statement's cache key on the
 # object, so executing the same object skips both building it and looking up its compiled form anew.
 _FIND_INSTANCE = select(_instances).where(_instances.c.sop_instance_uid == bindparam("uid"))
-_INSERT_INSTANCE = _instances.insert()
+# Whether the instance is indexed at all: the common answer, no, in one lean statement.
+_INSTANCE_INDEXED = HotStatement(select(_instances.c.id).where(_instances.c.sop_instance_uid == bindparam("uid")))
+_INSERT_INSTANCE = HotStatement(_instances.insert())
 
 
 def find_instance(conn: Connection, sop_instance_uid: str) -> Row[Any] | None:
     """Return the instance row for a SOP Instance UID, or ``None``."""
+    if _INSTANCE_INDEXED.first(conn, {"uid": sop_instance_uid}) is None:
+        return None
     return conn.execute(_FIND_INSTANCE, {"uid": sop_instance_uid}).first()
 
 
@@ -636,7 +787,7 @@ class KnownSeriesCache:
 
 
 # Count one more instance in a known study, only if it still is that study of that patient.
-_BUMP_KNOWN_STUDY = (
+_BUMP_KNOWN_STUDY = HotStatement(
     update(_studies)
     .where(
         _studies.c.id == bindparam("k_study_id"),
@@ -649,7 +800,7 @@ _BUMP_KNOWN_STUDY = (
     .values(num_instances=_studies.c.num_instances + 1, last_received_at=bindparam("k_now"))
 )
 # ... and in a known series, only if it still is that series of that study.
-_BUMP_KNOWN_SERIES = (
+_BUMP_KNOWN_SERIES = HotStatement(
     update(_series)
     .where(
         _series.c.id == bindparam("k_series_id"),
@@ -691,9 +842,9 @@ def add_to_known_series(
         "k_series_uid": known.series_instance_uid,
         "k_now": now,
     }
-    if conn.execute(_BUMP_KNOWN_STUDY, params).rowcount != 1:
+    if _BUMP_KNOWN_STUDY.execute(conn, params) != 1:
         raise StaleSeriesError(f"study {known.study_instance_uid} changed in the index")
-    if conn.execute(_BUMP_KNOWN_SERIES, params).rowcount != 1:
+    if _BUMP_KNOWN_SERIES.execute(conn, params) != 1:
         raise StaleSeriesError(f"series {known.series_instance_uid} changed in the index")
     _insert_instance(
         conn,
@@ -880,8 +1031,8 @@ def _insert_instance(
     sha256: str,
     calling_ae_title: str | None,
 ) -> None:
-    conn.execute(
-        _INSERT_INSTANCE,
+    _INSERT_INSTANCE.execute(
+        conn,
         {
             "series_fk": series_fk,
             "sop_instance_uid": meta.sop_instance_uid,

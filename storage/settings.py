@@ -72,7 +72,7 @@ class StorageSettings(StrictModel):
     group_commit: bool = Field(
         default=True,
         description=(
-            "Concurrent instances of one process share index transactions: a committer indexes all that have "
-            "arrived in one transaction, each Success waits for the commit holding its row. false: one each."
+            "Concurrent instances of one process share index transactions: all that arrived while the previous "
+            "one committed go in one, each Success waits for the commit holding its row. false: one each."
         ),
     )

@@ -40,9 +40,8 @@ from pacsnode.storage import (
     StagedFile,
     StorageError,
     UnreadableInstanceError,
-    read_header,
 )
-from pacsnode.storage.index import is_valid_uid
+from pacsnode.storage.index import is_valid_uid, read_received_header
 from pacsnode.storage.wire import check_dataset
 
 __all__ = [
@@ -299,7 +298,7 @@ class StoreService:
             # Only a whole, consistent dataset is acknowledged: every element inside the bytes
             # received, sequences and fragments closed, pixel data as long as the image needs,
             # no File Meta elements, the encoding of the negotiated transfer syntax.
-            check_dataset(received.view, transfer_syntax_uid, max_inflated_bytes=self.max_inflated_bytes)
+            walked = check_dataset(received.view, transfer_syntax_uid, max_inflated_bytes=self.max_inflated_bytes)
         except UnreadableInstanceError as exc:
             return status.CANNOT_UNDERSTAND, str(exc)
         header = encode_file_header(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
@@ -312,8 +311,11 @@ class StoreService:
         except StorageError as exc:
             return status.OUT_OF_RESOURCES, str(exc)
         try:
-            meta = read_header(
-                staged.path,
+            # From the received bytes, as walked: the staged file holds the same, behind our File Meta.
+            meta = read_received_header(
+                received.view,
+                pixel_data_offset=walked.pixel_data_offset,
+                path=staged.path,
                 expected_sop_class_uid=sop_class_uid,
                 expected_sop_instance_uid=sop_instance_uid,
                 transfer_syntax_uid=transfer_syntax_uid,

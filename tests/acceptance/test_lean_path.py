@@ -413,7 +413,7 @@ def test_stopping_the_node_aborts_a_lean_association_still_open(
 def test_concurrent_associations_share_index_transactions(
     start_node: Any, tmp_path: Path, lean_log: pytest.LogCaptureFixture
 ) -> None:
-    """Four associations store while the index is held: the committer takes the first instance, the
+    """Four associations store while the index is held: the first instance leads a transaction, the
     other three queue behind it and are committed together; every Success follows its commit."""
     node = start_node(make_settings(tmp_path))
     archive = node.archive
@@ -434,7 +434,7 @@ def test_concurrent_associations_share_index_transactions(
     threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
     with archive._write_gate():  # another writer holds the index
         threads[0].start()
-        wait_until(lambda: taken_and_queued() == (1, 0), 60, "the first instance in the committer's hands")
+        wait_until(lambda: taken_and_queued() == (1, 0), 60, "the first instance's transaction begun")
         for thread in threads[1:]:
             thread.start()
         wait_until(lambda: taken_and_queued() == (1, 3), 60, "three instances queued behind it")

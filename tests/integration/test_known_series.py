@@ -31,16 +31,21 @@ def _open(tmp_path: Path) -> Archive:
 
 
 def _statements(archive: Archive, ds: Any) -> int:
+    """The SQL statements adding ``ds`` took, as SQLite ran them (the hot path skips SQLAlchemy's events)."""
     seen: list[str] = []
+    traced: list[Any] = []
 
-    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        seen.append(statement)
+    def trace(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        dbapi_conn.set_trace_callback(seen.append)
+        traced.append(dbapi_conn)
 
-    event.listen(archive.engine, "before_cursor_execute", count)
+    event.listen(archive.engine, "checkout", trace)
     try:
         _add(archive, ds)
     finally:
-        event.remove(archive.engine, "before_cursor_execute", count)
+        event.remove(archive.engine, "checkout", trace)
+        for dbapi_conn in traced:
+            dbapi_conn.set_trace_callback(None)
     return len(seen)
 
 

@@ -11,11 +11,12 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from pacsnode.node.dicom.handlers import encode_file_header
 from pacsnode.node.testing.corpus import make_dataset
 from pacsnode.storage import index
+from pacsnode.storage.wire import check_dataset
 from tests.support.helpers import REAL_CHEST_CT_SERIES, find_real_chest_ct
 
 
@@ -126,3 +127,78 @@ def test_shortcut_matches_pydicom_on_real_ct(monkeypatch: pytest.MonkeyPatch) ->
             fast, slow = _both_ways(path.read_bytes(), monkeypatch)
             assert fast == slow
             assert len(fast) > 50
+
+
+def _read_both(raw: bytes, tmp_path: Path) -> tuple[index.InstanceMeta, index.InstanceMeta]:
+    """read_header on a Part 10 file, and read_received_header on its dataset bytes as walked."""
+    path = tmp_path / "instance.dcm"
+    path.write_bytes(raw)
+    meta = dcmread(BytesIO(raw), stop_before_pixels=True).file_meta
+    start = 132 + 12 + int(meta.FileMetaInformationGroupLength)
+    syntax = str(meta.TransferSyntaxUID)
+    expected = {
+        "expected_sop_class_uid": str(meta.MediaStorageSOPClassUID),
+        "expected_sop_instance_uid": str(meta.MediaStorageSOPInstanceUID),
+        "transfer_syntax_uid": syntax,
+    }
+    walked = check_dataset(raw[start:], syntax, max_inflated_bytes=1 << 30)
+    received = index.read_received_header(
+        memoryview(raw)[start:], pixel_data_offset=walked.pixel_data_offset, path=path, **expected
+    )
+    return index.read_header(path, **expected), received
+
+
+def _assert_same(from_file: index.InstanceMeta, received: index.InstanceMeta) -> None:
+    assert received == from_file
+    assert received.dicom_json == from_file.dicom_json  # not part of ==
+
+
+@pytest.mark.parametrize("explicit", [True, False])
+@pytest.mark.parametrize("charset", [b"ISO_IR 100", b"", b"ISO_IR 13", b"ISO 2022 IR 87"])
+def test_the_received_header_reads_as_the_stored_file_on_odd_values(
+    explicit: bool, charset: bytes, tmp_path: Path
+) -> None:
+    values = [(tag, vr, value.encode("latin-1")) for tag, vr, value in ODD_VALUES]
+    values += [
+        (0x00080005, "CS", charset),
+        (0x00080016, "UI", str(CTImageStorage).encode()),
+        (0x00080018, "UI", b"1.2.3.4"),
+        (0x0020000D, "UI", b"1.2.3.5"),
+        (0x00100010, "PN", "M\u00fcller^J\u00fcrgen".encode("latin-1")),
+        (0x00100020, "LO", b" ID 7 "),
+        (0x00081030, "LO", b" Chest\\CT  "),
+        (0x00200013, "IS", b" 0012"),
+    ]
+    from_file, received = _read_both(_part10(values, explicit=explicit), tmp_path)
+    _assert_same(from_file, received)
+    assert received.instance_number == 12
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_the_received_header_reads_as_the_stored_file_on_the_synthetic_corpus(syntax: str, tmp_path: Path) -> None:
+    for modality in ("CT", "MR"):
+        ds = make_dataset(rows=16, columns=16, modality=modality)
+        ds.file_meta.TransferSyntaxUID = syntax
+        from_file, received = _read_both(_encoded(ds), tmp_path)
+        _assert_same(from_file, received)
+        assert received.dicom_json
+
+
+def test_a_received_header_with_a_long_indexed_value_is_read_from_the_file(tmp_path: Path) -> None:
+    """A value over the JSON limit is left unread in memory; the file gives it, as read_header does."""
+    ds = make_dataset(rows=16, columns=16)
+    ds.StudyDescription = "x" * 5000
+    from_file, received = _read_both(_encoded(ds), tmp_path)
+    _assert_same(from_file, received)
+    assert received.study_description == "x" * 64
+
+
+@pytest.mark.skipif(find_real_chest_ct() is None, reason="real chest CT not available (PACSNODE_TEST_DATA)")
+def test_the_received_header_reads_as_the_stored_file_on_real_ct(tmp_path: Path) -> None:
+    """Data: TCIA Lung-PET-CT-Dx (Li et al. 2020, https://doi.org/10.7937/TCIA.2020.NNC2-0461, CC BY 4.0)."""
+    root = find_real_chest_ct()
+    assert root is not None
+    for name in REAL_CHEST_CT_SERIES:
+        for path in sorted(Path(root, name).glob("*.dcm"))[:3]:
+            from_file, received = _read_both(path.read_bytes(), tmp_path)
+            _assert_same(from_file, received)
