@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Annotated, Any, TypedDict
 
 import numpy as np
@@ -65,6 +65,9 @@ class ModelParams(StrictModel):
     series_number_base: Annotated[int, Field(ge=1, le=99999)] = 9100
     max_key_images: Annotated[int, Field(ge=0, le=50)] = 5
     window: tuple[float, float] = (1500.0, -600.0)  # (width, level) of the key images
+    # ct-lung-nodule: with more separate spots than this in the lungs, none of the model's findings is reported
+    # (masses still are): LesionFilter.max_model_spots; None reports them whatever their number.
+    max_model_spots: Annotated[int, Field(ge=0)] | None = LesionFilter.max_model_spots
 
     @model_validator(mode="after")
     def _package(self) -> ModelParams:
@@ -184,6 +187,12 @@ class ModelPipeline(Pipeline):
         """Where findings may lie: everywhere for a generic model."""
         return None
 
+    def _lesions(self, params: ModelParams) -> LesionFilter | None:
+        """The pipeline's lesion filter with the params' limit on the model's spots (None: no filter)."""
+        if self.lesion_filter is None:
+            return None
+        return replace(self.lesion_filter, max_model_spots=params.max_model_spots)
+
     def _write(
         self,
         item: _Loaded,
@@ -223,7 +232,7 @@ class ModelPipeline(Pipeline):
                 manifest.output.labels,
                 manifest.output.activation,
                 region=item.region,
-                lesions=self.lesion_filter,
+                lesions=self._lesions(params),
             )
             datasets = write_segmentation_results(
                 item.volume,

@@ -7,6 +7,7 @@ mass tests on painted images (lung at -850 HU, soft tissue at 40 HU).
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -113,9 +114,9 @@ def _lung_volume(slice_mm: float = 1.0) -> tuple[Volume, np.ndarray]:
     return replace(volume, hu=hu, spacing=(slice_mm, 1.0, 1.0)), region
 
 
-def _lesions_in(volume: Volume, prob_mask: np.ndarray, region: np.ndarray) -> list[Finding]:
+def _lesions_in(volume: Volume, prob_mask: np.ndarray, region: np.ndarray, **rules: Any) -> list[Finding]:
     return findings_from_probabilities(
-        _prob(prob_mask), volume, [LABEL], "sigmoid", region=region, lesions=LesionFilter()
+        _prob(prob_mask), volume, [LABEL], "sigmoid", region=region, lesions=LesionFilter(**rules)
     )
 
 
@@ -156,6 +157,29 @@ def test_on_thick_slices_only_masses_are_reported() -> None:
     thin.hu[:] = volume.hu
     kinds = sorted(f.kind or "" for f in _lesions_in(thin, nodule, region))
     assert kinds == ["nodule"]
+
+
+def test_a_model_marking_more_spots_than_the_limit_has_none_reported() -> None:
+    volume, region = _lung_volume()
+    nodule = _ball(SHAPE, (30, 40, 40), 5)
+    spots = np.zeros(SHAPE, dtype=bool)
+    for k in range(6):  # the blur of vessels crossing the slices, as the model marks it on a real chest
+        spots |= _ball(SHAPE, (10 + 8 * k, 80, 30 + 10 * k), 2)
+    volume.hu[nodule] = 0
+    marked = nodule | spots  # 7 separate spots
+    assert any(f.mask[30, 40, 40] for f in _lesions_in(volume, marked, region, max_model_spots=7))
+    assert _lesions_in(volume, marked, region, max_model_spots=6) == []
+    assert any(f.mask[30, 40, 40] for f in _lesions_in(volume, marked, region, max_model_spots=None))
+
+
+def test_the_pipeline_params_set_the_spot_limit() -> None:
+    from pacsnode.analysis.cnn.pipeline import LungNodulePipeline, ModelParams
+
+    pipeline = LungNodulePipeline()
+    default = pipeline._lesions(ModelParams())
+    assert default is not None and default.max_model_spots == LesionFilter().max_model_spots
+    off = pipeline._lesions(ModelParams(max_model_spots=None))
+    assert off == replace(LesionFilter(), max_model_spots=None)
 
 
 def test_soft_tissue_thinner_than_the_mass_core_is_no_mass() -> None:
