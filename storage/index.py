@@ -247,14 +247,14 @@ def read_received_header(
     larger than the JSON limit skipped unread, never copied. A deflated dataset, or one whose
     indexed attributes are that large, is read from ``path`` instead.
     """
+    checks = {
+        "expected_sop_class_uid": expected_sop_class_uid,
+        "expected_sop_instance_uid": expected_sop_instance_uid,
+        "transfer_syntax_uid": transfer_syntax_uid,
+    }
     uid = transfer_syntax_uid.strip(" \x00")
     if uid in _DEFLATED:
-        return read_header(
-            path,
-            expected_sop_class_uid=expected_sop_class_uid,
-            expected_sop_instance_uid=expected_sop_instance_uid,
-            transfer_syntax_uid=transfer_syntax_uid,
-        )
+        return read_header(path, **checks)
     view = memoryview(data)
     if pixel_data_offset is not None:
         view = view[:pixel_data_offset]
@@ -271,12 +271,7 @@ def read_received_header(
             raw: DataElement | RawDataElement | None = ds.get_item(tag, keep_deferred=True) if tag in ds else None
             if isinstance(raw, RawDataElement) and raw.length and _deferred(raw):
                 # deferred: only the file can give it (pydicom re-reads a deferred value from its file)
-                return read_header(
-                    path,
-                    expected_sop_class_uid=expected_sop_class_uid,
-                    expected_sop_instance_uid=expected_sop_instance_uid,
-                    transfer_syntax_uid=transfer_syntax_uid,
-                )
+                return read_header(path, **checks)
         values = _translated_values(ds)
     except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError) as exc:
         raise UnreadableInstanceError(f"cannot parse the dataset: {exc}") from exc
@@ -284,13 +279,7 @@ def read_received_header(
         raise UnreadableInstanceError(f"cannot parse the dataset: {type(exc).__name__}: {exc}") from exc
     finally:
         view.release()
-    return _checked_meta(
-        ds,
-        values,
-        expected_sop_class_uid=expected_sop_class_uid,
-        expected_sop_instance_uid=expected_sop_instance_uid,
-        transfer_syntax_uid=transfer_syntax_uid,
-    )
+    return _checked_meta(ds, values, **checks)
 
 
 def _translated_values(ds: Dataset) -> dict[str, str | int | None]:
