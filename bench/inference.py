@@ -58,20 +58,28 @@ a median of ``--runs`` (of at least 11 for the host side, a few ms a run):
 * **host side of a device run**: the same feed, from decoded volumes, on
   torch's ``meta`` device, at the batch the engine would run on CUDA (the
   largest that fits the memory budget, from the real network's activations as
-  measured here). It executes everything the host does in a GPU run: the
-  foreground box, the copy of each cropped int16 volume into a staging buffer,
+  measured here). The studies are fed again and again in one engine call, so
+  that a run is at least ``HOST_RUN_SLICES`` slices (tens of ms); the figure
+  is a median of at least 11 runs, first as CPU time of the process per slice
+  (less sensitive to other processes on the machine than wall time), then as
+  wall slices/s. It executes everything the host does in a GPU run of the
+  pipeline: the foreground box (every 8th slice and the outside of its box),
+  each volume's upload as one decoded into pinned memory goes (whole, no host
+  copy: the pipeline's series loader decodes into pinned memory on CUDA),
   every device operation dispatched by torch, the engine's Python per batch
   and per volume, the loader thread and its hand-over, a host buffer per
-  output. Not in it: the CUDA runtime's own host cost (kernel launches, the
-  async copies' calls, stream events: a few microseconds each, a few dozen
-  calls per batch), page-locking (CUDA reuses pinned buffers), and the copy
-  of each output from the device, a DMA. It includes some work a GPU run does
-  not: the staging buffer is fresh memory for every volume (page faults that
-  CUDA's cached pinned buffers avoid), and a few meta operations (clamp,
-  sigmoid into a float16 view, zero fills) go through Python reference
-  implementations, slower than a C++ launch. This is the figure held against
-  the target: >= 5,000 slices/s of 512x512, the rate a GPU model step must
-  not wait on. The GPU itself is measured by ``bench/gpu_check.sh``.
+  output. Not in it: decoding (the line "decode alone"; on CUDA its int16
+  array is pinned memory, written as any other), the CUDA runtime's own host
+  cost (kernel launches, the async copies' calls, stream events: a few
+  microseconds each, a few dozen calls per batch), page-locking (CUDA reuses
+  pinned buffers), the copy of each output from the device (a DMA), and the
+  staging copy a volume not decoded into pinned memory takes (a caller's own
+  array: measured apart, printed on the next line, per slice). It includes
+  some work a GPU run does not: a few meta operations (clamp, sigmoid into a
+  float16 view, zero fills) go through Python reference implementations,
+  slower than a C++ launch. This is the figure held against the target:
+  >= 5,000 slices/s of 512x512, the rate a GPU model step must not wait on.
+  The GPU itself is measured by ``bench/gpu_check.sh``.
 """
 
 from __future__ import annotations
@@ -335,8 +343,10 @@ def measure_host_side(params: ModelParams, volumes: list[VolumeInput], runs: int
     feed, _ = feed_model(params, volumes[0])
     meta, meta_params, batch = host_side_model(feed, params)
     run_feed([], meta, meta_params, volumes[:1])  # warm-up
-    times = [run_feed([], meta, meta_params, volumes)[0] for _ in range(runs)]
-    return sum(v.image.shape[0] for v in volumes) / statistics.median(times), batch
+    slices = sum(v.image.shape[0] for v in volumes)
+    repeat = max(1, -(-HOST_RUN_SLICES // slices))  # runs of tens of ms, as in --loader-only
+    times = [run_feed([], meta, meta_params, volumes * repeat)[0] for _ in range(runs)]
+    return slices * repeat / statistics.median(times), batch
 
 
 def count_device_ops(feed: WarmModel, params: ModelParams, volumes: list[VolumeInput]) -> int | None:

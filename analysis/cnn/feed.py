@@ -3,8 +3,14 @@
 The path from a decoded volume to the network's batch, shaped so that the device, not Python, sets the pace:
 
 - **Upload once, as stored.** A volume goes to the device once, in its own dtype (int16 HU from the
-  series loader), cropped to the model's foreground box; on CUDA through a pinned staging buffer on a
-  copy stream of its own, so the copy overlaps the network running on the compute stream.
+  series loader), on a copy stream of its own, so the copy overlaps the network running on the compute
+  stream. The pipeline has the series loader decode into pinned memory when the device is CUDA
+  (:func:`host_volume`): such a volume goes up whole, one DMA and no host pass, and is cropped to the
+  model's foreground box on the device (a view). Any other volume is copied, cropped, into a pinned
+  staging buffer first.
+- **The foreground box from part of the volume.** The box of the voxels above the threshold is found
+  from every 8th slice and then the outside of that box in every slice (:func:`_extent`): the same box
+  as thresholding every voxel, reading roughly the air around the body.
 - **Per-slice steps once per slice, on the device.** A model's preprocessing splits
   (:meth:`~pacsnode.analysis.cnn.preprocess.Preprocessor.split_per_slice`) into the leading steps that
   treat each channel alone (window, resample, denoising, ...), run once on every slice of the volume
@@ -27,10 +33,11 @@ On the CPU the same code runs with the device = the CPU: the "upload" is a view 
 and the streams are no-ops.
 
 On torch's ``meta`` device (tensors with a shape and no data: every device operation is dispatched and
-does nothing) the same code runs the host's part of a device run alone: the foreground box, the staging
-copy of each volume (into ordinary memory: pinning needs CUDA), every device operation dispatched, the
-Python of each batch, a host buffer for each output (its copy from the device is left out: a meta tensor
-has nothing to copy, as a DMA copy asks nothing of the CPU). ``bench/inference.py --loader-only`` measures
+does nothing) the same code runs the host's part of a device run alone: the foreground box, the upload
+of each volume as one decoded into pinned memory goes (whole, no host copy: a contiguous volume is taken
+for one; pinning needs CUDA), every device operation dispatched, the Python of each batch, a host buffer
+for each output (its copy from the device is left out: a meta tensor has nothing to copy, as a DMA copy
+asks nothing of the CPU). ``bench/inference.py --loader-only`` measures
 with it what the CPU must do per slice when the device kernels run elsewhere. The results are not values.
 """
 
