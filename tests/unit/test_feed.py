@@ -380,3 +380,32 @@ def test_the_series_loader_decodes_into_the_array_it_is_given(tmp_path: Path) ->
     assert np.array_equal(volume.hu, load_series(paths).hu)
     with pytest.raises(ValueError, match="allocate gave"):
         load_series(paths, allocate=lambda shape, dtype: np.empty(shape, dtype=np.int32))
+
+
+def test_the_pipeline_decodes_into_pinned_memory_only_for_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pacsnode.analysis.cnn.pipeline import ModelParams, ModelPipeline
+    from pacsnode.analysis.modeldev.synthetic import write_chest_ct
+    from pacsnode.analysis.pipelines import PipelineInput, SeriesInput
+
+    truth = write_chest_ct(tmp_path / "chest", PhantomSpec(slices=12, size=32), seed=4)
+    inputs = PipelineInput(
+        job_id=1,
+        study_instance_uid=truth.study_instance_uid,
+        uid_root="2.25",
+        series=(
+            SeriesInput(series_instance_uid="1.2", modality="CT", series_description="", paths=tuple(truth.paths)),
+        ),
+    )
+    params = ModelParams(model="lung-nodule")
+    asked: list[tuple[tuple[int, int, int], torch.device]] = []
+
+    def host_volume(shape: tuple[int, int, int], dtype: np.dtype[Any], device: torch.device) -> np.ndarray:
+        asked.append((shape, device))  # pinning needs CUDA: ordinary memory stands for it here
+        return np.empty(shape, dtype=dtype)
+
+    monkeypatch.setattr(feed, "host_volume", host_volume)
+    on_cpu = ModelPipeline()._load(inputs, params, params.package(), torch.device("cpu"))
+    assert asked == []
+    on_cuda = ModelPipeline()._load(inputs, params, params.package(), torch.device("cuda"))
+    assert asked == [((12, 32, 32), torch.device("cuda"))]
+    assert np.array_equal(on_cuda.volume.hu, on_cpu.volume.hu)
