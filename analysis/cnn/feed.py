@@ -169,6 +169,9 @@ class StagedVolume:
     remaining: int = 0  # slices whose output has not arrived
     done: Any = None  # CUDA event: output copied to the host
     host_output: torch.Tensor | None = field(default=None, repr=False)
+    # The host array the upload read: held until the output is back, as an async copy from pinned memory
+    # may still be reading it when the caller lets go of its own reference.
+    source: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def depth(self) -> int:
@@ -178,6 +181,7 @@ class StagedVolume:
         """Let go of the device memory once the output has reached the host."""
         self.prepared = torch.empty(0)
         self.output = self.host_output = None
+        self.source = None
 
     def items(self, start: int, count: int, half: int) -> torch.Tensor:
         """Slices ``start .. start + count - 1`` with their neighbours as channels: a view, (count, 2h+1, H, W).
@@ -256,6 +260,7 @@ def stage_volume(
         pad=pad,
         ready=ready,
         remaining=depth,
+        source=image if work.type == "cuda" else None,
     )
 
 

@@ -362,6 +362,19 @@ def test_a_host_volume_for_cuda_is_pinned_and_goes_up_whole() -> None:
     assert feed._is_pinned(image)
     up = feed._upload(image, (slice(1, 5), slice(2, 8)), torch.device("cuda"))
     assert np.array_equal(up.cpu().numpy(), image[:, 1:5, 2:8])
+    device = torch.device("cuda")
+    staged = feed.stage_volume(
+        index=0,
+        image=image,
+        box=(slice(1, 5), slice(2, 8)),
+        spacing=(1.0, 1.0),
+        plan=plan_feed(build_preprocessor([WINDOW]), channels=3, multiple=1),
+        device=device,
+        streams=Streams(device),
+    )
+    assert staged.source is image  # held while the async copy may read it
+    staged.release()
+    assert staged.source is None
 
 
 def test_the_series_loader_decodes_into_the_array_it_is_given(tmp_path: Path) -> None:
