@@ -302,7 +302,8 @@ def host_volume(shape: tuple[int, int, int], dtype: np.dtype[Any] | type, device
     The series loader decodes into it (:func:`~pacsnode.analysis.volume.load_series`'s ``allocate``), so
     that the upload reads it directly (:func:`stage_volume`). The memory stays page-locked for as long as
     the volume lives (the job's findings and writers read it too), then returns to torch's pinned-memory
-    cache.
+    cache, which keeps it (its blocks rounded up to a power of two) for the next volumes rather than
+    giving it back to the system: as much page-locked memory as the most volumes alive at once.
     """
     torch_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
     return torch.empty(shape, dtype=torch_dtype, pin_memory=device.type == "cuda").numpy()
