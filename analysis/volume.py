@@ -4,8 +4,9 @@ The loader reads every header first (``stop_before_pixels``) and refuses a
 series it cannot turn into a regular volume before decoding any pixel data:
 too few slices, another modality, multi-frame or colour images, missing or
 mixed geometry, duplicate positions, gaps. Then it decodes each image, in
-slice order, straight into one preallocated int16 array (pydicom with its
-pylibjpeg / pyjpegls plugins decodes JPEG, JPEG-LS, JPEG 2000 and RLE).
+slice order, straight into one preallocated int16 array (the caller's, when it
+passes ``allocate``: pinned memory for a GPU) (pydicom with its pylibjpeg /
+pyjpegls plugins decodes JPEG, JPEG-LS, JPEG 2000 and RLE).
 """
 
 from __future__ import annotations
