@@ -4,8 +4,9 @@ The loader reads every header first (``stop_before_pixels``) and refuses a
 series it cannot turn into a regular volume before decoding any pixel data:
 too few slices, another modality, multi-frame or colour images, missing or
 mixed geometry, duplicate positions, gaps. Then it decodes each image, in
-slice order, straight into one preallocated int16 array (pydicom with its
-pylibjpeg / pyjpegls plugins decodes JPEG, JPEG-LS, JPEG 2000 and RLE).
+slice order, straight into one preallocated int16 array (the caller's, when it
+passes ``allocate``: pinned memory for a GPU) (pydicom with its pylibjpeg /
+pyjpegls plugins decodes JPEG, JPEG-LS, JPEG 2000 and RLE).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence, Sized
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom import dcmread
@@ -71,7 +73,12 @@ class _Header:
     pixel_spacing: tuple[float, float]
 
 
-def load_series(paths: Sequence[Path | str], *, min_slices: int = 10) -> Volume:
+def load_series(
+    paths: Sequence[Path | str],
+    *,
+    min_slices: int = 10,
+    allocate: Callable[[tuple[int, int, int], np.dtype[Any]], np.ndarray] | None = None,
+) -> Volume:
     """Read the files of one CT series into a volume of Hounsfield units.
 
     Parameters
@@ -80,6 +87,10 @@ def load_series(paths: Sequence[Path | str], *, min_slices: int = 10) -> Volume:
         The files of the series, in any order.
     min_slices
         Refuse a series with fewer images than this.
+    allocate
+        Makes the empty int16 array the images are decoded into, from its shape and dtype (default
+        ``np.empty``): the CNN pipeline passes pinned memory when the volume goes to a GPU, so that it is
+        uploaded without a host copy (:func:`~pacsnode.analysis.cnn.feed.host_volume`).
 
     Returns
     -------
@@ -149,7 +160,10 @@ def load_series(paths: Sequence[Path | str], *, min_slices: int = 10) -> Volume:
         )
     slice_spacing = _slice_spacing(headers, along)
 
-    hu = np.empty((len(headers), first.rows, first.columns), dtype=np.int16)
+    shape = (len(headers), first.rows, first.columns)
+    hu = np.empty(shape, dtype=np.int16) if allocate is None else allocate(shape, np.dtype(np.int16))
+    if hu.shape != shape or hu.dtype != np.int16:
+        raise ValueError(f"allocate gave {hu.dtype} {hu.shape}, expected int16 {shape}")
     for index, header in enumerate(headers):
         _decode_into(hu[index], header)
     logger.debug(

@@ -3,8 +3,14 @@
 The path from a decoded volume to the network's batch, shaped so that the device, not Python, sets the pace:
 
 - **Upload once, as stored.** A volume goes to the device once, in its own dtype (int16 HU from the
-  series loader), cropped to the model's foreground box; on CUDA through a pinned staging buffer on a
-  copy stream of its own, so the copy overlaps the network running on the compute stream.
+  series loader), on a copy stream of its own, so the copy overlaps the network running on the compute
+  stream. The pipeline has the series loader decode into pinned memory when the device is CUDA
+  (:func:`host_volume`): such a volume goes up whole, one DMA and no host pass, and is cropped to the
+  model's foreground box on the device (a view). Any other volume is copied, cropped, into a pinned
+  staging buffer first.
+- **The foreground box from part of the volume.** The box of the voxels above the threshold is found
+  from every 8th slice and then the outside of that box in every slice (:func:`_extent`): the same box
+  as thresholding every voxel, reading roughly the air around the body.
 - **Per-slice steps once per slice, on the device.** A model's preprocessing splits
   (:meth:`~pacsnode.analysis.cnn.preprocess.Preprocessor.split_per_slice`) into the leading steps that
   treat each channel alone (window, resample, denoising, ...), run once on every slice of the volume
@@ -27,10 +33,11 @@ On the CPU the same code runs with the device = the CPU: the "upload" is a view 
 and the streams are no-ops.
 
 On torch's ``meta`` device (tensors with a shape and no data: every device operation is dispatched and
-does nothing) the same code runs the host's part of a device run alone: the foreground box, the staging
-copy of each volume (into ordinary memory: pinning needs CUDA), every device operation dispatched, the
-Python of each batch, a host buffer for each output (its copy from the device is left out: a meta tensor
-has nothing to copy, as a DMA copy asks nothing of the CPU). ``bench/inference.py --loader-only`` measures
+does nothing) the same code runs the host's part of a device run alone: the foreground box, the upload
+of each volume as one decoded into pinned memory goes (whole, no host copy: a contiguous volume is taken
+for one; pinning needs CUDA), every device operation dispatched, the Python of each batch, a host buffer
+for each output (its copy from the device is left out: a meta tensor has nothing to copy, as a DMA copy
+asks nothing of the CPU). ``bench/inference.py --loader-only`` measures
 with it what the CPU must do per slice when the device kernels run elsewhere. The results are not values.
 """
 
@@ -45,7 +52,7 @@ import torch
 
 from pacsnode.analysis.cnn.preprocess import Preprocessor
 
-__all__ = ["FeedPlan", "StagedVolume", "Streams", "copy_to_host", "plan_feed"]
+__all__ = ["FeedPlan", "StagedVolume", "Streams", "copy_to_host", "host_volume", "plan_feed"]
 
 # Elements per chunk when the per-slice steps run over a volume: two 512x512 slices (2 MiB of float32),
 # so that the in-place passes of one chunk stay in a core's L2 cache and one chunk's temporaries stay
@@ -162,6 +169,9 @@ class StagedVolume:
     remaining: int = 0  # slices whose output has not arrived
     done: Any = None  # CUDA event: output copied to the host
     host_output: torch.Tensor | None = field(default=None, repr=False)
+    # The host array the upload read: held until the output is back, as an async copy from pinned memory
+    # may still be reading it when the caller lets go of its own reference.
+    source: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def depth(self) -> int:
@@ -171,6 +181,7 @@ class StagedVolume:
         """Let go of the device memory once the output has reached the host."""
         self.prepared = torch.empty(0)
         self.output = self.host_output = None
+        self.source = None
 
     def items(self, start: int, count: int, half: int) -> torch.Tensor:
         """Slices ``start .. start + count - 1`` with their neighbours as channels: a view, (count, 2h+1, H, W).
@@ -201,13 +212,14 @@ def stage_volume(
     With a CPU-only step in the plan the steps run here on the CPU, and the prepared volume goes to the
     device (per-item steps then also run on the CPU: see :func:`host_items`).
     """
-    crop = image if box is None else image[:, box[0], box[1]]
-    if crop.dtype not in _UPLOADABLE:
-        crop = crop.astype(np.float32)
-    depth, rows, cols = crop.shape
+    shape = (int(image.shape[0]), int(image.shape[1]), int(image.shape[2]))
+    cut = box
+    if image.dtype not in _UPLOADABLE:
+        image, cut = (image if box is None else image[:, box[0], box[1]]).astype(np.float32), None
     work = torch.device("cpu") if plan.host else device
     with streams.copy_in():
-        raw = _upload(crop, work)
+        raw = _upload(image, cut, work)
+        depth, rows, cols = raw.shape
         grid = plan.per_slice.spatial_shape_after((rows, cols), spacing)
         pad_here = not plan.per_item.steps and plan.multiple > 1
         pads = [(0, (-n) % plan.multiple if pad_here else 0) for n in grid]
@@ -239,7 +251,7 @@ def stage_volume(
     pad: tuple[int, ...] = (0, pads[1][1], 0, pads[0][1]) if any(p for _, p in pads) else ()
     return StagedVolume(
         index=index,
-        shape=(int(image.shape[0]), int(image.shape[1]), int(image.shape[2])),
+        shape=shape,
         box=box,
         crop=(rows, cols),
         spacing=spacing,
@@ -248,6 +260,7 @@ def stage_volume(
         pad=pad,
         ready=ready,
         remaining=depth,
+        source=image if work.type == "cuda" else None,
     )
 
 
@@ -259,17 +272,41 @@ def host_items(staged: StagedVolume, start: int, count: int, plan: FeedPlan, pin
     return out.pin_memory() if pin else out
 
 
-def _upload(crop: np.ndarray, device: torch.device) -> torch.Tensor:
-    """The (cropped) volume on ``device`` in its dtype: a view on the CPU, through pinned memory to CUDA.
+def _upload(image: np.ndarray, box: tuple[slice, slice] | None, device: torch.device) -> torch.Tensor:
+    """The volume on ``device`` in its dtype, cropped to ``box``: a view on the CPU.
 
-    On another device (``meta``) through a staging buffer as to CUDA, not pinned.
+    A volume in pinned memory (decoded into :func:`host_volume`'s buffer) goes to CUDA whole, as it is:
+    one DMA, no host pass; the crop is a view on the device. Any other volume goes through a pinned
+    staging buffer, cropped: one host copy. On ``meta`` a contiguous volume goes as a pinned one would
+    (the host side of the pipeline's path, see the module's docstring).
     """
-    if device.type == "cpu":
-        return torch.from_numpy(crop)
     cuda = device.type == "cuda"
-    staging = torch.empty(crop.shape, dtype=torch.from_numpy(crop[:0]).dtype, pin_memory=cuda)
-    staging.copy_(torch.from_numpy(crop))  # the one host copy, into pinned memory: torch copies in threads
-    return staging.to(device, non_blocking=cuda)
+    if device.type == "cpu" or not (image.flags.c_contiguous and (not cuda or _is_pinned(image))):
+        crop = torch.from_numpy(image if box is None else image[:, box[0], box[1]])
+        if device.type == "cpu":
+            return crop
+        staging = torch.empty(crop.shape, dtype=crop.dtype, pin_memory=cuda)
+        staging.copy_(crop)  # the one host copy, into pinned memory: torch copies in threads
+        return staging.to(device, non_blocking=cuda)
+    whole = torch.from_numpy(image).to(device, non_blocking=cuda)
+    return whole if box is None else whole[:, box[0], box[1]]
+
+
+def _is_pinned(image: np.ndarray) -> bool:
+    return bool(torch.from_numpy(image).is_pinned())
+
+
+def host_volume(shape: tuple[int, int, int], dtype: np.dtype[Any] | type, device: torch.device) -> np.ndarray:
+    """An empty host array for a volume that will go to ``device``: pinned memory on CUDA, ordinary otherwise.
+
+    The series loader decodes into it (:func:`~pacsnode.analysis.volume.load_series`'s ``allocate``), so
+    that the upload reads it directly (:func:`stage_volume`). The memory stays page-locked for as long as
+    the volume lives (the job's findings and writers read it too), then returns to torch's pinned-memory
+    cache, which keeps it (its blocks rounded up to a power of two) for the next volumes rather than
+    giving it back to the system: as much page-locked memory as the most volumes alive at once.
+    """
+    torch_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    return torch.empty(shape, dtype=torch_dtype, pin_memory=device.type == "cuda").numpy()
 
 
 def _upload_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -299,15 +336,11 @@ def foreground_box(image: np.ndarray, threshold: float, margin: tuple[int, int],
     """In-plane (rows, columns) box of the voxels above ``threshold`` in any slice, widened by ``margin`` pixels.
 
     Sizes grow in steps of ``step`` pixels (centred, inside the image), so that studies share shapes. The
-    maximum over the slices is one pass over the (int16) volume; the box is the same as thresholding
-    every voxel.
+    box is the same as thresholding every voxel (:func:`_extent`), from part of a pass over the volume.
     """
     height, width = image.shape[1:]
-    # fmax ignores NaN, as thresholding each voxel would
-    peak = (np.fmax.reduce(image, axis=0) if image.dtype.kind == "f" else image.max(axis=0)) > threshold
-    rows = np.flatnonzero(peak.any(axis=1))
-    cols = np.flatnonzero(peak.any(axis=0))
-    if rows.size == 0:
+    found = _extent(image, threshold)
+    if found is None:
         return slice(0, height), slice(0, width)
 
     def span(first: int, last: int, extra: int, size: int) -> slice:
@@ -316,4 +349,40 @@ def foreground_box(image: np.ndarray, threshold: float, margin: tuple[int, int],
         start = max(0, min(start - (want - (stop - start)) // 2, size - want))
         return slice(start, start + want)
 
-    return span(int(rows[0]), int(rows[-1]), margin[0], height), span(int(cols[0]), int(cols[-1]), margin[1], width)
+    first_row, last_row, first_col, last_col = found
+    return span(first_row, last_row, margin[0], height), span(first_col, last_col, margin[1], width)
+
+
+# Every this many slices make the first guess of the foreground's extent (see _extent).
+_SAMPLE_STEP = 8
+
+
+def _extent(image: np.ndarray, threshold: float) -> tuple[int, int, int, int] | None:
+    """First and last row, first and last column holding a voxel above ``threshold`` in any slice; None: none.
+
+    Exact, without reading every voxel: the rectangle of the voxels above ``threshold`` in every 8th slice
+    has one in its first and last row and column, so the whole volume's rectangle is it widened by what
+    lies outside it in any slice. Only that outside (for a body: the air around it) is read in every slice.
+    """
+
+    def above(part: np.ndarray) -> np.ndarray:
+        # fmax ignores NaN, as thresholding each voxel would
+        peak = np.fmax.reduce(part, axis=0) if part.dtype.kind == "f" else part.max(axis=0)
+        return np.asarray(peak > threshold)
+
+    def extent(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+        rows = np.flatnonzero(mask.any(axis=1))
+        cols = np.flatnonzero(mask.any(axis=0))
+        return None if rows.size == 0 else (int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1]))
+
+    guess = extent(above(image[::_SAMPLE_STEP])) if image.shape[0] > _SAMPLE_STEP else None
+    if guess is None:
+        return extent(above(image))
+    top, bottom, left, right = guess
+    mask = np.zeros(image.shape[1:], dtype=bool)
+    mask[top, left] = mask[bottom, right] = True  # the rectangle's extent
+    mask[:top] = above(image[:, :top])
+    mask[bottom + 1 :] = above(image[:, bottom + 1 :])
+    mask[top : bottom + 1, :left] = above(image[:, top : bottom + 1, :left])
+    mask[top : bottom + 1, right + 1 :] = above(image[:, top : bottom + 1, right + 1 :])
+    return extent(mask)

@@ -15,6 +15,7 @@ the one before, and each study's results are written while the next runs.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +35,8 @@ from pacsnode.analysis.settings import EngineOptions
 from pacsnode.storage.model_base import StrictModel
 
 if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
     from pacsnode.analysis.cnn.engine import InferenceEngine, VolumeInput
     from pacsnode.analysis.types import LungResult, Volume
 
@@ -158,19 +161,24 @@ class ModelPipeline(Pipeline):
             outcomes = batch.run()
         return outcomes
 
-    def _timed_load(self, inputs: PipelineInput, params: ModelParams, package: ModelPackage) -> tuple[_Loaded, float]:
+    def _timed_load(
+        self, inputs: PipelineInput, params: ModelParams, package: ModelPackage, device: torch.device
+    ) -> tuple[_Loaded, float]:
         t0 = time.perf_counter()
-        loaded = self._load(inputs, params, package)
+        loaded = self._load(inputs, params, package, device)
         return loaded, time.perf_counter() - t0
 
-    def _load(self, inputs: PipelineInput, params: ModelParams, package: ModelPackage) -> _Loaded:
+    def _load(self, inputs: PipelineInput, params: ModelParams, package: ModelPackage, device: torch.device) -> _Loaded:
+        """Decode the largest series (into pinned memory when it goes to a GPU: uploaded without a host copy)."""
+        from pacsnode.analysis.cnn.feed import host_volume
         from pacsnode.analysis.lung.anatomy import check_anatomy
         from pacsnode.analysis.volume import load_series
 
         if not inputs.series:
             raise InputError("no series to analyse")
         series = max(inputs.series, key=lambda s: len(s.paths))
-        volume = load_series(series.paths, min_slices=params.min_slices)
+        allocate = functools.partial(host_volume, device=device) if device.type == "cuda" else None
+        volume = load_series(series.paths, min_slices=params.min_slices, allocate=allocate)
         lungs = check_anatomy(volume, inputs.anatomy)  # match.anatomy: AnatomyMismatch (job skipped) before inference
         modality = str(volume.datasets[0].get("Modality", ""))
         allowed = package.manifest.input.modality
@@ -316,7 +324,9 @@ class _JobBatch:
         self.writes: dict[int, Future[PipelineOutput]] = {}
         self.failed: dict[int, Exception] = {}
         self.decode_s = 0.0
-        self.decodes = [decoder.submit(pipeline._timed_load, item, params, package) for item in inputs]
+        self.decodes = [
+            decoder.submit(pipeline._timed_load, item, params, package, engine.warm.device) for item in inputs
+        ]
 
     def run(self) -> list[PipelineOutput | Exception]:
         """Infer, then gather each job's results or error, with the batch's timings."""

@@ -265,7 +265,7 @@ VALUE_FREE = [name for name in STEP_LISTS if name not in ("zscore per item", "pe
 def test_on_the_meta_device_the_feed_runs_its_host_side_and_hands_back_host_buffers(
     tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The host side of a device run (bench/inference.py --loader-only): every branch, the staging copy, host outputs."""
+    """The host side of a device run (bench/inference.py --loader-only): every branch, the upload, host outputs."""
     root = make_package(tmp_path / "m", preprocessing=STEP_LISTS[name], divisible_by=8)
     warm = warm_model(load_package(root), FP32)
     a, b = _volume(1), _volume(2, depth=6)
@@ -282,8 +282,8 @@ def test_on_the_meta_device_the_feed_runs_its_host_side_and_hands_back_host_buff
     staged: list[tuple[str, tuple[int, ...]]] = []
     upload = feed._upload
 
-    def spy(crop: np.ndarray, device: torch.device) -> torch.Tensor:
-        out = upload(crop, device)
+    def spy(image: np.ndarray, box: tuple[slice, slice] | None, device: torch.device) -> torch.Tensor:
+        out = upload(image, box, device)
         staged.append((out.device.type, tuple(out.shape)))
         return out
 
@@ -293,7 +293,7 @@ def test_on_the_meta_device_the_feed_runs_its_host_side_and_hands_back_host_buff
     assert engine.stats["batches"] == 4  # 13 slices in batches of 4, as on the CPU
     assert [out.shape for out in got] == [(1, *a.image.shape), (1, *b.image.shape)]
     assert all(isinstance(out, np.ndarray) and out.dtype == np.float16 for out in got)
-    # the volumes went through the staging copy to the device, or stayed on the host for a CPU-only step
+    # the volumes went to the device, or stayed on the host for a CPU-only step
     where = "cpu" if plan_feed(meta.preprocessor, 3, 8).host else "meta"
     assert staged == [(where, a.image.shape), (where, b.image.shape)]
 
@@ -306,3 +306,119 @@ def test_a_cpu_output_is_the_host_output_and_a_meta_one_gets_a_host_buffer() -> 
     host, done = copy_to_host(torch.empty((1, 3, 4, 5), dtype=torch.float16, device="meta"), streams)
     assert host.device.type == "cpu" and host.shape == (1, 3, 4, 5) and host.dtype == torch.float16
     assert done is None
+
+
+def _box_of_every_voxel(image: np.ndarray, threshold: float) -> tuple[int, int, int, int] | None:
+    where = np.argwhere(np.nan_to_num(image, nan=-np.inf) > threshold)
+    if where.size == 0:
+        return None
+    return int(where[:, 1].min()), int(where[:, 1].max()), int(where[:, 2].min()), int(where[:, 2].max())
+
+
+@pytest.mark.parametrize("depth", [3, 8, 9, 40])
+def test_the_extent_from_sampled_slices_and_the_outside_is_the_extent_of_every_voxel(depth: int) -> None:
+    # Voxels above the threshold in slices the sample skips (not every 8th), beyond the sampled rectangle on
+    # each side, and volumes too short to sample.
+    rng = np.random.default_rng(depth)
+    for trial in range(30):
+        image = np.full((depth, 50, 60), -1000, dtype=np.int16)
+        image[0, 20:30, 25:35] = 0  # in a sampled slice
+        for _ in range(int(rng.integers(0, 4))):
+            image[rng.integers(depth), rng.integers(50), rng.integers(60)] = 100
+        floats = image.astype(np.float32)
+        floats[rng.integers(depth), rng.integers(50), rng.integers(60)] = np.nan
+        for volume in (image, floats):
+            assert feed._extent(volume, -500.0) == _box_of_every_voxel(volume, -500.0), (depth, trial)
+    empty = np.full((depth, 10, 12), -1000, dtype=np.int16)
+    empty[depth - 1, 9, 0] = 1  # in a skipped slice only, when there are more than 8
+    assert feed._extent(empty, -500.0) == (9, 9, 0, 0)
+    assert feed._extent(np.full((depth, 10, 12), -1000, dtype=np.int16), -500.0) is None
+
+
+def test_a_volume_goes_up_cropped_as_a_view_on_the_cpu_and_whole_then_cropped_on_another_device() -> None:
+    image = np.arange(4 * 6 * 8, dtype=np.int16).reshape(4, 6, 8)
+    box = (slice(1, 5), slice(2, 8))
+    on_cpu = feed._upload(image, box, torch.device("cpu"))
+    assert np.shares_memory(on_cpu.numpy(), image)
+    assert np.array_equal(on_cpu.numpy(), image[:, 1:5, 2:8])
+    assert feed._upload(image, box, torch.device("meta")).shape == (4, 4, 6)
+    # Not contiguous (no buffer to read whole): the staging copy of the crop.
+    strided = np.asfortranarray(image)
+    assert feed._upload(strided, box, torch.device("meta")).shape == (4, 4, 6)
+    assert feed._upload(strided, None, torch.device("meta")).shape == (4, 6, 8)
+
+
+def test_a_host_volume_for_the_cpu_is_ordinary_memory_of_the_shape_asked() -> None:
+    array = feed.host_volume((3, 4, 5), np.dtype(np.int16), torch.device("cpu"))
+    assert array.shape == (3, 4, 5) and array.dtype == np.int16 and array.flags.writeable
+    array[:] = 7  # the decoder writes into it
+    assert int(array.sum()) == 7 * 60
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_host_volume_for_cuda_is_pinned_and_goes_up_whole() -> None:
+    image = feed.host_volume((4, 6, 8), np.dtype(np.int16), torch.device("cuda"))
+    image[:] = np.arange(image.size, dtype=np.int16).reshape(image.shape)
+    assert feed._is_pinned(image)
+    up = feed._upload(image, (slice(1, 5), slice(2, 8)), torch.device("cuda"))
+    assert np.array_equal(up.cpu().numpy(), image[:, 1:5, 2:8])
+    device = torch.device("cuda")
+    staged = feed.stage_volume(
+        index=0,
+        image=image,
+        box=(slice(1, 5), slice(2, 8)),
+        spacing=(1.0, 1.0),
+        plan=plan_feed(build_preprocessor([WINDOW]), channels=3, multiple=1),
+        device=device,
+        streams=Streams(device),
+    )
+    assert staged.source is image  # held while the async copy may read it
+    staged.release()
+    assert staged.source is None
+
+
+def test_the_series_loader_decodes_into_the_array_it_is_given(tmp_path: Path) -> None:
+    from pacsnode.analysis.modeldev.synthetic import write_chest_ct
+    from pacsnode.analysis.volume import load_series
+
+    paths = write_chest_ct(tmp_path / "chest", PhantomSpec(slices=12, size=32), seed=2).paths
+    given: list[np.ndarray] = []
+
+    def allocate(shape: tuple[int, int, int], dtype: np.dtype[Any]) -> np.ndarray:
+        given.append(feed.host_volume(shape, dtype, torch.device("cpu")))
+        return given[-1]
+
+    volume = load_series(paths, allocate=allocate)
+    assert volume.hu is given[0]
+    assert np.array_equal(volume.hu, load_series(paths).hu)
+    with pytest.raises(ValueError, match="allocate gave"):
+        load_series(paths, allocate=lambda shape, dtype: np.empty(shape, dtype=np.int32))
+
+
+def test_the_pipeline_decodes_into_pinned_memory_only_for_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pacsnode.analysis.cnn.pipeline import ModelParams, ModelPipeline
+    from pacsnode.analysis.modeldev.synthetic import write_chest_ct
+    from pacsnode.analysis.pipelines import PipelineInput, SeriesInput
+
+    truth = write_chest_ct(tmp_path / "chest", PhantomSpec(slices=12, size=32), seed=4)
+    inputs = PipelineInput(
+        job_id=1,
+        study_instance_uid=truth.study_instance_uid,
+        uid_root="2.25",
+        series=(
+            SeriesInput(series_instance_uid="1.2", modality="CT", series_description="", paths=tuple(truth.paths)),
+        ),
+    )
+    params = ModelParams(model="lung-nodule")
+    asked: list[tuple[tuple[int, int, int], torch.device]] = []
+
+    def host_volume(shape: tuple[int, int, int], dtype: np.dtype[Any], device: torch.device) -> np.ndarray:
+        asked.append((shape, device))  # pinning needs CUDA: ordinary memory stands for it here
+        return np.empty(shape, dtype=dtype)
+
+    monkeypatch.setattr(feed, "host_volume", host_volume)
+    on_cpu = ModelPipeline()._load(inputs, params, params.package(), torch.device("cpu"))
+    assert asked == []
+    on_cuda = ModelPipeline()._load(inputs, params, params.package(), torch.device("cuda"))
+    assert asked == [((12, 32, 32), torch.device("cuda"))]
+    assert np.array_equal(on_cuda.volume.hu, on_cpu.volume.hu)
