@@ -7,11 +7,21 @@ mixed geometry, duplicate positions, gaps. Then it decodes each image, in
 slice order, straight into one preallocated int16 array (the caller's, when it
 passes ``allocate``: pinned memory for a GPU) (pydicom with its pylibjpeg /
 pyjpegls plugins decodes JPEG, JPEG-LS, JPEG 2000 and RLE).
+
+Native 16-bit pixel data (Implicit or Explicit VR Little Endian, one frame,
+one sample) is read without parsing the file a second time: the header read
+notes where the Pixel Data value starts, and decoding is one ``np.fromfile``
+at that offset, with the unused high bits corrected as pydicom's
+``pixel_array`` does (shifted out and sign-extended or zeroed). pydicom's
+parser is the ceiling otherwise (each file parsed twice: about 600 slices/s
+per thread for 512x512 CT). Anything else, or a file whose pixel data is not
+where and as long as the header says, takes pydicom's path.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence, Sized
@@ -29,6 +39,8 @@ from pydicom.pixels.utils import pixel_array
 from pydicom.uid import (
     JPEG2000,
     UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
     JPEGLSNearLossless,
@@ -60,6 +72,9 @@ _PREFERRED_PLUGINS = {
     JPEG2000: "pylibjpeg",
 }
 _INT16_MIN, _INT16_MAX = int(np.iinfo(np.int16).min), int(np.iinfo(np.int16).max)
+_PIXEL_DATA_TAG = (0x7FE0, 0x0010)
+#: Transfer syntax -> (implicit VR, little endian) of the native syntaxes the fast path reads.
+_NATIVE_SYNTAXES = {ImplicitVRLittleEndian: (True, True), ExplicitVRLittleEndian: (False, True)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,7 +131,9 @@ def load_series(
         raise ValueError(f"min_slices must be at least 1, not {min_slices}")
     started = time.perf_counter()
     files = [Path(p) for p in paths]
-    datasets = [_read_header(path) for path in files]
+    read = [_read_header(path) for path in files]
+    datasets = [ds for ds, _ in read]
+    pixel_offsets = {path: offset for path, (_, offset) in zip(files, read, strict=True)}
     for path, ds in zip(files, datasets, strict=True):
         _check_image_type(path, ds)
     if len(files) < min_slices:
@@ -165,7 +182,7 @@ def load_series(
     if hu.shape != shape or hu.dtype != np.int16:
         raise ValueError(f"allocate gave {hu.dtype} {hu.shape}, expected int16 {shape}")
     for index, header in enumerate(headers):
-        _decode_into(hu[index], header)
+        _decode_into(hu[index], header, pixel_offsets.get(header.path))
     logger.debug(
         "loaded %d slices of %dx%d in %.2f s",
         hu.shape[0],
@@ -186,11 +203,69 @@ def load_series(
 # ----------------------------------------------------------------- headers
 
 
-def _read_header(path: Path) -> Dataset:
+def _read_header(path: Path) -> tuple[Dataset, int | None]:
+    """The header of ``path`` without pixel data, and the file offset of its native Pixel Data value.
+
+    The offset is None unless :func:`_native_offset` finds that the fast path
+    can read the pixel data.
+    """
     try:
-        return dcmread(path, stop_before_pixels=True)
+        with path.open("rb") as fp:
+            ds = dcmread(fp, stop_before_pixels=True)
+            # pydicom stops with the file at the start of the pixel data element (rewound to its tag)
+            element = fp.read(12)
+            offset = fp.tell() - len(element)
     except Exception as exc:  # InvalidDicomError, OSError, and whatever a corrupt file makes pydicom raise
         raise InputError(f"cannot read {path} as DICOM: {exc}") from exc
+    return ds, _native_offset(ds, element, offset)
+
+
+def _native_offset(ds: Dataset, element: bytes, offset: int) -> int | None:
+    """Where the value of the Pixel Data element that starts at ``offset`` (its first bytes ``element``) begins.
+
+    Only for pixel data the fast path reads exactly as pydicom does: a native
+    little endian syntax that the dataset was read in, one frame of one sample
+    of 16 bits allocated (the bits stored 1 to 16), Pixel Representation 0 or
+    1, and a value of defined length Rows x Columns x 2 bytes. None otherwise:
+    pydicom decodes.
+    """
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    encoding = _NATIVE_SYNTAXES.get(syntax) if syntax is not None else None
+    if encoding is None or ds.original_encoding != encoding:
+        return None
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        allocated, stored = int(ds.BitsAllocated), int(ds.BitsStored)
+        representation = int(ds.PixelRepresentation)
+        samples = int(ds.get("SamplesPerPixel", 1))
+        frames = ds.get("NumberOfFrames")
+        single = frames is None or int(frames) == 1
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if (
+        allocated != 16
+        or not 1 <= stored <= 16
+        or representation not in (0, 1)
+        or samples != 1
+        or not single
+        or rows < 1
+        or columns < 1
+    ):
+        return None
+    if len(element) < 8 or struct.unpack("<HH", element[:4]) != _PIXEL_DATA_TAG:
+        return None
+    implicit, _ = encoding
+    if implicit:
+        (length,) = struct.unpack("<L", element[4:8])
+        header = 8
+    else:
+        if len(element) < 12 or element[4:6] not in (b"OW", b"OB"):
+            return None
+        (length,) = struct.unpack("<L", element[8:12])
+        header = 12
+    if length != rows * columns * 2:
+        return None
+    return offset + header
 
 
 def _check_image_type(path: Path, ds: Dataset) -> None:
@@ -386,12 +461,19 @@ def _slice_spacing(headers: list[_Header], along: np.ndarray) -> float:
 # ----------------------------------------------------------------- pixels
 
 
-def _decode_into(out: np.ndarray, header: _Header) -> None:
-    """Decode the image of ``header`` and write its HU values into ``out`` (rows, columns) int16."""
+def _decode_into(out: np.ndarray, header: _Header, pixel_offset: int | None = None) -> None:
+    """Decode the image of ``header`` and write its HU values into ``out`` (rows, columns) int16.
+
+    ``pixel_offset``: where the native pixel data starts in the file (see
+    :func:`_native_offset`), None to decode with pydicom.
+    """
     ds = header.ds
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    stored = _read_native(header, pixel_offset) if pixel_offset is not None else None
+    native = stored is not None
     try:
-        stored = _decode(header.path, syntax)
+        if stored is None:
+            stored = _decode(header.path, syntax)
     except Exception as exc:  # any decoder failure: pydicom, pylibjpeg, pyjpegls, numpy
         name = getattr(syntax, "name", syntax) or "unknown transfer syntax"
         raise InputError(f"cannot decode the pixel data of {header.path} ({name}): {exc}") from exc
@@ -407,11 +489,51 @@ def _decode_into(out: np.ndarray, header: _Header) -> None:
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     if slope == 1.0 and intercept.is_integer():
+        if native and _fits_int16(ds, int(intercept)):
+            # the fast path's values are within Bits Stored, so no sum leaves int16: no int32 pass, no clip
+            np.copyto(out, stored, casting="unsafe")
+            if intercept:
+                out += int(intercept)
+            return
         wide = stored.astype(np.int32) + int(intercept)
     else:
         wide = np.rint(stored.astype(np.float64) * slope + intercept)
     np.clip(wide, _INT16_MIN, _INT16_MAX, out=wide)
     np.copyto(out, wide, casting="unsafe")
+
+
+def _fits_int16(ds: Dataset, intercept: int) -> bool:
+    """Whether every value of ``ds``'s Bits Stored and Pixel Representation, and it plus ``intercept``, is an int16."""
+    bits = int(ds.BitsStored)
+    if int(ds.PixelRepresentation) == 1:
+        low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    else:
+        low, high = 0, (1 << bits) - 1
+    return _INT16_MIN <= low and high <= _INT16_MAX and _INT16_MIN <= low + intercept and high + intercept <= _INT16_MAX
+
+
+def _read_native(header: _Header, offset: int) -> np.ndarray | None:
+    """The stored values of native 16-bit pixel data at ``offset``, as pydicom's ``pixel_array`` gives them.
+
+    None when the file does not hold them (it was truncated or changed since
+    the header was read): pydicom's path then decodes, or says what is wrong.
+    """
+    ds = header.ds
+    signed = int(ds.PixelRepresentation) == 1
+    count = header.rows * header.columns
+    try:
+        flat = np.fromfile(header.path, dtype="<i2" if signed else "<u2", count=count, offset=offset)
+    except (OSError, ValueError):
+        return None
+    if flat.size != count:
+        return None
+    shift = 16 - int(ds.BitsStored)
+    if shift:
+        # pydicom's correct_unused_bits: shift the unused high bits out and back in, which
+        # sign-extends a signed value and zeroes them for an unsigned one
+        np.left_shift(flat, shift, out=flat)
+        np.right_shift(flat, shift, out=flat)
+    return flat.reshape(header.rows, header.columns)
 
 
 def _decode(path: Path, syntax: UID | None) -> np.ndarray:
