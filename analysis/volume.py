@@ -10,12 +10,13 @@ pyjpegls plugins decodes JPEG, JPEG-LS, JPEG 2000 and RLE).
 
 Native 16-bit pixel data (Implicit or Explicit VR Little Endian, one frame,
 one sample) is read without parsing the file a second time: the header read
-notes where the Pixel Data value starts, and decoding is one ``np.fromfile``
-at that offset, with the unused high bits corrected as pydicom's
-``pixel_array`` does (shifted out and sign-extended or zeroed). pydicom's
-parser is the ceiling otherwise (each file parsed twice: about 600 slices/s
-per thread for 512x512 CT). Anything else, or a file whose pixel data is not
-where and as long as the header says, takes pydicom's path.
+notes where the Pixel Data value starts, and decoding is one read at that
+offset (straight into the int16 output when no rescaled value can leave
+int16), with the unused high bits corrected as pydicom's ``pixel_array``
+does (shifted out and sign-extended or zeroed). pydicom's parser is the
+ceiling otherwise (each file parsed twice: about 600 slices/s per thread for
+512x512 CT). Anything else, or a file whose pixel data is not where and as
+long as the header says, takes pydicom's path.
 """
 
 from __future__ import annotations
@@ -468,9 +469,10 @@ def _decode_into(out: np.ndarray, header: _Header, pixel_offset: int | None = No
     :func:`_native_offset`), None to decode with pydicom.
     """
     ds = header.ds
+    if pixel_offset is not None and _read_native_hu(out, header, pixel_offset):
+        return
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     stored = _read_native(header, pixel_offset) if pixel_offset is not None else None
-    native = stored is not None
     try:
         if stored is None:
             stored = _decode(header.path, syntax)
@@ -489,17 +491,54 @@ def _decode_into(out: np.ndarray, header: _Header, pixel_offset: int | None = No
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     if slope == 1.0 and intercept.is_integer():
-        if native and _fits_int16(ds, int(intercept)):
-            # the fast path's values are within Bits Stored, so no sum leaves int16: no int32 pass, no clip
-            np.copyto(out, stored, casting="unsafe")
-            if intercept:
-                out += int(intercept)
-            return
         wide = stored.astype(np.int32) + int(intercept)
     else:
         wide = np.rint(stored.astype(np.float64) * slope + intercept)
     np.clip(wide, _INT16_MIN, _INT16_MAX, out=wide)
     np.copyto(out, wide, casting="unsafe")
+
+
+def _read_native_hu(out: np.ndarray, header: _Header, offset: int) -> bool:
+    """Read native pixel data straight into ``out`` and make it HU there, when no value can leave int16.
+
+    For Rescale Slope 1 and an integer intercept whose sums with every value
+    of Bits Stored fit int16: one read into ``out`` (int16 holds the stored
+    bit patterns, signed or unsigned), the unused bits corrected in place as
+    pydicom does, then the intercept added, with no array in between. False,
+    with ``out`` to be overwritten, when that does not apply or the file is
+    short: :func:`_decode_into` takes its general path.
+    """
+    ds = header.ds
+    if "ModalityLUTSequence" in ds or not out.flags.c_contiguous or out.shape != (header.rows, header.columns):
+        return False
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if slope != 1.0 or not intercept.is_integer() or not _fits_int16(ds, int(intercept)):
+        return False
+    view = out.data.cast("B")
+    try:
+        with header.path.open("rb", buffering=0) as fp:
+            fp.seek(offset)
+            filled = 0
+            while filled < len(view):
+                n = fp.readinto(view[filled:])
+                if not n:
+                    return False
+                filled += n
+    except OSError:
+        return False
+    bits = int(ds.BitsStored)
+    if bits < 16:
+        if int(ds.PixelRepresentation) == 1:
+            # pydicom's correct_unused_bits on int16: shift out and back, sign-extending
+            np.left_shift(out, 16 - bits, out=out)
+            np.right_shift(out, 16 - bits, out=out)
+        else:
+            # the same on uint16 zeroes the unused bits; the values (below 2**15, see _fits_int16) are int16 too
+            np.bitwise_and(out, (1 << bits) - 1, out=out)
+    if intercept:
+        out += int(intercept)
+    return True
 
 
 def _fits_int16(ds: Dataset, intercept: int) -> bool:

@@ -94,16 +94,22 @@ def test_written_phantom_is_byte_identical(tmp_path: Path, monkeypatch: pytest.M
     assert fast.tobytes() == slow.tobytes()
 
 
-def test_rescale_outside_int16_is_clipped_as_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """16 bits stored unsigned plus an intercept can leave int16: the fast path must clip as pydicom's path does."""
+@pytest.mark.parametrize(
+    ("signed", "bits_stored", "slope", "intercept"),
+    [(False, 16, 1.0, 32000), (False, 12, 0.5, -1024), (True, 13, 0.5, 0), (True, 13, 1.0, -32000)],
+)
+def test_rescale_that_may_leave_int16_is_as_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signed: bool, bits_stored: int, slope: float, intercept: int
+) -> None:
+    """A slope other than 1, or sums that can leave int16, take the general rescale: the same HU, clipped alike."""
     truth = write_chest_ct(tmp_path, _SMALL)
-    paths = _rewrite(truth, signed=False, bits_stored=16, garbage=False)
+    paths = _rewrite(truth, signed=signed, bits_stored=bits_stored, garbage=bits_stored < 16)
     for path in paths:
         ds = pydicom.dcmread(path)
-        ds.RescaleIntercept = 32000
+        ds.RescaleSlope = slope
+        ds.RescaleIntercept = intercept
         ds.save_as(path)
     fast, slow = _both(paths, monkeypatch)
-    assert fast.max() == np.iinfo(np.int16).max
     assert fast.tobytes() == slow.tobytes()
 
 
