@@ -15,6 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
@@ -68,6 +69,19 @@ def _rewrite(truth: ChestTruth, *, signed: bool, bits_stored: int, garbage: bool
         ds.PixelData = raw.astype("<u2").tobytes()
         ds.save_as(path)
     return list(truth.paths)
+
+
+def _image_header(path: Path, ds: Dataset) -> volume._Header:
+    """The loader's record of one image, for decoding it alone (geometry irrelevant here)."""
+    return volume._Header(
+        path=path,
+        ds=ds,
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+        position=(0.0, 0.0, 0.0),
+        pixel_spacing=(1.0, 1.0),
+    )
 
 
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
@@ -127,15 +141,7 @@ def test_bundled_files_that_qualify_are_byte_identical() -> None:
             continue
         if offset is None:
             continue
-        header = volume._Header(
-            path=path,
-            ds=ds,
-            rows=int(ds.Rows),
-            columns=int(ds.Columns),
-            orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
-            position=(0.0, 0.0, 0.0),
-            pixel_spacing=(1.0, 1.0),
-        )
+        header = _image_header(path, ds)
         stored = volume._read_native(header, offset)
         fast = np.empty((header.rows, header.columns), np.int16)
         slow = np.empty_like(fast)
@@ -201,15 +207,7 @@ def test_file_truncated_after_the_header_read_falls_back(tmp_path: Path) -> None
     path = truth.paths[0]
     ds, offset = volume._read_header(path)
     assert offset is not None
-    header = volume._Header(
-        path=path,
-        ds=ds,
-        rows=int(ds.Rows),
-        columns=int(ds.Columns),
-        orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
-        position=(0.0, 0.0, 0.0),
-        pixel_spacing=(1.0, 1.0),
-    )
+    header = _image_header(path, ds)
     with path.open("r+b") as f:
         f.truncate(offset + 10)
     assert volume._read_native(header, offset) is None
