@@ -81,17 +81,24 @@ def _part10(values: list[tuple[int, str, bytes]], *, explicit: bool) -> bytes:
     return encode_file_header(str(CTImageStorage), "1.2.3.4", str(syntax)) + body
 
 
+def _odd_instance(charset: bytes) -> list[tuple[int, str, bytes]]:
+    """``ODD_VALUES`` in ``charset``, with the UIDs every instance needs."""
+    values = [(tag, vr, value.encode("latin-1")) for tag, vr, value in ODD_VALUES]
+    return values + [
+        (0x00080005, "CS", charset),
+        (0x00080016, "UI", str(CTImageStorage).encode()),
+        (0x00080018, "UI", b"1.2.3.4"),
+        (0x0020000D, "UI", b"1.2.3.5"),
+    ]
+
+
 @pytest.mark.parametrize("explicit", [True, False])
 @pytest.mark.parametrize("charset", [b"ISO_IR 100", b"", b"ISO_IR 13", b"ISO 2022 IR 87"])
 def test_shortcut_matches_pydicom_on_odd_values(
     explicit: bool, charset: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    values = [(tag, vr, value.encode("latin-1")) for tag, vr, value in ODD_VALUES]
+    values = _odd_instance(charset)
     values += [
-        (0x00080005, "CS", charset),
-        (0x00080016, "UI", str(CTImageStorage).encode()),
-        (0x00080018, "UI", b"1.2.3.4"),
-        (0x0020000D, "UI", b"1.2.3.5"),
         (0x00280010, "US", struct.pack("<H", 512)),
         (0x00280011, "US", b""),
         (0x00280106, "SS", struct.pack("<h", -1024)),
@@ -158,12 +165,8 @@ def _assert_same(from_file: index.InstanceMeta, received: index.InstanceMeta) ->
 def test_the_received_header_reads_as_the_stored_file_on_odd_values(
     explicit: bool, charset: bytes, tmp_path: Path
 ) -> None:
-    values = [(tag, vr, value.encode("latin-1")) for tag, vr, value in ODD_VALUES]
+    values = _odd_instance(charset)
     values += [
-        (0x00080005, "CS", charset),
-        (0x00080016, "UI", str(CTImageStorage).encode()),
-        (0x00080018, "UI", b"1.2.3.4"),
-        (0x0020000D, "UI", b"1.2.3.5"),
         (0x00100010, "PN", "M\u00fcller^J\u00fcrgen".encode("latin-1")),
         (0x00100020, "LO", b" ID 7 "),
         (0x00081030, "LO", b" Chest\\CT  "),
