@@ -128,6 +128,17 @@ class WriteGate:
         url = engine.url
         if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
             self._path = f"{url.database}.writelock"
+        # The lock file, opened once per process: a flock belongs to the open file, and a forked
+        # child shares its parent's, so a child opens its own (the thread lock orders this process).
+        self._fd = -1
+        self._fd_pid = 0
+
+    def _lock_fd(self) -> int:
+        assert self._path is not None
+        if self._fd < 0 or self._fd_pid != os.getpid():
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            self._fd_pid = os.getpid()
+        return self._fd
 
     @contextmanager
     def __call__(self) -> Iterator[None]:
@@ -135,9 +146,9 @@ class WriteGate:
             yield
             return
         with self._thread_lock:
-            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            fd = self._lock_fd()
+            fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
             finally:
-                os.close(fd)  # releases the flock
+                fcntl.flock(fd, fcntl.LOCK_UN)

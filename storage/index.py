@@ -18,6 +18,7 @@ import logging
 import re
 import struct
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -238,6 +239,7 @@ def read_received_header(
     expected_sop_class_uid: str,
     expected_sop_instance_uid: str,
     transfer_syntax_uid: str,
+    top_level_offsets: Sequence[int] | None = None,
 ) -> InstanceMeta:
     """:func:`read_header` from the received dataset bytes (no File Meta), as walked already.
 
@@ -246,6 +248,10 @@ def read_received_header(
     elements before ``pixel_data_offset`` (from ``check_dataset``) straight from ``data``, values
     larger than the JSON limit skipped unread, never copied. A deflated dataset, or one whose
     indexed attributes are that large, is read from ``path`` instead.
+
+    With ``top_level_offsets`` (``check_dataset``'s, of these bytes) the elements are taken from
+    where the walk found them (:func:`_header_from_walk`), and pydicom parses only the few that
+    its conversion must decide; a dataset that this cannot serve exactly is parsed as a whole.
     """
     checks = {
         "expected_sop_class_uid": expected_sop_class_uid,
@@ -255,6 +261,10 @@ def read_received_header(
     uid = transfer_syntax_uid.strip(" \x00")
     if uid in _DEFLATED:
         return read_header(path, **checks)
+    if top_level_offsets is not None and uid != _EXPLICIT_VR_BIG_ENDIAN:
+        meta = _header_from_walk(data, top_level_offsets, pixel_data_offset, uid == _IMPLICIT_VR_LITTLE_ENDIAN, checks)
+        if meta is not None:
+            return meta
     view = memoryview(data)
     if pixel_data_offset is not None:
         view = view[:pixel_data_offset]
@@ -280,6 +290,151 @@ def read_received_header(
     finally:
         view.release()
     return _checked_meta(ds, values, **checks)
+
+
+_TRANSLATED_BY_TAG = {int(tag): keyword for keyword, tag in _TRANSLATED_TAGS}
+_IDENTITY_FIELDS = ("sop_class_uid", "sop_instance_uid", "study_instance_uid", "series_instance_uid")
+_SPECIFIC_CHARACTER_SET = 0x00080005
+# Elements pydicom reads to decide an ambiguous VR ("US or SS" and the like): a partial parse carries them.
+_VR_CONTEXT_TAGS = frozenset({0x00280100, 0x00280103})
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_ELEMENT_HEADER = struct.Struct("<HHI")
+_EXPLICIT_HEADER = struct.Struct("<HH2sH")
+_LE_U32 = struct.Struct("<I")
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _header_from_walk(
+    data: bytes | memoryview,
+    offsets: Sequence[int],
+    pixel_data_offset: int | None,
+    implicit: bool,
+    checks: dict[str, str],
+) -> InstanceMeta | None:
+    """The :class:`InstanceMeta` and header JSON of a little-endian dataset from its walked element offsets.
+
+    Plain values (UIDs, codes, dates, numbers, short texts, integers) are converted from their
+    bytes by :func:`_short_value`; the rest (sequences, person names, unusual values) is parsed
+    by pydicom from a copy of just those elements, so every value is pydicom's. The result
+    equals :func:`read_header`'s. None: not this way (another character set, an indexed value
+    over the JSON limit, an identity that does not check out): the caller parses the whole.
+    """
+    view = memoryview(data)
+    end = len(view) if pixel_data_offset is None else pixel_data_offset
+    count = len(offsets)
+    plain_charset = True
+    # In tag order: (tag, JSON) of plain values, (tag, None) of those pydicom converts.
+    documents: list[tuple[int, dict[str, Any] | None]] = []
+    slow: list[tuple[int, int]] = []  # their bytes, header included
+    context: list[tuple[int, int]] = []
+    for index in range(count):
+        start = offsets[index]
+        if start >= end:
+            break
+        stop = offsets[index + 1] if index + 1 < count else len(view)
+        if stop > end:
+            stop = end
+        if implicit:
+            group, element, length = _ELEMENT_HEADER.unpack_from(view, start)
+            value_at = start + 8
+            vr = _implicit_vr(group << 16 | element) if length != _UNDEFINED_LENGTH else None
+        else:
+            group, element, code, length = _EXPLICIT_HEADER.unpack_from(view, start)
+            value_at = start + 8
+            if code in _LONG_VRS:
+                (length,) = _LE_U32.unpack_from(view, start + 8)
+                value_at = start + 12
+            vr = code.decode("ascii") if code.isalpha() and code.isupper() else None
+        tag = group << 16 | element
+        if tag in _VR_CONTEXT_TAGS or tag == _SPECIFIC_CHARACTER_SET:
+            context.append((start, stop))  # decides how pydicom reads the others
+        if group & 1 or element == 0 or group == 0x0002:
+            continue  # never in the JSON, never indexed
+        document: dict[str, Any] | None = None
+        if length != _UNDEFINED_LENGTH:
+            if length > _JSON_VALUE_LIMIT:
+                if tag in _TRANSLATED_BY_TAG:
+                    return None  # the whole parse reads it from the file
+                continue
+            if vr is not None and vr in _BINARY_VRS:
+                continue
+            if vr is not None and vr != "SQ" and " " not in vr and value_at + length == stop:
+                document = _short_value(vr, bytes(view[value_at:stop]), plain_charset)
+        if tag == _SPECIFIC_CHARACTER_SET:
+            items = document.get("Value", []) if document is not None else None
+            if items is None or len(items) > 1 or (items and items[0].strip() not in _PLAIN_CHARSETS):
+                return None  # another character set (or an odd value): pydicom decodes the whole
+        if document is None:
+            slow.append((start, stop))
+        documents.append((tag, document))
+    parsed: Dataset | None = None
+    if slow:
+        parsed = _parse_elements(view, slow, context, implicit)
+        if parsed is None:
+            return None
+    out: dict[str, Any] = {}
+    values: dict[str, str | int | None] = {name: None for name, _ in _TRANSLATION.values()}
+    uids: dict[str, str] = {}  # the identifying UIDs as received (the index's values are cut to 64)
+    for tag, document in documents:
+        keyword = _TRANSLATED_BY_TAG.get(tag)
+        if document is None:
+            assert parsed is not None
+            document = _parsed_json(parsed, tag)
+            if keyword is not None:
+                name, limit = _TRANSLATION[keyword]
+                value = parsed.get(keyword)
+                values[name] = _text(value, limit)
+                uids[name] = str(value).strip()
+        elif keyword is not None:
+            name, limit = _TRANSLATION[keyword]
+            items = document.get("Value") or []
+            values[name] = _text(items[0] if len(items) == 1 else items or None, limit)
+            uids[name] = items[0].strip() if len(items) == 1 and isinstance(items[0], str) else ""
+        if document is not None:
+            out[f"{tag:08X}"] = document
+    for name in _IDENTITY_FIELDS:
+        if not values[name] or not is_valid_uid(uids.get(name, "")):
+            return None  # the whole parse gives the precise error
+    if values["sop_class_uid"] != checks["expected_sop_class_uid"]:
+        return None
+    if values["sop_instance_uid"] != checks["expected_sop_instance_uid"]:
+        return None
+    return InstanceMeta(
+        transfer_syntax_uid=checks["transfer_syntax_uid"],
+        dicom_json=out,
+        **values,  # type: ignore[arg-type]
+    )
+
+
+def _parse_elements(
+    view: memoryview, spans: list[tuple[int, int]], context: list[tuple[int, int]], implicit: bool
+) -> Dataset | None:
+    """pydicom's reading of some elements of a little-endian dataset (``spans``: their bytes), with the
+    elements it needs to decide their VRs; None: they do not parse on their own."""
+    chosen = sorted(set(spans) | set(context))
+    blob = b"".join(view[start:stop] for start, stop in chosen)
+    try:
+        return read_dataset(cast(BinaryIO, _ViewReader(memoryview(blob))), implicit, True, defer_size=_JSON_VALUE_LIMIT)
+    except Exception:  # pydicom raises a wide range on odd bytes; the whole parse decides
+        return None
+
+
+def _parsed_json(ds: Dataset, tag: int) -> dict[str, Any] | None:
+    """An element's JSON as :func:`header_json` gives it (None: left out)."""
+    base = BaseTag(tag)
+    if base not in ds or not _kept(ds, base):
+        return None
+    try:
+        document = _element_json(ds, base)
+    except _TooLarge:
+        return None
+    if document is None:
+        return None
+    try:
+        size = len(json.dumps(document, ensure_ascii=False, allow_nan=False))
+    except (TypeError, ValueError):
+        return None
+    return document if size <= _JSON_VALUE_LIMIT else None
 
 
 def _translated_values(ds: Dataset) -> dict[str, str | int | None]:
@@ -444,14 +599,36 @@ def _short_value_json(raw: RawDataElement, plain_charset: bool) -> dict[str, Any
     another character set, an ambiguous VR) goes through pydicom.
     """
     value = raw.value
-    if not isinstance(value, bytes) or len(value) > _SHORT_VALUE:
+    if not isinstance(value, bytes):
         return None
     vr = raw.VR
     if vr is None:  # implicit VR: the dictionary's, as pydicom takes it (an unknown or ambiguous one: its way)
-        try:
-            vr = dictionary_VR(raw.tag)
-        except KeyError:
+        vr = _implicit_vr(raw.tag)
+        if vr is None:
             return None
+    return _short_value(vr, value, plain_charset, little_endian=raw.is_little_endian)
+
+
+def _implicit_vr(tag: int) -> str | None:
+    """The dictionary VR pydicom gives an implicit-VR element (None: not in the dictionary)."""
+    vr = _IMPLICIT_VRS.get(tag, "")
+    if vr == "":
+        try:
+            vr = str(dictionary_VR(tag))
+        except KeyError:
+            vr = None
+        if len(_IMPLICIT_VRS) < 4096:
+            _IMPLICIT_VRS[tag] = vr
+    return vr
+
+
+_IMPLICIT_VRS: dict[int, str | None] = {}
+
+
+def _short_value(vr: str, value: bytes, plain_charset: bool, *, little_endian: bool = True) -> dict[str, Any] | None:
+    """:func:`_short_value_json` of a value's bytes and its VR."""
+    if len(value) > _SHORT_VALUE:
+        return None
     integer = _BINARY_INTEGERS.get(vr)
     if integer is not None:
         code, size = integer
@@ -459,7 +636,7 @@ def _short_value_json(raw: RawDataElement, plain_charset: bool) -> dict[str, Any
             return None
         if not value:
             return {"vr": vr}
-        order = "<" if raw.is_little_endian else ">"
+        order = "<" if little_endian else ">"
         return {"vr": vr, "Value": list(struct.unpack(f"{order}{len(value) // size}{code}", value))}
     number = _NUMBER_TEXT.get(vr)
     if number is None and vr not in _ASCII_VRS:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 import numpy as np
@@ -119,6 +119,9 @@ class WireSummary:
     frames: int
     #: Fragments of encapsulated Pixel Data (the Basic Offset Table item not counted).
     fragments: int
+    #: Where each data element of the dataset itself (outside any sequence) begins, in order:
+    #: an element ends where the next begins. A reader of the header needs nothing else to find them.
+    top_level_offsets: list[int] = field(default_factory=list)
 
 
 # --- transfer syntaxes ------------------------------------------------------------------
@@ -300,6 +303,7 @@ class _Walker:
         self.max_depth = 0
         self.elements = 0
         self.top_level = 0
+        self.top_offsets: list[int] = []
         self.items = 0
         self.recorded: dict[int, tuple[int, int]] = {}
         self.pixel_kind: PixelDataKind = "none"
@@ -495,6 +499,7 @@ class _Walker:
             top = kind == _TOP
             if top:
                 self.top_level += 1
+                self.top_offsets.append(pos)
             value_at = pos + header_length
 
             if length == _UNDEFINED:
@@ -993,4 +998,5 @@ def _check(
         pixel_data_length=walker.pixel_length,
         frames=reading.frames,
         fragments=walker.fragments,
+        top_level_offsets=walker.top_offsets,
     )

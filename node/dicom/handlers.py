@@ -48,6 +48,7 @@ __all__ = [
     "IMPLEMENTATION_CLASS_UID",
     "IMPLEMENTATION_VERSION_NAME",
     "AssociationLog",
+    "IN_MEMORY_ATTRIBUTE",
     "STAGED_ATTRIBUTE",
     "StoreService",
     "encode_file_header",
@@ -319,6 +320,7 @@ class StoreService:
                 expected_sop_class_uid=sop_class_uid,
                 expected_sop_instance_uid=sop_instance_uid,
                 transfer_syntax_uid=transfer_syntax_uid,
+                top_level_offsets=walked.top_level_offsets,
             )
         except UnreadableInstanceError as exc:
             self.archive.discard(staged)
@@ -435,6 +437,13 @@ def _received_dataset(request: Any) -> Iterator[_Received]:
         with request.DataSet.getbuffer() as view:
             yield _Received(view=view)
         return
+    in_memory = getattr(request, IN_MEMORY_ATTRIBUTE, None)
+    staged = getattr(request, STAGED_ATTRIBUTE, None)
+    if in_memory is not None and staged is not None:
+        # The lean data path kept the bytes it staged: no need to map the file back in.
+        with memoryview(in_memory) as view:
+            yield _Received(view=view, staged=staged)
+        return
     path = Path(received)
     try:
         with path.open("rb") as fh:
@@ -445,7 +454,7 @@ def _received_dataset(request: Any) -> Iterator[_Received]:
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 view = memoryview(mapped)[offset:]
                 try:
-                    yield _Received(view=view, file=fh, offset=offset, staged=getattr(request, STAGED_ATTRIBUTE, None))
+                    yield _Received(view=view, file=fh, offset=offset, staged=staged)
                 finally:
                     view.release()
     finally:
@@ -466,6 +475,9 @@ _PREAMBLE_AND_GROUP_LENGTH = 144  # 128 + "DICM" + (0002,0000) UL 4
 #: Set on a C-STORE request whose ``_dataset_path`` is a :class:`StagedFile` beginning with
 #: :func:`encode_file_header`'s bytes: the handler commits that file instead of copying it.
 STAGED_ATTRIBUTE = "pacsnode_staged"
+#: Set beside :data:`STAGED_ATTRIBUTE` by the lean data path: the dataset's bytes (what the staged
+#: file holds after its File Meta), kept in memory as they arrived.
+IN_MEMORY_ATTRIBUTE = "pacsnode_dataset"
 
 
 def _element(group_element: tuple[int, int], vr: bytes, value: bytes) -> bytes:

@@ -58,7 +58,7 @@ from pacsnode.node.dicom.guard import (
     REASON_UNRECOGNISED_PDU,
     a_abort,
 )
-from pacsnode.node.dicom.handlers import STAGED_ATTRIBUTE, encode_file_header
+from pacsnode.node.dicom.handlers import IN_MEMORY_ATTRIBUTE, STAGED_ATTRIBUTE, encode_file_header
 from pacsnode.storage import Archive, StorageError
 from pacsnode.storage.files import StageWriter
 
@@ -71,6 +71,9 @@ _A_ASSOCIATE_AC = 0x02
 _A_RELEASE_RP = b"\x06\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 _A_ABORT_BY_USER = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"  # source 0: service-user
 _READ_SIZE = 1 << 20
+# A dataset up to this size is also kept in memory as it arrives, so the handler checks and indexes
+# it from there instead of mapping the staging file back in; a larger one is read from the file.
+_IN_MEMORY_BYTES = 8 << 20
 _HANDOVER_WAIT_S = 30.0
 
 # DIMSE (PS3.7 E.1)
@@ -202,6 +205,7 @@ class _LeanConnection:
         self.pending: _Command | None = None
         self.writer: StageWriter | None = None
         self.write_error: StorageError | None = None
+        self.dataset: bytearray | None = None  # the dataset's bytes while within _IN_MEMORY_BYTES
 
     # -- the loop -----------------------------------------------------------------------------
     def serve(self) -> None:
@@ -304,6 +308,12 @@ class _LeanConnection:
             except StorageError as exc:  # disk full: the rest of the dataset is read and dropped
                 self.writer = None
                 self.write_error = exc
+        dataset = self.dataset
+        if dataset is not None:
+            if len(dataset) + len(value) <= _IN_MEMORY_BYTES:
+                dataset += value
+            else:
+                self.dataset = None
         if last:
             self.pending = None
             self._store(context_id, pending)
@@ -324,6 +334,7 @@ class _LeanConnection:
             return
         self.pending = command
         self.write_error = None
+        self.dataset = bytearray()
         try:
             self.writer = self.archive.open_stage()
             transfer_syntax = str(self.contexts[context_id].transfer_syntax[0])
@@ -396,6 +407,9 @@ class _LeanConnection:
                 return
             request._dataset_path = staged.path
             setattr(request, STAGED_ATTRIBUTE, staged)
+            if self.dataset is not None:
+                setattr(request, IN_MEMORY_ATTRIBUTE, self.dataset)
+        self.dataset = None
         try:
             result = evt.trigger(
                 self.assoc, evt.EVT_C_STORE, {"request": request, "context": self._context_tuple(context_id)}
@@ -439,6 +453,7 @@ class _LeanConnection:
         if writer is not None:
             writer.abandon()
         self.pending = None
+        self.dataset = None
         self.command = bytearray()
 
     def _abort(self, why: str, reason: int) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import struct
+import warnings
 from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import CTImageStorage, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -17,7 +19,7 @@ from pacsnode.node.dicom.handlers import encode_file_header
 from pacsnode.node.testing.corpus import make_dataset
 from pacsnode.storage import index
 from pacsnode.storage.wire import check_dataset
-from tests.support.helpers import REAL_CHEST_CT_SERIES, find_real_chest_ct
+from tests.support.helpers import REAL_CHEST_CT_SERIES, find_real_chest_ct, pydicom_data_files
 
 
 def _both_ways(raw: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -149,9 +151,17 @@ def _read_both(raw: bytes, tmp_path: Path) -> tuple[index.InstanceMeta, index.In
         "transfer_syntax_uid": syntax,
     }
     walked = check_dataset(raw[start:], syntax, max_inflated_bytes=1 << 30)
-    received = index.read_received_header(
+    whole = index.read_received_header(
         memoryview(raw)[start:], pixel_data_offset=walked.pixel_data_offset, path=path, **expected
     )
+    received = index.read_received_header(
+        memoryview(raw)[start:],
+        pixel_data_offset=walked.pixel_data_offset,
+        path=path,
+        top_level_offsets=walked.top_level_offsets,
+        **expected,
+    )
+    _assert_same(whole, received)  # from the walk's offsets as from pydicom's parse of the whole
     return index.read_header(path, **expected), received
 
 
@@ -205,3 +215,74 @@ def test_the_received_header_reads_as_the_stored_file_on_real_ct(tmp_path: Path)
         for path in sorted(Path(root, name).glob("*.dcm"))[:3]:
             from_file, received = _read_both(path.read_bytes(), tmp_path)
             _assert_same(from_file, received)
+
+
+def _walk_used(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Records, for each header read, whether it came from the walk (True) or the whole parse."""
+    used: list[bool] = []
+    walk = index._header_from_walk
+
+    def spy(*args: Any, **kwargs: Any) -> index.InstanceMeta | None:
+        meta = walk(*args, **kwargs)
+        used.append(meta is not None)
+        return meta
+
+    monkeypatch.setattr(index, "_header_from_walk", spy)
+    return used
+
+
+def test_the_header_of_a_plain_instance_comes_from_the_walk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    used = _walk_used(monkeypatch)
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        ds = make_dataset(rows=16, columns=16)
+        ds.file_meta.TransferSyntaxUID = syntax
+        from_file, received = _read_both(_encoded(ds), tmp_path)
+        _assert_same(from_file, received)
+    assert used == [True, True]
+
+
+def _testdata_files() -> list[Path]:
+    """pydicom's own test files and pydicom-data's, from the installed packages (no download)."""
+    folders = [Path(get_testdata_file("CT_small.dcm") or "").parent, pydicom_data_files()]
+    return sorted(p for folder in folders for p in folder.glob("*.dcm"))
+
+
+def test_the_header_from_the_walk_equals_the_whole_parse_on_pydicoms_test_files(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every Part 10 file of pydicom's test data that the walk accepts: the same meta, JSON or error."""
+    used = _walk_used(monkeypatch)
+    compared = 0
+    for name in _testdata_files():
+        raw = name.read_bytes()
+        try:
+            meta = dcmread(BytesIO(raw), stop_before_pixels=True).file_meta
+            start = 132 + 12 + int(meta.FileMetaInformationGroupLength)
+            syntax = str(meta.TransferSyntaxUID)
+            walked = check_dataset(raw[start:], syntax, max_inflated_bytes=1 << 30)
+        except Exception:  # not a file the node would accept: nothing to compare
+            continue
+        expected = {
+            "expected_sop_class_uid": str(meta.get("MediaStorageSOPClassUID", "")),
+            "expected_sop_instance_uid": str(meta.get("MediaStorageSOPInstanceUID", "")),
+            "transfer_syntax_uid": syntax,
+        }
+        outcomes = []
+        for offsets in (None, walked.top_level_offsets):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    got = index.read_received_header(
+                        memoryview(raw)[start:],
+                        pixel_data_offset=walked.pixel_data_offset,
+                        path=name,
+                        top_level_offsets=offsets,
+                        **expected,
+                    )
+                outcomes.append((got, got.dicom_json))
+            except (index.UnreadableInstanceError, index.InvalidInstanceError) as exc:
+                outcomes.append((type(exc), str(exc)))
+        assert outcomes[0] == outcomes[1], name
+        compared += 1
+    assert compared > 50
+    assert sum(used) > 40  # most of them through the walk, not handed back
