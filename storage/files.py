@@ -22,11 +22,13 @@ import logging
 import os
 import shutil
 import threading
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from pacsnode.storage.errors import OutOfSpaceError, StorageError
 from pacsnode.storage.settings import StorageSettings
@@ -44,6 +46,10 @@ def uid_digest(uid: str) -> str:
     """Return the hex sha256 of a UID: the only form in which a UID reaches a path."""
     return hashlib.sha256(uid.encode("ascii", "backslashreplace")).hexdigest()
 
+
+# check_space reads the free space again after this long, or sooner when less than the slack remains above the floor.
+_SPACE_FRESH_S = 0.25
+_SPACE_SLACK = 256 << 20
 
 _PRIVATE_DIR = 0o700
 _PRIVATE_FILE = 0o600
@@ -64,6 +70,9 @@ class StagedFile:
     synced: Future[None] | None = field(default=None, compare=False, repr=False)
 
 
+_T = TypeVar("_T")
+
+
 class _Syncer:
     """The thread that fsyncs staged files while their instance is checked and parsed.
 
@@ -76,13 +85,13 @@ class _Syncer:
     _lock = threading.Lock()
 
     @classmethod
-    def submit(cls, fd: int) -> Future[None]:
+    def submit(cls, fn: Callable[[_T], None], arg: _T) -> Future[None]:
         with cls._lock:
             if cls._executor is None or cls._pid != os.getpid():
                 cls._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-fsync")
                 cls._pid = os.getpid()
             executor = cls._executor
-        return executor.submit(_sync_and_close, fd)
+        return executor.submit(fn, arg)
 
 
 def _forget_syncer_in_child() -> None:
@@ -136,7 +145,10 @@ class StageWriter:
         if background and self._fsync and self._fd >= 0:
             fd, self._fd = self._fd, -1
             return StagedFile(
-                path=self.path, size=self.size, sha256=self._digest.hexdigest(), synced=_Syncer.submit(fd)
+                path=self.path,
+                size=self.size,
+                sha256=self._digest.hexdigest(),
+                synced=_Syncer.submit(_sync_and_close, fd),
             )
         try:
             if self._fsync:
@@ -174,6 +186,9 @@ class InstanceStore:
         self.tmp_dir = self.root / _TMP
         self.objects_dir = self.root / _OBJECTS
         self.quarantine_dir = self.root / _QUARANTINE
+        # (free bytes at the last reading less what was checked in since, when it was read)
+        self._space: tuple[int, float] = (0, -1e9)
+        self._space_lock = threading.Lock()
         # Owner-only: the store holds patient data. An existing folder keeps its mode.
         self.root.mkdir(mode=_PRIVATE_DIR, parents=True, exist_ok=True)
         self.tmp_dir.mkdir(mode=_PRIVATE_DIR, exist_ok=True)
@@ -184,8 +199,22 @@ class InstanceStore:
 
     # -- space -------------------------------------------------------------------------------
     def check_space(self, incoming_bytes: int) -> None:
-        """Raise :class:`OutOfSpaceError` if writing ``incoming_bytes`` would cross the floor."""
+        """Raise :class:`OutOfSpaceError` if writing ``incoming_bytes`` would cross the floor.
+
+        The free space is read again unless a reading younger than a quarter of a second,
+        less what was checked in since, leaves far more than the floor (``_SPACE_SLACK``):
+        near the floor every instance reads it.
+        """
+        now = time.monotonic()
+        with self._space_lock:
+            free, read_at = self._space
+            free -= incoming_bytes
+            if now - read_at < _SPACE_FRESH_S and free - self.min_free_bytes > _SPACE_SLACK:
+                self._space = (free, read_at)
+                return
         free = shutil.disk_usage(self.root).free
+        with self._space_lock:
+            self._space = (free - incoming_bytes, now)
         if free - incoming_bytes < self.min_free_bytes:
             raise OutOfSpaceError(
                 f"free-space floor reached: {free} bytes free, {incoming_bytes} incoming, floor {self.min_free_bytes}"
@@ -244,7 +273,22 @@ class InstanceStore:
 
     def commit(self, staged: StagedFile, relative_path: str) -> Path:
         """Move a staged file to ``relative_path`` atomically and make the move durable."""
+        final, _ = self._place(staged, relative_path, background=False)
+        return final
+
+    def place(self, staged: StagedFile, relative_path: str) -> Future[None] | None:
+        """:meth:`commit`, the directory's fsync left running in the store's fsync thread.
+
+        The move is durable once the returned future has ended (None: at once, or no fsync);
+        the caller waits for it before anything may point at the file (the index commit),
+        and may do other work meanwhile. Its failure is an ``OSError``.
+        """
+        _, synced = self._place(staged, relative_path, background=True)
+        return synced
+
+    def _place(self, staged: StagedFile, relative_path: str, *, background: bool) -> tuple[Path, Future[None] | None]:
         final = self.root / relative_path
+        synced: Future[None] | None = None
         if staged.synced is not None:
             try:
                 staged.synced.result()
@@ -255,11 +299,14 @@ class InstanceStore:
             self._make_dirs(final.parent)
             os.replace(staged.path, final)
             if self.fsync:
-                self._fsync_dir(final.parent)
+                if background:
+                    synced = _Syncer.submit(self._fsync_dir, final.parent)
+                else:
+                    self._fsync_dir(final.parent)
         except OSError as exc:
             self.discard(staged.path)
             raise self._os_error("cannot move the file into place", exc) from exc
-        return final
+        return final, synced
 
     def move(self, source: str, destination: str) -> None:
         """Move a committed file to another store-relative path atomically and make the move durable.

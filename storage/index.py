@@ -387,9 +387,9 @@ def _header_from_walk(
                 uids[name] = str(value).strip()
         elif keyword is not None:
             name, limit = _TRANSLATION[keyword]
-            items = document.get("Value") or []
-            values[name] = _text(items[0] if len(items) == 1 else items or None, limit)
-            uids[name] = items[0].strip() if len(items) == 1 and isinstance(items[0], str) else ""
+            text = _short_text(document)
+            values[name] = _text(text, limit)
+            uids[name] = text.strip() if isinstance(text, str) else ""
         if document is not None:
             out[f"{tag:08X}"] = document
     for name in _IDENTITY_FIELDS:
@@ -454,8 +454,7 @@ def _translated_values(ds: Dataset) -> dict[str, str | int | None]:
         if short is None:
             values[name] = _text(ds.get(keyword), limit)
         else:
-            items = short.get("Value") or []
-            values[name] = _text(items[0] if len(items) == 1 else items or None, limit)
+            values[name] = _text(_short_text(short), limit)
     return values
 
 
@@ -640,7 +639,7 @@ def _short_value(vr: str, value: bytes, plain_charset: bool, *, little_endian: b
         return {"vr": vr, "Value": list(struct.unpack(f"{order}{len(value) // size}{code}", value))}
     number = _NUMBER_TEXT.get(vr)
     if number is None and vr not in _ASCII_VRS:
-        if not plain_charset or (vr not in _TEXT_VRS and vr not in _LONG_TEXT_VRS):
+        if not plain_charset or (vr not in _TEXT_VRS and vr not in _LONG_TEXT_VRS and vr != "PN"):
             return None
     elif vr in ("DA", "TM") and pydicom_config.datetime_conversion:
         return None
@@ -666,7 +665,20 @@ def _short_value(vr: str, value: bytes, plain_charset: bool, *, little_endian: b
         if not all(number.fullmatch(item) for item in items):
             return None
         return {"vr": vr, "Value": [item.strip() for item in items]}
+    if vr == "PN":  # each name's component groups, as pydicom's PersonName splits them
+        if any(not item or "=" in item for item in items):
+            return None  # empty names, ideographic or phonetic groups: pydicom's own rules decide
+        return {"vr": vr, "Value": [{"Alphabetic": item} for item in items]}
     return {"vr": vr, "Value": items}
+
+
+def _short_text(document: dict[str, Any]) -> Any:
+    """What ``_text`` takes for an indexed value given as :func:`_short_value` JSON: as pydicom's
+    value would give it (a person name as the text it was written as)."""
+    items = document.get("Value") or []
+    if document.get("vr") == "PN":
+        items = [name["Alphabetic"] for name in items]
+    return items[0] if len(items) == 1 else items or None
 
 
 def _kept(ds: Dataset, tag: BaseTag) -> bool:

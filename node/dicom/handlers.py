@@ -302,11 +302,15 @@ class StoreService:
             walked = check_dataset(received.view, transfer_syntax_uid, max_inflated_bytes=self.max_inflated_bytes)
         except UnreadableInstanceError as exc:
             return status.CANNOT_UNDERSTAND, str(exc)
-        header = encode_file_header(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
         try:
-            self.archive.check_space(size + len(header))
             # The lean data path wrote the very bytes stage() would write while they arrived.
-            staged = received.staged or self.archive.stage(itertools.chain((header,), received.chunks()))
+            staged = received.staged
+            if staged is not None:
+                self.archive.check_space(staged.size)
+            else:
+                header = encode_file_header(sop_class_uid, sop_instance_uid, transfer_syntax_uid)
+                self.archive.check_space(size + len(header))
+                staged = self.archive.stage(itertools.chain((header,), received.chunks()))
         except OutOfSpaceError as exc:
             return status.OUT_OF_RESOURCES, str(exc)
         except StorageError as exc:

@@ -48,6 +48,36 @@ def test_free_space_floor(tmp_path: Path) -> None:
         store.check_space(10)
 
 
+def test_free_space_is_read_again_near_the_floor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Far above the floor a fresh reading is reused; near it, or once stale, the disk is asked again."""
+    import shutil
+
+    from pacsnode.storage import files
+
+    free = [10 << 30]
+    readings: list[int] = []
+
+    def usage(path: Path) -> shutil._ntuple_diskusage:  # type: ignore[name-defined]
+        readings.append(free[0])
+        return shutil._ntuple_diskusage(free[0] * 2, free[0], free[0])  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(files.shutil, "disk_usage", usage)
+    store = InstanceStore(StorageSettings(root=tmp_path / "s", min_free_bytes=1 << 30))
+    store.check_space(1 << 20)
+    store.check_space(1 << 20)
+    assert len(readings) == 1  # 9 GiB above the floor: the reading of a moment ago serves
+    free[0] = (1 << 30) + (100 << 20)  # another writer filled the disk meanwhile
+    monkeypatch.setattr(files, "_SPACE_FRESH_S", 0.0)
+    store.check_space(1 << 20)
+    assert len(readings) == 2
+    monkeypatch.setattr(files, "_SPACE_FRESH_S", 60.0)
+    store.check_space(1 << 20)  # 100 MiB above the floor: within the slack, read every time
+    assert len(readings) == 3
+    with pytest.raises(OutOfSpaceError, match="floor"):
+        store.check_space(200 << 20)
+    assert len(readings) == 4
+
+
 def test_sweep_removes_crash_debris(store: InstanceStore) -> None:
     (store.tmp_dir / "dead.part").write_bytes(b"half")
     assert store.sweep_tmp() == 1

@@ -61,6 +61,13 @@ ODD_VALUES: list[tuple[int, str, str]] = [
     (0x0020000E, "UI", "1.2.3"),
     (0x00081150, "UI", "1.2.840.10008.5.1.4.1.1.2\\1.2.3"),
     (0x00101010, "AS", "042Y"),
+    (0x00080090, "PN", "Doe^John^Dr "),
+    (0x00081048, "PN", "Doe^John=Ideo=Phon "),
+    (0x00081050, "PN", "Smith^Ann \\Jones^Bob\\\\=Only^Ideographic"),
+    (0x00081060, "PN", "A=B="),
+    (0x00081070, "PN", ""),
+    (0x00101001, "PN", "a=b=c=d"),
+    (0x0040A075, "PN", "Tab\tName"),
 ]
 
 
