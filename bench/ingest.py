@@ -108,7 +108,17 @@ class Pacsnode(Receiver):
             if time.monotonic() > deadline:
                 raise RuntimeError("pacsnode's acceptor processes did not start")
             time.sleep(0.05)
-        time.sleep(0.5)
+        # The node's other processes (the analysis worker imports torch: most of a CPU-second) start
+        # after the acceptors: the clock starts once the whole tree is idle, so the CPU per instance
+        # is ingest's, not start-up's.
+        deadline = time.monotonic() + 60
+        used = self.cpu_seconds()
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            now = self.cpu_seconds()
+            if now - used < 0.02:
+                break
+            used = now
 
 
 class Storescp(Receiver):
