@@ -18,7 +18,6 @@ import io
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,15 +91,6 @@ class _Request:
     is_result: bool = False
     policy: DuplicatePolicy | None = None
     may_overwrite: bool = True
-    placed: Future[None] | None = None  # the fsync making the file's move durable (InstanceStore.place)
-
-    def wait_placed(self) -> None:
-        """Before the commit that indexes the file: its move must be durable first."""
-        if self.placed is not None:
-            try:
-                self.placed.result()
-            except OSError as exc:
-                raise StorageError(f"cannot move the file into place: {exc}") from exc
 
 
 class _Member:
@@ -254,13 +244,11 @@ class Archive:
         or comes back as :attr:`AddOutcome.QUARANTINED` (quarantine; a result is refused instead).
         """
         relative = self.store.relative_path_for(meta.sop_instance_uid, staged.sha256)
-        # The folder's fsync runs while the index statements are prepared; the commit waits for it.
-        placed = self.store.place(staged, relative)
+        self.store.commit(staged, relative)
         request = _Request(
             meta=meta,
             relative=relative,
             staged=staged,
-            placed=placed,
             calling_ae_title=calling_ae_title,
             is_result=is_result,
             policy=policy,
@@ -345,7 +333,6 @@ class Archive:
     def _index_once(self, request: _Request) -> AddResult:
         with self._write_gate(), self.engine.begin() as conn:
             decision = self._decide(conn, request)
-            request.wait_placed()
         return self._after_commit(decision, request)
 
     def _decide(self, conn: Connection, request: _Request) -> _Decision:
@@ -456,8 +443,6 @@ class Archive:
                         raise
                     except Exception as exc:
                         member.error = exc
-                for member in batch:
-                    member.request.wait_placed()  # every file's move durable before the rows are
         except Exception as exc:
             if alone and not isinstance(exc, OperationalError):
                 batch[0].decision, batch[0].error = None, exc

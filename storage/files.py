@@ -24,11 +24,9 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 from pacsnode.storage.errors import OutOfSpaceError, StorageError
 from pacsnode.storage.settings import StorageSettings
@@ -57,57 +55,11 @@ _PRIVATE_FILE = 0o600
 
 @dataclass(frozen=True, kw_only=True)
 class StagedFile:
-    """A complete file in the store's ``tmp/``: written, not yet durable or visible.
-
-    ``synced``: the fsync still running in the store's background thread
-    (:meth:`StageWriter.finish` with ``background``); :meth:`InstanceStore.commit`
-    waits for it before the file is moved into place.
-    """
+    """A complete file in the store's ``tmp/``: written, not yet durable or visible."""
 
     path: Path
     size: int
     sha256: str
-    synced: Future[None] | None = field(default=None, compare=False, repr=False)
-
-
-_T = TypeVar("_T")
-
-
-class _Syncer:
-    """The thread that fsyncs staged files while their instance is checked and parsed.
-
-    One per process (a forked child starts its own): an fsync waits on the disk with
-    the GIL released, so the sender's thread reads the header meanwhile.
-    """
-
-    _executor: ThreadPoolExecutor | None = None
-    _pid = 0
-    _lock = threading.Lock()
-
-    @classmethod
-    def submit(cls, fn: Callable[[_T], None], arg: _T) -> Future[None]:
-        with cls._lock:
-            if cls._executor is None or cls._pid != os.getpid():
-                cls._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="store-fsync")
-                cls._pid = os.getpid()
-            executor = cls._executor
-        return executor.submit(fn, arg)
-
-
-def _forget_syncer_in_child() -> None:
-    # The parent's executor has no threads in the child, and its lock may have been held at the fork.
-    _Syncer._executor = None
-    _Syncer._lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_syncer_in_child)
-
-
-def _sync_and_close(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class StageWriter:
@@ -136,20 +88,8 @@ class StageWriter:
             raise InstanceStore._os_error("cannot write to the store", exc) from exc
         self.size += len(chunk)
 
-    def finish(self, *, background: bool = False) -> StagedFile:
-        """Close the file (fsynced first where the store fsyncs) and return it as a staged file.
-
-        ``background``: the fsync and close run in the store's fsync thread; the staged
-        file carries it as ``synced`` and is committed only once it has ended.
-        """
-        if background and self._fsync and self._fd >= 0:
-            fd, self._fd = self._fd, -1
-            return StagedFile(
-                path=self.path,
-                size=self.size,
-                sha256=self._digest.hexdigest(),
-                synced=_Syncer.submit(_sync_and_close, fd),
-            )
+    def finish(self) -> StagedFile:
+        """Close the file (fsynced first where the store fsyncs) and return it as a staged file."""
         try:
             if self._fsync:
                 os.fsync(self._fd)
@@ -273,40 +213,16 @@ class InstanceStore:
 
     def commit(self, staged: StagedFile, relative_path: str) -> Path:
         """Move a staged file to ``relative_path`` atomically and make the move durable."""
-        final, _ = self._place(staged, relative_path, background=False)
-        return final
-
-    def place(self, staged: StagedFile, relative_path: str) -> Future[None] | None:
-        """:meth:`commit`, the directory's fsync left running in the store's fsync thread.
-
-        The move is durable once the returned future has ended (None: at once, or no fsync);
-        the caller waits for it before anything may point at the file (the index commit),
-        and may do other work meanwhile. Its failure is an ``OSError``.
-        """
-        _, synced = self._place(staged, relative_path, background=True)
-        return synced
-
-    def _place(self, staged: StagedFile, relative_path: str, *, background: bool) -> tuple[Path, Future[None] | None]:
         final = self.root / relative_path
-        synced: Future[None] | None = None
-        if staged.synced is not None:
-            try:
-                staged.synced.result()
-            except OSError as exc:
-                self.discard(staged.path)
-                raise self._os_error("cannot write to the store", exc) from exc
         try:
             self._make_dirs(final.parent)
             os.replace(staged.path, final)
             if self.fsync:
-                if background:
-                    synced = _Syncer.submit(self._fsync_dir, final.parent)
-                else:
-                    self._fsync_dir(final.parent)
+                self._fsync_dir(final.parent)
         except OSError as exc:
             self.discard(staged.path)
             raise self._os_error("cannot move the file into place", exc) from exc
-        return final, synced
+        return final
 
     def move(self, source: str, destination: str) -> None:
         """Move a committed file to another store-relative path atomically and make the move durable.

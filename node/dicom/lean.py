@@ -401,8 +401,7 @@ class _LeanConnection:
             request.DataSet = io.BytesIO(b"")
         else:
             try:
-                # fsynced in the background while the handler checks and parses the dataset
-                staged = writer.finish(background=True)
+                staged = writer.finish()
             except StorageError as exc:
                 self._respond(context_id, _C_STORE_RSP, command, status.OUT_OF_RESOURCES, str(exc))
                 return
