@@ -24,7 +24,7 @@ from pynetdicom.sop_class import (
 from pacsnode.node.dicom.handlers import set_nodelay
 from pacsnode.node.testing.corpus import make_dataset
 from pacsnode.storage.index import InstanceMeta, add_instance, header_json
-from tests.support.helpers import make_settings, store_datasets
+from tests.support.helpers import hold_reactor, make_settings, store_datasets
 from tests.support.node import RunningNode
 
 STUDY_ROOT = StudyRootQueryRetrieveInformationModelFind
@@ -203,6 +203,7 @@ class FindClient:
         matches: list[Dataset] = []
         self.pending_codes: list[int] = []
         final_status, final = -1, None
+        hold_reactor(self.assoc)
         for rsp, identifier in self.assoc.send_c_find(ds, model):
             code = int(rsp.Status)
             if code in (0xFF00, 0xFF01):

@@ -20,6 +20,7 @@ from pynetdicom.sop_class import (
 
 from pacsnode.node.dicom.handlers import set_nodelay
 from tests.support.corpus_qr import resolve
+from tests.support.helpers import hold_reactor
 
 QUERY_FILE = Path(__file__).resolve().parent.parent / "data" / "find_queries.yaml"
 
@@ -119,6 +120,7 @@ def send_find(port: int, called_ae_title: str, model: str, identifier: Dataset) 
     statuses: list[int] = []
     identifiers: list[Dataset] = []
     try:
+        hold_reactor(assoc)
         for status, answer in assoc.send_c_find(identifier, sop_class):
             if "Status" not in status:
                 statuses.append(-1)  # no response: timeout or abort

@@ -222,3 +222,20 @@ def wait_until(
 
 def pacsnode_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "pacsnode.node", *args]
+
+
+def hold_reactor(assoc: Any) -> None:
+    """Leave a pynetdicom requestor's reactor thread blocked at its checkpoint before a DIMSE request.
+
+    ``send_c_find`` pauses the reactor by clearing its checkpoint and waiting for a flag the
+    reactor sets just before it waits; a reactor that had already passed the checkpoint can
+    still take the first response off the queue and drop it ("Received unexpected C-FIND
+    service message": one match lost, now and then, against a fast peer). Seeing the flag
+    twice, a reactor loop apart, leaves it blocked until the request's own resume.
+    """
+    assoc._reactor_checkpoint.clear()
+    for _ in range(2):
+        deadline = time.monotonic() + 5
+        while not assoc._is_paused and time.monotonic() < deadline:
+            time.sleep(0.0001)
+        time.sleep(0.005)
