@@ -27,6 +27,27 @@ def test_the_same_seed_gives_the_same_weights_and_another_seed_does_not(tmp_path
     assert package.weights_path.stat().st_size < 10 * 1024 * 1024
 
 
+def test_a_crops_side_channels_lie_spread_slices_from_its_centre() -> None:
+    """``spread`` 1: the adjacent slices; under 1: interpolated nearer the centre (the look of thinner slices)."""
+    import numpy as np
+
+    from pacsnode.analysis.modeldev.training import _crop, _Study
+
+    image = np.broadcast_to(np.arange(6, dtype=np.float32)[:, None, None], (6, 16, 16)).copy()
+    study = _Study(
+        image=image,
+        target=np.zeros(image.shape, dtype=np.uint8),
+        positives=np.array([[3, 8, 8]]),
+        body=np.array([[3, 8, 8]]),
+    )
+    config = TrainConfig(crop=8)
+    x, y = _crop(study, np.random.default_rng(0), config, positive=False)
+    assert x.shape == (3, 8, 8) and y.shape == (1, 8, 8)
+    assert x[:, 0, 0].tolist() == [2.0, 3.0, 4.0]
+    x, _ = _crop(study, np.random.default_rng(0), config, positive=False, spread=0.25)
+    assert x[:, 0, 0].tolist() == [2.75, 3.0, 3.25]
+
+
 def test_the_shipped_weights_come_from_pacsnode_train() -> None:
     package = load_package("lung-nodule")
     training = package.manifest.training
@@ -57,8 +78,40 @@ def test_training_with_real_series_is_reproducible_and_inserted_nodules_lie_in_t
     real.mkdir()
     (real / "A0001-5mm-L").symlink_to(data / "A0001-5mm-L")
     (real / "annotations.json").symlink_to(data / "annotations.json")
-    config = TrainConfig(seed=5, **{**TINY, "batch_size": 4}, real_crops=2)
+    # Hard negatives mined once (at step 2), some phantoms with 5 mm slices, some real crops with thin channels.
+    config = TrainConfig(
+        seed=5, **TINY, real_crops=2, real_mine_every=2, real_thick_phantoms=0.5, real_thin_fraction=0.5
+    )
     a = train(tmp_path / "a", config, real=real)
     b = train(tmp_path / "b", config, real=real)
     assert a["weights"]["sha256"] == b["weights"]["sha256"]
     assert "A0001-5mm-L" in a["training"]["data"] and a["training"]["command"] == "pacsnode train --real DIR"
+    assert len(a["training"]["hard_negative_voxels_mined"]) == 1
+    assert "NOT FOR DIAGNOSTIC USE" in a["intended_use"] and "not a held-out" in a["intended_use"]
+
+
+@pytest.mark.slow
+def test_hard_negatives_are_mined_in_the_lungs_off_the_labels() -> None:
+    """Where the network fires in the real lungs, off the tumour and the inserted nodules, is a hard negative.
+
+    Data: TCIA Lung-PET-CT-Dx (Li et al. 2020, https://doi.org/10.7937/TCIA.2020.NNC2-0461, CC BY 4.0),
+    read where it lies via ``real_chest_ct()``; skipped when absent.
+    """
+    import numpy as np
+    import torch
+    from monai.networks.nets.unet import UNet
+
+    from pacsnode.analysis.cnn.preprocess import build_preprocessor
+    from pacsnode.analysis.modeldev.real import load_real_series
+    from pacsnode.analysis.modeldev.training import ARCHITECTURE, _mine_hard_negatives, _real_study
+
+    series = load_real_series(real_chest_ct() / "A0001-5mm-B", pixel_mm=0.78125)
+    config = TrainConfig(real_mine_threshold=0.0)  # an untrained network: every voxel it sees counts
+    study = _real_study(series, np.random.default_rng(0), config)
+    torch.manual_seed(0)
+    net = UNet(**ARCHITECTURE["params"])
+    window = build_preprocessor([{"kind": "window", "center": -400.0, "width": 1500.0}])
+    found = _mine_hard_negatives(net, window, study, np.random.default_rng(0), config, limit=5000)
+    assert len(found) == 5000 and net.training
+    z, r, c = found.T
+    assert series.region[z, r, c].all() and not study.target[z, r, c].any() and study.usable[z].all()
