@@ -293,3 +293,16 @@ def test_the_header_from_the_walk_equals_the_whole_parse_on_pydicoms_test_files(
         compared += 1
     assert compared > 50
     assert sum(used) > 40  # most of them through the walk, not handed back
+
+
+def test_a_known_attribute_sent_as_un_reads_as_pydicom_reads_it(tmp_path: Path) -> None:
+    """Explicit VR UN on a public tag: pydicom reads it with the dictionary's VR; so does the walk."""
+    values = _odd_instance(b"ISO_IR 100") + [
+        (0x00100010, "UN", b"Doe^Jane"),
+        (0x00081030, "UN", b"Chest CT"),
+        (0x00180015, "UN", b"CHEST"),
+    ]
+    values = [v for v in values if v[0] != 0x00180015 or v[1] == "UN"]
+    from_file, received = _read_both(_part10(values, explicit=True), tmp_path)
+    _assert_same(from_file, received)
+    assert received.patient_name == "Doe^Jane"
