@@ -356,8 +356,8 @@ def _header_from_walk(
                 if tag in _TRANSLATED_BY_TAG:
                     return None  # the whole parse reads it from the file
                 continue
-            if vr is not None and vr in _BINARY_VRS and vr != "UN":  # UN of a known tag: pydicom may convert it
-                continue
+            if vr is not None and vr in _BINARY_VRS and vr != "UN" and tag not in _TRANSLATED_BY_TAG:
+                continue  # (UN of a known tag: pydicom may read it with the dictionary's VR; an indexed one: its value)
             if vr is not None and vr != "SQ" and " " not in vr and value_at + length == stop:
                 document = _short_value(vr, bytes(view[value_at:stop]), plain_charset)
         if tag == _SPECIFIC_CHARACTER_SET:

@@ -306,3 +306,9 @@ def test_a_known_attribute_sent_as_un_reads_as_pydicom_reads_it(tmp_path: Path) 
     from_file, received = _read_both(_part10(values, explicit=True), tmp_path)
     _assert_same(from_file, received)
     assert received.patient_name == "Doe^Jane"
+
+
+def test_an_indexed_attribute_with_a_binary_vr_reads_as_pydicom_reads_it(tmp_path: Path) -> None:
+    values = _odd_instance(b"ISO_IR 100") + [(0x00100020, "OB", b"ID42"), (0x00200013, "OW", b"\x01\x00")]
+    from_file, received = _read_both(_part10(values, explicit=True), tmp_path)
+    _assert_same(from_file, received)
