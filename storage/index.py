@@ -262,7 +262,13 @@ def read_received_header(
     if uid in _DEFLATED:
         return read_header(path, **checks)
     if top_level_offsets is not None and uid != _EXPLICIT_VR_BIG_ENDIAN:
-        meta = _header_from_walk(data, top_level_offsets, pixel_data_offset, uid == _IMPLICIT_VR_LITTLE_ENDIAN, checks)
+        try:
+            meta = _header_from_walk(
+                data, top_level_offsets, pixel_data_offset, uid == _IMPLICIT_VR_LITTLE_ENDIAN, checks
+            )
+        except Exception:  # odd bytes the shortcut did not foresee: the whole parse decides, and words any error
+            logger.debug("header from the walk failed; parsing the whole header", exc_info=True)
+            meta = None
         if meta is not None:
             return meta
     view = memoryview(data)
@@ -362,7 +368,11 @@ def _header_from_walk(
                 document = _short_value(vr, bytes(view[value_at:stop]), plain_charset)
         if tag == _SPECIFIC_CHARACTER_SET:
             items = document.get("Value", []) if document is not None else None
-            if items is None or len(items) > 1 or (items and items[0].strip() not in _PLAIN_CHARSETS):
+            if (
+                items is None
+                or len(items) > 1
+                or (items and (not isinstance(items[0], str) or items[0].strip() not in _PLAIN_CHARSETS))
+            ):
                 return None  # another character set (or an odd value): pydicom decodes the whole
         if document is None:
             slow.append((start, stop))
@@ -655,6 +665,8 @@ def _short_value(vr: str, value: bytes, plain_charset: bool, *, little_endian: b
         items = [item.rstrip("\x00 ") for item in text.split("\\")]
     elif vr in _LONG_TEXT_VRS:
         items = [text.rstrip("\x00 ")]
+    elif vr == "UI":  # pydicom's UID strips each value's surrounding whitespace
+        items = [item.strip() for item in text.rstrip(" \x00").split("\\")]
     else:
         items = text.rstrip(" \x00").split("\\")
     if len(items) == 1 and not items[0]:

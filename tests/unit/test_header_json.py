@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import struct
 import warnings
 from io import BytesIO
@@ -18,7 +19,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRBigEndian, ExplicitVRLittleEnd
 from pacsnode.node.dicom.handlers import encode_file_header
 from pacsnode.node.testing.corpus import make_dataset
 from pacsnode.storage import index
-from pacsnode.storage.wire import check_dataset
+from pacsnode.storage.wire import MalformedDatasetError, check_dataset
 from tests.support.helpers import REAL_CHEST_CT_SERIES, find_real_chest_ct, pydicom_data_files
 
 
@@ -61,6 +62,7 @@ ODD_VALUES: list[tuple[int, str, str]] = [
     (0x0020000E, "UI", "1.2.3"),
     (0x00081150, "UI", "1.2.840.10008.5.1.4.1.1.2\\1.2.3"),
     (0x00101010, "AS", "042Y"),
+    (0x00081155, "UI", "  1.2.3\\ 1.2.4 "),
     (0x00080090, "PN", "Doe^John^Dr "),
     (0x00081048, "PN", "Doe^John=Ideo=Phon "),
     (0x00081050, "PN", "Smith^Ann \\Jones^Bob\\\\=Only^Ideographic"),
@@ -312,3 +314,75 @@ def test_an_indexed_attribute_with_a_binary_vr_reads_as_pydicom_reads_it(tmp_pat
     values = _odd_instance(b"ISO_IR 100") + [(0x00100020, "OB", b"ID42"), (0x00200013, "OW", b"\x01\x00")]
     from_file, received = _read_both(_part10(values, explicit=True), tmp_path)
     _assert_same(from_file, received)
+
+
+_FUZZ_VRS = ["AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"]
+_FUZZ_VRS += ["US", "SS", "UL", "SL", "FL", "FD", "OB", "OW", "UN", "AT"]
+_FUZZ_PIECES = ["Doe", "^", "John", "=", "\\", " ", "1.2.3", "12", "-5", "+7.0e-1", ".5", "abc", "\x00", "\u00e9", ""]
+
+
+def _fuzz_value(rng: random.Random, vr: str) -> bytes:
+    if vr in ("US", "SS"):
+        return b"".join(struct.pack("<H", rng.getrandbits(16)) for _ in range(rng.randint(0, 2)))
+    if vr in ("UL", "SL", "FL", "AT"):
+        return b"".join(struct.pack("<I", rng.getrandbits(32)) for _ in range(rng.randint(0, 2)))
+    if vr == "FD":
+        return b"".join(struct.pack("<d", rng.random()) for _ in range(rng.randint(0, 2)))
+    if vr in ("OB", "OW", "UN"):
+        return bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 6)))
+    return "".join(rng.choice(_FUZZ_PIECES) for _ in range(rng.randint(0, 5))).encode("latin-1")
+
+
+def test_the_walk_and_the_whole_parse_agree_on_random_headers(tmp_path: Path) -> None:
+    """A seeded differential: indexed and other public tags, their own VR or another, odd values, both
+    VR encodings and several character sets; the same meta and JSON, or the same error, both ways."""
+    from pydicom.datadict import DicomDictionary
+
+    rng = random.Random(20261203)
+    public = sorted(t for t in DicomDictionary if 0x0002 < (t >> 16) < 0x7000 and t & 0xFFFF)
+    indexed = [int(tag) for _, tag in index._TRANSLATED_TAGS]
+    identity = {0x00080016: str(CTImageStorage).encode(), 0x00080018: b"1.2.3.4", 0x0020000D: b"1.2.3.5"}
+    compared = 0
+    for _ in range(1500):
+        values: dict[int, tuple[str, bytes]] = {tag: ("UI", uid) for tag, uid in identity.items()}
+        values[0x0020000E] = ("UI", b"1.2.3.6")
+        charset = rng.choice([b"", b"ISO_IR 100", b"ISO_IR 192", None])
+        if charset is not None:
+            values[0x00080005] = ("CS", charset)
+        for _ in range(rng.randint(3, 15)):
+            tag = rng.choice(indexed if rng.random() < 0.5 else public)
+            if tag in identity:
+                continue
+            own = str(DicomDictionary[tag][0])
+            vr = own if own in _FUZZ_VRS and rng.random() < 0.7 else rng.choice(_FUZZ_VRS)
+            values[tag] = (vr, _fuzz_value(rng, vr))
+        explicit = rng.random() < 0.6
+        raw = _part10([(tag, vr, value) for tag, (vr, value) in values.items()], explicit=explicit)
+        syntax = str(ExplicitVRLittleEndian if explicit else ImplicitVRLittleEndian)
+        start = len(encode_file_header(str(CTImageStorage), "1.2.3.4", syntax))
+        try:
+            walked = check_dataset(raw[start:], syntax, max_inflated_bytes=1 << 30)
+        except MalformedDatasetError:
+            continue  # refused before any header is read
+        path = tmp_path / "instance.dcm"
+        path.write_bytes(raw)
+        outcomes: list[Any] = []
+        for offsets in (None, walked.top_level_offsets):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    meta = index.read_received_header(
+                        memoryview(raw)[start:],
+                        pixel_data_offset=walked.pixel_data_offset,
+                        path=path,
+                        expected_sop_class_uid=str(CTImageStorage),
+                        expected_sop_instance_uid="1.2.3.4",
+                        transfer_syntax_uid=syntax,
+                        top_level_offsets=offsets,
+                    )
+                outcomes.append((meta, meta.dicom_json))
+            except Exception as exc:  # the same refusal both ways, whatever it is
+                outcomes.append((type(exc).__name__, str(exc)))
+        assert outcomes[0] == outcomes[1], values
+        compared += 1
+    assert compared > 1000
