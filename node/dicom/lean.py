@@ -73,7 +73,8 @@ _A_ABORT_BY_USER = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"  # source 0: serv
 _READ_SIZE = 1 << 20
 # A dataset up to this size is also kept in memory as it arrives, so the handler checks and indexes
 # it from there instead of mapping the staging file back in; a larger one is read from the file.
-_IN_MEMORY_BYTES = 8 << 20
+# Small on purpose: every established association may hold one (node.max_associations per process).
+_IN_MEMORY_BYTES = 2 << 20
 _HANDOVER_WAIT_S = 30.0
 
 # DIMSE (PS3.7 E.1)

@@ -188,6 +188,28 @@ def test_pdu_lengths_from_4_kib_to_4_mib_on_both_sides(
     assert not _tmp_files(node)
 
 
+def test_a_dataset_over_the_in_memory_limit_is_checked_from_its_staged_file(
+    start_node: Any, tmp_path: Path, lean_log: pytest.LogCaptureFixture
+) -> None:
+    """Up to lean._IN_MEMORY_BYTES the handler reads the bytes kept in memory; a larger dataset is
+    mapped back from the staged file: both are stored as received and indexed."""
+    from pacsnode.node.dicom import lean
+
+    node = start_node(make_settings(tmp_path))
+    small = write_series(tmp_path / "small", 1, rows=64, columns=64)
+    large = write_series(tmp_path / "large", 1, rows=1100, columns=1100)
+    assert large[0].stat().st_size > lean._IN_MEMORY_BYTES > small[0].stat().st_size
+    for path in small + large:
+        done = _storescu(node.port, str(path))
+        assert done.returncode == 0, done.stderr[-1500:]
+    node.wait_idle()
+    for path in small + large:
+        uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+        assert _dataset_bytes(_stored(node, uid).read_bytes()) == _dataset_bytes(path.read_bytes())
+    assert _lean_served(lean_log) == 2
+    assert not _tmp_files(node)
+
+
 def test_pynetdicom_scu_echo_and_store(start_node: Any, tmp_path: Path, lean_log: pytest.LogCaptureFixture) -> None:
     node = start_node(make_settings(tmp_path))
     datasets = [make_dataset(rows=32, columns=32) for _ in range(3)]
