@@ -239,7 +239,7 @@ def read_received_header(
     expected_sop_class_uid: str,
     expected_sop_instance_uid: str,
     transfer_syntax_uid: str,
-    top_level_offsets: Sequence[int] | None = None,
+    top_level_headers: Sequence[tuple[int, int, int, int, bytes]] | None = None,
 ) -> InstanceMeta:
     """:func:`read_header` from the received dataset bytes (no File Meta), as walked already.
 
@@ -249,7 +249,7 @@ def read_received_header(
     larger than the JSON limit skipped unread, never copied. A deflated dataset, or one whose
     indexed attributes are that large, is read from ``path`` instead.
 
-    With ``top_level_offsets`` (``check_dataset``'s, of these bytes) the elements are taken from
+    With ``top_level_headers`` (``check_dataset``'s, of these bytes) the elements are taken from
     where the walk found them (:func:`_header_from_walk`), and pydicom parses only the few that
     its conversion must decide; a dataset that this cannot serve exactly is parsed as a whole.
     """
@@ -261,10 +261,10 @@ def read_received_header(
     uid = transfer_syntax_uid.strip(" \x00")
     if uid in _DEFLATED:
         return read_header(path, **checks)
-    if top_level_offsets is not None and uid != _EXPLICIT_VR_BIG_ENDIAN:
+    if top_level_headers is not None and uid != _EXPLICIT_VR_BIG_ENDIAN:
         try:
             meta = _header_from_walk(
-                data, top_level_offsets, pixel_data_offset, uid == _IMPLICIT_VR_LITTLE_ENDIAN, checks
+                data, top_level_headers, pixel_data_offset, uid == _IMPLICIT_VR_LITTLE_ENDIAN, checks
             )
         except Exception:  # odd bytes the shortcut did not foresee: the whole parse decides, and words any error
             logger.debug("header from the walk failed; parsing the whole header", exc_info=True)
@@ -303,21 +303,17 @@ _IDENTITY_FIELDS = ("sop_class_uid", "sop_instance_uid", "study_instance_uid", "
 _SPECIFIC_CHARACTER_SET = 0x00080005
 # Elements pydicom reads to decide an ambiguous VR ("US or SS" and the like): a partial parse carries them.
 _VR_CONTEXT_TAGS = frozenset({0x00280100, 0x00280103})
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-_ELEMENT_HEADER = struct.Struct("<HHI")
-_EXPLICIT_HEADER = struct.Struct("<HH2sH")
-_LE_U32 = struct.Struct("<I")
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 def _header_from_walk(
     data: bytes | memoryview,
-    offsets: Sequence[int],
+    elements: Sequence[tuple[int, int, int, int, bytes]],
     pixel_data_offset: int | None,
     implicit: bool,
     checks: dict[str, str],
 ) -> InstanceMeta | None:
-    """The :class:`InstanceMeta` and header JSON of a little-endian dataset from its walked element offsets.
+    """The :class:`InstanceMeta` and header JSON of a little-endian dataset from its walked elements.
 
     Plain values (UIDs, codes, dates, numbers, short texts, integers) are converted from their
     bytes by :func:`_short_value`; the rest (sequences, person names, unusual values) is parsed
@@ -327,31 +323,23 @@ def _header_from_walk(
     """
     view = memoryview(data)
     end = len(view) if pixel_data_offset is None else pixel_data_offset
-    count = len(offsets)
+    count = len(elements)
     plain_charset = True
     # In tag order: (tag, JSON) of plain values, (tag, None) of those pydicom converts.
     documents: list[tuple[int, dict[str, Any] | None]] = []
     slow: list[tuple[int, int]] = []  # their bytes, header included
     context: list[tuple[int, int]] = []
-    for index in range(count):
-        start = offsets[index]
+    for index, (start, tag, value_at, length, code) in enumerate(elements):
         if start >= end:
             break
-        stop = offsets[index + 1] if index + 1 < count else len(view)
+        stop = elements[index + 1][0] if index + 1 < count else len(view)
         if stop > end:
             stop = end
         if implicit:
-            group, element, length = _ELEMENT_HEADER.unpack_from(view, start)
-            value_at = start + 8
-            vr = _implicit_vr(group << 16 | element) if length != _UNDEFINED_LENGTH else None
+            vr = _implicit_vr(tag) if length != _UNDEFINED_LENGTH else None
         else:
-            group, element, code, length = _EXPLICIT_HEADER.unpack_from(view, start)
-            value_at = start + 8
-            if code in _LONG_VRS:
-                (length,) = _LE_U32.unpack_from(view, start + 8)
-                value_at = start + 12
-            vr = code.decode("ascii") if code.isalpha() and code.isupper() else None
-        tag = group << 16 | element
+            vr = code.decode("ascii")
+        group, element = tag >> 16, tag & 0xFFFF
         if tag in _VR_CONTEXT_TAGS or tag == _SPECIFIC_CHARACTER_SET:
             context.append((start, stop))  # decides how pydicom reads the others
         if group & 1 or element == 0 or group == 0x0002:

@@ -119,9 +119,10 @@ class WireSummary:
     frames: int
     #: Fragments of encapsulated Pixel Data (the Basic Offset Table item not counted).
     fragments: int
-    #: Where each data element of the dataset itself (outside any sequence) begins, in order:
-    #: an element ends where the next begins. A reader of the header needs nothing else to find them.
-    top_level_offsets: list[int] = field(default_factory=list)
+    #: The data elements of the dataset itself (outside any sequence), in order: (offset of the
+    #: element's header, tag, offset of its value, value length (0xFFFFFFFF: undefined), explicit VR
+    #: code, b"" under implicit VR). An element ends where the next begins.
+    top_level_headers: list[tuple[int, int, int, int, bytes]] = field(default_factory=list)
 
 
 # --- transfer syntaxes ------------------------------------------------------------------
@@ -303,7 +304,7 @@ class _Walker:
         self.max_depth = 0
         self.elements = 0
         self.top_level = 0
-        self.top_offsets: list[int] = []
+        self.top_headers: list[tuple[int, int, int, int, bytes]] = []
         self.items = 0
         self.recorded: dict[int, tuple[int, int]] = {}
         self.pixel_kind: PixelDataKind = "none"
@@ -497,10 +498,10 @@ class _Walker:
             frame.last_tag = tag
             self.elements += 1
             top = kind == _TOP
+            value_at = pos + header_length
             if top:
                 self.top_level += 1
-                self.top_offsets.append(pos)
-            value_at = pos + header_length
+                self.top_headers.append((pos, tag, value_at, length, vr))
 
             if length == _UNDEFINED:
                 if tag == _PIXEL_DATA and (encoding == _IMPLICIT_LE or vr == b"OB" or vr == b"OW"):
@@ -998,5 +999,5 @@ def _check(
         pixel_data_length=walker.pixel_length,
         frames=reading.frames,
         fragments=walker.fragments,
-        top_level_offsets=walker.top_offsets,
+        top_level_headers=walker.top_headers,
     )

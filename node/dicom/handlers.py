@@ -324,7 +324,7 @@ class StoreService:
                 expected_sop_class_uid=sop_class_uid,
                 expected_sop_instance_uid=sop_instance_uid,
                 transfer_syntax_uid=transfer_syntax_uid,
-                top_level_offsets=walked.top_level_offsets,
+                top_level_headers=walked.top_level_headers,
             )
         except UnreadableInstanceError as exc:
             self.archive.discard(staged)

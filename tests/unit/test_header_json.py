@@ -167,7 +167,7 @@ def _read_both(raw: bytes, tmp_path: Path) -> tuple[index.InstanceMeta, index.In
         memoryview(raw)[start:],
         pixel_data_offset=walked.pixel_data_offset,
         path=path,
-        top_level_offsets=walked.top_level_offsets,
+        top_level_headers=walked.top_level_headers,
         **expected,
     )
     _assert_same(whole, received)  # from the walk's offsets as from pydicom's parse of the whole
@@ -250,6 +250,33 @@ def test_the_header_of_a_plain_instance_comes_from_the_walk(monkeypatch: pytest.
     assert used == [True, True]
 
 
+def _both_ways_received(
+    data: memoryview,
+    walked: Any,
+    path: Path,
+    errors: tuple[type[Exception], ...],
+    expected: dict[str, str],
+) -> list[Any]:
+    """read_received_header by the whole parse, then from the walk's elements: (meta, JSON) or
+    (error type, message) each; an error not in ``errors`` fails the test."""
+    outcomes: list[Any] = []
+    for elements in (None, walked.top_level_headers):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                meta = index.read_received_header(
+                    data,
+                    pixel_data_offset=walked.pixel_data_offset,
+                    path=path,
+                    top_level_headers=elements,
+                    **expected,
+                )
+            outcomes.append((meta, meta.dicom_json))
+        except errors as exc:
+            outcomes.append((type(exc).__name__, str(exc)))
+    return outcomes
+
+
 def _testdata_files() -> list[Path]:
     """pydicom's own test files and pydicom-data's, from the installed packages (no download)."""
     folders = [Path(get_testdata_file("CT_small.dcm") or "").parent, pydicom_data_files()]
@@ -276,21 +303,9 @@ def test_the_header_from_the_walk_equals_the_whole_parse_on_pydicoms_test_files(
             "expected_sop_instance_uid": str(meta.get("MediaStorageSOPInstanceUID", "")),
             "transfer_syntax_uid": syntax,
         }
-        outcomes = []
-        for offsets in (None, walked.top_level_offsets):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    got = index.read_received_header(
-                        memoryview(raw)[start:],
-                        pixel_data_offset=walked.pixel_data_offset,
-                        path=name,
-                        top_level_offsets=offsets,
-                        **expected,
-                    )
-                outcomes.append((got, got.dicom_json))
-            except (index.UnreadableInstanceError, index.InvalidInstanceError) as exc:
-                outcomes.append((type(exc), str(exc)))
+        outcomes = _both_ways_received(
+            memoryview(raw)[start:], walked, name, (index.UnreadableInstanceError, index.InvalidInstanceError), expected
+        )
         assert outcomes[0] == outcomes[1], name
         compared += 1
     assert compared > 50
@@ -366,23 +381,13 @@ def test_the_walk_and_the_whole_parse_agree_on_random_headers(tmp_path: Path) ->
             continue  # refused before any header is read
         path = tmp_path / "instance.dcm"
         path.write_bytes(raw)
-        outcomes: list[Any] = []
-        for offsets in (None, walked.top_level_offsets):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    meta = index.read_received_header(
-                        memoryview(raw)[start:],
-                        pixel_data_offset=walked.pixel_data_offset,
-                        path=path,
-                        expected_sop_class_uid=str(CTImageStorage),
-                        expected_sop_instance_uid="1.2.3.4",
-                        transfer_syntax_uid=syntax,
-                        top_level_offsets=offsets,
-                    )
-                outcomes.append((meta, meta.dicom_json))
-            except Exception as exc:  # the same refusal both ways, whatever it is
-                outcomes.append((type(exc).__name__, str(exc)))
+        expected = {
+            "expected_sop_class_uid": str(CTImageStorage),
+            "expected_sop_instance_uid": "1.2.3.4",
+            "transfer_syntax_uid": syntax,
+        }
+        # the same refusal both ways, whatever it is
+        outcomes = _both_ways_received(memoryview(raw)[start:], walked, path, (Exception,), expected)
         assert outcomes[0] == outcomes[1], values
         compared += 1
     assert compared > 1000
