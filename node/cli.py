@@ -170,6 +170,13 @@ def _parser() -> argparse.ArgumentParser:
         help="with --real: nodules inserted into each series' lungs, sensitivity by size (default 12; 0: none)",
     )
     p.add_argument(
+        "--pleural",
+        type=int,
+        default=12,
+        metavar="N",
+        help="with --real: solid masses inserted at each series' pleura, sensitivity by long axis (default 12; 0: none)",
+    )
+    p.add_argument(
         "--no-lesion-filter",
         action="store_true",
         help="score every component of the model's map (no lung region, no lesion filter)",
@@ -777,7 +784,14 @@ def _cmd_evaluate(settings: Settings | None, args: argparse.Namespace) -> int:
     )
     if args.real is not None:
         report = evaluate_real_series(
-            package, args.real, device=args.device, report=report, lesions=lesions, inserted=args.inserted, seed=seed
+            package,
+            args.real,
+            device=args.device,
+            report=report,
+            lesions=lesions,
+            inserted=args.inserted,
+            pleural=args.pleural,
+            seed=seed,
         )
     if not args.no_real:
         files = pydicom_data_ct_files()
@@ -826,5 +840,11 @@ def _cmd_evaluate(settings: Settings | None, args: argparse.Namespace) -> int:
                 f"  with {s.inserted_nodules} inserted nodules: {s.inserted_found} found "
                 f"({', '.join(f'{k}: {v}' for k, v in s.inserted_by_size.items())}), "
                 f"{s.inserted_false_findings} false findings"
+            )
+        if s.pleural_masses:
+            print(
+                f"  with {s.pleural_masses} solid masses at the pleura: {s.pleural_found} found "
+                f"({', '.join(f'{k}: {v}' for k, v in s.pleural_by_size.items())}), "
+                f"{s.pleural_false_findings} false findings"
             )
     return EXIT_OK

@@ -15,7 +15,10 @@ same series again with phantom nodules painted into its aerated lung
 the lungs' region of the series without the nodules (its filled outline holds them), so the series
 is segmented once. On slices thicker than the lesion filter's ``max_nodule_slice_mm`` only masses
 are reported, so nodules below the mass size are not found there: that is the filter's choice, and
-the figures show it.
+the figures show it. With ``pleural`` masses per series, the same again with solid phantom nodules of
+20-50 mm centred on the pleura (the part outside the lung left out: a tumour against the chest wall or
+the mediastinum), scored by the RECIST long axis of what was painted (:data:`PLEURAL_SIZE_BUCKETS`):
+whether a tumour like the real one but smaller is found.
 
 Findings are made as the ``ct-lung-nodule`` pipeline makes them: inside the
 lungs' region, through its :class:`~pacsnode.analysis.cnn.findings.LesionFilter`
@@ -74,6 +77,16 @@ REAL_SIZE_BUCKETS: tuple[tuple[str, float, float], ...] = (
 #: Diameters (mm) of the inserted nodules, drawn log-uniformly: every class above gets some.
 INSERTED_DIAMETER_MM = (4.0, 45.0)
 
+#: Size classes (mm, RECIST long axis of what was painted) of the solid masses inserted at the pleura: [low, high).
+PLEURAL_SIZE_BUCKETS: tuple[tuple[str, float, float], ...] = (
+    ("<30 mm", 0.0, 30.0),
+    ("30-40 mm", 30.0, 40.0),
+    (">=40 mm", 40.0, float("inf")),
+)
+
+#: Diameters (mm) of the solid masses inserted at the pleura, before the part outside the lung is left out.
+PLEURAL_DIAMETER_MM = (20.0, 50.0)
+
 
 @dataclass(frozen=True, kw_only=True)
 class RealSeriesScore:
@@ -89,6 +102,10 @@ class RealSeriesScore:
     inserted_found: int = 0
     inserted_by_size: dict[str, str] = field(default_factory=dict)
     inserted_false_findings: int = 0  # on the series with nodules: findings on neither a nodule nor the tumour
+    pleural_masses: int = 0
+    pleural_found: int = 0
+    pleural_by_size: dict[str, str] = field(default_factory=dict)
+    pleural_false_findings: int = 0
 
 
 @dataclass(kw_only=True)
@@ -108,6 +125,7 @@ class EvaluationReport:
     real_tumours_found: str = ""
     real_inserted_sensitivity: float | None = None
     real_inserted_by_size: dict[str, str] = field(default_factory=dict)
+    real_pleural_by_size: dict[str, str] = field(default_factory=dict)
     lesion_filter: bool = True
     seconds: float = 0.0
 
@@ -238,12 +256,14 @@ def evaluate_real_series(
     report: EvaluationReport | None = None,
     lesions: bool = True,
     inserted: int = 0,
+    pleural: int = 0,
     seed: int = HELD_OUT_SEED_BASE,
 ) -> EvaluationReport:
     """Run the model on each real CT series folder under ``root``; a finding on no tumour box is false.
 
     With ``inserted`` > 0, each series is run again with that many nodules inserted into its lungs
-    (series ``n`` from seed ``seed + n``), see the module's description."""
+    (series ``n`` from seed ``seed + n``), with ``pleural`` > 0 again with that many solid masses
+    inserted at its pleura (seed ``seed + 1000 + n``); see the module's description."""
     import json
 
     from pacsnode.analysis.cnn.engine import VolumeInput
@@ -267,7 +287,7 @@ def evaluate_real_series(
             x0, y0, x1, y1 = (int(v) for v in box["bbox_xyxy_px"])
             boxes[k, y0 : y1 + 1, x0 : x1 + 1] = True
         lungs = None
-        if inserted > 0:  # segmented once: the lungs' region of the findings and where the nodules go
+        if inserted > 0 or pleural > 0:  # segmented once: the lungs' region of the findings and where the nodules go
             from pacsnode.analysis.lung.segmentation import segment_lungs
 
             lungs = segment_lungs(volume)
@@ -280,10 +300,16 @@ def evaluate_real_series(
             slices = np.flatnonzero(largest.mask.any(axis=(1, 2)))
             span = round(float(slices[-1] - slices[0] + 1) * volume.spacing[0], 1)
         nodules: dict[str, Any] = {}
-        if lungs is not None:
-            nodules = _score_inserted(
-                engine, package, volume, lungs, boxes, lesions, inserted, seed + len(report.real_series), folder.name
+        n = len(report.real_series)
+        if lungs is not None and inserted > 0:
+            nodules = _score_inserted(engine, package, volume, lungs, boxes, lesions, inserted, seed + n, folder.name)
+        if lungs is not None and pleural > 0:
+            pleural_scores = _score_inserted(
+                engine, package, volume, lungs, boxes, lesions, pleural, seed + 1000 + n, folder.name, at_pleura=True
             )
+            nodules |= {
+                k.replace("inserted_", "pleural_").replace("_nodules", "_masses"): v for k, v in pleural_scores.items()
+            }
         score = RealSeriesScore(
             series=folder.name,
             findings=len(findings),
@@ -305,6 +331,8 @@ def evaluate_real_series(
         if total:
             report.real_inserted_sensitivity = round(sum(s.inserted_found for s in report.real_series) / total, 4)
             report.real_inserted_by_size = _sum_fractions([s.inserted_by_size for s in report.real_series])
+        if any(s.pleural_masses for s in report.real_series):
+            report.real_pleural_by_size = _sum_fractions([s.pleural_by_size for s in report.real_series])
     report.seconds += round(time.perf_counter() - started, 1)
     return report
 
@@ -319,11 +347,15 @@ def _score_inserted(
     count: int,
     seed: int,
     name: str,
+    *,
+    at_pleura: bool = False,
 ) -> dict[str, Any]:
-    """The :class:`RealSeriesScore` fields of ``count`` nodules inserted into ``volume``'s lungs (seeded)."""
+    """The :class:`RealSeriesScore` fields of ``count`` nodules inserted into ``volume``'s lungs (seeded); with
+    ``at_pleura``, solid masses at the pleura, scored by their RECIST long axis (:data:`PLEURAL_SIZE_BUCKETS`)."""
     from dataclasses import replace
 
     from pacsnode.analysis.cnn.engine import VolumeInput
+    from pacsnode.analysis.cnn.findings import axial_diameter_mm
     from pacsnode.analysis.lung.region import lung_region
     from pacsnode.analysis.modeldev.real import TUMOUR_MIN_HU, RealSeries, insert_nodules
 
@@ -338,22 +370,41 @@ def _score_inserted(
         tumour=boxes & (volume.hu > TUMOUR_MIN_HU) & region,
         tumour_slices=frozenset(np.flatnonzero(boxes.any(axis=(1, 2))).tolist()),
     )
-    image, labels, truths = insert_nodules(series, np.random.default_rng(seed), count, diameter_mm=INSERTED_DIAMETER_MM)
+    if at_pleura:
+        image, labels, truths = insert_nodules(
+            series,
+            np.random.default_rng(seed),
+            count,
+            diameter_mm=PLEURAL_DIAMETER_MM,
+            kinds=("solid",),
+            at_pleura=True,
+        )
+        buckets = PLEURAL_SIZE_BUCKETS
+        sizes = [axial_diameter_mm(np.argwhere(labels == k), volume.spacing) for k in range(1, len(truths) + 1)]
+    else:
+        image, labels, truths = insert_nodules(
+            series, np.random.default_rng(seed), count, diameter_mm=INSERTED_DIAMETER_MM
+        )
+        buckets = REAL_SIZE_BUCKETS
+        sizes = [diameter for diameter, _ in truths]
     info = np.iinfo(volume.hu.dtype) if np.issubdtype(volume.hu.dtype, np.integer) else None
     hu = np.round(image) if info is None else np.clip(np.round(image), info.min, info.max)
     with_nodules = replace(volume, hu=hu.astype(volume.hu.dtype))
     prob = engine.predict([VolumeInput(image=with_nodules.hu, spacing=with_nodules.spacing)])[0]
     findings = _findings(prob, with_nodules, package, lesions, region=region)
-    by_size = {bucket: [0, 0] for bucket, _, _ in REAL_SIZE_BUCKETS}
+    by_size = {bucket: [0, 0] for bucket, _, _ in buckets}
     found = 0
-    for number, (diameter, _) in enumerate(truths, start=1):
-        bucket = next(b for b, low, high in REAL_SIZE_BUCKETS if low <= diameter < high)
+    for number, size in enumerate(sizes, start=1):
+        bucket = next(b for b, low, high in buckets if low <= size < high)
         by_size[bucket][1] += 1
         if any((labels[f.mask] == number).any() for f in findings):
             by_size[bucket][0] += 1
             found += 1
     false = sum(1 for f in findings if not ((labels[f.mask] > 0).any() or (f.mask & boxes).any()))
-    logger.info("real series %s with %d inserted nodules: %d found, %d false findings", name, len(truths), found, false)
+    what = "solid masses at the pleura" if at_pleura else "nodules"
+    logger.info(
+        "real series %s with %d inserted %s: %d found, %d false findings", name, len(truths), what, found, false
+    )
     return {
         "inserted_nodules": len(truths),
         "inserted_found": found,

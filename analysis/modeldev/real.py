@@ -9,7 +9,8 @@ region (:func:`pacsnode.analysis.lung.region.region_from_labels` of
 
 :func:`insert_nodules` paints nodules drawn by the phantom generator (same shapes, kinds and
 densities) into the aerated lung, with partial volume along the slice and the image's own noise
-kept, and returns the image and the nodules' mask.
+kept, and returns the image and the nodules' mask; centred on the pleura instead, they stand for a
+tumour against the chest wall or the mediastinum.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = ["RealSeries", "insert_nodules", "load_real_series", "real_series_dirs
 logger = logging.getLogger(__name__)
 
 TUMOUR_MIN_HU = -300.0  # inside a tumour box, soft tissue above this is tumour
+PLEURA_MM = 3.0  # a nodule inserted at the pleura is centred this close to the lungs' region's edge (in-plane)
 _SUBSAMPLES = 5  # sub-slices per slice for the partial volume of an inserted nodule
 
 
@@ -110,11 +112,17 @@ def insert_nodules(
     *,
     slices: tuple[int, int] | None = None,
     diameter_mm: tuple[float, float] = (4.0, 24.0),
+    kinds: tuple[str, ...] | None = None,
+    at_pleura: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[float, np.ndarray]]]:
     """Paint ``count`` phantom nodules into the aerated lung of ``series`` (slices ``[lo, hi)`` only).
 
+    ``kinds``: the nodule kinds drawn from (default all of the phantoms'). ``at_pleura``: each
+    nodule is centred on the aerated lung within ``PLEURA_MM`` in-plane of the lungs' region's
+    edge (the pleura, the mediastinum), so the part of it outside the lung is left out, as for a
+    tumour against the chest wall; otherwise on lung at least two voxels from its edge.
     Returns the image (float32 HU), the mask of the inserted nodules (uint16, nodule k = k) and,
-    per nodule, (its equivalent diameter in mm, its centre voxel).
+    per nodule, (its equivalent diameter in mm of what was painted, its centre voxel).
     """
     from pacsnode.analysis.modeldev.synthetic import NODULE_KINDS, _draw_nodule, _Ellipsoid, _nodule_mask
 
@@ -124,7 +132,13 @@ def insert_nodules(
     lo, hi = slices if slices is not None else (0, depth)
     # The image's own texture (noise, kernel) is kept on top of a nodule's value.
     detail = image - ndimage.gaussian_filter(image, sigma=(0, 2.0, 2.0))
-    eroded = ndimage.binary_erosion(series.lung, iterations=2)
+    if at_pleura:
+        in_plane = np.zeros((3, 3, 3), dtype=bool)
+        in_plane[1] = ndimage.generate_binary_structure(2, 1)
+        steps = max(1, int(round(PLEURA_MM / series.pixel_mm)))
+        eroded = series.lung & ~ndimage.binary_erosion(series.region, structure=in_plane, iterations=steps)
+    else:
+        eroded = ndimage.binary_erosion(series.lung, iterations=2)
     eroded[:lo] = False
     eroded[hi:] = False
     eroded &= ~ndimage.binary_dilation(series.tumour, iterations=8)
@@ -133,7 +147,7 @@ def insert_nodules(
     truths: list[tuple[float, np.ndarray]] = []
     dz, ps = series.slice_mm, series.pixel_mm
     for _ in range(count):
-        shape = _draw_nodule(rng, (dummy, dummy), diameter_mm, NODULE_KINDS)
+        shape = _draw_nodule(rng, (dummy, dummy), diameter_mm, kinds or NODULE_KINDS)
         if len(candidates) == 0:
             break
         centre = candidates[int(rng.integers(0, len(candidates)))]

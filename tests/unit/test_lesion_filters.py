@@ -241,3 +241,34 @@ def test_a_mass_takes_in_its_margin_but_not_a_vessel_or_the_hilar_trunk() -> Non
     (core,) = core_only
     assert core.mask[parts["trunk"]].any() and not core.mask[parts["margin"]].any()
     assert core.extent_mm is not None and core.extent_mm > 100.0
+
+
+def test_a_compact_mass_under_the_volume_of_a_30_mm_sphere_is_a_mass_a_tangle_of_that_size_not() -> None:
+    """A tumour of 30-40 mm against the chest wall has less than a 30 mm sphere's volume in the lung: it is a
+    mass when it is compact; the vessels and bronchi of a hilum that survive the opening are not."""
+    from pacsnode.analysis.cnn.findings import find_masses, shape_of
+
+    volume, region = _lung_volume(slice_mm=5.0)
+    z, y, x = np.ogrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    # Half an ellipsoid against the region's edge (column 20): 36 mm along the chest wall, 19 mm into the
+    # lung, 25 mm of slices.
+    compact = ((z - 30) * 5.0 / 12.5) ** 2 + ((y - 40) / 18.0) ** 2 + ((x - 20) / 19.0) ** 2 <= 1.0
+    compact &= region
+    # An L of two bars 12 mm wide, 32 and 32 mm long, over 4 slices (20 mm): a tangle with a longer reach.
+    tangle = np.zeros(SHAPE, dtype=bool)
+    tangle[28:32, 60:72, 44:76] = True
+    tangle[28:32, 72:92, 44:56] = True
+    volume.hu[compact | tangle] = 40
+    sphere_mm3 = np.pi / 6.0 * MASS_MM**3
+    for blob in (compact, tangle):
+        assert np.count_nonzero(blob) * 5.0 < sphere_mm3  # under the old volume floor
+    assert (
+        shape_of(np.argwhere(compact), (5.0, 1.0, 1.0)).fill > 0.8 > shape_of(np.argwhere(tangle), (5.0, 1.0, 1.0)).fill
+    )
+    found = _lesions_in(volume, np.zeros(SHAPE, dtype=bool), region)
+    assert [(f.kind, bool(f.mask[30, 40, 25])) for f in found] == [("mass", True)]
+    assert found[0].longest_diameter_mm >= MASS_MM
+    # Without the compactness tests the tangle is a mass too; without the compact rule the tumour is none.
+    loose = _lesions_in(volume, np.zeros(SHAPE, dtype=bool), region, compact_mass_fill=0.0, compact_mass_elongation=9.0)
+    assert len(loose) == 2
+    assert find_masses(volume.hu, volume.spacing, region, LesionFilter(compact_mass_mm=None)) == []
