@@ -101,7 +101,11 @@ class LesionFilter:
     ground-glass or spiculated margin is; the aerated lung and a single vessel crossing it are
     not), inside the region; what the growth adds is opened with a disk of radius
     ``margin_open_mm`` (a vessel leaving the tumour is thinner than its diameter and stays out)
-    and kept where it touches the core. ``margin_hu`` None: the core is the outline.
+    and kept where it touches the core. ``margin_hu`` None: the core is the outline. Where the lungs'
+    region cuts the tumour (its closed outline bridges the hilum with an arc, and a tumour against the
+    mediastinum runs on beyond it), the outline would have a concave edge along that arc: with
+    ``hull_outside_region``, the tissue outside the region within the convex hull of each slice's
+    outline (at or above ``margin_hu``, averaged as above) is the tumour's too.
 
     **A mass's slices.** The opened core of a tumour at the hilum joins the hilar vessels and
     bronchi, which run on for centimetres above and below it. From the core's slice of largest
@@ -136,6 +140,7 @@ class LesionFilter:
     margin_mm: float = 10.0
     margin_smooth_mm: float = 4.0
     margin_open_mm: float = 2.0
+    hull_outside_region: bool = True
     min_section_fraction: float | None = 0.5
 
 
@@ -344,8 +349,24 @@ def outline_mass(
             parts, _ = ndimage.label(grown)
             touching = np.unique(parts[own[z]])
             mask[z] = ndimage.binary_fill_holes(np.isin(parts, touching[touching > 0]))
+        if rules.hull_outside_region:
+            mask |= _hull_outside(mask, smooth >= rules.margin_hu, region[box])
     outline: np.ndarray = np.argwhere(mask) + origin
     return outline
+
+
+def _hull_outside(mask: np.ndarray, tissue: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Per slice, the ``tissue`` outside ``region`` within the convex hull of ``mask``'s section: where the
+    lungs' region cuts a tumour that reaches into the mediastinum or the hilum (see "A mass's outline")."""
+    import cv2
+
+    added = np.zeros_like(mask)
+    for z in np.flatnonzero(mask.any(axis=(1, 2))):
+        points = np.argwhere(mask[z])[:, ::-1].astype(np.int32)  # (x, y) for OpenCV
+        hull = np.zeros(mask.shape[1:], dtype=np.uint8)
+        cv2.fillPoly(hull, [cv2.convexHull(points)], 1)
+        added[z] = hull.astype(bool) & tissue[z] & ~region[z]
+    return added
 
 
 def _mass_slices(mask: np.ndarray, spacing: tuple[float, float, float], fraction: float) -> np.ndarray:

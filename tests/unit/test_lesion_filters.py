@@ -272,3 +272,24 @@ def test_a_compact_mass_under_the_volume_of_a_30_mm_sphere_is_a_mass_a_tangle_of
     loose = _lesions_in(volume, np.zeros(SHAPE, dtype=bool), region, compact_mass_fill=0.0, compact_mass_elongation=9.0)
     assert len(loose) == 2
     assert find_masses(volume.hu, volume.spacing, region, LesionFilter(compact_mass_mm=None)) == []
+
+
+def test_a_mass_cut_by_the_regions_arc_takes_in_the_tissue_within_its_hull_not_the_mediastinum() -> None:
+    """The lungs' region bridges the hilum with an arc; a tumour against the mediastinum runs on beyond it.
+    Its outline takes in the tissue outside the region within its own convex hull (the chord across the
+    arc), and nothing of the mediastinum beyond that chord."""
+    volume, region = _lung_volume(slice_mm=5.0)
+    z, y, x = np.ogrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    bay = np.broadcast_to((y - 60) ** 2 + (x - 20) ** 2 <= 15**2, SHAPE)  # the arc, bulging into the lung
+    region &= ~bay
+    volume.hu[~region] = 40  # the mediastinum and the chest wall: soft tissue
+    volume.hu[:, :, :20] = 40
+    solid = np.broadcast_to(np.abs(z - 30) <= 4, SHAPE) & ((y - 60) ** 2 + (x - 38) ** 2 <= 18**2)
+    volume.hu[solid] = 40
+    # The circles cross at column 26.25: the chord there, the arc bulging to column 35 at row 60.
+    (mass,) = _lesions_in(volume, np.zeros(SHAPE, dtype=bool), region)
+    assert mass.kind == "mass"
+    assert mass.mask[30, 60, 28:35].all()  # between the chord and the arc
+    assert not mass.mask[30, 60, :25].any()  # the mediastinum beyond the chord
+    (cut,) = _lesions_in(volume, np.zeros(SHAPE, dtype=bool), region, hull_outside_region=False)
+    assert not cut.mask[30, 60, 28:35].any()  # without it the outline follows the arc
