@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -143,6 +143,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="folder of real CT series folders (tumour boxes in DIR/annotations.json): real lungs with inserted "
         "nodules, the tumour and hard negatives in each batch",
+    )
+    p.add_argument(
+        "--init",
+        metavar="NAME|DIR",
+        help="start from this model package's weights (a fine-tuning) instead of random ones",
+    )
+    p.add_argument(
+        "--learning-rate", type=float, default=None, metavar="LR", help="Adam's initial rate (default 0.003)"
     )
     p = _command(
         sub, "evaluate", _cmd_evaluate, help="score a nodule model on held-out generated studies and real CT images"
@@ -752,7 +760,10 @@ def _cmd_train(settings: Settings | None, args: argparse.Namespace) -> int:
     def progress(step: int, loss: float) -> None:
         print(f"step {step}/{args.steps}: loss {loss:.4f}", flush=True)
 
-    manifest = train(args.out, TrainConfig(seed=args.seed, steps=args.steps), progress=progress, real=args.real)
+    config = TrainConfig(seed=args.seed, steps=args.steps)
+    if args.learning_rate is not None:
+        config = replace(config, learning_rate=args.learning_rate)
+    manifest = train(args.out, config, progress=progress, real=args.real, init=args.init)
     size = (args.out / manifest["weights"]["file"]).stat().st_size
     print(
         f"wrote {args.out}/manifest.json and {manifest['weights']['file']} ({size / 1e6:.2f} MB), "

@@ -328,6 +328,7 @@ def train(
     *,
     progress: Callable[[int, float], None] | None = None,
     real: Path | None = None,
+    init: str | None = None,
 ) -> dict[str, Any]:
     """Train the lung-nodule model and write a model package (manifest.json + model.pt) to ``out_dir``.
 
@@ -335,7 +336,8 @@ def train(
     tumour boxes in an ``annotations.json`` beside them): each batch then holds ``config.real_crops``
     crops of those series, with phantom nodules inserted into their lungs (labelled), the annotated
     tumour (labelled) and the rest of the lungs (vessels, airways, pleura: labelled 0). Without it the
-    training is phantoms only, as it always was.
+    training is phantoms only, as it always was. ``init`` (a model package's name or folder, of this
+    architecture) starts from that package's weights instead of random ones: a fine-tuning.
 
     Returns
     -------
@@ -360,6 +362,17 @@ def train(
     from monai.networks.nets.unet import UNet
 
     net = UNet(**ARCHITECTURE["params"])
+    init_from: dict[str, str] = {}
+    if init is not None:
+        from pacsnode.analysis.cnn.package import load_package
+
+        start = load_package(init)
+        net.load_state_dict(torch.load(start.weights_path, map_location="cpu", weights_only=True))
+        init_from = {
+            "name": start.manifest.name,
+            "version": start.manifest.version,
+            "sha256": start.manifest.weights.sha256,
+        }
     optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=config.steps, eta_min=config.learning_rate / 30
@@ -456,7 +469,10 @@ def train(
     else:
         data += "; no patient data"
     training = {
-        "command": "pacsnode train" + (" --real DIR" if real_studies else ""),
+        "command": "pacsnode train"
+        + (" --real DIR" if real_studies else "")
+        + (f" --init {init_from['name']} --learning-rate {config.learning_rate:g}" if init_from else ""),
+        **({"init": init_from} if init_from else {}),
         "config": asdict(config),
         "data": data,
         "final_loss": round(float(np.mean(losses[-50:])), 4),

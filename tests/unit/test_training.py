@@ -115,3 +115,28 @@ def test_hard_negatives_are_mined_in_the_lungs_off_the_labels() -> None:
     assert len(found) == 5000 and net.training
     z, r, c = found.T
     assert series.region[z, r, c].all() and not study.target[z, r, c].any() and study.usable[z].all()
+
+
+def test_a_fine_tuning_starts_from_the_given_packages_weights_and_says_so(tmp_path: Path) -> None:
+    import torch
+
+    shipped = load_package("lung-nodule")
+    tuned = train(tmp_path / "t", TrainConfig(seed=5, learning_rate=1e-9, **TINY), init="lung-nodule")
+    assert tuned["training"]["init"] == {
+        "name": "lung-nodule",
+        "version": "1.0.0",
+        "sha256": shipped.manifest.weights.sha256,
+    }
+    assert "--init lung-nodule" in tuned["training"]["command"]
+    start = torch.load(shipped.weights_path, weights_only=True)
+    after = torch.load(load_package(tmp_path / "t").weights_path, weights_only=True)
+    # A learning rate of 1e-9 over 3 steps leaves the weights where they began (Adam moves each by at most
+    # the rate per step); a random start would not be near them. Batch-norm statistics still move.
+    moved = [
+        k
+        for k in start
+        if start[k].is_floating_point() and "running" not in k and not torch.allclose(start[k], after[k], atol=1e-6)
+    ]
+    assert moved == []
+    scratch = train(tmp_path / "s", TrainConfig(seed=5, learning_rate=1e-9, **TINY))
+    assert scratch["weights"]["sha256"] != tuned["weights"]["sha256"] and "init" not in scratch["training"]
