@@ -97,6 +97,7 @@ class _Loaded:
     series_uid: str
     volume: Volume
     region: np.ndarray | None = None  # where findings may lie (the lungs' region); None: everywhere
+    airways: np.ndarray | None = None  # the traced trachea and main bronchi (the lesion filter's hila)
 
 
 class ModelPipeline(Pipeline):
@@ -186,14 +187,16 @@ class ModelPipeline(Pipeline):
             raise InputError(
                 f"model {package.manifest.name} takes {', '.join(allowed)} images, the series is {modality}"
             )
-        region = self._region(volume, lungs)
-        return _Loaded(inputs=inputs, series_uid=series.series_instance_uid, volume=volume, region=region)
+        region, airways = self._region(volume, lungs)
+        return _Loaded(
+            inputs=inputs, series_uid=series.series_instance_uid, volume=volume, region=region, airways=airways
+        )
 
     lesion_filter: LesionFilter | None = None  # shape tests of the findings (None: every component is one)
 
-    def _region(self, volume: Volume, lungs: LungResult | None) -> np.ndarray | None:
-        """Where findings may lie: everywhere for a generic model."""
-        return None
+    def _region(self, volume: Volume, lungs: LungResult | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Where findings may lie (everywhere for a generic model) and the traced airways (none)."""
+        return None, None
 
     def _lesions(self, params: ModelParams) -> LesionFilter | None:
         """The pipeline's lesion filter with the params' limit on the model's spots (None: no filter)."""
@@ -241,6 +244,7 @@ class ModelPipeline(Pipeline):
                 manifest.output.activation,
                 region=item.region,
                 lesions=self._lesions(params),
+                airways=item.airways,
             )
             datasets = write_segmentation_results(
                 item.volume,
@@ -279,16 +283,17 @@ class LungNodulePipeline(ModelPipeline):
     version = "1.0.0"
     lesion_filter = LesionFilter()
 
-    def _region(self, volume: Volume, lungs: LungResult | None) -> np.ndarray | None:
-        """The lungs' region (:func:`~pacsnode.analysis.lung.region.lung_region`), the anatomy check's
-        segmentation reused; an empty one (no findings) when the images show no lungs."""
-        from pacsnode.analysis.lung.region import lung_region
+    def _region(self, volume: Volume, lungs: LungResult | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The lungs' region (:func:`~pacsnode.analysis.lung.region.lung_region`) and the airways its
+        segmentation traced, the anatomy check's segmentation reused; an empty region (no findings) when the
+        images show no lungs."""
+        from pacsnode.analysis.lung.region import lung_airways, lung_region
 
         try:
-            return lung_region(volume, lungs)
+            return lung_region(volume, lungs), lung_airways(volume, lungs)
         except InputError as exc:
             logger.warning("no lungs found (%s): no nodule findings", exc)
-            return np.zeros(volume.hu.shape, dtype=bool)
+            return np.zeros(volume.hu.shape, dtype=bool), None
 
 
 class _JobBatch:

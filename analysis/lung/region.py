@@ -30,13 +30,13 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from pacsnode.analysis.types import LungResult, Volume
 
-__all__ = ["CLOSING_MM", "lung_region", "region_from_labels"]
+__all__ = ["CLOSING_MM", "lung_airways", "lung_region", "region_from_labels"]
 
 #: Radius of the closing that turns a lung's outline into its region (mm).
 CLOSING_MM = 30.0
 
 _CACHE_SIZE = 2
-_cache: OrderedDict[int, tuple[weakref.ref[Volume], np.ndarray]] = OrderedDict()
+_cache: OrderedDict[int, tuple[weakref.ref[Volume], np.ndarray, np.ndarray | None]] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
@@ -72,20 +72,31 @@ def lung_region(volume: Volume, lungs: LungResult | None = None) -> np.ndarray:
     volume is segmented with the default settings. Raises
     :class:`~pacsnode.analysis.errors.InputError` when the volume shows no lungs.
     """
+    return _region_and_airways(volume, lungs)[0]
+
+
+def lung_airways(volume: Volume, lungs: LungResult | None = None) -> np.ndarray | None:
+    """The trachea and main bronchi traced by the segmentation behind :func:`lung_region` (bool, the
+    volume's shape), or None when none were traced; shares its cache and its errors."""
+    return _region_and_airways(volume, lungs)[1]
+
+
+def _region_and_airways(volume: Volume, lungs: LungResult | None) -> tuple[np.ndarray, np.ndarray | None]:
     key = id(volume)
     with _cache_lock:
         hit = _cache.get(key)
         if hit is not None and hit[0]() is volume:
             _cache.move_to_end(key)
-            return hit[1]
+            return hit[1], hit[2]
     if lungs is None:
         from pacsnode.analysis.lung.segmentation import segment_lungs
 
         lungs = segment_lungs(volume)
     region = region_from_labels(lungs.labels, pixel_mm=float(min(volume.spacing[1:])))
     region.setflags(write=False)
+    airways = lungs.airways
     with _cache_lock:
-        _cache[key] = (weakref.ref(volume), region)  # a reused id is told apart by the dead reference
+        _cache[key] = (weakref.ref(volume), region, airways)  # a reused id is told apart by the dead reference
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
-    return region
+    return region, airways

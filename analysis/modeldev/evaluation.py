@@ -228,23 +228,29 @@ def evaluate_phantoms(
 
 
 def _findings(
-    prob: np.ndarray, volume: Any, package: ModelPackage, lesions: bool, region: np.ndarray | None = None
+    prob: np.ndarray,
+    volume: Any,
+    package: ModelPackage,
+    lesions: bool,
+    region: np.ndarray | None = None,
+    airways: np.ndarray | None = None,
 ) -> list[Any]:
-    """The findings as the ``ct-lung-nodule`` pipeline makes them (``lesions``; in ``region``, by default the
-    volume's lungs' region), or every component of the map."""
+    """The findings as the ``ct-lung-nodule`` pipeline makes them (``lesions``; in ``region`` with the traced
+    ``airways``, by default the volume's lungs' region and airways), or every component of the map."""
     from pacsnode.analysis.cnn.findings import LesionFilter, findings_from_probabilities
     from pacsnode.analysis.errors import InputError
-    from pacsnode.analysis.lung.region import lung_region
+    from pacsnode.analysis.lung.region import lung_airways, lung_region
 
     output = package.manifest.output
     if not lesions:
         return findings_from_probabilities(prob, volume, output.labels, output.activation)
-    try:
-        region = lung_region(volume) if region is None else region
-    except InputError:
-        region = np.zeros(volume.hu.shape, dtype=bool)
+    if region is None:
+        try:
+            region, airways = lung_region(volume), lung_airways(volume)
+        except InputError:
+            region = np.zeros(volume.hu.shape, dtype=bool)
     return findings_from_probabilities(
-        prob, volume, output.labels, output.activation, region=region, lesions=LesionFilter()
+        prob, volume, output.labels, output.activation, region=region, lesions=LesionFilter(), airways=airways
     )
 
 
@@ -292,7 +298,14 @@ def evaluate_real_series(
 
             lungs = segment_lungs(volume)
         prob = engine.predict([VolumeInput(image=volume.hu, spacing=volume.spacing)])[0]
-        findings = _findings(prob, volume, package, lesions, region=lung_region(volume, lungs) if lungs else None)
+        findings = _findings(
+            prob,
+            volume,
+            package,
+            lesions,
+            region=lung_region(volume, lungs) if lungs else None,
+            airways=lungs.airways if lungs else None,
+        )
         on_tumour = [f for f in findings if (f.mask & boxes).any()]
         largest = max(on_tumour, key=lambda f: f.longest_diameter_mm, default=None)
         span = None
@@ -391,7 +404,7 @@ def _score_inserted(
     hu = np.round(image) if info is None else np.clip(np.round(image), info.min, info.max)
     with_nodules = replace(volume, hu=hu.astype(volume.hu.dtype))
     prob = engine.predict([VolumeInput(image=with_nodules.hu, spacing=with_nodules.spacing)])[0]
-    findings = _findings(prob, with_nodules, package, lesions, region=region)
+    findings = _findings(prob, with_nodules, package, lesions, region=region, airways=lungs.airways)
     by_size = {bucket: [0, 0] for bucket, _, _ in buckets}
     found = 0
     for number, size in enumerate(sizes, start=1):

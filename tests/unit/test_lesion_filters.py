@@ -293,3 +293,44 @@ def test_a_mass_cut_by_the_regions_arc_takes_in_the_tissue_within_its_hull_not_t
     assert not mass.mask[30, 60, :25].any()  # the mediastinum beyond the chord
     (cut,) = _lesions_in(volume, np.zeros(SHAPE, dtype=bool), region, hull_outside_region=False)
     assert not cut.mask[30, 60, 28:35].any()  # without it the outline follows the arc
+
+
+def test_a_round_solid_nodule_is_found_in_the_image_away_from_the_hila_on_thick_slices() -> None:
+    """On 5 mm slices, where the model's findings are not reported, a round solid nodule of 20 mm in the lung is
+    an image-rule nodule; the same one within ``hilum_mm`` of the traced bronchi is not (the hilar vessels
+    leave blobs as round), nor is anything without traced airways, nor a vessel segment as thick."""
+    volume, region = _lung_volume(slice_mm=5.0)
+    z, y, x = np.ogrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    nodule = ((z - 30) * 5.0 / 10.0) ** 2 + ((y - 45) / 10.0) ** 2 + ((x - 45) / 10.0) ** 2 <= 1.0  # 20 mm
+    vessel = np.zeros(SHAPE, dtype=bool)
+    vessel[26:35, 80:88, 60:80] = True  # 20 x 8 mm in-plane, over 45 mm of slices: a tube, not a nodule
+    volume.hu[nodule | vessel] = 40
+    far = np.zeros(SHAPE, dtype=bool)
+    far[:, 115:118, 2:5] = True  # a bronchus 70 mm and more away
+    near = np.zeros(SHAPE, dtype=bool)
+    near[20:40, 45:49, 70:74] = True  # one 15 mm from the nodule's edge
+    none = np.zeros(SHAPE, dtype=bool)
+
+    def image_findings(airways: np.ndarray | None) -> list[Finding]:
+        return findings_from_probabilities(
+            _prob(none), volume, [LABEL], "sigmoid", region=region, lesions=LesionFilter(), airways=airways
+        )
+
+    (found,) = image_findings(far)
+    assert (found.kind, found.source, found.probability) == ("nodule", "image rule", None)
+    assert found.mask[30, 45, 45] and not found.mask[30, 84, 76]
+    assert 17.0 <= found.longest_diameter_mm < MASS_MM
+    assert image_findings(near) == []
+    assert image_findings(None) == []
+    # The shape tests are what leaves the vessel out.
+    loose = findings_from_probabilities(
+        _prob(none),
+        volume,
+        [LABEL],
+        "sigmoid",
+        region=region,
+        lesions=LesionFilter(compact_mass_elongation=9.0, compact_mass_fill=0.0, nodule_max_flatness=9.0),
+        airways=far,
+    )
+    assert len(loose) == 2
+    assert _lesions_in(volume, none, region, nodule_mm=None) == []

@@ -33,12 +33,13 @@ class Proxy:
     boxes: np.ndarray
     prob: np.ndarray
     region: np.ndarray
+    airways: np.ndarray | None
 
 
 def _thin_proxy(name: str) -> Proxy:
     from pacsnode.analysis.cnn.engine import EngineOptions, InferenceEngine, VolumeInput, warm_model
     from pacsnode.analysis.cnn.package import load_package
-    from pacsnode.analysis.lung.region import lung_region
+    from pacsnode.analysis.lung.region import lung_airways, lung_region
     from pacsnode.analysis.volume import load_series
 
     root = real_chest_ct()
@@ -69,7 +70,13 @@ def _thin_proxy(name: str) -> Proxy:
     options = EngineOptions(device="cpu")
     engine = InferenceEngine(warm_model(package, options), options)
     prob = engine.predict([VolumeInput(image=thin.hu, spacing=thin.spacing)])[0]
-    return Proxy(volume=thin, boxes=boxes[below] | boxes[above], prob=prob, region=lung_region(thin))
+    return Proxy(
+        volume=thin,
+        boxes=boxes[below] | boxes[above],
+        prob=prob,
+        region=lung_region(thin),
+        airways=lung_airways(thin),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +92,13 @@ def _findings(proxy: Proxy, **rules: Any) -> list[Any]:
     output = load_package("lung-nodule").manifest.output
     lesions = replace(LungNodulePipeline.lesion_filter, **rules)
     return findings_from_probabilities(
-        proxy.prob, proxy.volume, output.labels, output.activation, region=proxy.region, lesions=lesions
+        proxy.prob,
+        proxy.volume,
+        output.labels,
+        output.activation,
+        region=proxy.region,
+        lesions=lesions,
+        airways=proxy.airways,
     )
 
 
