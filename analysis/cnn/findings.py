@@ -105,7 +105,8 @@ class LesionFilter:
     soft tissue (lung around most of it; a nodule against the pleura has the chest wall along a
     part), farther than ``hilum_mm`` from the airways (the hilar vessels and bronchi around them
     leave blobs just as round) and whose outline (below) is ``nodule_mm`` or more across is a
-    ``"nodule"`` from the image rule (or a mass, when its outline reaches ``mass_mm``). Measured on
+    ``"nodule"`` from the image rule (or a mass, when its outline reaches ``mass_mm``; a blob the mass
+    test found first is not taken twice). Measured on
     the shared real series: no such blob but the tumour; the hilar blob nearest to passing is
     14-35 mm from the traced bronchi, with 0.40-0.44 of its rim soft tissue; the heart's and the
     aorta's corners that the region takes in, 0.63-0.67. ``nodule_mm`` None, or no airways traced
@@ -364,9 +365,8 @@ def find_solid_nodules(
             continue
         mask = labels[box] == k
         idx = np.argwhere(mask) + np.array([s.start for s in box])
-        axis = axial_diameter_mm(idx, spacing)
-        if axis < floor or axis >= rules.mass_core_fraction * rules.mass_mm:
-            continue  # too small, or a mass's to find
+        if axial_diameter_mm(idx, spacing) < floor:
+            continue
         shape = shape_of(idx, spacing)
         if (
             shape.fill < rules.compact_mass_fill
@@ -431,12 +431,15 @@ def _hull_outside(mask: np.ndarray, tissue: np.ndarray, region: np.ndarray) -> n
     """Per slice, the ``tissue`` outside ``region`` within the convex hull of ``mask``'s section: where the
     lungs' region cuts a tumour that reaches into the mediastinum or the hilum (see "A mass's outline")."""
     import cv2
+    from scipy import ndimage
 
     added = np.zeros_like(mask)
     for z in np.flatnonzero(mask.any(axis=(1, 2))):
-        points = np.argwhere(mask[z])[:, ::-1].astype(np.int32)  # (x, y) for OpenCV
+        pieces, count = ndimage.label(mask[z], structure=np.ones((3, 3), dtype=bool))
         hull = np.zeros(mask.shape[1:], dtype=np.uint8)
-        cv2.fillPoly(hull, [cv2.convexHull(points)], 1)
+        for k in range(1, count + 1):  # one hull per piece: never across the gap between two
+            points = np.argwhere(pieces == k)[:, ::-1].astype(np.int32)  # (x, y) for OpenCV
+            cv2.fillPoly(hull, [cv2.convexHull(points)], 1)
         added[z] = hull.astype(bool) & tissue[z] & ~region[z]
     return added
 
@@ -577,6 +580,8 @@ def findings_from_probabilities(
 
     if region is not None and region.shape != volume.hu.shape:
         raise ValueError(f"the region's shape {region.shape} differs from the volume's {volume.hu.shape}")
+    if airways is not None and airways.shape != volume.hu.shape:
+        raise ValueError(f"the airways' shape {airways.shape} differs from the volume's {volume.hu.shape}")
     near_edge = None
     if region is not None and lesions is not None:
         near_edge = _near_edge(region, volume.spacing, lesions.boundary_mm)
@@ -595,10 +600,10 @@ def findings_from_probabilities(
             mass_zone[tuple(outline.T)] = True
         for core in find_solid_nodules(volume.hu, volume.spacing, region, lesions, airways):
             if mass_zone[tuple(core.T)].any():
-                continue
+                continue  # a mass already
             outline = outline_mass(core, volume.hu, volume.spacing, region, lesions)
             assert lesions.nodule_mm is not None  # find_solid_nodules found none otherwise
-            if axial_diameter_mm(outline, volume.spacing) < lesions.nodule_mm:
+            if axial_diameter_mm(outline, volume.spacing) < lesions.nodule_mm or mass_zone[tuple(outline.T)].any():
                 continue
             masses.append(outline)
             mass_zone[tuple(core.T)] = True

@@ -287,10 +287,10 @@ class LungNodulePipeline(ModelPipeline):
         """The lungs' region (:func:`~pacsnode.analysis.lung.region.lung_region`) and the airways its
         segmentation traced, the anatomy check's segmentation reused; an empty region (no findings) when the
         images show no lungs."""
-        from pacsnode.analysis.lung.region import lung_airways, lung_region
+        from pacsnode.analysis.lung.region import lung_region_and_airways
 
         try:
-            return lung_region(volume, lungs), lung_airways(volume, lungs)
+            return lung_region_and_airways(volume, lungs)
         except InputError as exc:
             logger.warning("no lungs found (%s): no nodule findings", exc)
             return np.zeros(volume.hu.shape, dtype=bool), None

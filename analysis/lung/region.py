@@ -30,7 +30,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from pacsnode.analysis.types import LungResult, Volume
 
-__all__ = ["CLOSING_MM", "lung_airways", "lung_region", "region_from_labels"]
+__all__ = ["CLOSING_MM", "lung_airways", "lung_region", "lung_region_and_airways", "region_from_labels"]
 
 #: Radius of the closing that turns a lung's outline into its region (mm).
 CLOSING_MM = 30.0
@@ -72,16 +72,17 @@ def lung_region(volume: Volume, lungs: LungResult | None = None) -> np.ndarray:
     volume is segmented with the default settings. Raises
     :class:`~pacsnode.analysis.errors.InputError` when the volume shows no lungs.
     """
-    return _region_and_airways(volume, lungs)[0]
+    return lung_region_and_airways(volume, lungs)[0]
 
 
 def lung_airways(volume: Volume, lungs: LungResult | None = None) -> np.ndarray | None:
     """The trachea and main bronchi traced by the segmentation behind :func:`lung_region` (bool, the
     volume's shape), or None when none were traced; shares its cache and its errors."""
-    return _region_and_airways(volume, lungs)[1]
+    return lung_region_and_airways(volume, lungs)[1]
 
 
-def _region_and_airways(volume: Volume, lungs: LungResult | None) -> tuple[np.ndarray, np.ndarray | None]:
+def lung_region_and_airways(volume: Volume, lungs: LungResult | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`lung_region` and :func:`lung_airways` from one look at the cache (read-only arrays)."""
     key = id(volume)
     with _cache_lock:
         hit = _cache.get(key)
@@ -95,6 +96,9 @@ def _region_and_airways(volume: Volume, lungs: LungResult | None) -> tuple[np.nd
     region = region_from_labels(lungs.labels, pixel_mm=float(min(volume.spacing[1:])))
     region.setflags(write=False)
     airways = lungs.airways
+    if airways is not None:
+        airways = airways.view()
+        airways.setflags(write=False)
     with _cache_lock:
         _cache[key] = (weakref.ref(volume), region, airways)  # a reused id is told apart by the dead reference
         while len(_cache) > _CACHE_SIZE:

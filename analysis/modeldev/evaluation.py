@@ -239,14 +239,14 @@ def _findings(
     ``airways``, by default the volume's lungs' region and airways), or every component of the map."""
     from pacsnode.analysis.cnn.findings import LesionFilter, findings_from_probabilities
     from pacsnode.analysis.errors import InputError
-    from pacsnode.analysis.lung.region import lung_airways, lung_region
+    from pacsnode.analysis.lung.region import lung_region_and_airways
 
     output = package.manifest.output
     if not lesions:
         return findings_from_probabilities(prob, volume, output.labels, output.activation)
     if region is None:
         try:
-            region, airways = lung_region(volume), lung_airways(volume)
+            region, airways = lung_region_and_airways(volume)
         except InputError:
             region = np.zeros(volume.hu.shape, dtype=bool)
     return findings_from_probabilities(

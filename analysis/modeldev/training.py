@@ -365,8 +365,13 @@ def train(
     init_from: dict[str, str] = {}
     if init is not None:
         from pacsnode.analysis.cnn.package import load_package
+        from pacsnode.analysis.errors import ModelError
 
         start = load_package(init)
+        architecture = start.manifest.architecture
+        if start.bundle_config is not None or architecture is None or architecture.model_dump() != ARCHITECTURE:
+            raise ModelError(f"--init {init}: not a package of this model's architecture ({ARCHITECTURE['name']})")
+        start.build("cpu")  # its weights load into the architecture, or a ModelError says why
         net.load_state_dict(torch.load(start.weights_path, map_location="cpu", weights_only=True))
         init_from = {
             "name": start.manifest.name,
@@ -471,7 +476,11 @@ def train(
     training = {
         "command": "pacsnode train"
         + (" --real DIR" if real_studies else "")
-        + (f" --init {init_from['name']} --learning-rate {config.learning_rate:g}" if init_from else ""),
+        + (
+            f" --init {init if init == init_from['name'] else 'DIR'} --learning-rate {config.learning_rate:g}"
+            if init_from
+            else ""
+        ),
         **({"init": init_from} if init_from else {}),
         "config": asdict(config),
         "data": data,

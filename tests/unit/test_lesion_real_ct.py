@@ -27,7 +27,7 @@ PLEURAL = 12
 # the two series (4/5 each); 2/10 before a smaller compact blob could be a mass and the long axis was measured
 # on the outline rather than the opened core (a crescent against the chest wall loses most to the opening).
 PLEURAL_FLOOR = 0.6
-# Of those under 30 mm, at least this share is found as a solid nodule from the image. Measured 7/12 (2/5, 5/7);
+# Of those under 30 mm, at least this share is found from the image. Measured 10/12 (4/5, 6/7);
 # 1/12 before the image found nodules under the mass size.
 PLEURAL_SMALL_FLOOR = 0.3
 
@@ -93,16 +93,17 @@ def test_nodules_inserted_into_the_real_lungs_are_scored_by_size(scores: dict[st
 
 
 @pytest.mark.slow
-def test_solid_masses_at_the_pleura_are_found_from_30_mm_and_many_under_it(scores: dict[str, Any]) -> None:
-    """A tumour against the chest wall or the mediastinum, like the real one but 20-50 mm across, is a mass
-    from 30 mm, often a solid nodule under it, and adds no false finding."""
+def test_solid_masses_at_the_pleura_are_found_mostly_from_30_mm_and_often_under_it(scores: dict[str, Any]) -> None:
+    """A tumour against the chest wall or the mediastinum, like the real one but 20-50 mm across, is found (a
+    finding overlaps it: on these 5 mm slices only the image's masses and solid nodules are reported) mostly
+    from 30 mm, often under it, and adds no false finding."""
     report = scores["report"]
     for score in report.real_series:
         assert 0 < score.pleural_masses <= PLEURAL
         counts = [tuple(int(n) for n in v.split("/")) for v in score.pleural_by_size.values()]
         assert sum(total for _, total in counts) == score.pleural_masses
         assert sum(found for found, _ in counts) == score.pleural_found
-        assert score.pleural_false_findings == score.false_findings
+        assert score.pleural_false_findings <= score.false_findings
     large = [tuple(int(n) for n in report.real_pleural_by_size[k].split("/")) for k in ("30-40 mm", ">=40 mm")]
     found, total = sum(f for f, _ in large), sum(t for _, t in large)
     assert total >= 6, report.real_pleural_by_size  # enough of them for the floor to mean something

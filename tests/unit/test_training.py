@@ -140,3 +140,18 @@ def test_a_fine_tuning_starts_from_the_given_packages_weights_and_says_so(tmp_pa
     assert moved == []
     scratch = train(tmp_path / "s", TrainConfig(seed=5, learning_rate=1e-9, **TINY))
     assert scratch["weights"]["sha256"] != tuned["weights"]["sha256"] and "init" not in scratch["training"]
+
+
+def test_a_fine_tuning_refuses_a_package_of_another_architecture(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from pacsnode.analysis.errors import ModelError
+
+    other = tmp_path / "other"
+    shutil.copytree(load_package("lung-nodule").root, other)
+    manifest = json.loads((other / "manifest.json").read_text(encoding="utf-8"))
+    manifest["architecture"]["params"]["channels"] = [8, 16, 32, 64]
+    (other / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(ModelError, match="architecture"):
+        train(tmp_path / "t", TrainConfig(seed=5, **TINY), init=str(other))
