@@ -13,11 +13,14 @@ directory fsyncs, inside the transaction that records it) and never indexed.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import functools
 import io
 import logging
 import threading
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,13 +115,20 @@ class _GroupCommit:
     committed at once in its sender's own thread, so a lone sender pays no hand-over to another
     thread and back. Instances arriving while a transaction commits (its fsync) queue up; when
     it ends, its leader hands the queue to the thread of the first queued instance, which commits
-    them all together (at most ``limit``) and then hands on in turn. Each caller returns only once
-    the transaction holding its row has ended.
+    them all together (at most ``limit``) and then hands on in turn. A leader that has to wait for
+    the write gate (another process is committing) takes in the instances that queued meanwhile
+    once it has it. Each caller returns only once the transaction holding its row has ended.
     """
 
-    def __init__(self, commit: Callable[[list[_Member]], None], limit: int = _GROUP_LIMIT) -> None:
+    def __init__(
+        self,
+        commit: Callable[[list[_Member]], None],
+        limit: int = _GROUP_LIMIT,
+        gate: Callable[[], AbstractContextManager[None]] | None = None,
+    ) -> None:
         self._commit = commit
         self._limit = limit
+        self._gate = gate
         self._cond = threading.Condition()  # guards the fields below
         self._queue: list[_Member] = []
         self._leading = False  # a transaction is being committed: newcomers queue
@@ -144,9 +154,20 @@ class _GroupCommit:
         return not isinstance(member.error, (IntegrityError, index.StaleSeriesError))
 
     def _lead(self, batch: list[_Member]) -> None:
-        """Commit ``batch``, then hand the queue that formed meanwhile to one of its threads."""
+        """Commit ``batch``, then hand the queue that formed meanwhile to one of its threads.
+
+        With a ``gate`` (the write lock other processes take too), the batch takes in the members that
+        queued while the leader waited for it: they would wait for the same lock next."""
         try:
-            self._commit(batch)
+            if self._gate is None:
+                self._commit(batch)
+            else:
+                with self._gate():
+                    with self._cond:
+                        joining = self._queue[: max(self._limit - len(batch), 0)]
+                        del self._queue[: len(joining)]
+                    batch.extend(joining)
+                    self._commit(batch)
         except BaseException as exc:  # never leave a sender waiting, never call it stored
             logger.exception("group commit failed")
             for member in batch:
@@ -192,7 +213,11 @@ class Archive:
         # Series this process committed: the next instance of one is indexed in three statements.
         self._known_series = index.KnownSeriesCache()
         # Concurrent instances share index transactions (storage.group_commit), led by their own threads.
-        self._group = _GroupCommit(self._commit_group) if settings.group_commit else None
+        self._group = (
+            _GroupCommit(functools.partial(self._commit_group, gated=True), gate=self._write_gate)
+            if settings.group_commit
+            else None
+        )
 
     @classmethod
     def open(cls, settings: StorageSettings) -> Archive:
@@ -421,8 +446,9 @@ class Archive:
                 self.store.remove(old_file)
         return decision.result
 
-    def _commit_group(self, batch: list[_Member]) -> None:
-        """Index a batch of instances in one transaction, each in a savepoint of its own.
+    def _commit_group(self, batch: list[_Member], *, gated: bool = False) -> None:
+        """Index a batch of instances in one transaction, each in a savepoint of its own (``gated``: the
+        caller holds the write gate already).
 
         A member refused (duplicate, misfiled, to be quarantined) or caught in a race rolls back
         its savepoint only and carries its exception; the others commit together. A failure of
@@ -431,7 +457,7 @@ class Archive:
         """
         alone = len(batch) == 1
         try:
-            with self._write_gate(), self.engine.begin() as conn:
+            with contextlib.nullcontext() if gated else self._write_gate(), self.engine.begin() as conn:
                 for member in batch:
                     if alone:
                         member.decision = self._decide(conn, member.request)

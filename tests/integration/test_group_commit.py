@@ -51,8 +51,8 @@ def _stored_files(archive: Archive) -> list[Path]:
 def _push_concurrently(archive: Archive, datasets: list[Any]) -> list[BaseException | AddOutcome]:
     """Add each dataset from its own thread while the index is held, so they queue up together.
 
-    The first leads a transaction of its own (blocked on the held index) before the others
-    start, so they all queue behind it and form the next transaction together. Batches may
+    The first leads a transaction (blocked on the held index) before the others start, so
+    they queue while it waits and join its transaction once it has the index. Batches may
     have been taken before (an earlier add): count from there, or the test cannot tell that
     the first instance's batch has begun before the others arrive.
     """
@@ -85,7 +85,7 @@ def test_concurrent_instances_share_one_commit(tmp_path: Path) -> None:
     event.listen(archive.engine, "commit", lambda conn: commits.append(1))
     outcomes = _push_concurrently(archive, datasets)
     assert outcomes == [AddOutcome.STORED] * 5
-    assert len(commits) == 2  # the first alone, the four that queued behind it together
+    assert len(commits) == 1  # the four that queued while the first waited for the index joined its transaction
     [summary] = archive.studies()
     assert (summary.num_series, summary.num_instances) == (5, 5)
     with archive.engine.connect() as conn:
@@ -105,7 +105,7 @@ def test_a_refused_member_leaves_the_others_committed(tmp_path: Path) -> None:
     outcomes = _push_concurrently(archive, [make_dataset(rows=8, columns=8), changed, *others])
     assert outcomes[0] == AddOutcome.STORED and outcomes[2:] == [AddOutcome.STORED] * 3
     assert type(outcomes[1]).__name__ == "DuplicateInstanceError"
-    assert _taken(archive) == 3  # the first add, the lone instance, the four (refused one included) together
+    assert _taken(archive) == 2  # the first add; then all five (the refused one included) in one transaction
     with archive.engine.connect() as conn:
         assert count_rows(conn)["instances"] == 5
     assert len(_stored_files(archive)) == 5  # the refused copy was removed
