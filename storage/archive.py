@@ -13,9 +13,7 @@ directory fsyncs, inside the transaction that records it) and never indexed.
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import functools
 import io
 import logging
 import threading
@@ -123,8 +121,8 @@ class _GroupCommit:
     def __init__(
         self,
         commit: Callable[[list[_Member]], None],
+        gate: Callable[[], AbstractContextManager[None]],
         limit: int = _GROUP_LIMIT,
-        gate: Callable[[], AbstractContextManager[None]] | None = None,
     ) -> None:
         self._commit = commit
         self._limit = limit
@@ -156,18 +154,15 @@ class _GroupCommit:
     def _lead(self, batch: list[_Member]) -> None:
         """Commit ``batch``, then hand the queue that formed meanwhile to one of its threads.
 
-        With a ``gate`` (the write lock other processes take too), the batch takes in the members that
-        queued while the leader waited for it: they would wait for the same lock next."""
+        ``commit`` runs holding the ``gate`` (the write lock other processes take too); the batch takes in
+        the members that queued while the leader waited for it: they would wait for the same lock next."""
         try:
-            if self._gate is None:
+            with self._gate():
+                with self._cond:
+                    joining = self._queue[: max(self._limit - len(batch), 0)]
+                    del self._queue[: len(joining)]
+                batch.extend(joining)
                 self._commit(batch)
-            else:
-                with self._gate():
-                    with self._cond:
-                        joining = self._queue[: max(self._limit - len(batch), 0)]
-                        del self._queue[: len(joining)]
-                    batch.extend(joining)
-                    self._commit(batch)
         except BaseException as exc:  # never leave a sender waiting, never call it stored
             logger.exception("group commit failed")
             for member in batch:
@@ -213,11 +208,7 @@ class Archive:
         # Series this process committed: the next instance of one is indexed in three statements.
         self._known_series = index.KnownSeriesCache()
         # Concurrent instances share index transactions (storage.group_commit), led by their own threads.
-        self._group = (
-            _GroupCommit(functools.partial(self._commit_group, gated=True), gate=self._write_gate)
-            if settings.group_commit
-            else None
-        )
+        self._group = _GroupCommit(self._commit_group, self._write_gate) if settings.group_commit else None
 
     @classmethod
     def open(cls, settings: StorageSettings) -> Archive:
@@ -446,9 +437,9 @@ class Archive:
                 self.store.remove(old_file)
         return decision.result
 
-    def _commit_group(self, batch: list[_Member], *, gated: bool = False) -> None:
-        """Index a batch of instances in one transaction, each in a savepoint of its own (``gated``: the
-        caller holds the write gate already).
+    def _commit_group(self, batch: list[_Member]) -> None:
+        """Index a batch of instances in one transaction, each in a savepoint of its own; the caller (the
+        group's leader) holds the write gate.
 
         A member refused (duplicate, misfiled, to be quarantined) or caught in a race rolls back
         its savepoint only and carries its exception; the others commit together. A failure of
@@ -457,7 +448,7 @@ class Archive:
         """
         alone = len(batch) == 1
         try:
-            with contextlib.nullcontext() if gated else self._write_gate(), self.engine.begin() as conn:
+            with self.engine.begin() as conn:
                 for member in batch:
                     if alone:
                         member.decision = self._decide(conn, member.request)

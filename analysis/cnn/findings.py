@@ -294,22 +294,34 @@ def density_of(
     return contact, float(image[own].mean()) - float(np.median(image[around]))
 
 
+def _opened_tissue(
+    hu: np.ndarray, spacing: tuple[float, float, float], region: np.ndarray, solid_hu: float, radius_mm: float
+) -> np.ndarray:
+    """Labels (26-connected) of the soft tissue (``solid_hu`` or more) in ``region`` opened in-plane with a disk
+    of ``radius_mm``: what is thinner than the disk across (vessels, walls, pleura) is gone."""
+    import cv2
+    from scipy import ndimage
+
+    kernel = _disk(max(1, int(round(radius_mm / float(min(spacing[1:]))))))
+    tissue = (hu >= solid_hu) & region
+    core = np.zeros(hu.shape, dtype=bool)
+    for z in np.flatnonzero(tissue.reshape(tissue.shape[0], -1).any(axis=1)):
+        core[z] = cv2.morphologyEx(tissue[z].astype(np.uint8), cv2.MORPH_OPEN, kernel).astype(bool)
+    labels, _ = ndimage.label(core, structure=np.ones((3, 3, 3), dtype=bool))
+    labelled: np.ndarray = labels
+    return labelled
+
+
 def find_masses(
     hu: np.ndarray, spacing: tuple[float, float, float], region: np.ndarray, rules: LesionFilter
 ) -> list[np.ndarray]:
     """Voxel indexes (n, 3) of the opened core of each mass in ``region``: see "Masses" in :class:`LesionFilter`
     (the outline's long axis is :func:`outline_mass`'s to measure)."""
-    import cv2
     from scipy import ndimage
 
     if rules.mass_core_mm is None:
         return []
-    kernel = _disk(max(1, int(round(rules.mass_core_mm / float(min(spacing[1:]))))))
-    tissue = (hu >= rules.solid_hu) & region
-    core = np.zeros(hu.shape, dtype=bool)
-    for z in np.flatnonzero(tissue.reshape(tissue.shape[0], -1).any(axis=1)):
-        core[z] = cv2.morphologyEx(tissue[z].astype(np.uint8), cv2.MORPH_OPEN, kernel).astype(bool)
-    labels, count = ndimage.label(core, structure=np.ones((3, 3, 3), dtype=bool))
+    labels = _opened_tissue(hu, spacing, region, rules.solid_hu, rules.mass_core_mm)
     sphere_mm3 = np.pi / 6.0 * rules.mass_mm**3
     compact_mm3 = sphere_mm3 if rules.compact_mass_mm is None else np.pi / 6.0 * rules.compact_mass_mm**3
     masses = []
@@ -344,18 +356,12 @@ def find_solid_nodules(
 ) -> list[np.ndarray]:
     """Voxel indexes (n, 3) of the opened core of each solid nodule in ``region``: see "Solid nodules in the
     image" in :class:`LesionFilter` (the outline's long axis is the caller's to check)."""
-    import cv2
     from scipy import ndimage
     from scipy.spatial import cKDTree
 
     if rules.nodule_mm is None or airways is None or not airways.any():
         return []
-    kernel = _disk(max(1, int(round(rules.nodule_core_mm / float(min(spacing[1:]))))))
-    tissue = (hu >= rules.solid_hu) & region
-    core = np.zeros(hu.shape, dtype=bool)
-    for z in np.flatnonzero(tissue.reshape(tissue.shape[0], -1).any(axis=1)):
-        core[z] = cv2.morphologyEx(tissue[z].astype(np.uint8), cv2.MORPH_OPEN, kernel).astype(bool)
-    labels, _ = ndimage.label(core, structure=np.ones((3, 3, 3), dtype=bool))
+    labels = _opened_tissue(hu, spacing, region, rules.solid_hu, rules.nodule_core_mm)
     sp = np.asarray(spacing, dtype=np.float64)
     bronchi = cKDTree(np.argwhere(airways) * sp)
     floor = rules.mass_core_fraction * rules.nodule_mm

@@ -30,7 +30,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from pacsnode.analysis.types import LungResult, Volume
 
-__all__ = ["CLOSING_MM", "lung_airways", "lung_region", "lung_region_and_airways", "region_from_labels"]
+__all__ = ["CLOSING_MM", "lung_region", "lung_region_and_airways", "region_from_labels"]
 
 #: Radius of the closing that turns a lung's outline into its region (mm).
 CLOSING_MM = 30.0
@@ -75,14 +75,9 @@ def lung_region(volume: Volume, lungs: LungResult | None = None) -> np.ndarray:
     return lung_region_and_airways(volume, lungs)[0]
 
 
-def lung_airways(volume: Volume, lungs: LungResult | None = None) -> np.ndarray | None:
-    """The trachea and main bronchi traced by the segmentation behind :func:`lung_region` (bool, the
-    volume's shape), or None when none were traced; shares its cache and its errors."""
-    return lung_region_and_airways(volume, lungs)[1]
-
-
 def lung_region_and_airways(volume: Volume, lungs: LungResult | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """:func:`lung_region` and :func:`lung_airways` from one look at the cache (read-only arrays)."""
+    """:func:`lung_region` and the trachea and main bronchi its segmentation traced (bool, the volume's shape;
+    None when none were traced), from one look at the cache; both read-only."""
     key = id(volume)
     with _cache_lock:
         hit = _cache.get(key)

@@ -315,13 +315,24 @@ def evaluate_real_series(
         nodules: dict[str, Any] = {}
         n = len(report.real_series)
         if lungs is not None and inserted > 0:
-            nodules = _score_inserted(engine, package, volume, lungs, boxes, lesions, inserted, seed + n, folder.name)
+            count, found, by_size, false = _score_inserted(
+                engine, package, volume, lungs, boxes, lesions, inserted, seed + n, folder.name
+            )
+            nodules |= {
+                "inserted_nodules": count,
+                "inserted_found": found,
+                "inserted_by_size": by_size,
+                "inserted_false_findings": false,
+            }
         if lungs is not None and pleural > 0:
-            pleural_scores = _score_inserted(
+            count, found, by_size, false = _score_inserted(
                 engine, package, volume, lungs, boxes, lesions, pleural, seed + 1000 + n, folder.name, at_pleura=True
             )
             nodules |= {
-                k.replace("inserted_", "pleural_").replace("_nodules", "_masses"): v for k, v in pleural_scores.items()
+                "pleural_masses": count,
+                "pleural_found": found,
+                "pleural_by_size": by_size,
+                "pleural_false_findings": false,
             }
         score = RealSeriesScore(
             series=folder.name,
@@ -362,9 +373,10 @@ def _score_inserted(
     name: str,
     *,
     at_pleura: bool = False,
-) -> dict[str, Any]:
-    """The :class:`RealSeriesScore` fields of ``count`` nodules inserted into ``volume``'s lungs (seeded); with
-    ``at_pleura``, solid masses at the pleura, scored by their RECIST long axis (:data:`PLEURAL_SIZE_BUCKETS`)."""
+) -> tuple[int, int, dict[str, str], int]:
+    """(inserted, found, found by size, false findings) of ``count`` nodules inserted into ``volume``'s lungs
+    (seeded); with ``at_pleura``, solid masses at the pleura, scored by their RECIST long axis
+    (:data:`PLEURAL_SIZE_BUCKETS`)."""
     from dataclasses import replace
 
     from pacsnode.analysis.cnn.engine import VolumeInput
@@ -418,12 +430,7 @@ def _score_inserted(
     logger.info(
         "real series %s with %d inserted %s: %d found, %d false findings", name, len(truths), what, found, false
     )
-    return {
-        "inserted_nodules": len(truths),
-        "inserted_found": found,
-        "inserted_by_size": {k: f"{v[0]}/{v[1]}" for k, v in by_size.items()},
-        "inserted_false_findings": false,
-    }
+    return len(truths), found, {k: f"{v[0]}/{v[1]}" for k, v in by_size.items()}, false
 
 
 def _sum_fractions(parts: Sequence[dict[str, str]]) -> dict[str, str]:

@@ -371,8 +371,7 @@ def train(
         architecture = start.manifest.architecture
         if start.bundle_config is not None or architecture is None or architecture.model_dump() != ARCHITECTURE:
             raise ModelError(f"--init {init}: not a package of this model's architecture ({ARCHITECTURE['name']})")
-        start.build("cpu")  # its weights load into the architecture, or a ModelError says why
-        net.load_state_dict(torch.load(start.weights_path, map_location="cpu", weights_only=True))
+        net.load_state_dict(start.build("cpu").state_dict())  # build: a ModelError says why they do not load
         init_from = {
             "name": start.manifest.name,
             "version": start.manifest.version,

@@ -79,9 +79,7 @@ def test_nodules_inserted_into_the_real_lungs_are_scored_by_size(scores: dict[st
     report = scores["report"]
     for score in report.real_series:
         assert 0 < score.inserted_nodules <= INSERTED
-        counts = [tuple(int(n) for n in v.split("/")) for v in score.inserted_by_size.values()]
-        assert sum(total for _, total in counts) == score.inserted_nodules
-        assert sum(found for found, _ in counts) == score.inserted_found
+        _assert_counts_add_up(score.inserted_by_size, score.inserted_nodules, score.inserted_found)
         # The nodules add no false finding beyond the floor of the series without them.
         assert score.inserted_false_findings <= MAX_FALSE_FINDINGS
     # On these 5 mm slices the model's findings are not reported, and the image finds solid nodules of 15 mm
@@ -100,13 +98,23 @@ def test_solid_masses_at_the_pleura_are_found_mostly_from_30_mm_and_often_under_
     report = scores["report"]
     for score in report.real_series:
         assert 0 < score.pleural_masses <= PLEURAL
-        counts = [tuple(int(n) for n in v.split("/")) for v in score.pleural_by_size.values()]
-        assert sum(total for _, total in counts) == score.pleural_masses
-        assert sum(found for found, _ in counts) == score.pleural_found
+        _assert_counts_add_up(score.pleural_by_size, score.pleural_masses, score.pleural_found)
         assert score.pleural_false_findings <= score.false_findings
-    large = [tuple(int(n) for n in report.real_pleural_by_size[k].split("/")) for k in ("30-40 mm", ">=40 mm")]
+    large = [_fraction(report.real_pleural_by_size[k]) for k in ("30-40 mm", ">=40 mm")]
     found, total = sum(f for f, _ in large), sum(t for _, t in large)
     assert total >= 6, report.real_pleural_by_size  # enough of them for the floor to mean something
     assert found >= PLEURAL_FLOOR * total, report.real_pleural_by_size
-    small_found, small_total = (int(n) for n in report.real_pleural_by_size["<30 mm"].split("/"))
+    small_found, small_total = _fraction(report.real_pleural_by_size["<30 mm"])
     assert small_total >= 6 and small_found >= PLEURAL_SMALL_FLOOR * small_total, report.real_pleural_by_size
+
+
+def _fraction(value: str) -> tuple[int, int]:
+    """``"3/5"`` -> (3, 5): found, inserted."""
+    found, total = value.split("/")
+    return int(found), int(total)
+
+
+def _assert_counts_add_up(by_size: dict[str, str], inserted: int, found: int) -> None:
+    counts = [_fraction(v) for v in by_size.values()]
+    assert sum(total for _, total in counts) == inserted
+    assert sum(f for f, _ in counts) == found

@@ -39,7 +39,7 @@ class Proxy:
 def _thin_proxy(name: str) -> Proxy:
     from pacsnode.analysis.cnn.engine import EngineOptions, InferenceEngine, VolumeInput, warm_model
     from pacsnode.analysis.cnn.package import load_package
-    from pacsnode.analysis.lung.region import lung_airways, lung_region
+    from pacsnode.analysis.lung.region import lung_region_and_airways
     from pacsnode.analysis.volume import load_series
 
     root = real_chest_ct()
@@ -70,13 +70,8 @@ def _thin_proxy(name: str) -> Proxy:
     options = EngineOptions(device="cpu")
     engine = InferenceEngine(warm_model(package, options), options)
     prob = engine.predict([VolumeInput(image=thin.hu, spacing=thin.spacing)])[0]
-    return Proxy(
-        volume=thin,
-        boxes=boxes[below] | boxes[above],
-        prob=prob,
-        region=lung_region(thin),
-        airways=lung_airways(thin),
-    )
+    region, airways = lung_region_and_airways(thin)
+    return Proxy(volume=thin, boxes=boxes[below] | boxes[above], prob=prob, region=region, airways=airways)
 
 
 @pytest.fixture(scope="module")
