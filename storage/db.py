@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import threading
@@ -11,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -41,6 +43,14 @@ def _create_private(database: Path) -> None:
         pass
 
 
+def json_text(document: Any) -> str:
+    """``document`` as JSON text (orjson; the standard library for what orjson refuses, e.g. huge ints)."""
+    try:
+        return orjson.dumps(document).decode()
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return json.dumps(document)
+
+
 def make_engine(database_url: str) -> Engine:
     """Create the process's engine for ``database_url``.
 
@@ -50,7 +60,9 @@ def make_engine(database_url: str) -> Engine:
     read-to-write lock upgrade. The directory of a SQLite file is created.
     """
     url = make_url(database_url)
-    kwargs: dict[str, Any] = {}
+    # JSON columns (the header documents) are written with orjson: about a tenth of the stdlib's
+    # time per header, which every received instance pays.
+    kwargs: dict[str, Any] = {"json_serializer": json_text}
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             _create_private(Path(url.database))
