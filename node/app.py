@@ -58,6 +58,10 @@ __all__ = ["Node", "configure_pynetdicom", "serve", "open_listen_socket"]
 logger = logging.getLogger(__name__)
 
 
+# pynetdicom's own UI check, remembered per UID string (see configure_pynetdicom).
+_CACHED_UI_CHECK = functools.lru_cache(maxsize=4096)(pynetdicom_config.VALIDATORS["UI"])
+
+
 def configure_pynetdicom() -> None:
     """Process-wide pynetdicom switches; called once by the entry points.
 
@@ -80,8 +84,7 @@ def configure_pynetdicom() -> None:
     # hundred SOP class and transfer syntax UIDs come back in every request, so pynetdicom's UI check
     # is cached, and pydicom's check of values it reads is off: it only ever warned, and the node
     # checks what it stores itself (storage.wire's walk, the C-STORE handler's UID checks).
-    if not hasattr(pynetdicom_config.VALIDATORS["UI"], "cache_info"):
-        pynetdicom_config.VALIDATORS["UI"] = functools.lru_cache(maxsize=4096)(pynetdicom_config.VALIDATORS["UI"])
+    pynetdicom_config.VALIDATORS["UI"] = _CACHED_UI_CHECK
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 

@@ -593,25 +593,21 @@ def findings_from_probabilities(
         near_edge = _near_edge(region, volume.spacing, lesions.boundary_mm)
     findings: list[tuple[float, Finding]] = []
     make = _FindingMaker(volume)
-    masses: list[np.ndarray] = []
+    masses: list[tuple[np.ndarray, str]] = []  # the image's own lesions: outline, kind
     mass_zone = np.zeros(volume.hu.shape, dtype=bool)
     if lesions is not None and region is not None and labels:
-        for core in find_masses(volume.hu, volume.spacing, region, lesions):
-            outline = outline_mass(core, volume.hu, volume.spacing, region, lesions)
-            if axial_diameter_mm(outline, volume.spacing) < lesions.mass_mm:
-                continue
-            masses.append(outline)
-            # The model's findings on the core's slices left out of the mass (hilar vessels) are still its blur.
-            mass_zone[tuple(core.T)] = True
-            mass_zone[tuple(outline.T)] = True
-        for core in find_solid_nodules(volume.hu, volume.spacing, region, lesions, airways):
-            if mass_zone[tuple(core.T)].any():
+        floor = {"mass": lesions.mass_mm, "nodule": lesions.nodule_mm}
+        found = [("mass", core) for core in find_masses(volume.hu, volume.spacing, region, lesions)]
+        found += [("nodule", core) for core in find_solid_nodules(volume.hu, volume.spacing, region, lesions, airways)]
+        for rule, core in found:
+            if rule == "nodule" and mass_zone[tuple(core.T)].any():
                 continue  # a mass already
             outline = outline_mass(core, volume.hu, volume.spacing, region, lesions)
-            assert lesions.nodule_mm is not None  # find_solid_nodules found none otherwise
-            if axial_diameter_mm(outline, volume.spacing) < lesions.nodule_mm or mass_zone[tuple(outline.T)].any():
+            diameter = axial_diameter_mm(outline, volume.spacing)
+            if diameter < (floor[rule] or 0.0) or (rule == "nodule" and mass_zone[tuple(outline.T)].any()):
                 continue
-            masses.append(outline)
+            masses.append((outline, "mass" if diameter >= lesions.mass_mm else "nodule"))
+            # The model's findings on the core's slices left out of the mass (hilar vessels) are still its blur.
             mass_zone[tuple(core.T)] = True
             mass_zone[tuple(outline.T)] = True
     if masses and lesions is not None:
@@ -632,9 +628,7 @@ def findings_from_probabilities(
         channel = prob[_channel(label, activation)]
         spec = label_spec(label)
         if n_label == 0:
-            for idx in masses:
-                mass_mm = lesions.mass_mm if lesions is not None else MASS_MM
-                found_kind = "mass" if axial_diameter_mm(idx, volume.spacing) >= mass_mm else "nodule"
+            for idx, found_kind in masses:
                 findings.append(make(idx, channel, label, spec, found_kind, source="image rule"))
         if thick:
             continue

@@ -273,7 +273,7 @@ def evaluate_real_series(
     import json
 
     from pacsnode.analysis.cnn.engine import VolumeInput
-    from pacsnode.analysis.lung.region import lung_region
+    from pacsnode.analysis.lung.region import lung_region_and_airways
     from pacsnode.analysis.modeldev.real import real_series_dirs
     from pacsnode.analysis.volume import load_series
 
@@ -298,14 +298,8 @@ def evaluate_real_series(
 
             lungs = segment_lungs(volume)
         prob = engine.predict([VolumeInput(image=volume.hu, spacing=volume.spacing)])[0]
-        findings = _findings(
-            prob,
-            volume,
-            package,
-            lesions,
-            region=lung_region(volume, lungs) if lungs else None,
-            airways=lungs.airways if lungs else None,
-        )
+        region, airways = lung_region_and_airways(volume, lungs) if lungs else (None, None)
+        findings = _findings(prob, volume, package, lesions, region=region, airways=airways)
         on_tumour = [f for f in findings if (f.mask & boxes).any()]
         largest = max(on_tumour, key=lambda f: f.longest_diameter_mm, default=None)
         span = None
@@ -395,21 +389,18 @@ def _score_inserted(
         tumour=boxes & (volume.hu > TUMOUR_MIN_HU) & region,
         tumour_slices=frozenset(np.flatnonzero(boxes.any(axis=(1, 2))).tolist()),
     )
-    if at_pleura:
-        image, labels, truths = insert_nodules(
-            series,
-            np.random.default_rng(seed),
-            count,
-            diameter_mm=PLEURAL_DIAMETER_MM,
-            kinds=("solid",),
-            at_pleura=True,
-        )
+    image, labels, truths = insert_nodules(
+        series,
+        np.random.default_rng(seed),
+        count,
+        diameter_mm=PLEURAL_DIAMETER_MM if at_pleura else INSERTED_DIAMETER_MM,
+        kinds=("solid",) if at_pleura else None,
+        at_pleura=at_pleura,
+    )
+    if at_pleura:  # what the lung holds of a mass at the pleura, by RECIST
         buckets = PLEURAL_SIZE_BUCKETS
         sizes = [axial_diameter_mm(np.argwhere(labels == k), volume.spacing) for k in range(1, len(truths) + 1)]
     else:
-        image, labels, truths = insert_nodules(
-            series, np.random.default_rng(seed), count, diameter_mm=INSERTED_DIAMETER_MM
-        )
         buckets = REAL_SIZE_BUCKETS
         sizes = [diameter for diameter, _ in truths]
     info = np.iinfo(volume.hu.dtype) if np.issubdtype(volume.hu.dtype, np.integer) else None
